@@ -1,0 +1,294 @@
+//! The paged KV cache.
+//!
+//! Keys and values live in a pool of fixed-size blocks, preallocated once from a memory
+//! budget. Every layer has the same number of blocks and a sequence uses the same block
+//! ids in every layer, so one [`BlockTable`] (the list of block ids that hold a sequence's
+//! positions, in order) describes a sequence's cache in all layers. Position `p` of a
+//! sequence lives in block `table[p / block_size]`, slot `p % block_size`.
+//!
+//! [`BlockAllocator`] hands out block ids and reference-counts them, so that sequences
+//! can share the blocks of a common prefix. Which sequence gets blocks when is the
+//! scheduler's business.
+//!
+//! Storage is f32 on the CPU: attention reads it through the hand-written kernel in
+//! [`crate::attention`], which accumulates in f32 anyway; halving it to bf16 is a
+//! memory/speed trade left for when a benchmark asks for it.
+
+use crate::error::{Error, Result};
+
+/// What one token stores per layer. Standard attention stores `num_kv_heads` key and value
+/// vectors; latent attention (DeepSeek) stores one latent vector and no values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub key_dim: usize,
+    /// 0 when the cache holds no separate values.
+    pub value_dim: usize,
+}
+
+impl KvLayout {
+    /// f32 values per token per layer.
+    pub fn floats_per_token_layer(&self) -> usize {
+        self.num_kv_heads * (self.key_dim + self.value_dim)
+    }
+
+    pub fn bytes_per_token(&self) -> usize {
+        self.num_layers * self.floats_per_token_layer() * std::mem::size_of::<f32>()
+    }
+}
+
+/// One layer's share of the pool: `[num_blocks, block_size, num_kv_heads, dim]` row-major.
+pub struct KvLayer {
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+}
+
+pub struct KvCache {
+    layout: KvLayout,
+    block_size: usize,
+    num_blocks: usize,
+    layers: Vec<KvLayer>,
+}
+
+impl KvCache {
+    pub fn new(layout: KvLayout, block_size: usize, num_blocks: usize) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(Error::KvCache(format!(
+                "block size ({block_size}) and block count ({num_blocks}) must be positive"
+            )));
+        }
+        let slots = block_size * num_blocks;
+        let layers = (0..layout.num_layers)
+            .map(|_| KvLayer {
+                keys: vec![0.0; slots * layout.num_kv_heads * layout.key_dim],
+                values: vec![0.0; slots * layout.num_kv_heads * layout.value_dim],
+            })
+            .collect();
+        Ok(Self {
+            layout,
+            block_size,
+            num_blocks,
+            layers,
+        })
+    }
+
+    /// As many blocks as fit in `memory_bytes`.
+    pub fn with_memory_budget(
+        layout: KvLayout,
+        block_size: usize,
+        memory_bytes: usize,
+    ) -> Result<Self> {
+        let per_block = layout.bytes_per_token() * block_size;
+        let num_blocks = memory_bytes / per_block.max(1);
+        if num_blocks == 0 {
+            return Err(Error::KvCache(format!(
+                "a budget of {memory_bytes} bytes holds no block: one block of {block_size} tokens needs {per_block} bytes"
+            )));
+        }
+        Self::new(layout, block_size, num_blocks)
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+    pub fn layer(&self, i: usize) -> &KvLayer {
+        &self.layers[i]
+    }
+    pub fn layer_mut(&mut self, i: usize) -> &mut KvLayer {
+        &mut self.layers[i]
+    }
+
+    /// The cache slot of position `pos` of a sequence with block table `table`.
+    pub fn slot(&self, table: &[u32], pos: usize) -> Result<usize> {
+        let block = table.get(pos / self.block_size).ok_or_else(|| {
+            Error::InvalidBatch(format!(
+                "position {pos} is beyond the block table ({} blocks of {})",
+                table.len(),
+                self.block_size
+            ))
+        })?;
+        if *block as usize >= self.num_blocks {
+            return Err(Error::InvalidBatch(format!(
+                "block id {block} is outside the pool of {} blocks",
+                self.num_blocks
+            )));
+        }
+        Ok(*block as usize * self.block_size + pos % self.block_size)
+    }
+}
+
+/// Hands out block ids from a free list; blocks are reference-counted so that several
+/// sequences can share one (a cached prefix, the `n` samples of one prompt).
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+    ref_counts: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize) -> Self {
+        Self {
+            // Pop from the end: hand out low ids first (easier to read in tests and logs).
+            free: (0..num_blocks as u32).rev().collect(),
+            ref_counts: vec![0; num_blocks],
+        }
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.ref_counts.len()
+    }
+
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// One fresh block with a reference count of one, or `None` when the pool is empty.
+    pub fn allocate(&mut self) -> Option<u32> {
+        let b = self.free.pop()?;
+        self.ref_counts[b as usize] = 1;
+        Some(b)
+    }
+
+    /// Another owner for an allocated block.
+    pub fn share(&mut self, block: u32) {
+        let rc = &mut self.ref_counts[block as usize];
+        assert!(*rc > 0, "sharing free block {block}");
+        *rc += 1;
+    }
+
+    /// Drops one reference; the block returns to the free list when none remain.
+    /// Returns whether it did.
+    pub fn release(&mut self, block: u32) -> bool {
+        let rc = &mut self.ref_counts[block as usize];
+        assert!(*rc > 0, "releasing free block {block}");
+        *rc -= 1;
+        if *rc == 0 {
+            self.free.push(block);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn ref_count(&self, block: u32) -> u32 {
+        self.ref_counts[block as usize]
+    }
+}
+
+/// The blocks that hold one sequence's positions, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    blocks: Vec<u32>,
+}
+
+impl BlockTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Blocks needed to hold `num_tokens` positions.
+    pub fn blocks_for(num_tokens: usize, block_size: usize) -> usize {
+        num_tokens.div_ceil(block_size)
+    }
+
+    /// Grows the table to hold `num_tokens` positions. All-or-nothing: when the pool runs
+    /// out, the blocks taken by this call are returned and an error says how many were
+    /// missing.
+    pub fn reserve(
+        &mut self,
+        alloc: &mut BlockAllocator,
+        num_tokens: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        let need = Self::blocks_for(num_tokens, block_size).saturating_sub(self.blocks.len());
+        if need > alloc.num_free() {
+            return Err(Error::KvCache(format!(
+                "out of blocks: need {need} more, {} free of {}",
+                alloc.num_free(),
+                alloc.num_blocks()
+            )));
+        }
+        for _ in 0..need {
+            self.blocks
+                .push(alloc.allocate().expect("checked free count"));
+        }
+        Ok(())
+    }
+
+    /// Appends an already allocated (shared) block.
+    pub fn push_shared(&mut self, alloc: &mut BlockAllocator, block: u32) {
+        alloc.share(block);
+        self.blocks.push(block);
+    }
+
+    /// Gives every block back.
+    pub fn release_all(&mut self, alloc: &mut BlockAllocator) {
+        for b in self.blocks.drain(..) {
+            alloc.release(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_reuses_and_counts_references() {
+        let mut a = BlockAllocator::new(4);
+        let mut t1 = BlockTable::new();
+        t1.reserve(&mut a, 17, 16).unwrap();
+        assert_eq!(t1.blocks(), &[0, 1]);
+        assert_eq!(a.num_free(), 2);
+        let mut t2 = BlockTable::new();
+        t2.push_shared(&mut a, t1.blocks()[0]);
+        assert_eq!(a.ref_count(0), 2);
+        t1.release_all(&mut a);
+        assert_eq!(a.num_free(), 3, "block 0 is still held by t2");
+        t2.release_all(&mut a);
+        assert_eq!(a.num_free(), 4);
+    }
+
+    #[test]
+    fn reserve_is_all_or_nothing() {
+        let mut a = BlockAllocator::new(2);
+        let mut t = BlockTable::new();
+        let err = t.reserve(&mut a, 33, 16).unwrap_err();
+        assert!(err.to_string().contains("need 3 more"), "{err}");
+        assert_eq!(a.num_free(), 2);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn budget_sizes_the_pool() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            key_dim: 8,
+            value_dim: 8,
+        };
+        // 2 layers * 2 heads * 16 floats * 4 bytes = 256 bytes per token.
+        let kv = KvCache::with_memory_budget(layout, 16, 256 * 16 * 10 + 100).unwrap();
+        assert_eq!(kv.num_blocks(), 10);
+        assert!(KvCache::with_memory_budget(layout, 16, 100).is_err());
+    }
+}

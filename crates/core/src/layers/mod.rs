@@ -1,0 +1,16 @@
+//! The building blocks the model files are made of. Each has `load(store, prefix, ..)`
+//! (weights by their canonical Hugging Face names under `prefix`) and `forward`.
+
+mod linear;
+mod mlp;
+mod moe;
+mod norm;
+mod rotary;
+mod self_attention;
+
+pub use linear::Linear;
+pub use mlp::GatedMlp;
+pub use moe::{ExpertRouter, MoeBlock, Routing};
+pub use norm::RmsNorm;
+pub use rotary::RotaryEmbedding;
+pub use self_attention::{Attention, AttentionContext};

@@ -1,0 +1,152 @@
+use candle_core::{DType, Tensor};
+
+use super::{Linear, RmsNorm, RotaryEmbedding};
+use crate::attention::{paged_attention, write_kv, AttnGeometry, AttnSeq};
+use crate::config::{ModelConfig, QkNorm};
+use crate::error::Result;
+use crate::kv::KvLayer;
+use crate::weights::WeightStore;
+
+/// Where this step's tokens are: shared by every layer of one forward call.
+pub struct AttentionContext<'a> {
+    /// Position of each token of the batch.
+    pub positions: &'a [usize],
+    /// Cache slot of each token of the batch.
+    pub slots: &'a [usize],
+    pub seqs: &'a [AttnSeq<'a>],
+    pub block_size: usize,
+}
+
+/// Grouped-query self-attention over the paged cache, with the per-architecture options:
+/// q/k/v biases, a q/k RMSNorm (per head or over the whole projection), q/k/v clipping.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    qk_norm: QkNorm,
+    clip_qkv: Option<f64>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl Attention {
+    pub fn load(store: &WeightStore, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, nh, nkv, hd) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps;
+        let (q_norm, k_norm) = match cfg.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(RmsNorm::load(store, &format!("{prefix}.q_norm"), hd, eps)?),
+                Some(RmsNorm::load(store, &format!("{prefix}.k_norm"), hd, eps)?),
+            ),
+            QkNorm::Full => (
+                Some(RmsNorm::load(
+                    store,
+                    &format!("{prefix}.q_norm"),
+                    nh * hd,
+                    eps,
+                )?),
+                Some(RmsNorm::load(
+                    store,
+                    &format!("{prefix}.k_norm"),
+                    nkv * hd,
+                    eps,
+                )?),
+            ),
+        };
+        Ok(Self {
+            q_proj: Linear::load(store, &format!("{prefix}.q_proj"), h, nh * hd, cfg.qkv_bias)?,
+            k_proj: Linear::load(
+                store,
+                &format!("{prefix}.k_proj"),
+                h,
+                nkv * hd,
+                cfg.qkv_bias,
+            )?,
+            v_proj: Linear::load(
+                store,
+                &format!("{prefix}.v_proj"),
+                h,
+                nkv * hd,
+                cfg.qkv_bias,
+            )?,
+            o_proj: Linear::load(store, &format!("{prefix}.o_proj"), nh * hd, h, cfg.o_bias)?,
+            q_norm,
+            k_norm,
+            qk_norm: cfg.qk_norm,
+            clip_qkv: cfg.clip_qkv,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        })
+    }
+
+    /// `x`: `[tokens, hidden]`. Writes this step's keys and values into `kv` and attends.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        rope: &RotaryEmbedding,
+        kv: &mut KvLayer,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut q = self.q_proj.forward(x)?;
+        let mut k = self.k_proj.forward(x)?;
+        let mut v = self.v_proj.forward(x)?;
+        if let Some(c) = self.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            match self.qk_norm {
+                QkNorm::PerHead => {
+                    q = qn
+                        .forward(&q.reshape((t, nh, hd))?)?
+                        .reshape((t, nh * hd))?;
+                    k = kn
+                        .forward(&k.reshape((t, nkv, hd))?)?
+                        .reshape((t, nkv * hd))?;
+                }
+                QkNorm::Full => {
+                    q = qn.forward(&q)?;
+                    k = kn.forward(&k)?;
+                }
+                QkNorm::None => {}
+            }
+        }
+        let mut q = to_f32_vec(&q)?;
+        let mut k = to_f32_vec(&k)?;
+        let v = to_f32_vec(&v)?;
+        rope.apply(&mut q, nh, hd, ctx.positions)?;
+        rope.apply(&mut k, nkv, hd, ctx.positions)?;
+        write_kv(kv, ctx.slots, &k, &v);
+        let geometry = AttnGeometry {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            value_dim: hd,
+            block_size: ctx.block_size,
+        };
+        let out = paged_attention(&q, kv, ctx.seqs, geometry, self.scale);
+        let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&out)
+    }
+}
+
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}

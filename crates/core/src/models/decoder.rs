@@ -1,0 +1,241 @@
+//! The pre-norm decoder-only transformer: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
+//! Qwen3-MoE and OLMoE.
+//!
+//! These architectures differ only in options that [`ModelConfig`] resolves (q/k/v
+//! biases, q/k norms, tied embeddings, rope scaling, which layers are sparse and how
+//! their experts are routed), so they share this one implementation:
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each layer:
+//!     x = x + attention(rms_norm(x))          # GQA over the paged KV cache
+//!     x = x + feed_forward(rms_norm(x))       # dense SwiGLU or mixture of experts
+//! logits = lm_head(rms_norm(x[last tokens]))
+//! ```
+
+use candle_core::{DType, Device, Tensor};
+
+use super::CausalLm;
+use crate::attention::AttnSeq;
+use crate::batch::{ForwardBatch, ForwardOutput};
+use crate::config::{ExpertNaming, ModelConfig};
+use crate::error::{Error, Result};
+use crate::kv::{KvCache, KvLayout};
+use crate::layers::{
+    Attention, AttentionContext, GatedMlp, Linear, MoeBlock, RmsNorm, RotaryEmbedding,
+};
+use crate::weights::WeightStore;
+
+enum FeedForward {
+    Dense(GatedMlp),
+    Sparse(MoeBlock),
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(store: &WeightStore, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let prefix = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        let feed_forward = match (&cfg.moe, cfg.sparse_layers[i]) {
+            (Some(moe), true) => {
+                let block = match moe.naming {
+                    ExpertNaming::Mixtral => "block_sparse_moe",
+                    ExpertNaming::Qwen => "mlp",
+                };
+                FeedForward::Sparse(MoeBlock::load(store, &format!("{prefix}.{block}"), h, moe)?)
+            }
+            _ => FeedForward::Dense(GatedMlp::load(
+                store,
+                &format!("{prefix}.mlp"),
+                h,
+                cfg.intermediate_size,
+                cfg.mlp_bias,
+            )?),
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                store,
+                &format!("{prefix}.input_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(store, &format!("{prefix}.self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                store,
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            feed_forward,
+        })
+    }
+}
+
+pub struct DecoderModel {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    device: Device,
+}
+
+impl DecoderModel {
+    pub fn load(cfg: &ModelConfig, store: &WeightStore) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = store.get("model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(store, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(store, "model.norm", h, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
+            Linear::new(
+                candle_core::quantized::QMatMul::Tensor(embed_tokens.clone()),
+                None,
+            )
+        } else {
+            Linear::load(store, "lm_head", h, v, false)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: RotaryEmbedding::new(&cfg.rope, cfg.max_position_embeddings),
+            device: store.device().clone(),
+        })
+    }
+}
+
+impl CausalLm for DecoderModel {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            num_layers: self.cfg.num_layers,
+            num_kv_heads: self.cfg.num_kv_heads,
+            key_dim: self.cfg.head_dim,
+            value_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
+        let plan = BatchPlan::new(batch, kv, &self.cfg)?;
+        let ctx = AttentionContext {
+            positions: &plan.positions,
+            slots: &plan.slots,
+            seqs: &plan.seqs,
+            block_size: kv.block_size(),
+        };
+        let ids = Tensor::new(plan.token_ids.as_slice(), &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut expert_load = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &ctx, &self.rope, kv.layer_mut(i))?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let h = match &layer.feed_forward {
+                FeedForward::Dense(mlp) => {
+                    expert_load.push(Vec::new());
+                    mlp.forward(&h)?
+                }
+                FeedForward::Sparse(moe) => {
+                    let (y, counts) = moe.forward(&h)?;
+                    expert_load.push(counts);
+                    y
+                }
+            };
+            x = (x + h)?;
+        }
+        // Only the rows whose logits are wanted go through the final norm and lm_head.
+        let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
+        let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(ForwardOutput {
+            logits,
+            rows: plan.row_ranges,
+            expert_load,
+        })
+    }
+}
+
+/// A batch flattened into per-token arrays, validated against the model and the cache.
+struct BatchPlan<'a> {
+    token_ids: Vec<u32>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
+    seqs: Vec<AttnSeq<'a>>,
+    /// Token indices whose logits are returned, and which of them belong to each sequence.
+    logit_rows: Vec<u32>,
+    row_ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl<'a> BatchPlan<'a> {
+    fn new(batch: &ForwardBatch<'a>, kv: &KvCache, cfg: &ModelConfig) -> Result<Self> {
+        if batch.seqs.is_empty() {
+            return Err(Error::InvalidBatch("empty batch".into()));
+        }
+        let n = batch.num_tokens();
+        let mut plan = BatchPlan {
+            token_ids: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            slots: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(batch.seqs.len()),
+            logit_rows: Vec::new(),
+            row_ranges: Vec::with_capacity(batch.seqs.len()),
+        };
+        for (i, s) in batch.seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(Error::InvalidBatch(format!("sequence {i} has no tokens")));
+            }
+            let end = s.start_pos + s.tokens.len();
+            if end > cfg.max_position_embeddings {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i} reaches position {end}, beyond the model's context of {}",
+                    cfg.max_position_embeddings
+                )));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::InvalidBatch(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
+            let first_token = plan.token_ids.len();
+            plan.token_ids.extend_from_slice(s.tokens);
+            for p in s.start_pos..end {
+                plan.positions.push(p);
+                plan.slots.push(kv.slot(s.block_table, p)?);
+            }
+            plan.seqs.push(AttnSeq {
+                first_token,
+                len: s.tokens.len(),
+                start_pos: s.start_pos,
+                block_table: s.block_table,
+            });
+            let first_row = plan.logit_rows.len();
+            if s.all_logits {
+                plan.logit_rows
+                    .extend(first_token as u32..(first_token + s.tokens.len()) as u32);
+            } else {
+                plan.logit_rows
+                    .push((first_token + s.tokens.len() - 1) as u32);
+            }
+            plan.row_ranges.push(first_row..plan.logit_rows.len());
+        }
+        Ok(plan)
+    }
+}

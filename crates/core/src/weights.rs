@@ -1,0 +1,286 @@
+//! Where tensors come from.
+//!
+//! The model code asks a [`WeightStore`] for tensors by their canonical (Hugging Face)
+//! names and expected shapes. The store finds them in memory-mapped safetensors files (one
+//! or several shards) or in memory (random models for benchmarks and tests), checks the
+//! shape, converts to the compute dtype and reports loading progress.
+//!
+//! Memory mapping: each file is mapped once; a tensor is converted straight from the
+//! mapped bytes into its compute-dtype buffer, so no file is ever read into a second,
+//! whole-file buffer. (candle's CPU tensors own their storage, so the mapped bytes
+//! themselves cannot back a tensor; the one copy is the conversion to the compute dtype.)
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::QMatMul;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+enum Source {
+    Safetensors {
+        files: Vec<(PathBuf, MmapedSafetensors)>,
+        /// tensor name -> index into `files`
+        index: HashMap<String, usize>,
+    },
+    Memory(HashMap<String, Tensor>),
+}
+
+struct Progress {
+    tensors_total: usize,
+    bytes_total: usize,
+    tensors_done: usize,
+    bytes_done: usize,
+    started: Instant,
+    last_report: Instant,
+}
+
+pub struct WeightStore {
+    source: Source,
+    device: Device,
+    dtype: DType,
+    progress: Mutex<Progress>,
+}
+
+impl WeightStore {
+    /// Maps safetensors files (all shards of one checkpoint).
+    pub fn from_safetensors(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        let mut bytes_total = 0;
+        for (i, path) in paths.iter().enumerate() {
+            // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on
+            // the checkpoint not being modified while the server runs.
+            let st =
+                unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::CorruptWeights {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            for (name, view) in st.tensors() {
+                bytes_total += view.data().len();
+                index.insert(name, i);
+            }
+            files.push((path.clone(), st));
+        }
+        let tensors_total = index.len();
+        Ok(Self::new(
+            Source::Safetensors { files, index },
+            tensors_total,
+            bytes_total,
+            dtype,
+            device,
+        ))
+    }
+
+    /// Tensors already in memory (random models for benchmarks, tests).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        let bytes = tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        let n = tensors.len();
+        Self::new(Source::Memory(tensors), n, bytes, dtype, device)
+    }
+
+    fn new(
+        source: Source,
+        tensors_total: usize,
+        bytes_total: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            source,
+            device: device.clone(),
+            dtype,
+            progress: Mutex::new(Progress {
+                tensors_total,
+                bytes_total,
+                tensors_done: 0,
+                bytes_done: 0,
+                started: now,
+                last_report: now,
+            }),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors { index, .. } => index.contains_key(name),
+            Source::Memory(m) => m.contains_key(name),
+        }
+    }
+
+    fn files_description(&self) -> String {
+        match &self.source {
+            Source::Safetensors { files, .. } => files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            Source::Memory(_) => "in-memory weights".into(),
+        }
+    }
+
+    /// Loads `name`, checks that its shape is `shape`, converts it to the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_with_dtype(name, shape, self.dtype)
+    }
+
+    /// Like [`get`](Self::get) but always in f32 (norm weights, router gates, biases that
+    /// are cheap and precision-sensitive).
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_with_dtype(name, shape, DType::F32)
+    }
+
+    /// A matmul weight `[out, in]`, as the type the linear layers use: dense here;
+    /// quantized formats return their quantized tensor through the same type.
+    pub fn get_matmul(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(
+            self.get(name, &[out_features, in_features])?,
+        ))
+    }
+
+    fn get_with_dtype(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (tensor, file, bytes) = match &self.source {
+            Source::Safetensors { files, index } => {
+                let i = *index.get(name).ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: self.files_description(),
+                })?;
+                let (path, st) = &files[i];
+                let view = st.get(name).map_err(|e| Error::CorruptWeights {
+                    path: path.clone(),
+                    message: format!("tensor {name:?}: {e}"),
+                })?;
+                let bytes = view.data().len();
+                if view.shape() != shape {
+                    return Err(Error::ShapeMismatch {
+                        file: path.display().to_string(),
+                        name: name.to_string(),
+                        expected: shape.to_vec(),
+                        actual: view.shape().to_vec(),
+                    });
+                }
+                let t = st
+                    .load(name, &self.device)
+                    .map_err(|e| Error::CorruptWeights {
+                        path: path.clone(),
+                        message: format!("tensor {name:?}: {e}"),
+                    })?;
+                (t, path.display().to_string(), bytes)
+            }
+            Source::Memory(m) => {
+                let t = m.get(name).cloned().ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: self.files_description(),
+                })?;
+                let bytes = t.elem_count() * t.dtype().size_in_bytes();
+                (t, "in-memory weights".to_string(), bytes)
+            }
+        };
+        if tensor.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                file,
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: tensor.dims().to_vec(),
+            });
+        }
+        let tensor = tensor.to_dtype(dtype)?;
+        self.report(bytes);
+        Ok(tensor)
+    }
+
+    fn report(&self, bytes: usize) {
+        let mut p = self.progress.lock().unwrap();
+        p.tensors_done += 1;
+        p.bytes_done += bytes;
+        let now = Instant::now();
+        if now.duration_since(p.last_report) >= Duration::from_secs(1) {
+            p.last_report = now;
+            tracing::info!(
+                "loading weights: {}/{} tensors, {:.1}/{:.1} MiB, {:.1}s",
+                p.tensors_done,
+                p.tensors_total,
+                p.bytes_done as f64 / (1 << 20) as f64,
+                p.bytes_total as f64 / (1 << 20) as f64,
+                now.duration_since(p.started).as_secs_f64()
+            );
+        }
+    }
+
+    /// Logs the final count; called once the model is built.
+    pub fn finish(&self) {
+        let p = self.progress.lock().unwrap();
+        tracing::info!(
+            "loaded {} tensors ({:.1} MiB) in {:.2}s",
+            p.tensors_done,
+            p.bytes_done as f64 / (1 << 20) as f64,
+            p.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// The safetensors files of a checkpoint directory: the shards listed in
+/// `model.safetensors.index.json`, or `model.safetensors`, or every `*.safetensors`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::CorruptWeights {
+                path: index_path.clone(),
+                message: e.to_string(),
+            })?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::CorruptWeights {
+                path: index_path.clone(),
+                message: "no `weight_map` object".into(),
+            })?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    all.sort();
+    if all.is_empty() {
+        return Err(Error::ModelNotFound {
+            spec: dir.display().to_string(),
+            message: "no *.safetensors weights in the directory".into(),
+        });
+    }
+    Ok(all)
+}

@@ -1,0 +1,280 @@
+//! The model core against transformers: every architecture's tiny fixture model (made by
+//! tests/fixtures/generate.py, which also recorded what transformers computes for it)
+//! must give the same logits, top-5 logprobs and greedy tokens; batching and chunked
+//! prefill must not change the results.
+
+use std::path::PathBuf;
+
+use moeserve_core::sampling::{argmax, log_softmax};
+use moeserve_core::{
+    BlockAllocator, BlockTable, CausalLm, ForwardBatch, KvCache, LoadOptions, SequenceInput,
+};
+use serde::Deserialize;
+
+const LOGIT_TOL: f32 = 1e-3;
+const LOGPROB_TOL: f32 = 1e-3;
+/// Two f32 computations of the same thing in a different batch shape.
+const SAME_TOL: f32 = 1e-4;
+
+#[derive(Deserialize)]
+struct Reference {
+    architecture: String,
+    prompts: Vec<PromptReference>,
+}
+
+#[derive(Deserialize)]
+struct PromptReference {
+    ids: Vec<u32>,
+    last_logits: Vec<f32>,
+    greedy: Vec<u32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A model with its own cache, running sequences by hand.
+struct Runner {
+    model: Box<dyn CausalLm>,
+    kv: KvCache,
+    alloc: BlockAllocator,
+}
+
+impl Runner {
+    fn new(dir: &std::path::Path) -> Self {
+        let loaded = moeserve_core::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let kv = KvCache::new(loaded.model.kv_layout(), 16, 128).unwrap();
+        let alloc = BlockAllocator::new(kv.num_blocks());
+        Runner {
+            model: loaded.model,
+            kv,
+            alloc,
+        }
+    }
+
+    fn table(&mut self, tokens: usize) -> BlockTable {
+        let mut t = BlockTable::new();
+        t.reserve(&mut self.alloc, tokens, 16).unwrap();
+        t
+    }
+
+    /// Greedy decoding of several prompts in one batch per step. Returns, per prompt, the
+    /// logits at each step (the first from prefill) and the chosen tokens.
+    fn greedy_batch(&mut self, prompts: &[&[u32]], steps: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
+        let tables: Vec<BlockTable> = prompts
+            .iter()
+            .map(|p| self.table(p.len() + steps))
+            .collect();
+        let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut pos = vec![0usize; prompts.len()];
+        let mut results = vec![(Vec::new(), Vec::new()); prompts.len()];
+        for _ in 0..steps {
+            let batch = ForwardBatch::new(
+                (0..prompts.len())
+                    .map(|i| SequenceInput {
+                        tokens: &inputs[i],
+                        start_pos: pos[i],
+                        block_table: tables[i].blocks(),
+                        all_logits: false,
+                    })
+                    .collect(),
+            );
+            let out = self.model.forward(&batch, &mut self.kv).unwrap();
+            for i in 0..prompts.len() {
+                let logits = out.last_logits(i).unwrap();
+                let next = argmax(&logits);
+                pos[i] += inputs[i].len();
+                inputs[i] = vec![next];
+                results[i].0.push(logits);
+                results[i].1.push(next);
+            }
+        }
+        for mut t in tables {
+            t.release_all(&mut self.alloc);
+        }
+        results
+    }
+
+    /// Prefills `prompt` in chunks of the given sizes; returns the last chunk's logits for
+    /// every token (`all_logits`).
+    fn chunked_prefill(&mut self, prompt: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
+        let mut table = self.table(prompt.len());
+        let mut start = 0;
+        let mut last = Vec::new();
+        for &c in chunks {
+            let end = (start + c).min(prompt.len());
+            let batch = ForwardBatch::new(vec![SequenceInput {
+                tokens: &prompt[start..end],
+                start_pos: start,
+                block_table: table.blocks(),
+                all_logits: true,
+            }]);
+            let out = self.model.forward(&batch, &mut self.kv).unwrap();
+            assert_eq!(out.rows[0].len(), end - start);
+            last = out.rows[0]
+                .clone()
+                .map(|r| out.logits.get(r).unwrap().to_vec1::<f32>().unwrap())
+                .collect();
+            start = end;
+        }
+        assert_eq!(start, prompt.len(), "chunks must cover the prompt");
+        table.release_all(&mut self.alloc);
+        last
+    }
+}
+
+fn check_against_transformers(name: &str) {
+    let dir = fixture(name);
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let mut runner = Runner::new(&dir);
+    assert_eq!(
+        runner.model.config().architecture.hf_name(),
+        reference.architecture
+    );
+    let steps = reference.prompts[0].greedy.len();
+
+    // Each prompt alone: logits, top-5 logprobs and greedy tokens as transformers has them.
+    let mut alone = Vec::new();
+    for (p, r) in reference.prompts.iter().enumerate() {
+        let (logits, tokens) = runner.greedy_batch(&[&r.ids], steps).remove(0);
+        let err = max_abs_diff(&logits[0], &r.last_logits);
+        assert!(
+            err < LOGIT_TOL,
+            "{name} prompt {p}: last-position logits differ by {err}"
+        );
+        for (step, (l, want)) in logits.iter().zip(&r.top_logprobs).enumerate() {
+            let lp = log_softmax(l);
+            for &(id, want_lp) in want {
+                let err = (lp[id as usize] - want_lp).abs();
+                assert!(
+                    err < LOGPROB_TOL,
+                    "{name} prompt {p} step {step}: logprob of token {id} is {} (transformers {want_lp})",
+                    lp[id as usize]
+                );
+            }
+        }
+        assert_eq!(
+            tokens, r.greedy,
+            "{name} prompt {p}: greedy tokens differ from transformers"
+        );
+        alone.push((logits, tokens));
+    }
+
+    // All prompts in one batch (a long prefill next to short ones, then batched decodes).
+    let prompts: Vec<&[u32]> = reference.prompts.iter().map(|r| r.ids.as_slice()).collect();
+    let together = runner.greedy_batch(&prompts, steps);
+    for (p, ((l_alone, t_alone), (l_batch, t_batch))) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            t_alone, t_batch,
+            "{name} prompt {p}: batched tokens differ from alone"
+        );
+        for (a, b) in l_alone.iter().zip(l_batch) {
+            let err = max_abs_diff(a, b);
+            assert!(
+                err < SAME_TOL,
+                "{name} prompt {p}: batched logits differ by {err}"
+            );
+        }
+    }
+
+    // Chunked prefill of the longest prompt equals prefill in one piece, at every position
+    // of the last chunk.
+    let long = &reference
+        .prompts
+        .iter()
+        .max_by_key(|r| r.ids.len())
+        .unwrap()
+        .ids;
+    let whole = runner.chunked_prefill(long, &[long.len()]);
+    let chunked = runner.chunked_prefill(long, &[7, 1, 16, 5, long.len()]);
+    let tail = &whole[whole.len() - chunked.len()..];
+    for (i, (a, b)) in tail.iter().zip(&chunked).enumerate() {
+        let err = max_abs_diff(a, b);
+        assert!(
+            err < SAME_TOL,
+            "{name}: chunked prefill row {i} differs by {err}"
+        );
+    }
+    let reference_last = &reference
+        .prompts
+        .iter()
+        .max_by_key(|r| r.ids.len())
+        .unwrap()
+        .last_logits;
+    assert!(max_abs_diff(chunked.last().unwrap(), reference_last) < LOGIT_TOL);
+
+    // Nothing leaked.
+    assert_eq!(runner.alloc.num_free(), runner.alloc.num_blocks());
+}
+
+macro_rules! reference_tests {
+    ($($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                check_against_transformers(stringify!($name));
+            }
+        )*
+    };
+}
+
+reference_tests!(
+    llama,
+    llama_linear,
+    qwen2,
+    qwen3,
+    mixtral,
+    qwen2_moe,
+    qwen3_moe,
+    olmoe
+);
+
+/// Routing in the MoE fixtures is non-trivial: every expert of every sparse layer gets
+/// tokens from the long prompt, and several experts per token.
+#[test]
+fn moe_fixtures_use_every_expert() {
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let dir = fixture(name);
+        let reference: Reference =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let mut runner = Runner::new(&dir);
+        let long = &reference.prompts[2].ids;
+        let mut table = runner.table(long.len());
+        let batch = ForwardBatch::new(vec![SequenceInput {
+            tokens: long,
+            start_pos: 0,
+            block_table: table.blocks(),
+            all_logits: false,
+        }]);
+        let out = runner.model.forward(&batch, &mut runner.kv).unwrap();
+        table.release_all(&mut runner.alloc);
+        let moe = runner.model.config().moe.clone().unwrap();
+        let sparse: Vec<&Vec<u32>> = out.expert_load.iter().filter(|l| !l.is_empty()).collect();
+        assert!(
+            !sparse.is_empty(),
+            "{name}: no sparse layer reported expert load"
+        );
+        for load in sparse {
+            assert_eq!(load.len(), moe.num_experts);
+            assert!(
+                load.iter().all(|&c| c > 0),
+                "{name}: an expert got no token: {load:?}"
+            );
+            assert_eq!(load.iter().sum::<u32>() as usize, long.len() * moe.top_k);
+        }
+    }
+}
