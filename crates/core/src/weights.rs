@@ -28,6 +28,9 @@ enum Source {
         index: HashMap<String, usize>,
     },
     Memory(HashMap<String, Tensor>),
+    /// Every tensor asked for is made up on the spot (benchmarks of model shapes that
+    /// have no checkpoint): matrices ~ N(0, std), norm weights one, biases zero.
+    Random { std: f64 },
 }
 
 struct Progress {
@@ -86,6 +89,11 @@ impl WeightStore {
         Self::new(Source::Memory(tensors), n, bytes, dtype, device)
     }
 
+    /// A store that invents weights of whatever shape the model asks for.
+    pub fn random(std: f64, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Random { std }, 0, 0, dtype, device)
+    }
+
     fn new(
         source: Source,
         tensors_total: usize,
@@ -121,6 +129,7 @@ impl WeightStore {
         match &self.source {
             Source::Safetensors { index, .. } => index.contains_key(name),
             Source::Memory(m) => m.contains_key(name),
+            Source::Random { .. } => true,
         }
     }
 
@@ -132,6 +141,7 @@ impl WeightStore {
                 .collect::<Vec<_>>()
                 .join(", "),
             Source::Memory(_) => "in-memory weights".into(),
+            Source::Random { .. } => "random weights".into(),
         }
     }
 
@@ -195,6 +205,15 @@ impl WeightStore {
                 })?;
                 let bytes = t.elem_count() * t.dtype().size_in_bytes();
                 (t, "in-memory weights".to_string(), bytes)
+            }
+            Source::Random { std } => {
+                let t = match shape {
+                    [_] if name.contains("norm") => Tensor::ones(shape, DType::F32, &self.device)?,
+                    [_] => Tensor::zeros(shape, DType::F32, &self.device)?,
+                    _ => Tensor::randn(0f32, *std as f32, shape, &self.device)?,
+                };
+                let bytes = t.elem_count() * 4;
+                (t, "random weights".to_string(), bytes)
             }
         };
         if tensor.dims() != shape {

@@ -1,0 +1,131 @@
+//! Subcommands: `generate` (one prompt, printed with its speed).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use moeserve_core::generate::generate;
+use moeserve_core::sampling::Sampler;
+use moeserve_core::{BlockAllocator, DType, KvCache, LoadOptions};
+
+#[derive(Parser)]
+#[command(name = "moeserve", version, about = "An OpenAI-compatible inference server for Mixture-of-Experts models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of one prompt and print prefill and decode speed.
+    Generate(GenerateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> DType {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A checkpoint directory or a Hugging Face repo id (owner/name[@revision]).
+    #[arg(long, env = "MOESERVE_MODEL")]
+    model: String,
+    /// The prompt text (sent as is, without a chat template).
+    #[arg(long)]
+    prompt: String,
+    /// How many tokens to generate at most.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed for sampling at temperature > 0.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute dtype (default: f32 on CPU).
+    #[arg(long, value_enum, env = "MOESERVE_DTYPE")]
+    dtype: Option<DtypeArg>,
+    /// KV cache memory budget: bytes, or with a unit (512MiB, 2GiB).
+    #[arg(long, default_value = "256MiB", env = "MOESERVE_KV_CACHE_MEMORY")]
+    kv_cache_memory: String,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+pub fn run() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => run_generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let opts = LoadOptions {
+        dtype: args.dtype.map(Into::into),
+        ..LoadOptions::default()
+    };
+    let loaded = moeserve_core::load(&args.model, &opts)?;
+    let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
+    let mut kv = KvCache::with_memory_budget(loaded.model.kv_layout(), args.block_size, budget)?;
+    let mut alloc = BlockAllocator::new(kv.num_blocks());
+    let prompt = loaded.codec.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt encodes to no tokens");
+    }
+    let context = loaded.model.config().max_position_embeddings;
+    let max_tokens = args.max_tokens.min(context.saturating_sub(prompt.len()));
+    if max_tokens == 0 {
+        anyhow::bail!("the prompt has {} tokens, which fills the model's context of {context}", prompt.len());
+    }
+    let stop: Vec<u32> = if args.ignore_eos {
+        vec![]
+    } else {
+        loaded.codec.eos_token_ids().to_vec()
+    };
+    let mut sampler = Sampler::new(args.temperature, args.seed);
+    let gen = generate(loaded.model.as_ref(), &mut kv, &mut alloc, &prompt, max_tokens, &mut sampler, &stop)?;
+    let text = loaded.codec.decode(&gen.tokens, true)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}{}", args.prompt, text)?;
+    eprintln!(
+        "prefill: {} tokens in {:.3}s ({:.1} tok/s); decode: {} tokens in {:.3}s ({:.1} tok/s){}",
+        gen.prompt_tokens,
+        gen.prefill_secs,
+        gen.prefill_tokens_per_sec(),
+        gen.tokens.len(),
+        gen.decode_secs,
+        gen.decode_tokens_per_sec(),
+        if gen.stopped { "; stopped at end of sequence" } else { "" }
+    );
+    Ok(())
+}
