@@ -12,7 +12,9 @@ use std::time::Instant;
 use moeserve_core::config::{HfConfig, ModelConfig};
 use moeserve_core::models::build_model;
 use moeserve_core::weights::WeightStore;
-use moeserve_core::{BlockAllocator, BlockTable, DType, Device, ForwardBatch, KvCache, SequenceInput};
+use moeserve_core::{
+    BlockAllocator, BlockTable, DType, Device, ForwardBatch, KvCache, SequenceInput,
+};
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -48,7 +50,9 @@ fn main() -> moeserve_core::Result<()> {
         t0.elapsed().as_secs_f64(),
         rayon::current_num_threads()
     );
-    println!("| batch | prefill tok/s ({prompt_len}-token prompts) | decode tok/s ({steps} steps) |");
+    println!(
+        "| batch | prefill tok/s ({prompt_len}-token prompts) | decode tok/s ({steps} steps) |"
+    );
     println!("|---:|---:|---:|");
     for &b in &batches {
         let tokens_per_seq = prompt_len + steps;
@@ -62,7 +66,11 @@ fn main() -> moeserve_core::Result<()> {
             })
             .collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|s| (0..prompt_len).map(|i| ((s * 7919 + i * 104_729) % 32000) as u32).collect())
+            .map(|s| {
+                (0..prompt_len)
+                    .map(|i| ((s * 7919 + i * 104_729) % 32000) as u32)
+                    .collect()
+            })
             .collect();
         let batch = ForwardBatch::new(
             (0..b)

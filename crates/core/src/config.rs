@@ -255,14 +255,14 @@ impl ModelConfig {
         }
         let num_heads = hf.num_attention_heads;
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / num_heads);
         let rotary_dim = (head_dim as f64 * hf.partial_rotary_factor.unwrap_or(1.0)) as usize;
-        if rotary_dim % 2 != 0 || rotary_dim == 0 {
+        if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
             return Err(bad(format!(
                 "rotary dimension {rotary_dim} must be even and positive"
             )));

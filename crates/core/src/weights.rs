@@ -30,7 +30,9 @@ enum Source {
     Memory(HashMap<String, Tensor>),
     /// Every tensor asked for is made up on the spot (benchmarks of model shapes that
     /// have no checkpoint): matrices ~ N(0, std), norm weights one, biases zero.
-    Random { std: f64 },
+    Random {
+        std: f64,
+    },
 }
 
 struct Progress {

@@ -4,10 +4,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use moeserve_core::{BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadOptions, SequenceInput};
+use moeserve_core::{
+    BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadOptions, SequenceInput,
+};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
 }
 
 /// A copy of a fixture directory that a test may break.
@@ -40,7 +44,12 @@ fn prompt_logits(spec: &str) -> Vec<f32> {
         block_table: table.blocks(),
         all_logits: false,
     }]);
-    loaded.model.forward(&batch, &mut kv).unwrap().last_logits(0).unwrap()
+    loaded
+        .model
+        .forward(&batch, &mut kv)
+        .unwrap()
+        .last_logits(0)
+        .unwrap()
 }
 
 fn read_tensors(path: &Path) -> HashMap<String, candle_core::Tensor> {
@@ -57,7 +66,10 @@ fn make_hub_cache(cache: &Path, repo_id: &str, fixture_name: &str, commit: &str)
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    for (i, entry) in std::fs::read_dir(fixture(fixture_name)).unwrap().enumerate() {
+    for (i, entry) in std::fs::read_dir(fixture(fixture_name))
+        .unwrap()
+        .enumerate()
+    {
         let entry = entry.unwrap();
         let blob = blobs.join(format!("blob{i:04}"));
         std::fs::copy(entry.path(), &blob).unwrap();
@@ -78,8 +90,12 @@ fn hub_repo_ids_resolve_from_the_cache_offline() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     std::env::set_var("HF_HUB_CACHE", &cache);
     assert_eq!(prompt_logits("moeserve-test/tiny-qwen3-moe"), local);
-    assert_eq!(prompt_logits(&format!("moeserve-test/tiny-qwen3-moe@{commit}")), local);
-    let loaded = moeserve_core::load("moeserve-test/tiny-qwen3-moe", &LoadOptions::default()).unwrap();
+    assert_eq!(
+        prompt_logits(&format!("moeserve-test/tiny-qwen3-moe@{commit}")),
+        local
+    );
+    let loaded =
+        moeserve_core::load("moeserve-test/tiny-qwen3-moe", &LoadOptions::default()).unwrap();
     assert_eq!(loaded.files.name, "tiny-qwen3-moe");
 
     // A repo that is not in the cache fails at once, saying why (no network attempt).
@@ -87,7 +103,10 @@ fn hub_repo_ids_resolve_from_the_cache_offline() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("config.json"),
+        "{err}"
+    );
 
     // HF_HOME/hub is the cache when HF_HUB_CACHE is unset.
     std::env::remove_var("HF_HUB_CACHE");
@@ -108,9 +127,14 @@ fn sharded_checkpoints_load_through_the_index() {
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
-        let subset: HashMap<String, candle_core::Tensor> =
-            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let subset: HashMap<String, candle_core::Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&subset, dir.join(shard)).unwrap();
         for n in part {
             weight_map.insert((*n).clone(), shard.into());
@@ -134,7 +158,10 @@ fn a_missing_tensor_is_named() {
     tensors.remove(gone).unwrap();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let err = load_err(&dir);
-    assert!(err.contains(gone) && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains(gone) && err.contains("model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -143,7 +170,8 @@ fn a_shape_mismatch_names_file_tensor_and_shapes() {
     let dir = tmp.path().join("m");
     copy_fixture("llama", &dir);
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["intermediate_size"] = 100.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let err = load_err(&dir);
@@ -165,7 +193,10 @@ fn a_corrupt_file_is_reported_with_its_path() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(&dir);
-    assert!(err.contains("model.safetensors") && err.contains("cannot read weights"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("cannot read weights"),
+        "{err}"
+    );
     std::fs::write(&path, b"not a safetensors file").unwrap();
     let err = load_err(&dir);
     assert!(err.contains("model.safetensors"), "{err}");
@@ -178,9 +209,16 @@ fn an_unsupported_architecture_is_named() {
     copy_fixture("llama", &dir);
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, text.replace("LlamaForCausalLM", "FalconForCausalLM")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("LlamaForCausalLM", "FalconForCausalLM"),
+    )
+    .unwrap();
     let err = load_err(&dir);
-    assert!(err.contains("FalconForCausalLM") && err.contains("unsupported architecture"), "{err}");
+    assert!(
+        err.contains("FalconForCausalLM") && err.contains("unsupported architecture"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -196,9 +234,12 @@ fn a_directory_without_weights_is_reported() {
 #[test]
 fn fixture_tokenizer_matches_the_reference_ids() {
     // The generator encoded the prompts with the Python `tokenizers` library.
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("reference.json")).unwrap()).unwrap();
-    let loaded = moeserve_core::load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama").join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let loaded =
+        moeserve_core::load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
     for p in reference["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
         let text = p["text"].as_str().unwrap();
@@ -207,5 +248,61 @@ fn fixture_tokenizer_matches_the_reference_ids() {
     }
     let eos = loaded.codec.tokenizer().token_to_id("<|im_end|>").unwrap();
     assert_eq!(loaded.codec.eos_token_ids(), &[eos]);
-    assert!(loaded.codec.chat_template().unwrap().contains("<|im_start|>"));
+    assert!(loaded
+        .codec
+        .chat_template()
+        .unwrap()
+        .contains("<|im_start|>"));
+}
+
+/// `--dtype bf16` and `f16` compute in half precision: close to f32, not equal.
+#[test]
+fn half_precision_dtypes_stay_close_to_f32() {
+    let dir = fixture("qwen3_moe");
+    let load = |dtype| {
+        moeserve_core::load(
+            dir.to_str().unwrap(),
+            &LoadOptions {
+                dtype: Some(dtype),
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let logits = |dtype| {
+        let loaded = load(dtype);
+        assert_eq!(loaded.dtype, dtype);
+        let mut kv = KvCache::new(loaded.model.kv_layout(), 16, 8).unwrap();
+        let mut alloc = BlockAllocator::new(8);
+        let mut table = BlockTable::new();
+        let prompt = loaded.codec.encode("The quick brown fox jumps").unwrap();
+        table.reserve(&mut alloc, prompt.len(), 16).unwrap();
+        let batch = ForwardBatch::new(vec![SequenceInput {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: table.blocks(),
+            all_logits: false,
+        }]);
+        loaded
+            .model
+            .forward(&batch, &mut kv)
+            .unwrap()
+            .last_logits(0)
+            .unwrap()
+    };
+    let full = logits(candle_core::DType::F32);
+    let spread = full.iter().cloned().fold(f32::MIN, f32::max)
+        - full.iter().cloned().fold(f32::MAX, f32::min);
+    for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+        let half = logits(dtype);
+        let err = half
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            err > 0.0 && err < 0.05 * spread,
+            "{dtype:?}: max error {err}, logit spread {spread}"
+        );
+    }
 }

@@ -9,7 +9,11 @@ use moeserve_core::sampling::Sampler;
 use moeserve_core::{BlockAllocator, DType, KvCache, LoadOptions};
 
 #[derive(Parser)]
-#[command(name = "moeserve", version, about = "An OpenAI-compatible inference server for Mixture-of-Experts models")]
+#[command(
+    name = "moeserve",
+    version,
+    about = "An OpenAI-compatible inference server for Mixture-of-Experts models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,7 +99,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&args.model, &opts)?;
-    let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
+    let budget =
+        moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
     let mut kv = KvCache::with_memory_budget(loaded.model.kv_layout(), args.block_size, budget)?;
     let mut alloc = BlockAllocator::new(kv.num_blocks());
     let prompt = loaded.codec.encode(&args.prompt)?;
@@ -105,7 +110,10 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let context = loaded.model.config().max_position_embeddings;
     let max_tokens = args.max_tokens.min(context.saturating_sub(prompt.len()));
     if max_tokens == 0 {
-        anyhow::bail!("the prompt has {} tokens, which fills the model's context of {context}", prompt.len());
+        anyhow::bail!(
+            "the prompt has {} tokens, which fills the model's context of {context}",
+            prompt.len()
+        );
     }
     let stop: Vec<u32> = if args.ignore_eos {
         vec![]
@@ -113,7 +121,15 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         loaded.codec.eos_token_ids().to_vec()
     };
     let mut sampler = Sampler::new(args.temperature, args.seed);
-    let gen = generate(loaded.model.as_ref(), &mut kv, &mut alloc, &prompt, max_tokens, &mut sampler, &stop)?;
+    let gen = generate(
+        loaded.model.as_ref(),
+        &mut kv,
+        &mut alloc,
+        &prompt,
+        max_tokens,
+        &mut sampler,
+        &stop,
+    )?;
     let text = loaded.codec.decode(&gen.tokens, true)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}{}", args.prompt, text)?;
@@ -125,7 +141,11 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         gen.tokens.len(),
         gen.decode_secs,
         gen.decode_tokens_per_sec(),
-        if gen.stopped { "; stopped at end of sequence" } else { "" }
+        if gen.stopped {
+            "; stopped at end of sequence"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
