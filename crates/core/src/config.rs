@@ -130,6 +130,9 @@ pub struct RopeConfig {
     /// `false`: the two halves of the head form the pairs (Hugging Face's `rotate_half`);
     /// `true`: adjacent elements do (GPT-J / original LLaMA / GGUF layout).
     pub interleaved: bool,
+    /// Per-frequency divisors applied after `scaling` (GGUF stores Llama 3 scaling this
+    /// way, as the `rope_freqs` tensor).
+    pub freq_factors: Option<Vec<f64>>,
 }
 
 /// Where a per-projection RMSNorm applies to queries and keys before the rotary embedding.
@@ -366,6 +369,7 @@ impl ModelConfig {
                 rotary_dim,
                 scaling,
                 interleaved: false,
+                freq_factors: None,
             },
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             qkv_bias,

@@ -3,9 +3,11 @@
 
 pub mod attention;
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod kv;
 pub mod layers;
 pub mod models;
@@ -45,12 +47,18 @@ impl Default for LoadOptions {
 pub struct LoadedModel {
     pub model: Box<dyn CausalLm>,
     pub codec: TextCodec,
-    pub files: ModelFiles,
+    /// A short name: the checkpoint directory's, the repo's or the GGUF file's.
+    pub name: String,
     pub dtype: DType,
 }
 
-/// Resolves `spec` (a checkpoint directory or a Hugging Face repo id) and loads it.
+/// Resolves `spec` (a `.gguf` file, a checkpoint directory or a Hugging Face repo id) and
+/// loads it.
 pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let path = std::path::Path::new(spec);
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        return load_gguf(path, opts);
+    }
     let files = source::resolve(spec)?;
     let cfg = ModelConfig::from_file(&files.config)?;
     let dtype = opts
@@ -74,8 +82,37 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel {
         model,
         codec,
-        files,
+        name: files.name,
         dtype,
+    })
+}
+
+fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let ckpt = gguf::GgufCheckpoint::open(path)?;
+    let cfg = gguf::model_config(&ckpt)?;
+    let codec = TextCodec::from_gguf(ckpt.metadata(), path)?;
+    if opts.dtype.is_some_and(|d| d != DType::F32) {
+        tracing::warn!("GGUF models compute in f32 (quantized matmuls take f32 activations); ignoring --dtype");
+    }
+    tracing::info!(
+        "loading {} ({} as {}, {} layers, {} file(s))",
+        path.display(),
+        gguf::meta_str(ckpt.metadata(), "general.architecture").unwrap_or("?"),
+        cfg.architecture.hf_name(),
+        cfg.num_layers,
+        ckpt.files.len()
+    );
+    let store = weights::WeightStore::from_gguf(ckpt, &opts.device);
+    let model = models::build_model(&cfg, &store)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_default();
+    Ok(LoadedModel {
+        model,
+        codec,
+        name,
+        dtype: DType::F32,
     })
 }
 

@@ -33,7 +33,8 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
     if path.exists() {
         return Err(Error::ModelNotFound {
             spec: spec.into(),
-            message: "is a file; expected a checkpoint directory or a Hugging Face repo id".into(),
+            message: "is a file but not a .gguf; expected a GGUF file, a checkpoint directory or a Hugging Face repo id"
+                .into(),
         });
     }
     let (repo_id, revision) = parse_repo_id(spec).ok_or_else(|| Error::ModelNotFound {

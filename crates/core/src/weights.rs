@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -28,6 +28,11 @@ enum Source {
         index: HashMap<String, usize>,
     },
     Memory(HashMap<String, Tensor>),
+    /// A GGUF checkpoint: canonical names are mapped onto llama.cpp's.
+    Gguf {
+        ckpt: crate::gguf::GgufCheckpoint,
+        stacked_experts: bool,
+    },
     /// Every tensor asked for is made up on the spot (benchmarks of model shapes that
     /// have no checkpoint): matrices ~ N(0, std), norm weights one, biases zero.
     Random {
@@ -91,6 +96,28 @@ impl WeightStore {
         Self::new(Source::Memory(tensors), n, bytes, dtype, device)
     }
 
+    /// A GGUF checkpoint (all its shards). Quantized matrices stay quantized.
+    pub fn from_gguf(ckpt: crate::gguf::GgufCheckpoint, device: &Device) -> Self {
+        let infos = ckpt.files.iter().flat_map(|f| f.content.tensor_infos.iter());
+        let (mut n, mut bytes, mut stacked) = (0, 0, false);
+        for (name, info) in infos {
+            n += 1;
+            bytes += info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            stacked |= name.contains("_exps.");
+        }
+        let source = Source::Gguf {
+            ckpt,
+            stacked_experts: stacked,
+        };
+        // Quantized matmuls take f32 activations, so GGUF models compute in f32.
+        Self::new(source, n, bytes, DType::F32, device)
+    }
+
+    /// Whether matmul weights may come back quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.source, Source::Gguf { .. })
+    }
+
     /// A store that invents weights of whatever shape the model asks for.
     pub fn random(std: f64, dtype: DType, device: &Device) -> Self {
         Self::new(Source::Random { std }, 0, 0, dtype, device)
@@ -132,6 +159,10 @@ impl WeightStore {
             Source::Safetensors { index, .. } => index.contains_key(name),
             Source::Memory(m) => m.contains_key(name),
             Source::Random { .. } => true,
+            Source::Gguf {
+                ckpt,
+                stacked_experts,
+            } => crate::gguf::gguf_name(name, *stacked_experts).is_some_and(|g| ckpt.has_tensor(&g.name)),
         }
     }
 
@@ -144,6 +175,12 @@ impl WeightStore {
                 .join(", "),
             Source::Memory(_) => "in-memory weights".into(),
             Source::Random { .. } => "random weights".into(),
+            Source::Gguf { ckpt, .. } => ckpt
+                .files
+                .iter()
+                .map(|f| f.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
 
@@ -160,15 +197,52 @@ impl WeightStore {
 
     /// A matmul weight `[out, in]`, as the type the linear layers use: dense here;
     /// quantized formats return their quantized tensor through the same type.
-    pub fn get_matmul(
-        &self,
-        name: &str,
-        out_features: usize,
-        in_features: usize,
-    ) -> Result<QMatMul> {
-        Ok(QMatMul::Tensor(
-            self.get(name, &[out_features, in_features])?,
-        ))
+    pub fn get_matmul(&self, name: &str, out_features: usize, in_features: usize) -> Result<QMatMul> {
+        if !self.is_quantized() {
+            return Ok(QMatMul::Tensor(self.get(name, &[out_features, in_features])?));
+        }
+        let (q, file, gguf) = self.gguf_qtensor(name)?;
+        let dims = q.shape().dims().to_vec();
+        let want = [out_features, in_features];
+        let q = if dims == want {
+            q
+        } else if dims.iter().product::<usize>() == out_features * in_features
+            && matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        {
+            // A vector stored for a one-row matrix (Qwen2-MoE's shared expert gate).
+            let t = q.dequantize(&self.device)?.reshape((out_features, in_features))?;
+            QTensor::quantize(&t, GgmlDType::F32)?
+        } else {
+            return Err(self.mismatch(file, &gguf, &want, &dims));
+        };
+        self.report(q.storage_size_in_bytes());
+        Ok(QMatMul::from_arc(std::sync::Arc::new(q))?)
+    }
+
+    fn mismatch(&self, file: String, name: &str, expected: &[usize], actual: &[usize]) -> Error {
+        Error::ShapeMismatch {
+            file,
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        }
+    }
+
+    /// The GGUF tensor behind a canonical name: (tensor, file, GGUF name).
+    fn gguf_qtensor(&self, name: &str) -> Result<(QTensor, String, String)> {
+        let Source::Gguf { ckpt, stacked_experts } = &self.source else {
+            unreachable!("only called for GGUF stores")
+        };
+        let g = crate::gguf::gguf_name(name, *stacked_experts).ok_or_else(|| Error::MissingTensor {
+            name: format!("{name} (no GGUF equivalent)"),
+            files: self.files_description(),
+        })?;
+        let (q, file) = ckpt.qtensor(&g.name, g.expert, &self.device)?;
+        let gguf = match g.expert {
+            Some(e) => format!("{} (expert {e})", g.name),
+            None => g.name,
+        };
+        Ok((q, file, gguf))
     }
 
     fn get_with_dtype(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -207,6 +281,15 @@ impl WeightStore {
                 })?;
                 let bytes = t.elem_count() * t.dtype().size_in_bytes();
                 (t, "in-memory weights".to_string(), bytes)
+            }
+            Source::Gguf { .. } => {
+                let (q, file, gguf) = self.gguf_qtensor(name)?;
+                let bytes = q.storage_size_in_bytes();
+                let t = q.dequantize(&self.device)?;
+                if t.dims() != shape {
+                    return Err(self.mismatch(file, &gguf, shape, t.dims()));
+                }
+                (t, file, bytes)
             }
             Source::Random { std } => {
                 let t = match shape {

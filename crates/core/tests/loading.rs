@@ -96,7 +96,7 @@ fn hub_repo_ids_resolve_from_the_cache_offline() {
     );
     let loaded =
         moeserve_core::load("moeserve-test/tiny-qwen3-moe", &LoadOptions::default()).unwrap();
-    assert_eq!(loaded.files.name, "tiny-qwen3-moe");
+    assert_eq!(loaded.name, "tiny-qwen3-moe");
 
     // A repo that is not in the cache fails at once, saying why (no network attempt).
     let err = moeserve_core::load("moeserve-test/absent", &LoadOptions::default())

@@ -20,7 +20,12 @@ pub struct RotaryEmbedding {
 impl RotaryEmbedding {
     pub fn new(cfg: &RopeConfig, max_positions: usize) -> Self {
         let half = cfg.rotary_dim / 2;
-        let inv_freq = inverse_frequencies(cfg);
+        let mut inv_freq = inverse_frequencies(cfg);
+        if let Some(factors) = &cfg.freq_factors {
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
@@ -132,6 +137,7 @@ mod tests {
             rotary_dim: 8,
             scaling: RopeScaling::None,
             interleaved: false,
+            freq_factors: None,
         };
         let rope = RotaryEmbedding::new(&cfg, 16);
         let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.25 - 1.0).collect();

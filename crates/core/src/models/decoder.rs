@@ -13,6 +13,7 @@
 //! logits = lm_head(rms_norm(x[last tokens]))
 //! ```
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
 use super::CausalLm;
@@ -96,10 +97,12 @@ impl DecoderModel {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(store, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
-            Linear::new(
-                candle_core::quantized::QMatMul::Tensor(embed_tokens.clone()),
-                None,
-            )
+            // Tied: the embedding matrix is the output projection. A quantized store hands
+            // back its quantized form (the lookup needs it dense, the matmul does not).
+            match store.get_matmul("model.embed_tokens.weight", v, h)? {
+                QMatMul::Tensor(_) => Linear::new(QMatMul::Tensor(embed_tokens.clone()), None),
+                quantized => Linear::new(quantized, None),
+            }
         } else {
             Linear::load(store, "lm_head", h, v, false)?
         };

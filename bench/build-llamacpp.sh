@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Fetches llama.cpp's source (vendored in the llama-cpp-python source distribution on
+# PyPI) and builds the tools moeserve is compared and cross-checked with:
+# llama-bench, llama-batched-bench, llama-server, llama-tokenize.
+# Nothing of llama.cpp is committed: it lives in bench/llama.cpp (git-ignored).
+#
+#   bench/build-llamacpp.sh            # prints the bin directory at the end
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+dest="$here/llama.cpp"
+version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+mkdir -p "$dest"
+if [ ! -f "$dest/src/CMakeLists.txt" ]; then
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+    "llama-cpp-python==$version" -d "$dest/dl"
+  tar xzf "$dest/dl/llama_cpp_python-$version.tar.gz" -C "$dest/dl"
+  rm -rf "$dest/src"
+  mv "$dest/dl/llama_cpp_python-$version/vendor/llama.cpp" "$dest/src"
+  rm -rf "$dest/dl"
+fi
+if ! command -v cmake >/dev/null; then
+  python3 -m pip install --quiet cmake
+fi
+cmake -S "$dest/src" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
+cmake --build "$dest/build" --config Release -j "$(nproc)" \
+  --target llama-bench llama-batched-bench llama-server llama-tokenize
+echo "$dest/build/bin"
