@@ -9,12 +9,11 @@
 
 use std::time::Instant;
 
+use moeserve_core::bench::forward_throughput;
 use moeserve_core::config::{HfConfig, ModelConfig};
 use moeserve_core::models::build_model;
 use moeserve_core::weights::WeightStore;
-use moeserve_core::{
-    BlockAllocator, BlockTable, DType, Device, ForwardBatch, KvCache, SequenceInput,
-};
+use moeserve_core::{DType, Device};
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -50,58 +49,11 @@ fn main() -> moeserve_core::Result<()> {
         t0.elapsed().as_secs_f64(),
         rayon::current_num_threads()
     );
-    println!(
-        "| batch | prefill tok/s ({prompt_len}-token prompts) | decode tok/s ({steps} steps) |"
-    );
+    println!("| batch | prefill tok/s ({prompt_len}-token prompts) | decode tok/s ({steps} steps) |");
     println!("|---:|---:|---:|");
     for &b in &batches {
-        let tokens_per_seq = prompt_len + steps;
-        let blocks = b * BlockTable::blocks_for(tokens_per_seq, 16);
-        let mut kv = KvCache::new(model.kv_layout(), 16, blocks)?;
-        let mut alloc = BlockAllocator::new(blocks);
-        let tables: Vec<BlockTable> = (0..b)
-            .map(|_| {
-                let mut t = BlockTable::new();
-                t.reserve(&mut alloc, tokens_per_seq, 16).map(|_| t)
-            })
-            .collect::<Result<_, _>>()?;
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|s| {
-                (0..prompt_len)
-                    .map(|i| ((s * 7919 + i * 104_729) % 32000) as u32)
-                    .collect()
-            })
-            .collect();
-        let batch = ForwardBatch::new(
-            (0..b)
-                .map(|s| SequenceInput {
-                    tokens: &prompts[s],
-                    start_pos: 0,
-                    block_table: tables[s].blocks(),
-                    all_logits: false,
-                })
-                .collect(),
-        );
-        let t = Instant::now();
-        model.forward(&batch, &mut kv)?;
-        let prefill = (b * prompt_len) as f64 / t.elapsed().as_secs_f64();
-        let next: Vec<[u32; 1]> = (0..b).map(|s| [(s * 31 % 32000) as u32]).collect();
-        let t = Instant::now();
-        for step in 0..steps {
-            let batch = ForwardBatch::new(
-                (0..b)
-                    .map(|s| SequenceInput {
-                        tokens: &next[s],
-                        start_pos: prompt_len + step,
-                        block_table: tables[s].blocks(),
-                        all_logits: false,
-                    })
-                    .collect(),
-            );
-            model.forward(&batch, &mut kv)?;
-        }
-        let decode = (b * steps) as f64 / t.elapsed().as_secs_f64();
-        println!("| {b} | {prefill:.1} | {decode:.1} |");
+        let r = forward_throughput(model.as_ref(), b, prompt_len, steps)?;
+        println!("| {b} | {:.1} | {:.1} |", r.prefill_tok_s, r.decode_tok_s);
     }
     Ok(())
 }

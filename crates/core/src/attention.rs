@@ -139,14 +139,7 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// Plain causal attention over contiguous K/V, written the textbook way.
-    fn naive(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        start: usize,
-        g: AttnGeometry,
-        scale: f32,
-    ) -> Vec<f32> {
+    fn naive(q: &[f32], k: &[f32], v: &[f32], start: usize, g: AttnGeometry, scale: f32) -> Vec<f32> {
         let t = q.len() / (g.num_heads * g.head_dim);
         let group = g.num_heads / g.num_kv_heads;
         let mut out = vec![0f32; t * g.num_heads * g.value_dim];
@@ -193,11 +186,7 @@ mod tests {
         let mut kv = KvCache::new(layout, g.block_size, 32).unwrap();
         let mut alloc = BlockAllocator::new(32);
         let mut rng = StdRng::seed_from_u64(7);
-        let mut rand_vec = |n: usize| {
-            (0..n)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect::<Vec<_>>()
-        };
+        let mut rand_vec = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
         // Sequence A: 10 cached positions, then a 1-token decode at position 10.
         // Sequence B: 3 cached positions, then a 6-token prompt chunk at positions 3..9.
         let (len_a, len_b) = (11usize, 9usize);

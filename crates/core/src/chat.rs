@@ -21,9 +21,12 @@ impl ChatTemplate {
         // Templates call Python string methods (`.strip()`, `.startswith()`, ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| {
             // Dates in templates ("Today is ...") come from the server's clock.
             let now = std::time::SystemTime::now()
@@ -32,10 +35,11 @@ impl ChatTemplate {
                 .unwrap_or(0);
             format_unix_date(now, &fmt)
         });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Tokenizer {
-            path: "chat template".into(),
-            message: format!("cannot compile: {e}"),
-        })?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Tokenizer {
+                path: "chat template".into(),
+                message: format!("cannot compile: {e}"),
+            })?;
         Ok(Self {
             env,
             bos_token: bos_token.unwrap_or_default(),
@@ -83,8 +87,18 @@ fn format_unix_date(secs: i64, fmt: &str) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
@@ -139,7 +153,10 @@ mod tests {
         let ok = serde_json::json!([{"role": "user", "content": "  hi  "}]);
         assert_eq!(t.render(&ok, false, None).unwrap(), "HI");
         let bad = serde_json::json!([{"role": "assistant", "content": "x"}]);
-        assert_eq!(t.render(&bad, false, None).unwrap_err().to_string(), "tokenizer chat template: first must be user");
+        assert_eq!(
+            t.render(&bad, false, None).unwrap_err().to_string(),
+            "tokenizer chat template: first must be user"
+        );
     }
 
     #[test]

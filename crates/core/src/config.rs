@@ -42,11 +42,7 @@ impl Architecture {
             .map(|(_, a)| *a)
             .ok_or_else(|| Error::UnsupportedArchitecture {
                 name: name.to_string(),
-                supported: Self::ALL
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                supported: Self::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
             })
     }
 
@@ -201,13 +197,8 @@ pub struct ModelConfig {
 /// Token ids in `config.json` are an int, a list of ints, or null.
 pub(crate) fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => vec![],
     }
 }
@@ -251,9 +242,7 @@ impl ModelConfig {
         }
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
-                return Err(bad(format!(
-                    "hidden_act {act:?} is not supported (only silu)"
-                )));
+                return Err(bad(format!("hidden_act {act:?} is not supported (only silu)")));
             }
         }
         let num_heads = hf.num_attention_heads;
@@ -283,13 +272,9 @@ impl ModelConfig {
                     factor: s.factor.unwrap_or(8.0),
                     low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
                     high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
-                    original_max_position_embeddings: s
-                        .original_max_position_embeddings
-                        .unwrap_or(8192),
+                    original_max_position_embeddings: s.original_max_position_embeddings.unwrap_or(8192),
                 },
-                Some(other) => {
-                    return Err(bad(format!("rope_scaling type {other:?} is not supported")))
-                }
+                Some(other) => return Err(bad(format!("rope_scaling type {other:?} is not supported"))),
             },
         };
         use Architecture::*;

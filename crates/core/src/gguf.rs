@@ -44,7 +44,9 @@ impl GgufFile {
             }
         })?;
         for (name, info) in &content.tensor_infos {
-            let end = content.tensor_data_offset + info.offset + tensor_bytes(info.ggml_dtype, info.shape.elem_count()) as u64;
+            let end = content.tensor_data_offset
+                + info.offset
+                + tensor_bytes(info.ggml_dtype, info.shape.elem_count()) as u64;
             if end > mmap.len() as u64 {
                 return Err(bad(format!(
                     "truncated: tensor {name:?} ends at byte {end} but the file has {} bytes",
@@ -52,14 +54,22 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(Self { path: path.to_path_buf(), mmap, content })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+        })
     }
 
     fn raw(&self, name: &str) -> Option<(&[u8], GgmlDType, Vec<usize>)> {
         let info = self.content.tensor_infos.get(name)?;
         let start = (self.content.tensor_data_offset + info.offset) as usize;
         let len = tensor_bytes(info.ggml_dtype, info.shape.elem_count());
-        Some((&self.mmap[start..start + len], info.ggml_dtype, info.shape.dims().to_vec()))
+        Some((
+            &self.mmap[start..start + len],
+            info.ggml_dtype,
+            info.shape.dims().to_vec(),
+        ))
     }
 }
 
@@ -75,7 +85,10 @@ pub struct GgufCheckpoint {
 
 /// `model-00001-of-00003.gguf` -> the paths of all three shards.
 pub fn shard_paths(first: &Path) -> Vec<PathBuf> {
-    let name = first.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = first
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let parse = || -> Option<(String, usize)> {
         let stem = name.strip_suffix(".gguf")?;
         let (rest, total) = stem.rsplit_once("-of-")?;
@@ -127,7 +140,12 @@ impl GgufCheckpoint {
     pub fn qtensor(&self, name: &str, expert: Option<usize>, device: &Device) -> Result<(QTensor, String)> {
         let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
-            files: self.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "),
+            files: self
+                .files
+                .iter()
+                .map(|f| f.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         let file = &self.files[i];
         let (mut raw, dtype, mut dims) = file.raw(name).expect("indexed tensor exists");
@@ -162,7 +180,12 @@ pub struct GgufName {
 /// the file stores experts as one `[experts, ..]` tensor (current llama.cpp) or one tensor
 /// per expert (`blk.N.ffn_gate.E.weight`, old Mixtral conversions).
 pub fn gguf_name(hf: &str, stacked_experts: bool) -> Option<GgufName> {
-    let plain = |n: String| Some(GgufName { name: n, expert: None });
+    let plain = |n: String| {
+        Some(GgufName {
+            name: n,
+            expert: None,
+        })
+    };
     match hf {
         "model.embed_tokens.weight" => return plain("token_embd.weight".into()),
         "model.norm.weight" => return plain("output_norm.weight".into()),
@@ -186,9 +209,15 @@ pub fn gguf_name(hf: &str, stacked_experts: bool) -> Option<GgufName> {
                 _ => return None,
             };
             return Some(if stacked_experts {
-                GgufName { name: format!("blk.{layer}.ffn_{kind}_exps.{suffix}"), expert: Some(e) }
+                GgufName {
+                    name: format!("blk.{layer}.ffn_{kind}_exps.{suffix}"),
+                    expert: Some(e),
+                }
             } else {
-                GgufName { name: format!("blk.{layer}.ffn_{kind}.{e}.{suffix}"), expert: None }
+                GgufName {
+                    name: format!("blk.{layer}.ffn_{kind}.{e}.{suffix}"),
+                    expert: None,
+                }
             });
         }
     }
@@ -215,11 +244,17 @@ pub fn gguf_name(hf: &str, stacked_experts: bool) -> Option<GgufName> {
 }
 
 fn meta_u64(md: &HashMap<String, Value>, key: &str) -> Option<u64> {
-    md.get(key).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)).or_else(|| v.to_i32().ok().map(|x| x as u64)))
+    md.get(key).and_then(|v| {
+        v.to_u64()
+            .ok()
+            .or_else(|| v.to_u32().ok().map(u64::from))
+            .or_else(|| v.to_i32().ok().map(|x| x as u64))
+    })
 }
 
 fn meta_f64(md: &HashMap<String, Value>, key: &str) -> Option<f64> {
-    md.get(key).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+    md.get(key)
+        .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
 }
 
 pub(crate) fn meta_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<&'a str> {
@@ -240,19 +275,30 @@ const ARCHITECTURES: [(&str, &str); 6] = [
 pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     let md = ckpt.metadata();
     let path = ckpt.path().to_path_buf();
-    let bad = |message: String| Error::Config { path: path.clone(), message };
+    let bad = |message: String| Error::Config {
+        path: path.clone(),
+        message,
+    };
     let arch = meta_str(md, "general.architecture").ok_or_else(|| bad("no general.architecture".into()))?;
     let Some(&(_, hf_arch)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
         return Err(Error::UnsupportedArchitecture {
             name: format!("{arch} (GGUF general.architecture in {})", path.display()),
-            supported: ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", "),
+            supported: ARCHITECTURES
+                .iter()
+                .map(|(a, _)| *a)
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     };
     let key = |k: &str| format!("{arch}.{k}");
     let num = |k: &str| meta_u64(md, &key(k)).map(|v| v as usize);
     let need = |k: &str| num(k).ok_or_else(|| bad(format!("missing metadata {}", key(k))));
     let expert_count = num("expert_count").unwrap_or(0);
-    let hf_arch = if arch == "llama" && expert_count > 0 { "MixtralForCausalLM" } else { hf_arch };
+    let hf_arch = if arch == "llama" && expert_count > 0 {
+        "MixtralForCausalLM"
+    } else {
+        hf_arch
+    };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
     let vocab = match ckpt.tensor_dims("token_embd.weight") {
@@ -268,7 +314,9 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
         Some("none") | None => None,
         Some(other) => return Err(bad(format!("rope scaling {other:?} is not supported"))),
     };
-    let head_dim = num("attention.key_length").or(num("rope.dimension_count")).unwrap_or(hidden / heads);
+    let head_dim = num("attention.key_length")
+        .or(num("rope.dimension_count"))
+        .unwrap_or(hidden / heads);
     let hf = HfConfig {
         architectures: vec![hf_arch.to_string()],
         vocab_size: vocab,
@@ -284,12 +332,17 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
         rope_scaling,
         partial_rotary_factor: num("rope.dimension_count").map(|d| d as f64 / head_dim as f64),
         tie_word_embeddings: Some(!ckpt.has_tensor("output.weight")),
-        attention_bias: Some(ckpt.has_tensor("blk.0.attn_q.bias") || ckpt.has_tensor("blk.0.attn_output.bias")),
+        attention_bias: Some(
+            ckpt.has_tensor("blk.0.attn_q.bias") || ckpt.has_tensor("blk.0.attn_output.bias"),
+        ),
         num_experts: (expert_count > 0).then_some(expert_count),
         num_experts_per_tok: num("expert_used_count"),
         moe_intermediate_size: num("expert_feed_forward_length"),
         shared_expert_intermediate_size: num("expert_shared_feed_forward_length"),
-        norm_topk_prob: md.get(&key("expert_weights_norm")).and_then(|v| v.to_bool().ok()).or(Some(arch == "qwen3moe")),
+        norm_topk_prob: md
+            .get(&key("expert_weights_norm"))
+            .and_then(|v| v.to_bool().ok())
+            .or(Some(arch == "qwen3moe")),
         bos_token_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|v| v.into()),
         eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|v| v.into()),
         ..Default::default()
@@ -301,7 +354,9 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     // Which layers are sparse is whatever the file holds (it encodes decoder_sparse_step
     // and mlp_only_layers by having a router or not).
     if cfg.moe.is_some() {
-        cfg.sparse_layers = (0..cfg.num_layers).map(|i| ckpt.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight"))).collect();
+        cfg.sparse_layers = (0..cfg.num_layers)
+            .map(|i| ckpt.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
+            .collect();
     }
     // llama.cpp's converter permutes the q/k rows of `llama` models into the interleaved
     // rotary layout; the other architectures keep Hugging Face's half-split layout.
@@ -309,7 +364,13 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     // Llama 3 long-context scaling is stored as precomputed per-frequency divisors.
     if ckpt.has_tensor("rope_freqs.weight") {
         let (t, _) = ckpt.qtensor("rope_freqs.weight", None, &Device::Cpu)?;
-        cfg.rope.freq_factors = Some(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect());
+        cfg.rope.freq_factors = Some(
+            t.dequantize(&Device::Cpu)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+        );
     }
     Ok(cfg)
 }
@@ -321,12 +382,30 @@ mod tests {
     #[test]
     fn names_map_onto_llama_cpp() {
         let n = |s: &str, stacked| gguf_name(s, stacked).map(|g| (g.name, g.expert));
-        assert_eq!(n("model.embed_tokens.weight", true), Some(("token_embd.weight".into(), None)));
-        assert_eq!(n("model.layers.3.self_attn.q_proj.bias", true), Some(("blk.3.attn_q.bias".into(), None)));
-        assert_eq!(n("model.layers.0.mlp.experts.5.down_proj.weight", true), Some(("blk.0.ffn_down_exps.weight".into(), Some(5))));
-        assert_eq!(n("model.layers.1.block_sparse_moe.experts.2.w3.weight", false), Some(("blk.1.ffn_up.2.weight".into(), None)));
-        assert_eq!(n("model.layers.1.block_sparse_moe.gate.weight", true), Some(("blk.1.ffn_gate_inp.weight".into(), None)));
-        assert_eq!(n("model.layers.1.mlp.shared_expert_gate.weight", true), Some(("blk.1.ffn_gate_inp_shexp.weight".into(), None)));
+        assert_eq!(
+            n("model.embed_tokens.weight", true),
+            Some(("token_embd.weight".into(), None))
+        );
+        assert_eq!(
+            n("model.layers.3.self_attn.q_proj.bias", true),
+            Some(("blk.3.attn_q.bias".into(), None))
+        );
+        assert_eq!(
+            n("model.layers.0.mlp.experts.5.down_proj.weight", true),
+            Some(("blk.0.ffn_down_exps.weight".into(), Some(5)))
+        );
+        assert_eq!(
+            n("model.layers.1.block_sparse_moe.experts.2.w3.weight", false),
+            Some(("blk.1.ffn_up.2.weight".into(), None))
+        );
+        assert_eq!(
+            n("model.layers.1.block_sparse_moe.gate.weight", true),
+            Some(("blk.1.ffn_gate_inp.weight".into(), None))
+        );
+        assert_eq!(
+            n("model.layers.1.mlp.shared_expert_gate.weight", true),
+            Some(("blk.1.ffn_gate_inp_shexp.weight".into(), None))
+        );
         assert_eq!(n("model.layers.1.self_attn.rotary.weight", true), None);
     }
 
@@ -335,6 +414,9 @@ mod tests {
         let p = shard_paths(Path::new("/m/big-00001-of-00003.gguf"));
         assert_eq!(p.len(), 3);
         assert_eq!(p[2], Path::new("/m/big-00003-of-00003.gguf"));
-        assert_eq!(shard_paths(Path::new("/m/one.gguf")), vec![PathBuf::from("/m/one.gguf")]);
+        assert_eq!(
+            shard_paths(Path::new("/m/one.gguf")),
+            vec![PathBuf::from("/m/one.gguf")]
+        );
     }
 }

@@ -74,11 +74,7 @@ impl KvCache {
     }
 
     /// As many blocks as fit in `memory_bytes`.
-    pub fn with_memory_budget(
-        layout: KvLayout,
-        block_size: usize,
-        memory_bytes: usize,
-    ) -> Result<Self> {
+    pub fn with_memory_budget(layout: KvLayout, block_size: usize, memory_bytes: usize) -> Result<Self> {
         let per_block = layout.bytes_per_token() * block_size;
         let num_blocks = memory_bytes / per_block.max(1);
         if num_blocks == 0 {
@@ -228,8 +224,7 @@ impl BlockTable {
             )));
         }
         for _ in 0..need {
-            self.blocks
-                .push(alloc.allocate().expect("checked free count"));
+            self.blocks.push(alloc.allocate().expect("checked free count"));
         }
         Ok(())
     }

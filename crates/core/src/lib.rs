@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod gguf;
 pub mod kv;
 pub mod layers;
 pub mod models;
+pub mod quant;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
@@ -61,9 +63,7 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let files = source::resolve(spec)?;
     let cfg = ModelConfig::from_file(&files.config)?;
-    let dtype = opts
-        .dtype
-        .unwrap_or_else(|| models::default_dtype(&opts.device));
+    let dtype = opts.dtype.unwrap_or_else(|| models::default_dtype(&opts.device));
     tracing::info!(
         "loading {} ({}, {} layers, {:?}) from {}",
         files.name,
@@ -92,7 +92,9 @@ fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> 
     let cfg = gguf::model_config(&ckpt)?;
     let codec = TextCodec::from_gguf(ckpt.metadata(), path)?;
     if opts.dtype.is_some_and(|d| d != DType::F32) {
-        tracing::warn!("GGUF models compute in f32 (quantized matmuls take f32 activations); ignoring --dtype");
+        tracing::warn!(
+            "GGUF models compute in f32 (quantized matmuls take f32 activations); ignoring --dtype"
+        );
     }
     tracing::info!(
         "loading {} ({} as {}, {} layers, {} file(s))",
@@ -124,9 +126,7 @@ pub fn parse_memory_size(s: &str) -> std::result::Result<usize, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a memory size"))?;
+    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a memory size"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" | "kib" => 1024.0,

@@ -51,12 +51,7 @@ pub fn argmax(v: &[f32]) -> u32 {
 /// `log_softmax` of one row of logits, in f64 for accuracy.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
     logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
 }
 

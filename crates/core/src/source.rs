@@ -51,11 +51,7 @@ fn parse_repo_id(spec: &str) -> Option<(String, String)> {
         None => (spec, "main"),
     };
     let (owner, name) = id.split_once('/')?;
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
+    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     (ok(owner) && ok(name)).then(|| (id.to_string(), rev.to_string()))
 }
 

@@ -51,16 +51,11 @@ impl TextCodec {
     /// `tokenizer.json`, with BOS/EOS and the chat template from `tokenizer_config.json`;
     /// EOS ids from `generation_config.json` (all of them) take precedence, then
     /// `config_eos` (from `config.json`).
-    pub fn from_files(
-        files: &ModelFiles,
-        config_bos: Option<u32>,
-        config_eos: &[u32],
-    ) -> Result<Self> {
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| Error::Tokenizer {
-                path: files.tokenizer.clone(),
-                message: e.to_string(),
-            })?;
+    pub fn from_files(files: &ModelFiles, config_bos: Option<u32>, config_eos: &[u32]) -> Result<Self> {
+        let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| Error::Tokenizer {
+            path: files.tokenizer.clone(),
+            message: e.to_string(),
+        })?;
         let tc = match &files.tokenizer_config {
             Some(p) => read_json(p)?,
             None => Value::Null,
@@ -221,7 +216,10 @@ mod from_gguf {
             }
         }
         merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        merges.into_iter().map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone())).collect()
+        merges
+            .into_iter()
+            .map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone()))
+            .collect()
     }
 
     /// The `tokenizer.json` document for the GGUF tokenizer metadata.
@@ -230,8 +228,11 @@ mod from_gguf {
         let tokens = strings(md, "tokenizer.ggml.tokens")?;
         let types = ints(md, "tokenizer.ggml.token_type");
         let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
-        let vocab: serde_json::Map<String, Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
         let added: Vec<Value> = tokens
             .iter()
             .enumerate()
@@ -259,11 +260,14 @@ mod from_gguf {
             }
             "llama" => {
                 let scores = floats(md, "tokenizer.ggml.scores");
-                let merges: Vec<Value> =
-                    spm_merges(&tokens, &scores, &types).into_iter().map(|(l, r)| json!([l, r])).collect();
+                let merges: Vec<Value> = spm_merges(&tokens, &scores, &types)
+                    .into_iter()
+                    .map(|(l, r)| json!([l, r]))
+                    .collect();
                 let unk = id("tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize).cloned());
                 let add_space = flag(md, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let mut norm = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+                let mut norm =
+                    vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
                 if add_space {
                     norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
                 }
@@ -286,12 +290,19 @@ mod from_gguf {
                     true,
                 )
             }
-            other => return Err(format!("tokenizer.ggml.model {other:?} is not supported (gpt2, llama)")),
+            other => {
+                return Err(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (gpt2, llama)"
+                ))
+            }
         };
         let add_bos = flag(md, "tokenizer.ggml.add_bos_token").unwrap_or(default_add_bos);
         let post_processor = match (add_bos, bos) {
             (true, Some(b)) => {
-                let bos_text = tokens.get(b as usize).cloned().ok_or("bos_token_id is outside the vocabulary")?;
+                let bos_text = tokens
+                    .get(b as usize)
+                    .cloned()
+                    .ok_or("bos_token_id is outside the vocabulary")?;
                 json!({"type": "TemplateProcessing",
                        "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                        "pair": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
@@ -300,9 +311,11 @@ mod from_gguf {
             }
             _ => Value::Null,
         };
-        Ok(json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        Ok(
+            json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
                   "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
-                  "decoder": decoder, "model": model_json}))
+                  "decoder": decoder, "model": model_json}),
+        )
     }
 }
 
@@ -317,8 +330,10 @@ impl TextCodec {
             message,
         };
         let doc = from_gguf::tokenizer_json(md).map_err(err)?;
-        let tokenizer: tokenizers::Tokenizer =
-            doc.to_string().parse().map_err(|e: tokenizers::Error| err(e.to_string()))?;
+        let tokenizer: tokenizers::Tokenizer = doc
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| err(e.to_string()))?;
         let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
         if let Some(eot) = id("tokenizer.ggml.eot_token_id") {
@@ -327,6 +342,11 @@ impl TextCodec {
             }
         }
         let template = crate::gguf::meta_str(md, "tokenizer.chat_template").map(String::from);
-        Ok(Self::new(tokenizer, id("tokenizer.ggml.bos_token_id"), eos, template))
+        Ok(Self::new(
+            tokenizer,
+            id("tokenizer.ggml.bos_token_id"),
+            eos,
+            template,
+        ))
     }
 }

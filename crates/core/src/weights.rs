@@ -65,11 +65,10 @@ impl WeightStore {
         for (i, path) in paths.iter().enumerate() {
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on
             // the checkpoint not being modified while the server runs.
-            let st =
-                unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::CorruptWeights {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::CorruptWeights {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
             for (name, view) in st.tensors() {
                 bytes_total += view.data().len();
                 index.insert(name, i);
@@ -123,13 +122,7 @@ impl WeightStore {
         Self::new(Source::Random { std }, 0, 0, dtype, device)
     }
 
-    fn new(
-        source: Source,
-        tensors_total: usize,
-        bytes_total: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Self {
+    fn new(source: Source, tensors_total: usize, bytes_total: usize, dtype: DType, device: &Device) -> Self {
         let now = Instant::now();
         Self {
             source,
@@ -230,7 +223,11 @@ impl WeightStore {
 
     /// The GGUF tensor behind a canonical name: (tensor, file, GGUF name).
     fn gguf_qtensor(&self, name: &str) -> Result<(QTensor, String, String)> {
-        let Source::Gguf { ckpt, stacked_experts } = &self.source else {
+        let Source::Gguf {
+            ckpt,
+            stacked_experts,
+        } = &self.source
+        else {
             unreachable!("only called for GGUF stores")
         };
         let g = crate::gguf::gguf_name(name, *stacked_experts).ok_or_else(|| Error::MissingTensor {
@@ -266,12 +263,10 @@ impl WeightStore {
                         actual: view.shape().to_vec(),
                     });
                 }
-                let t = st
-                    .load(name, &self.device)
-                    .map_err(|e| Error::CorruptWeights {
-                        path: path.clone(),
-                        message: format!("tensor {name:?}: {e}"),
-                    })?;
+                let t = st.load(name, &self.device).map_err(|e| Error::CorruptWeights {
+                    path: path.clone(),
+                    message: format!("tensor {name:?}: {e}"),
+                })?;
                 (t, path.display().to_string(), bytes)
             }
             Source::Memory(m) => {
@@ -350,11 +345,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.exists() {
         let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::CorruptWeights {
-                path: index_path.clone(),
-                message: e.to_string(),
-            })?;
+        let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::CorruptWeights {
+            path: index_path.clone(),
+            message: e.to_string(),
+        })?;
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())

@@ -11,7 +11,9 @@ use moeserve_core::sampling::Sampler;
 use moeserve_core::{BlockAllocator, ForwardBatch, KvCache, LoadOptions, LoadedModel, SequenceInput};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
 }
 
 fn load(path: &Path) -> LoadedModel {
@@ -27,12 +29,18 @@ fn load_err(path: &Path) -> String {
 
 fn prompts(name: &str) -> Vec<(String, Vec<u32>)> {
     let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
+            .unwrap();
     r["prompts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["text"].as_str().unwrap().to_string(), serde_json::from_value(p["ids"].clone()).unwrap()))
+        .map(|p| {
+            (
+                p["text"].as_str().unwrap().to_string(),
+                serde_json::from_value(p["ids"].clone()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -53,7 +61,17 @@ fn prefill_logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
 fn greedy(m: &LoadedModel, ids: &[u32]) -> Vec<u32> {
     let mut kv = KvCache::new(m.model.kv_layout(), 16, 16).unwrap();
     let mut alloc = BlockAllocator::new(16);
-    generate(m.model.as_ref(), &mut kv, &mut alloc, ids, 32, &mut Sampler::new(0.0, 0), &[]).unwrap().tokens
+    generate(
+        m.model.as_ref(),
+        &mut kv,
+        &mut alloc,
+        ids,
+        32,
+        &mut Sampler::new(0.0, 0),
+        &[],
+    )
+    .unwrap()
+    .tokens
 }
 
 fn check_twin(gguf: &str, safetensors: &str, logit_tol: f32) {
@@ -66,8 +84,15 @@ fn check_twin(gguf: &str, safetensors: &str, logit_tol: f32) {
         assert_eq!(q.codec.encode(&text).unwrap(), ids, "{gguf}: {text:?}");
         let (a, b) = (prefill_logits(&q, &ids), prefill_logits(&s, &ids));
         let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-        assert!(err < logit_tol, "{gguf}: logits differ from {safetensors} by {err}");
-        assert_eq!(greedy(&q, &ids), greedy(&s, &ids), "{gguf}: greedy tokens differ for {text:?}");
+        assert!(
+            err < logit_tol,
+            "{gguf}: logits differ from {safetensors} by {err}"
+        );
+        assert_eq!(
+            greedy(&q, &ids),
+            greedy(&s, &ids),
+            "{gguf}: greedy tokens differ for {text:?}"
+        );
     }
     assert_eq!(q.codec.eos_token_ids(), s.codec.eos_token_ids());
     assert_eq!(q.codec.chat_template(), s.codec.chat_template());
@@ -99,7 +124,12 @@ fn sharded_gguf_loads_from_the_first_shard() {
     names.sort();
     let tensors: Vec<(String, QTensor)> = names
         .iter()
-        .map(|n| ((*n).clone(), content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap()))
+        .map(|n| {
+            (
+                (*n).clone(),
+                content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap(),
+            )
+        })
         .collect();
     let metadata: Vec<(&str, &Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let half = tensors.len() / 2;
@@ -118,7 +148,11 @@ fn sharded_gguf_loads_from_the_first_shard() {
 fn write_gguf(path: &Path, arch: &str) {
     let md = [("general.architecture", Value::String(arch.into()))];
     let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t = QTensor::quantize(&candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let t = QTensor::quantize(
+        &candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md, &[("token_embd.weight", &t)]).unwrap();
 }
@@ -130,13 +164,19 @@ fn bad_gguf_files_are_reported_with_the_file_and_the_problem() {
     let wrong_magic = tmp.path().join("wrong-magic.gguf");
     std::fs::write(&wrong_magic, b"GGML\x03\0\0\0 and then nonsense").unwrap();
     let err = load_err(&wrong_magic);
-    assert!(err.contains("wrong-magic.gguf") && err.contains("wrong magic"), "{err}");
+    assert!(
+        err.contains("wrong-magic.gguf") && err.contains("wrong magic"),
+        "{err}"
+    );
 
     let truncated = tmp.path().join("truncated.gguf");
     let bytes = std::fs::read(fixture("olmoe-f16.gguf")).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
     let err = load_err(&truncated);
-    assert!(err.contains("truncated.gguf") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("truncated.gguf") && err.contains("truncated"),
+        "{err}"
+    );
     std::fs::write(&truncated, &bytes[..100]).unwrap();
     let err = load_err(&truncated);
     assert!(err.contains("truncated.gguf"), "{err}");
@@ -144,7 +184,10 @@ fn bad_gguf_files_are_reported_with_the_file_and_the_problem() {
     let unsupported = tmp.path().join("gptneox.gguf");
     write_gguf(&unsupported, "gptneox");
     let err = load_err(&unsupported);
-    assert!(err.contains("unsupported architecture") && err.contains("gptneox") && err.contains("gptneox.gguf"), "{err}");
+    assert!(
+        err.contains("unsupported architecture") && err.contains("gptneox") && err.contains("gptneox.gguf"),
+        "{err}"
+    );
 
     // An unknown quantization type id (99) in the tensor table.
     let unknown = tmp.path().join("unknown-quant.gguf");
@@ -153,9 +196,16 @@ fn bad_gguf_files_are_reported_with_the_file_and_the_problem() {
     let name_at = bytes.windows(17).position(|w| w == b"token_embd.weight").unwrap();
     // name, n_dims (u32), dims (2 x u64), then the type (u32).
     let type_at = name_at + 17 + 4 + 16;
-    assert_eq!(u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()), 0, "F32 is type 0");
+    assert_eq!(
+        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
+        0,
+        "F32 is type 0"
+    );
     bytes[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
     std::fs::write(&unknown, bytes).unwrap();
     let err = load_err(&unknown);
-    assert!(err.contains("unknown-quant.gguf") && err.contains("unknown quantization type"), "{err}");
+    assert!(
+        err.contains("unknown-quant.gguf") && err.contains("unknown quantization type"),
+        "{err}"
+    );
 }

@@ -4,9 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use moeserve_core::{
-    BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadOptions, SequenceInput,
-};
+use moeserve_core::{BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadOptions, SequenceInput};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -66,10 +64,7 @@ fn make_hub_cache(cache: &Path, repo_id: &str, fixture_name: &str, commit: &str)
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    for (i, entry) in std::fs::read_dir(fixture(fixture_name))
-        .unwrap()
-        .enumerate()
-    {
+    for (i, entry) in std::fs::read_dir(fixture(fixture_name)).unwrap().enumerate() {
         let entry = entry.unwrap();
         let blob = blobs.join(format!("blob{i:04}"));
         std::fs::copy(entry.path(), &blob).unwrap();
@@ -94,8 +89,7 @@ fn hub_repo_ids_resolve_from_the_cache_offline() {
         prompt_logits(&format!("moeserve-test/tiny-qwen3-moe@{commit}")),
         local
     );
-    let loaded =
-        moeserve_core::load("moeserve-test/tiny-qwen3-moe", &LoadOptions::default()).unwrap();
+    let loaded = moeserve_core::load("moeserve-test/tiny-qwen3-moe", &LoadOptions::default()).unwrap();
     assert_eq!(loaded.name, "tiny-qwen3-moe");
 
     // A repo that is not in the cache fails at once, saying why (no network attempt).
@@ -131,10 +125,8 @@ fn sharded_checkpoints_load_through_the_index() {
         ("model-00001-of-00002.safetensors", first),
         ("model-00002-of-00002.safetensors", second),
     ] {
-        let subset: HashMap<String, candle_core::Tensor> = part
-            .iter()
-            .map(|n| ((*n).clone(), tensors[*n].clone()))
-            .collect();
+        let subset: HashMap<String, candle_core::Tensor> =
+            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
         candle_core::safetensors::save(&subset, dir.join(shard)).unwrap();
         for n in part {
             weight_map.insert((*n).clone(), shard.into());
@@ -158,10 +150,7 @@ fn a_missing_tensor_is_named() {
     tensors.remove(gone).unwrap();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let err = load_err(&dir);
-    assert!(
-        err.contains(gone) && err.contains("model.safetensors"),
-        "{err}"
-    );
+    assert!(err.contains(gone) && err.contains("model.safetensors"), "{err}");
 }
 
 #[test]
@@ -209,11 +198,7 @@ fn an_unsupported_architecture_is_named() {
     copy_fixture("llama", &dir);
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(
-        &cfg_path,
-        text.replace("LlamaForCausalLM", "FalconForCausalLM"),
-    )
-    .unwrap();
+    std::fs::write(&cfg_path, text.replace("LlamaForCausalLM", "FalconForCausalLM")).unwrap();
     let err = load_err(&dir);
     assert!(
         err.contains("FalconForCausalLM") && err.contains("unsupported architecture"),
@@ -234,12 +219,10 @@ fn a_directory_without_weights_is_reported() {
 #[test]
 fn fixture_tokenizer_matches_the_reference_ids() {
     // The generator encoded the prompts with the Python `tokenizers` library.
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("llama").join("reference.json")).unwrap(),
-    )
-    .unwrap();
-    let loaded =
-        moeserve_core::load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("reference.json")).unwrap())
+            .unwrap();
+    let loaded = moeserve_core::load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
     for p in reference["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
         let text = p["text"].as_str().unwrap();
@@ -248,11 +231,7 @@ fn fixture_tokenizer_matches_the_reference_ids() {
     }
     let eos = loaded.codec.tokenizer().token_to_id("<|im_end|>").unwrap();
     assert_eq!(loaded.codec.eos_token_ids(), &[eos]);
-    assert!(loaded
-        .codec
-        .chat_template()
-        .unwrap()
-        .contains("<|im_start|>"));
+    assert!(loaded.codec.chat_template().unwrap().contains("<|im_start|>"));
 }
 
 /// `--dtype bf16` and `f16` compute in half precision: close to f32, not equal.
@@ -291,8 +270,8 @@ fn half_precision_dtypes_stay_close_to_f32() {
             .unwrap()
     };
     let full = logits(candle_core::DType::F32);
-    let spread = full.iter().cloned().fold(f32::MIN, f32::max)
-        - full.iter().cloned().fold(f32::MAX, f32::min);
+    let spread =
+        full.iter().cloned().fold(f32::MIN, f32::max) - full.iter().cloned().fold(f32::MAX, f32::min);
     for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
         let half = logits(dtype);
         let err = half

@@ -38,10 +38,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// A model with its own cache, running sequences by hand.
@@ -72,10 +69,7 @@ impl Runner {
     /// Greedy decoding of several prompts in one batch per step. Returns, per prompt, the
     /// logits at each step (the first from prefill) and the chosen tokens.
     fn greedy_batch(&mut self, prompts: &[&[u32]], steps: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
-        let tables: Vec<BlockTable> = prompts
-            .iter()
-            .map(|p| self.table(p.len() + steps))
-            .collect();
+        let tables: Vec<BlockTable> = prompts.iter().map(|p| self.table(p.len() + steps)).collect();
         let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
         let mut pos = vec![0usize; prompts.len()];
         let mut results = vec![(Vec::new(), Vec::new()); prompts.len()];
@@ -137,8 +131,7 @@ impl Runner {
 fn check_against_transformers(name: &str) {
     let dir = fixture(name);
     let reference: Reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let mut runner = Runner::new(&dir);
     assert_eq!(
         runner.model.config().architecture.hf_name(),
@@ -192,21 +185,13 @@ fn check_against_transformers(name: &str) {
 
     // Chunked prefill of the longest prompt equals prefill in one piece, at every position
     // of the last chunk.
-    let long = &reference
-        .prompts
-        .iter()
-        .max_by_key(|r| r.ids.len())
-        .unwrap()
-        .ids;
+    let long = &reference.prompts.iter().max_by_key(|r| r.ids.len()).unwrap().ids;
     let whole = runner.chunked_prefill(long, &[long.len()]);
     let chunked = runner.chunked_prefill(long, &[7, 1, 16, 5, long.len()]);
     let tail = &whole[whole.len() - chunked.len()..];
     for (i, (a, b)) in tail.iter().zip(&chunked).enumerate() {
         let err = max_abs_diff(a, b);
-        assert!(
-            err < SAME_TOL,
-            "{name}: chunked prefill row {i} differs by {err}"
-        );
+        assert!(err < SAME_TOL, "{name}: chunked prefill row {i} differs by {err}");
     }
     let reference_last = &reference
         .prompts
@@ -249,8 +234,7 @@ fn moe_fixtures_use_every_expert() {
     for name in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
         let dir = fixture(name);
         let reference: Reference =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let mut runner = Runner::new(&dir);
         let long = &reference.prompts[2].ids;
         let mut table = runner.table(long.len());
@@ -264,10 +248,7 @@ fn moe_fixtures_use_every_expert() {
         table.release_all(&mut runner.alloc);
         let moe = runner.model.config().moe.clone().unwrap();
         let sparse: Vec<&Vec<u32>> = out.expert_load.iter().filter(|l| !l.is_empty()).collect();
-        assert!(
-            !sparse.is_empty(),
-            "{name}: no sparse layer reported expert load"
-        );
+        assert!(!sparse.is_empty(), "{name}: no sparse layer reported expert load");
         for load in sparse {
             assert_eq!(load.len(), moe.num_experts);
             assert!(

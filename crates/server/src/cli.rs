@@ -23,6 +23,35 @@ struct Cli {
 enum Command {
     /// Generate a continuation of one prompt and print prefill and decode speed.
     Generate(GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// In-process forward throughput, like `llama-bench -p 512 -n 128`: prefill tok/s
+    /// for `batch` prompts in one call, then decode tok/s, per batch size.
+    Kernel(KernelBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct KernelBenchArgs {
+    /// A .gguf file, checkpoint directory or Hugging Face repo id.
+    #[arg(long, env = "MOESERVE_MODEL")]
+    model: String,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Decode steps per sequence.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batches: Vec<usize>,
+    /// Compute dtype (default: f32 on CPU).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,6 +112,7 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Bench(BenchCommand::Kernel(args)) => run_kernel_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,8 +129,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&args.model, &opts)?;
-    let budget =
-        moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
+    let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
     let mut kv = KvCache::with_memory_budget(loaded.model.kv_layout(), args.block_size, budget)?;
     let mut alloc = BlockAllocator::new(kv.num_blocks());
     let prompt = loaded.codec.encode(&args.prompt)?;
@@ -148,4 +177,39 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
+    let opts = LoadOptions {
+        dtype: args.dtype.map(Into::into),
+        ..LoadOptions::default()
+    };
+    let loaded = moeserve_core::load(&args.model, &opts)?;
+    println!(
+        "model {} ({:?}), {} threads, prompt {} tokens, decode {} tokens",
+        loaded.name,
+        loaded.dtype,
+        rayon_threads(),
+        args.prompt_len,
+        args.decode_tokens
+    );
+    println!("| batch | prefill tok/s | decode tok/s |");
+    println!("|---:|---:|---:|");
+    for &b in &args.batches {
+        let r = moeserve_core::bench::forward_throughput(
+            loaded.model.as_ref(),
+            b,
+            args.prompt_len,
+            args.decode_tokens,
+        )?;
+        println!("| {b} | {:.1} | {:.1} |", r.prefill_tok_s, r.decode_tok_s);
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }

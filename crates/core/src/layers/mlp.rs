@@ -42,21 +42,9 @@ impl GatedMlp {
         bias: bool,
     ) -> Result<Self> {
         Ok(Self {
-            gate: Linear::load(
-                store,
-                &format!("{prefix}.{gate}"),
-                hidden,
-                intermediate,
-                bias,
-            )?,
+            gate: Linear::load(store, &format!("{prefix}.{gate}"), hidden, intermediate, bias)?,
             up: Linear::load(store, &format!("{prefix}.{up}"), hidden, intermediate, bias)?,
-            down: Linear::load(
-                store,
-                &format!("{prefix}.{down}"),
-                intermediate,
-                hidden,
-                bias,
-            )?,
+            down: Linear::load(store, &format!("{prefix}.{down}"), intermediate, hidden, bias)?,
         })
     }
 

@@ -109,13 +109,7 @@ impl MoeBlock {
             .collect::<Result<Vec<_>>>()?;
         let shared = match cfg.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
-                mlp: GatedMlp::load(
-                    store,
-                    &format!("{prefix}.shared_expert"),
-                    hidden,
-                    width,
-                    false,
-                )?,
+                mlp: GatedMlp::load(store, &format!("{prefix}.shared_expert"), hidden, width, false)?,
                 gate: if cfg.shared_expert_gated {
                     Some(Linear::load(
                         store,

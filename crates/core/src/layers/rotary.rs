@@ -50,13 +50,7 @@ impl RotaryEmbedding {
 
     /// Rotates `x` (`[tokens, num_heads, head_dim]`, row-major) in place; token `t` is at
     /// position `positions[t]`. Only the first `rotary_dim` elements of each head rotate.
-    pub fn apply(
-        &self,
-        x: &mut [f32],
-        num_heads: usize,
-        head_dim: usize,
-        positions: &[usize],
-    ) -> Result<()> {
+    pub fn apply(&self, x: &mut [f32], num_heads: usize, head_dim: usize, positions: &[usize]) -> Result<()> {
         let half = self.half;
         for (t, &pos) in positions.iter().enumerate() {
             if pos >= self.max_positions {
@@ -116,8 +110,8 @@ fn inverse_frequencies(cfg: &RopeConfig) -> Vec<f64> {
                     } else if wavelen > low_freq_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old_len / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth =
+                            (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })

@@ -37,12 +37,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn load(store: &WeightStore, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
-        let (h, nh, nkv, hd) = (
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        );
+        let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         let (q_norm, k_norm) = match cfg.qk_norm {
             QkNorm::None => (None, None),
@@ -51,36 +46,14 @@ impl Attention {
                 Some(RmsNorm::load(store, &format!("{prefix}.k_norm"), hd, eps)?),
             ),
             QkNorm::Full => (
-                Some(RmsNorm::load(
-                    store,
-                    &format!("{prefix}.q_norm"),
-                    nh * hd,
-                    eps,
-                )?),
-                Some(RmsNorm::load(
-                    store,
-                    &format!("{prefix}.k_norm"),
-                    nkv * hd,
-                    eps,
-                )?),
+                Some(RmsNorm::load(store, &format!("{prefix}.q_norm"), nh * hd, eps)?),
+                Some(RmsNorm::load(store, &format!("{prefix}.k_norm"), nkv * hd, eps)?),
             ),
         };
         Ok(Self {
             q_proj: Linear::load(store, &format!("{prefix}.q_proj"), h, nh * hd, cfg.qkv_bias)?,
-            k_proj: Linear::load(
-                store,
-                &format!("{prefix}.k_proj"),
-                h,
-                nkv * hd,
-                cfg.qkv_bias,
-            )?,
-            v_proj: Linear::load(
-                store,
-                &format!("{prefix}.v_proj"),
-                h,
-                nkv * hd,
-                cfg.qkv_bias,
-            )?,
+            k_proj: Linear::load(store, &format!("{prefix}.k_proj"), h, nkv * hd, cfg.qkv_bias)?,
+            v_proj: Linear::load(store, &format!("{prefix}.v_proj"), h, nkv * hd, cfg.qkv_bias)?,
             o_proj: Linear::load(store, &format!("{prefix}.o_proj"), nh * hd, h, cfg.o_bias)?,
             q_norm,
             k_norm,
@@ -114,12 +87,8 @@ impl Attention {
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             match self.qk_norm {
                 QkNorm::PerHead => {
-                    q = qn
-                        .forward(&q.reshape((t, nh, hd))?)?
-                        .reshape((t, nh * hd))?;
-                    k = kn
-                        .forward(&k.reshape((t, nkv, hd))?)?
-                        .reshape((t, nkv * hd))?;
+                    q = qn.forward(&q.reshape((t, nh, hd))?)?.reshape((t, nh * hd))?;
+                    k = kn.forward(&k.reshape((t, nkv, hd))?)?.reshape((t, nkv * hd))?;
                 }
                 QkNorm::Full => {
                     q = qn.forward(&q)?;

@@ -22,9 +22,7 @@ use crate::batch::{ForwardBatch, ForwardOutput};
 use crate::config::{ExpertNaming, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, KvLayout};
-use crate::layers::{
-    Attention, AttentionContext, GatedMlp, Linear, MoeBlock, RmsNorm, RotaryEmbedding,
-};
+use crate::layers::{Attention, AttentionContext, GatedMlp, Linear, MoeBlock, RmsNorm, RotaryEmbedding};
 use crate::weights::WeightStore;
 
 enum FeedForward {
@@ -60,12 +58,7 @@ impl DecoderLayer {
             )?),
         };
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                store,
-                &format!("{prefix}.input_layernorm"),
-                h,
-                cfg.rms_norm_eps,
-            )?,
+            input_layernorm: RmsNorm::load(store, &format!("{prefix}.input_layernorm"), h, cfg.rms_norm_eps)?,
             self_attn: Attention::load(store, &format!("{prefix}.self_attn"), cfg)?,
             post_attention_layernorm: RmsNorm::load(
                 store,
@@ -100,8 +93,8 @@ impl DecoderModel {
             // Tied: the embedding matrix is the output projection. A quantized store hands
             // back its quantized form (the lookup needs it dense, the matmul does not).
             match store.get_matmul("model.embed_tokens.weight", v, h)? {
-                QMatMul::Tensor(_) => Linear::new(QMatMul::Tensor(embed_tokens.clone()), None),
-                quantized => Linear::new(quantized, None),
+                QMatMul::Tensor(_) => Linear::new(QMatMul::Tensor(embed_tokens.clone()), None)?,
+                quantized => Linear::new(quantized, None)?,
             }
         } else {
             Linear::load(store, "lm_head", h, v, false)?
@@ -145,9 +138,7 @@ impl CausalLm for DecoderModel {
         let mut expert_load = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &ctx, &self.rope, kv.layer_mut(i))?;
+            let h = layer.self_attn.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?;
             x = (x + h)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             let h = match &layer.feed_forward {
@@ -234,8 +225,7 @@ impl<'a> BatchPlan<'a> {
                 plan.logit_rows
                     .extend(first_token as u32..(first_token + s.tokens.len()) as u32);
             } else {
-                plan.logit_rows
-                    .push((first_token + s.tokens.len() - 1) as u32);
+                plan.logit_rows.push((first_token + s.tokens.len() - 1) as u32);
             }
             plan.row_ranges.push(first_row..plan.logit_rows.len());
         }

@@ -13,7 +13,7 @@ use crate::kv::{KvCache, KvLayout};
 use crate::weights::WeightStore;
 
 /// A causal language model that runs over the paged KV cache.
-pub trait CausalLm: Send {
+pub trait CausalLm: Send + Sync {
     fn config(&self) -> &ModelConfig;
 
     /// What the KV cache must hold per token.
