@@ -61,7 +61,7 @@ pub fn generate(
                 all_logits: false,
             }]);
             let out = model.forward(&batch, kv)?;
-            let next = sampler.sample(&out.last_logits(0)?);
+            let next = sampler.sample(&out.last_logits(0)?, prompt, &gen.tokens, &[]).0;
             if pos == 0 {
                 gen.prefill_secs = start.elapsed().as_secs_f64();
             }
