@@ -357,7 +357,7 @@ mod tests {
         assert!(top_k.iter().all(|&t| t >= 97), "{top_k:?}");
         let top_p = run(params(|p| p.top_p = 0.05));
         assert!(top_p.iter().all(|&t| t >= 95), "{top_p:?}");
-        let min_p = run(params(|p| p.min_p = 0.9));
+        let min_p = run(params(|p| p.min_p = 0.95)); // exp(-0.1) = 0.905 < 0.95
         assert!(min_p.iter().all(|&t| t == 99), "{min_p:?}");
         let banned = {
             let mut s = Sampler::new(0.0, 0);
