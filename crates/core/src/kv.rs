@@ -195,7 +195,11 @@ impl BlockAllocator {
         let rc = &mut self.ref_counts[block as usize];
         if *rc == 0 {
             let at = self.released_at[block as usize];
-            assert_eq!(self.evictable.remove(&at), Some(block), "sharing free block {block}");
+            assert_eq!(
+                self.evictable.remove(&at),
+                Some(block),
+                "sharing free block {block}"
+            );
         }
         *rc += 1;
     }
@@ -346,7 +350,11 @@ mod tests {
         a.release(b0);
         assert_eq!(a.num_free(), 2);
         assert_eq!(a.lookup(h, &[1, 2]), Some(b0));
-        assert_eq!(a.lookup(h, &[1, 3]), None, "tokens are checked, not just the hash");
+        assert_eq!(
+            a.lookup(h, &[1, 3]),
+            None,
+            "tokens are checked, not just the hash"
+        );
         a.share(b0);
         assert_eq!(a.num_free(), 1);
         a.release(b0);

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;

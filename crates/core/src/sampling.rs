@@ -104,17 +104,26 @@ impl SamplingParams {
         }
         if let Some(m) = self.max_tokens {
             if self.min_tokens > m {
-                return err("min_tokens", format!("min_tokens ({}) exceeds max_tokens ({m})", self.min_tokens));
+                return err(
+                    "min_tokens",
+                    format!("min_tokens ({}) exceeds max_tokens ({m})", self.min_tokens),
+                );
             }
         }
         if !finite(self.temperature) || !(0.0..=2.0).contains(&self.temperature) {
-            return err("temperature", format!("temperature must be between 0 and 2, got {}", self.temperature));
+            return err(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {}", self.temperature),
+            );
         }
         if !finite(self.top_p) || self.top_p <= 0.0 || self.top_p > 1.0 {
             return err("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !finite(self.min_p) || !(0.0..=1.0).contains(&self.min_p) {
-            return err("min_p", format!("min_p must be between 0 and 1, got {}", self.min_p));
+            return err(
+                "min_p",
+                format!("min_p must be between 0 and 1, got {}", self.min_p),
+            );
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
@@ -124,33 +133,55 @@ impl SamplingParams {
                 return err(name, format!("{name} must be between -2 and 2, got {v}"));
             }
         }
-        if !finite(self.repetition_penalty) || self.repetition_penalty <= 0.0 || self.repetition_penalty > 2.0 {
+        if !finite(self.repetition_penalty) || self.repetition_penalty <= 0.0 || self.repetition_penalty > 2.0
+        {
             return err(
                 "repetition_penalty",
-                format!("repetition_penalty must be in (0, 2], got {}", self.repetition_penalty),
+                format!(
+                    "repetition_penalty must be in (0, 2], got {}",
+                    self.repetition_penalty
+                ),
             );
         }
         for &(token, bias) in &self.logit_bias {
             if token as usize >= vocab_size {
-                return err("logit_bias", format!("logit_bias token {token} is outside the vocabulary of {vocab_size}"));
+                return err(
+                    "logit_bias",
+                    format!("logit_bias token {token} is outside the vocabulary of {vocab_size}"),
+                );
             }
             if !finite(bias) || !(-100.0..=100.0).contains(&bias) {
-                return err("logit_bias", format!("logit_bias values must be between -100 and 100, got {bias}"));
+                return err(
+                    "logit_bias",
+                    format!("logit_bias values must be between -100 and 100, got {bias}"),
+                );
             }
         }
-        for (name, v) in [("top_logprobs", self.logprobs), ("logprobs", self.prompt_logprobs)] {
+        for (name, v) in [
+            ("top_logprobs", self.logprobs),
+            ("logprobs", self.prompt_logprobs),
+        ] {
             if v.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
                 return err(name, format!("{name} must be at most {MAX_TOP_LOGPROBS}"));
             }
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return err("stop", format!("at most {MAX_STOP_STRINGS} stop sequences, got {}", self.stop.len()));
+            return err(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop sequences, got {}",
+                    self.stop.len()
+                ),
+            );
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return err("stop", "stop sequences must not be empty".into());
         }
         if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return err("stop_token_ids", format!("stop token {t} is outside the vocabulary of {vocab_size}"));
+            return err(
+                "stop_token_ids",
+                format!("stop token {t} is outside the vocabulary of {vocab_size}"),
+            );
         }
         Ok(())
     }
@@ -191,7 +222,13 @@ impl Sampler {
     /// Chooses the next token from `logits` given the sequence so far. `banned` tokens
     /// (EOS and stop ids before `min_tokens`) are never chosen. Log-probabilities are
     /// those of the model's raw distribution.
-    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32], banned: &[u32]) -> (u32, Option<TokenLogprob>) {
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        output: &[u32],
+        banned: &[u32],
+    ) -> (u32, Option<TokenLogprob>) {
         let p = &self.params;
         let mut l = logits.to_vec();
         for &(t, b) in &p.logit_bias {
@@ -202,7 +239,11 @@ impl Sampler {
             for &t in prompt.iter().chain(output) {
                 let t = t as usize;
                 if !std::mem::replace(&mut seen[t], true) {
-                    l[t] = if l[t] > 0.0 { l[t] / p.repetition_penalty } else { l[t] * p.repetition_penalty };
+                    l[t] = if l[t] > 0.0 {
+                        l[t] / p.repetition_penalty
+                    } else {
+                        l[t] * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -230,12 +271,18 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         // Candidates sorted by logit; only as many as top-k or the nucleus need.
-        let mut idx: Vec<u32> = (0..l.len() as u32).filter(|&i| l[i as usize] > f32::NEG_INFINITY).collect();
+        let mut idx: Vec<u32> = (0..l.len() as u32)
+            .filter(|&i| l[i as usize] > f32::NEG_INFINITY)
+            .collect();
         if idx.is_empty() {
             return argmax(l);
         }
         let by_logit = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
-        let k = if p.top_k > 0 { (p.top_k as usize).min(idx.len()) } else { idx.len() };
+        let k = if p.top_k > 0 {
+            (p.top_k as usize).min(idx.len())
+        } else {
+            idx.len()
+        };
         // Sorting 50k logits per token is the slow part; a partial selection of the head
         // is enough unless top-p needs the whole tail.
         let head = k.min(1024);
@@ -244,14 +291,22 @@ impl Sampler {
         }
         idx[..head].sort_unstable_by(by_logit);
         let max = l[idx[0] as usize];
-        let z: f32 = idx.iter().map(|&i| ((l[i as usize] - max) * inv_t).exp()).sum::<f32>();
-        let mut probs: Vec<(u32, f32)> =
-            idx[..head].iter().map(|&i| (i, ((l[i as usize] - max) * inv_t).exp() / z)).collect();
+        let z: f32 = idx
+            .iter()
+            .map(|&i| ((l[i as usize] - max) * inv_t).exp())
+            .sum::<f32>();
+        let mut probs: Vec<(u32, f32)> = idx[..head]
+            .iter()
+            .map(|&i| (i, ((l[i as usize] - max) * inv_t).exp() / z))
+            .collect();
         let head_mass: f32 = probs.iter().map(|x| x.1).sum();
         if head < k && head_mass < p.top_p {
             // The nucleus reaches past the head: sort everything (rare).
             idx.sort_unstable_by(by_logit);
-            probs = idx[..k].iter().map(|&i| (i, ((l[i as usize] - max) * inv_t).exp() / z)).collect();
+            probs = idx[..k]
+                .iter()
+                .map(|&i| (i, ((l[i as usize] - max) * inv_t).exp() / z))
+                .collect();
         }
         if p.top_p < 1.0 {
             let mut cum = 0.0;
@@ -337,7 +392,9 @@ mod tests {
         assert_eq!(Sampler::new(0.0, 0).sample(&logits, &[], &[], &[]).0, 1);
         let draw = |seed| {
             let mut s = Sampler::new(1.0, seed);
-            (0..20).map(|_| s.sample(&logits, &[], &[], &[]).0).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&logits, &[], &[], &[]).0)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -351,7 +408,9 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| i as f32 * 0.1).collect();
         let run = |p: SamplingParams| {
             let mut s = Sampler::from_params(&p, 1);
-            (0..200).map(|_| s.sample(&logits, &[], &[], &[]).0).collect::<std::collections::HashSet<_>>()
+            (0..200)
+                .map(|_| s.sample(&logits, &[], &[], &[]).0)
+                .collect::<std::collections::HashSet<_>>()
         };
         let top_k = run(params(|p| p.top_k = 3));
         assert!(top_k.iter().all(|&t| t >= 97), "{top_k:?}");
@@ -369,20 +428,29 @@ mod tests {
     #[test]
     fn penalties_and_bias_change_greedy_choice() {
         let logits = [1.0, 0.9, 0.0];
-        let mut s = Sampler::from_params(&params(|p| {
-            p.temperature = 0.0;
-            p.frequency_penalty = 0.5;
-        }), 0);
+        let mut s = Sampler::from_params(
+            &params(|p| {
+                p.temperature = 0.0;
+                p.frequency_penalty = 0.5;
+            }),
+            0,
+        );
         assert_eq!(s.sample(&logits, &[], &[0], &[]).0, 1);
-        let mut s = Sampler::from_params(&params(|p| {
-            p.temperature = 0.0;
-            p.repetition_penalty = 1.5;
-        }), 0);
+        let mut s = Sampler::from_params(
+            &params(|p| {
+                p.temperature = 0.0;
+                p.repetition_penalty = 1.5;
+            }),
+            0,
+        );
         assert_eq!(s.sample(&logits, &[0], &[], &[]).0, 1);
-        let mut s = Sampler::from_params(&params(|p| {
-            p.temperature = 0.0;
-            p.logit_bias = vec![(2, 5.0)];
-        }), 0);
+        let mut s = Sampler::from_params(
+            &params(|p| {
+                p.temperature = 0.0;
+                p.logit_bias = vec![(2, 5.0)];
+            }),
+            0,
+        );
         assert_eq!(s.sample(&logits, &[], &[], &[]).0, 2);
     }
 
@@ -410,10 +478,13 @@ mod tests {
             (params(|p| p.logprobs = Some(21)), "top_logprobs"),
             (params(|p| p.stop = vec!["a".into(); 5]), "stop"),
             (params(|p| p.min_p = 1.5), "min_p"),
-            (params(|p| {
-                p.max_tokens = Some(2);
-                p.min_tokens = 3
-            }), "min_tokens"),
+            (
+                params(|p| {
+                    p.max_tokens = Some(2);
+                    p.min_tokens = 3
+                }),
+                "min_tokens",
+            ),
             (params(|p| p.stop_token_ids = vec![100]), "stop_token_ids"),
         ];
         for (p, name) in bad {

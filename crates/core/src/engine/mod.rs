@@ -1,0 +1,354 @@
+//! The engine: many concurrent requests turned into one forward call per step.
+//!
+//! [`Engine::start`] moves the model and its KV cache onto a dedicated OS thread that
+//! runs the step loop ([`scheduler`]); model compute never runs on the caller's (async)
+//! threads. [`Engine::submit`] validates a request, queues it and returns a
+//! [`RequestHandle`] that yields [`EngineEvent`]s; dropping the handle aborts the request
+//! and its KV blocks are freed at the next step.
+
+pub mod detok;
+mod scheduler;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::error::Result;
+use crate::kv::{KvCache, KvLayout};
+use crate::models::CausalLm;
+pub use crate::sampling::{ParamError, SamplingParams, TokenLogprob};
+use crate::tokenizer::TextCodec;
+
+/// How the engine schedules.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes for the KV block pool.
+    pub kv_cache_memory: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Token budget of one step (prefill chunks plus decodes).
+    pub max_num_batched_tokens: usize,
+    /// Requests that may wait for admission before `submit` refuses more.
+    pub max_waiting_requests: usize,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_memory: 256 << 20,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 512,
+            max_waiting_requests: 256,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// A generation request: prompt token ids and how to sample.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// Why a choice ended, as OpenAI names it (`abort` when the engine stopped it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// Log-probabilities of the prompt tokens (the first has none); sent once, before
+    /// any output, when `prompt_logprobs` was asked for.
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    /// New output of choice `index`. `text` may be empty while a character or a possible
+    /// stop string is incomplete.
+    Delta {
+        index: usize,
+        token_ids: Vec<u32>,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// Choice `index` ended.
+    Finished { index: usize, reason: FinishReason },
+    /// Every choice ended; the last event of a request.
+    Done(Usage),
+    /// The engine failed this request (a model error); the last event.
+    Error(String),
+}
+
+/// Why `submit` refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// A parameter is out of range, or the prompt cannot fit.
+    Invalid(ParamError),
+    /// `max_waiting_requests` are already waiting.
+    QueueFull,
+    /// The engine has stopped.
+    Stopped,
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::Invalid(e) => write!(f, "{e}"),
+            SubmitError::QueueFull => f.write_str("the request queue is full"),
+            SubmitError::Stopped => f.write_str("the engine has stopped"),
+        }
+    }
+}
+
+/// Live counters, readable from any thread (the server exports them as metrics).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub prefix_cache_hit_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+    /// Time in the model's forward calls, and in detokenization and stop checks.
+    pub forward_ns: AtomicU64,
+    pub detokenize_ns: AtomicU64,
+    /// Tokens routed to each expert, per layer (empty rows for dense layers).
+    pub expert_tokens: Vec<Vec<AtomicU64>>,
+}
+
+enum Command {
+    Submit(Box<scheduler::NewRequest>),
+    Abort(u64),
+    Shutdown,
+}
+
+/// The stream of one request's events. Dropping it aborts the request.
+pub struct RequestHandle {
+    id: u64,
+    events: UnboundedReceiver<EngineEvent>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl RequestHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event; `None` after the last one.
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the thread (not for async code).
+    pub fn blocking_next(&mut self) -> Option<EngineEvent> {
+        self.events.blocking_recv()
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        // Finished requests ignore it; a stopped engine cannot receive it.
+        let _ = self.commands.send(Command::Abort(self.id));
+    }
+}
+
+/// What callers need to know about the model to validate requests.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    pub vocab_size: usize,
+    pub context_length: usize,
+    /// Tokens the whole KV pool holds.
+    pub pool_tokens: usize,
+    pub max_waiting_requests: usize,
+}
+
+pub struct Engine {
+    commands: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    codec: Arc<TextCodec>,
+    limits: EngineLimits,
+    next_id: AtomicU64,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Allocates the KV pool and starts the step loop on its own thread.
+    pub fn start(model: Box<dyn CausalLm>, codec: Arc<TextCodec>, config: EngineConfig) -> Result<Self> {
+        let layout: KvLayout = model.kv_layout();
+        let kv = KvCache::with_memory_budget(layout, config.block_size, config.kv_cache_memory)?;
+        let cfg = model.config();
+        let stats = Arc::new(EngineStats {
+            expert_tokens: cfg
+                .sparse_layers
+                .iter()
+                .map(|&sparse| {
+                    let n = if sparse {
+                        cfg.moe.as_ref().map_or(0, |m| m.num_experts)
+                    } else {
+                        0
+                    };
+                    (0..n).map(|_| AtomicU64::new(0)).collect()
+                })
+                .collect(),
+            ..EngineStats::default()
+        });
+        stats.kv_blocks_total.store(kv.num_blocks(), Ordering::Relaxed);
+        let limits = EngineLimits {
+            vocab_size: cfg.vocab_size,
+            context_length: cfg.max_position_embeddings,
+            pool_tokens: kv.num_blocks() * kv.block_size(),
+            max_waiting_requests: config.max_waiting_requests,
+        };
+        tracing::info!(
+            "KV cache: {} blocks of {} tokens ({} tokens, {:.1} MiB, {} bytes per token)",
+            kv.num_blocks(),
+            kv.block_size(),
+            limits.pool_tokens,
+            config.kv_cache_memory as f64 / (1 << 20) as f64,
+            layout.bytes_per_token()
+        );
+        let (tx, rx) = mpsc::channel();
+        let mut core = scheduler::EngineCore::new(model, kv, codec.clone(), config, stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("moeserve-engine".into())
+            .spawn(move || core.run(rx))
+            .map_err(|e| crate::Error::KvCache(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            commands: tx,
+            stats,
+            codec,
+            limits,
+            next_id: AtomicU64::new(1),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn codec(&self) -> &Arc<TextCodec> {
+        &self.codec
+    }
+
+    pub fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+
+    /// Validates and queues a request. Refuses at once when the waiting queue is full.
+    pub fn submit(&self, request: GenerateRequest) -> std::result::Result<RequestHandle, SubmitError> {
+        let max_tokens = self.check(&request).map_err(SubmitError::Invalid)?;
+        if self.stats.waiting.load(Ordering::Relaxed) >= self.limits.max_waiting_requests {
+            return Err(SubmitError::QueueFull);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx): (UnboundedSender<EngineEvent>, _) = tokio::sync::mpsc::unbounded_channel();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let eos = if request.params.ignore_eos {
+            vec![]
+        } else {
+            self.codec.eos_token_ids().to_vec()
+        };
+        let new = scheduler::NewRequest {
+            id,
+            prompt: request.prompt,
+            params: request.params,
+            max_tokens,
+            eos,
+            events: tx,
+        };
+        if self.commands.send(Command::Submit(Box::new(new))).is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(RequestHandle {
+            id,
+            events: rx,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// Stops a request; its KV blocks are freed at the next step.
+    pub fn abort(&self, id: u64) {
+        let _ = self.commands.send(Command::Abort(id));
+    }
+
+    /// Returns the request's effective `max_tokens`.
+    fn check(&self, r: &GenerateRequest) -> std::result::Result<usize, ParamError> {
+        let l = self.limits;
+        let bad = |param: &'static str, message: String| ParamError { param, message };
+        r.params.validate(l.vocab_size)?;
+        if r.prompt.is_empty() {
+            return Err(bad("prompt", "the prompt is empty".into()));
+        }
+        if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
+            return Err(bad(
+                "prompt",
+                format!("token id {t} is outside the vocabulary of {}", l.vocab_size),
+            ));
+        }
+        let limit = l.context_length.min(l.pool_tokens);
+        let what = if l.pool_tokens < l.context_length {
+            "KV cache"
+        } else {
+            "context"
+        };
+        let n = r.prompt.len();
+        if n >= limit {
+            return Err(bad(
+                "messages",
+                format!("the prompt has {n} tokens, but the model's {what} holds {limit} (leaving no room to generate)"),
+            ));
+        }
+        let max_tokens = r.params.max_tokens.unwrap_or(limit - n);
+        if n + max_tokens > limit {
+            return Err(bad(
+                "max_tokens",
+                format!(
+                    "the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's {what} of {limit} tokens"
+                ),
+            ));
+        }
+        Ok(max_tokens)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,565 @@
+//! Engine tests on the tiny fixture models.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::detok::Detokenizer;
+use super::*;
+use crate::LoadOptions;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn start(name: &str, cfg: EngineConfig) -> Engine {
+    let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    Engine::start(loaded.model, Arc::new(loaded.codec), cfg).unwrap()
+}
+
+fn reference_prompts(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
+            .unwrap();
+    r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                serde_json::from_value(p["ids"].clone()).unwrap(),
+                serde_json::from_value(p["greedy"].clone()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Choice {
+    tokens: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+    logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    choices: Vec<Choice>,
+    usage: Usage,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    deltas: usize,
+}
+
+fn collect(mut h: RequestHandle) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(ev) = h.blocking_next() {
+        match ev {
+            EngineEvent::PromptLogprobs(lp) => o.prompt_logprobs = Some(lp),
+            EngineEvent::Delta {
+                index,
+                token_ids,
+                text,
+                logprobs,
+            } => {
+                if o.choices.len() <= index {
+                    o.choices.resize(index + 1, Choice::default());
+                }
+                let c = &mut o.choices[index];
+                c.tokens.extend(token_ids);
+                c.text.push_str(&text);
+                c.logprobs.extend(logprobs);
+                o.deltas += 1;
+            }
+            EngineEvent::Finished { index, reason } => o.choices[index].finish = Some(reason),
+            EngineEvent::Done(u) => {
+                o.usage = u;
+                break;
+            }
+            EngineEvent::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+    o
+}
+
+fn run(e: &Engine, prompt: &[u32], params: SamplingParams) -> Outcome {
+    collect(
+        e.submit(GenerateRequest {
+            prompt: prompt.to_vec(),
+            params,
+        })
+        .unwrap(),
+    )
+}
+
+/// Greedy, past EOS (the random fixture models emit it early).
+fn greedy(max: usize) -> SamplingParams {
+    SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(max)
+    }
+}
+
+fn seeded(max: usize, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: Some(seed),
+        max_tokens: Some(max),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn filler(n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + salt * 101) % 300 + 3) as u32).collect()
+}
+
+#[test]
+fn greedy_and_seeded_outputs_are_the_same_alone_and_in_a_batch_of_16_others() {
+    for name in ["qwen3_moe", "llama"] {
+        let e = start(name, EngineConfig::default());
+        let refs = reference_prompts(name);
+        // Even prompts greedy, odd ones seeded sampling.
+        let params_for = |i: usize| {
+            if i.is_multiple_of(2) {
+                greedy(32)
+            } else {
+                seeded(32, 7 + i as u64)
+            }
+        };
+        let alone: Vec<Outcome> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| run(&e, p, params_for(i)))
+            .collect();
+        // Greedy alone is what transformers produced.
+        for (i, (o, (_, want))) in alone.iter().zip(&refs).enumerate() {
+            if i.is_multiple_of(2) {
+                assert_eq!(&o.choices[0].tokens, want, "{name} prompt {i}");
+            }
+        }
+        // The same requests among 16 others of various lengths, greedy and sampled, all
+        // in flight at once.
+        let mut handles = Vec::new();
+        for k in 0..16 {
+            let p = filler(5 + k * 13, k);
+            let params = if k.is_multiple_of(3) {
+                greedy(20 + k)
+            } else {
+                seeded(20 + k, k as u64)
+            };
+            handles.push((None, e.submit(GenerateRequest { prompt: p, params }).unwrap()));
+            if k < refs.len() {
+                let h = e
+                    .submit(GenerateRequest {
+                        prompt: refs[k].0.clone(),
+                        params: params_for(k),
+                    })
+                    .unwrap();
+                handles.push((Some(k), h));
+            }
+        }
+        for (k, h) in handles {
+            let o = collect(h);
+            if let Some(k) = k {
+                assert_eq!(
+                    o.choices[0].tokens, alone[k].choices[0].tokens,
+                    "{name} request {k} in a batch"
+                );
+                assert_eq!(o.choices[0].text, alone[k].choices[0].text);
+            }
+        }
+        wait_until("blocks to be freed", || {
+            e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+        });
+    }
+}
+
+#[test]
+fn preemption_with_a_tiny_pool_finishes_everything_identically_without_leaks() {
+    let prompts: Vec<Vec<u32>> = (0..8).map(|k| filler(20 + k * 3, k)).collect();
+    let reqs = |e: &Engine| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let params = if k.is_multiple_of(2) {
+                    greedy(40)
+                } else {
+                    seeded(40, k as u64)
+                };
+                e.submit(GenerateRequest {
+                    prompt: p.clone(),
+                    params,
+                })
+                .unwrap()
+            })
+            .collect();
+        hs.into_iter().map(collect).collect::<Vec<_>>()
+    };
+    let roomy = start("qwen3_moe", EngineConfig::default());
+    let want = reqs(&roomy);
+    // 2 layers * 2 kv heads * (16 + 16) floats * 4 bytes = 512 bytes per token: 10 blocks
+    // of 16 tokens, while the 8 requests need 4 blocks each.
+    let tiny = start(
+        "qwen3_moe",
+        EngineConfig {
+            kv_cache_memory: 512 * 16 * 10,
+            ..EngineConfig::default()
+        },
+    );
+    assert_eq!(tiny.stats().kv_blocks_total.load(Ordering::Relaxed), 10);
+    let got = reqs(&tiny);
+    for (k, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(a.choices, b.choices, "request {k}");
+        assert_eq!(b.choices[0].finish, Some(FinishReason::Length));
+    }
+    assert!(
+        tiny.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "the pool was meant to run out"
+    );
+    wait_until("blocks to be freed", || {
+        tiny.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+    });
+}
+
+#[test]
+fn a_shared_1000_token_prefix_is_computed_once() {
+    let prefix = filler(1000, 3);
+    let with = |suffix: &[u32]| prefix.iter().chain(suffix).copied().collect::<Vec<u32>>();
+    let (a, b) = (with(&[10, 11, 12]), with(&[20, 21, 22, 23, 24]));
+    let cold = start(
+        "qwen3_moe",
+        EngineConfig {
+            enable_prefix_caching: false,
+            ..EngineConfig::default()
+        },
+    );
+    let want_b = run(&cold, &b, greedy(16));
+    assert_eq!(want_b.usage.cached_tokens, 0);
+
+    let e = start("qwen3_moe", EngineConfig::default());
+    let first = run(&e, &a, greedy(16));
+    assert_eq!(first.usage.cached_tokens, 0);
+    let computed_before = e.stats().prompt_tokens.load(Ordering::Relaxed)
+        - e.stats().prefix_cache_hit_tokens.load(Ordering::Relaxed);
+    let second = run(&e, &b, greedy(16));
+    // 62 full blocks of 16 = 992 tokens come from the cache.
+    assert_eq!(second.usage.cached_tokens, 992);
+    let computed = e.stats().prompt_tokens.load(Ordering::Relaxed)
+        - e.stats().prefix_cache_hit_tokens.load(Ordering::Relaxed)
+        - computed_before;
+    assert_eq!(computed as usize, b.len() - 992);
+    assert_eq!(
+        second.choices, want_b.choices,
+        "a cache hit changes nothing in the output"
+    );
+}
+
+#[test]
+fn dropping_the_handle_aborts_and_frees_blocks() {
+    let e = start("qwen3_moe", EngineConfig::default());
+    let mut h = e
+        .submit(GenerateRequest {
+            prompt: filler(50, 1),
+            params: SamplingParams {
+                ignore_eos: true,
+                ..greedy(1500)
+            },
+        })
+        .unwrap();
+    assert!(matches!(h.blocking_next(), Some(EngineEvent::Delta { .. })));
+    assert!(e.stats().kv_blocks_used.load(Ordering::Relaxed) > 0);
+    drop(h);
+    wait_until("the aborted request's blocks", || {
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            && e.stats().running.load(Ordering::Relaxed) == 0
+    });
+    // The engine still serves.
+    assert_eq!(run(&e, &filler(5, 2), greedy(3)).choices[0].tokens.len(), 3);
+}
+
+#[test]
+fn every_stop_condition_ends_with_the_right_reason() {
+    let e = start("llama", EngineConfig::default());
+    let eos = e.codec().eos_token_ids()[0];
+    let prompt = filler(12, 5);
+    let base = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            ignore_eos: true,
+            ..greedy(24)
+        },
+    );
+    let c = &base.choices[0];
+    assert_eq!((c.tokens.len(), c.finish), (24, Some(FinishReason::Length)));
+    assert_eq!(base.usage.completion_tokens, 24);
+
+    // A stop token id: ends at its first occurrence, which is not in the text.
+    let t = c.tokens[6];
+    let first = c.tokens.iter().position(|&x| x == t).unwrap();
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            stop_token_ids: vec![t],
+            ignore_eos: true,
+            ..greedy(24)
+        },
+    );
+    assert_eq!(o.choices[0].tokens, c.tokens[..=first]);
+    assert_eq!(o.choices[0].finish, Some(FinishReason::Stop));
+    assert_eq!(
+        o.choices[0].text,
+        e.codec().decode(&c.tokens[..first], true).unwrap()
+    );
+
+    // EOS (forced by a logit bias), ignore_eos and min_tokens.
+    let biased = SamplingParams {
+        logit_bias: vec![(eos, 100.0)],
+        ..SamplingParams::greedy(10)
+    };
+    let o = run(&e, &prompt, biased.clone());
+    assert_eq!(
+        (o.choices[0].tokens.clone(), o.choices[0].finish),
+        (vec![eos], Some(FinishReason::Stop))
+    );
+    assert_eq!(o.choices[0].text, "");
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            ignore_eos: true,
+            ..biased.clone()
+        },
+    );
+    assert_eq!(
+        (o.choices[0].tokens.len(), o.choices[0].finish),
+        (10, Some(FinishReason::Length))
+    );
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            min_tokens: 4,
+            ..biased
+        },
+    );
+    assert_eq!(o.choices[0].tokens.len(), 5);
+    assert!(o.choices[0].tokens[..4].iter().all(|&t| t != eos));
+    assert_eq!(o.choices[0].finish, Some(FinishReason::Stop));
+
+    // A stop string spanning tokens: the text ends right before its first occurrence.
+    let text = &c.text;
+    let mid = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= text.len() / 2)
+        .unwrap();
+    let end = text[mid..]
+        .char_indices()
+        .nth(3)
+        .map(|(i, _)| mid + i)
+        .unwrap_or(text.len());
+    let stop = text[mid..end].to_string();
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            stop: vec![stop.clone()],
+            ignore_eos: true,
+            ..greedy(24)
+        },
+    );
+    assert_eq!(o.choices[0].text, text[..text.find(&stop).unwrap()]);
+    assert_eq!(o.choices[0].finish, Some(FinishReason::Stop));
+
+    // The model's context: a 2040-token prompt in a 2048-position model gets 8 tokens.
+    let o = run(
+        &e,
+        &filler(2040, 1),
+        SamplingParams {
+            ignore_eos: true,
+            ..greedy(8)
+        },
+    );
+    assert_eq!(
+        (o.choices[0].tokens.len(), o.choices[0].finish),
+        (8, Some(FinishReason::Length))
+    );
+    let o = run(
+        &e,
+        &filler(2040, 1),
+        SamplingParams {
+            ignore_eos: true,
+            max_tokens: None,
+            ..greedy(1)
+        },
+    );
+    assert_eq!(
+        (o.choices[0].tokens.len(), o.choices[0].finish),
+        (8, Some(FinishReason::Length))
+    );
+}
+
+#[test]
+fn streamed_text_is_whole_characters_and_adds_up() {
+    let loaded = crate::load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let codec = &loaded.codec;
+    for s in ["Café 東京 🚀🙂 naïve résumé", "こんにちは, 北京!", "👨‍👩‍👧‍👦 family"]
+    {
+        let ids = codec.encode(s).unwrap();
+        let mut d = Detokenizer::new(true);
+        let mut deltas: Vec<String> = ids.iter().map(|&t| d.push(codec, t)).collect();
+        deltas.push(d.flush(codec));
+        assert!(deltas.iter().all(|x| !x.contains('\u{FFFD}')), "{deltas:?}");
+        assert!(
+            deltas.iter().any(|x| x.is_empty()),
+            "some token must split a character: {deltas:?}"
+        );
+        assert_eq!(deltas.concat(), codec.decode(&ids, true).unwrap());
+        assert_eq!(deltas.concat(), s);
+    }
+}
+
+#[test]
+fn invalid_requests_are_refused_at_submit_naming_the_parameter() {
+    let e = start("llama", EngineConfig::default());
+    let submit = |prompt: Vec<u32>, params: SamplingParams| match e.submit(GenerateRequest { prompt, params })
+    {
+        Err(SubmitError::Invalid(p)) => p,
+        other => panic!("accepted: {:?}", other.map(|h| h.id())),
+    };
+    assert_eq!(
+        submit(
+            vec![1],
+            SamplingParams {
+                temperature: 5.0,
+                ..greedy(4)
+            }
+        )
+        .param,
+        "temperature"
+    );
+    assert_eq!(submit(vec![], greedy(4)).param, "prompt");
+    assert_eq!(submit(vec![100_000], greedy(4)).param, "prompt");
+    let long = submit(filler(2048, 0), greedy(4));
+    assert_eq!(long.param, "messages");
+    assert!(long.message.contains("2048"), "{}", long.message);
+    let too_many = submit(filler(2000, 0), greedy(100));
+    assert_eq!(too_many.param, "max_tokens");
+    assert!(
+        too_many.message.contains("2000") && too_many.message.contains("100"),
+        "{}",
+        too_many.message
+    );
+}
+
+#[test]
+fn n_choices_logprobs_and_prompt_logprobs() {
+    let e = start("qwen3_moe", EngineConfig::default());
+    let prompt = filler(40, 9);
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            n: 3,
+            ..seeded(12, 5)
+        },
+    );
+    assert_eq!(o.choices.len(), 3);
+    assert!(o
+        .choices
+        .iter()
+        .all(|c| c.tokens.len() == 12 && c.finish == Some(FinishReason::Length)));
+    assert_ne!(
+        o.choices[0].tokens, o.choices[1].tokens,
+        "different seeds per choice"
+    );
+    assert_eq!(o.usage.completion_tokens, 36);
+    assert_eq!(o.usage.prompt_tokens, 40);
+    // The same request again samples the same three choices.
+    let again = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            n: 3,
+            ..seeded(12, 5)
+        },
+    );
+    assert_eq!(again.choices, o.choices);
+
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            logprobs: Some(3),
+            prompt_logprobs: Some(2),
+            ..greedy(5)
+        },
+    );
+    let c = &o.choices[0];
+    assert_eq!(c.logprobs.len(), 5);
+    for (lp, &t) in c.logprobs.iter().zip(&c.tokens) {
+        assert_eq!(
+            (lp.token, lp.top.len(), lp.top[0].0),
+            (t, 3, t),
+            "greedy picks the top token"
+        );
+        assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
+    }
+    let plp = o.prompt_logprobs.expect("prompt logprobs");
+    assert_eq!(plp.len(), prompt.len());
+    assert!(plp[0].is_none());
+    for (i, lp) in plp.iter().enumerate().skip(1) {
+        let lp = lp.as_ref().unwrap();
+        assert_eq!((lp.token, lp.top.len()), (prompt[i], 2));
+    }
+}
+
+#[test]
+fn a_full_queue_refuses_at_once() {
+    let e = start(
+        "qwen3_moe",
+        EngineConfig {
+            max_num_seqs: 1,
+            max_waiting_requests: 2,
+            ..EngineConfig::default()
+        },
+    );
+    let long = || GenerateRequest {
+        prompt: filler(8, 1),
+        params: SamplingParams {
+            ignore_eos: true,
+            ..greedy(1500)
+        },
+    };
+    // One runs, two wait, the fourth is refused.
+    let mut held = vec![e.submit(long()).unwrap()];
+    wait_until("the first to run", || {
+        e.stats().running.load(Ordering::Relaxed) == 1
+    });
+    held.push(e.submit(long()).unwrap());
+    held.push(e.submit(long()).unwrap());
+    assert_eq!(e.submit(long()).err(), Some(SubmitError::QueueFull));
+    drop(held);
+    wait_until("the queue to drain", || {
+        e.stats().waiting.load(Ordering::Relaxed) == 0
+    });
+    assert!(e.submit(long()).is_ok());
+}
