@@ -9,11 +9,7 @@
 
 use std::time::Instant;
 
-use moeserve_core::bench::forward_throughput;
-use moeserve_core::config::{HfConfig, ModelConfig};
-use moeserve_core::models::build_model;
-use moeserve_core::weights::WeightStore;
-use moeserve_core::{DType, Device};
+use moeserve_core::bench::{forward_throughput, medium_moe_config, random_model};
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -31,19 +27,9 @@ fn main() -> moeserve_core::Result<()> {
         .split(',')
         .map(|b| b.parse().expect("--batches takes a comma-separated list"))
         .collect();
-    let hf: HfConfig = serde_json::from_value(serde_json::json!({
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
-        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 4,
-        "head_dim": 64, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-        "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 512,
-        "norm_topk_prob": true, "decoder_sparse_step": 1
-    }))
-    .unwrap();
-    let cfg = ModelConfig::from_hf(&hf)?;
+    let cfg = medium_moe_config();
     let t0 = Instant::now();
-    let store = WeightStore::random(0.02, DType::F32, &Device::Cpu);
-    let model = build_model(&cfg, &store)?;
+    let model = random_model(&cfg)?;
     eprintln!(
         "built random Qwen3-MoE (hidden 1024, 16 layers, 32 experts top-4, width 512) in {:.1}s; {} rayon threads",
         t0.elapsed().as_secs_f64(),

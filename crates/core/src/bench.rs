@@ -75,3 +75,110 @@ pub fn forward_throughput(
         decode_tok_s,
     })
 }
+
+/// The medium random Mixture-of-Experts model of the benchmarks: Qwen3-MoE shaped,
+/// hidden 1024, 16 layers, 32 experts top-4, expert width 512 (0.9 B parameters).
+pub fn medium_moe_config() -> crate::config::ModelConfig {
+    let hf: crate::config::HfConfig = serde_json::from_value(serde_json::json!({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 4,
+        "head_dim": 64, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 512,
+        "norm_topk_prob": true, "decoder_sparse_step": 1
+    }))
+    .expect("valid config");
+    crate::config::ModelConfig::from_hf(&hf).expect("valid config")
+}
+
+/// A model of `cfg`'s shape with random weights (N(0, 0.02)), built in memory.
+pub fn random_model(cfg: &crate::config::ModelConfig) -> Result<Box<dyn CausalLm>> {
+    let store = crate::weights::WeightStore::random(0.02, candle_core::DType::F32, &candle_core::Device::Cpu);
+    crate::models::build_model(cfg, &store)
+}
+
+/// What one concurrency level of the engine benchmark measured.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineThroughput {
+    pub concurrency: usize,
+    /// Generated tokens per second over the level's wall time, all requests together.
+    pub output_tok_s: f64,
+    pub mean_ttft_s: f64,
+    pub max_ttft_s: f64,
+    pub wall_s: f64,
+    /// Share of the engine thread's time spent detokenizing and checking stops,
+    /// relative to the forward calls.
+    pub detokenize_share: f64,
+}
+
+/// Submits `concurrency` requests at once (prompts of `prompt_len` tokens, `max_tokens`
+/// greedy tokens each, ignoring EOS) and measures throughput and time to first token.
+pub fn engine_throughput(
+    engine: &crate::engine::Engine,
+    concurrency: usize,
+    prompt_len: usize,
+    max_tokens: usize,
+    salt: usize,
+) -> Result<EngineThroughput> {
+    use crate::engine::{EngineEvent, GenerateRequest};
+    use crate::sampling::SamplingParams;
+    use std::sync::atomic::Ordering;
+    let vocab = engine.limits().vocab_size;
+    let stats = engine.stats();
+    let (fwd0, detok0) = (
+        stats.forward_ns.load(Ordering::Relaxed),
+        stats.detokenize_ns.load(Ordering::Relaxed),
+    );
+    let start = Instant::now();
+    let handles = (0..concurrency)
+        .map(|c| {
+            let prompt = (0..prompt_len)
+                .map(|i| ((salt * 7919 + c * 104_729 + i * 31 + 5) % vocab) as u32)
+                .collect();
+            let params = SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(max_tokens)
+            };
+            engine
+                .submit(GenerateRequest { prompt, params })
+                .map_err(|e| crate::Error::InvalidBatch(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let results: Vec<(f64, usize)> = std::thread::scope(|s| {
+        let joins: Vec<_> = handles
+            .into_iter()
+            .map(|mut h| {
+                s.spawn(move || {
+                    let (mut ttft, mut tokens) = (None, 0);
+                    while let Some(ev) = h.blocking_next() {
+                        match ev {
+                            EngineEvent::Delta { token_ids, .. } => {
+                                ttft.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                                tokens += token_ids.len();
+                            }
+                            EngineEvent::Done(_) | EngineEvent::Error(_) => break,
+                            _ => {}
+                        }
+                    }
+                    (ttft.unwrap_or(f64::NAN), tokens)
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("bench thread"))
+            .collect()
+    });
+    let wall_s = start.elapsed().as_secs_f64();
+    let tokens: usize = results.iter().map(|r| r.1).sum();
+    let fwd = stats.forward_ns.load(Ordering::Relaxed) - fwd0;
+    let detok = stats.detokenize_ns.load(Ordering::Relaxed) - detok0;
+    Ok(EngineThroughput {
+        concurrency,
+        output_tok_s: tokens as f64 / wall_s,
+        mean_ttft_s: results.iter().map(|r| r.0).sum::<f64>() / concurrency as f64,
+        max_ttft_s: results.iter().map(|r| r.0).fold(0.0, f64::max),
+        wall_s,
+        detokenize_share: detok as f64 / fwd.max(1) as f64,
+    })
+}

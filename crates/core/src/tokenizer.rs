@@ -86,6 +86,19 @@ impl TextCodec {
         Ok(Self::new(tokenizer, bos, eos, chat_template))
     }
 
+    /// A stand-in for models without a tokenizer (random benchmark models): token `i`
+    /// is the word `t{i}`.
+    pub fn byte_fallback(vocab_size: usize) -> Self {
+        let vocab: serde_json::Map<String, Value> = (0..vocab_size)
+            .map(|i| (format!("t{i}"), Value::from(i)))
+            .collect();
+        let doc = serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+        let tokenizer: tokenizers::Tokenizer = doc.to_string().parse().expect("valid word-level tokenizer");
+        Self::new(tokenizer, None, vec![], None)
+    }
+
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.tokenizer
     }

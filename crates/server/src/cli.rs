@@ -33,6 +33,32 @@ enum BenchCommand {
     /// In-process forward throughput, like `llama-bench -p 512 -n 128`: prefill tok/s
     /// for `batch` prompts in one call, then decode tok/s, per batch size.
     Kernel(KernelBenchArgs),
+    /// In-process engine throughput: N concurrent requests at once, aggregate output
+    /// tok/s and time to first token, per concurrency level.
+    Engine(EngineBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct EngineBenchArgs {
+    /// A .gguf file, checkpoint directory or Hugging Face repo id; `random-moe` builds
+    /// the medium random MoE (hidden 1024, 16 layers, 32 experts top-4) in memory.
+    #[arg(long, env = "MOESERVE_MODEL")]
+    model: String,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    /// Generated tokens per request.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// KV cache budget (bytes, or 512MiB, 2GiB).
+    #[arg(long, default_value = "1GiB")]
+    kv_cache_memory: String,
+    /// Step token budget.
+    #[arg(long, default_value_t = 512)]
+    max_num_batched_tokens: usize,
 }
 
 #[derive(clap::Args)]
@@ -113,6 +139,7 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Bench(BenchCommand::Kernel(args)) => run_kernel_bench(args),
+        Command::Bench(BenchCommand::Engine(args)) => run_engine_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,4 +239,51 @@ fn rayon_threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn run_engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
+    use moeserve_core::bench;
+    use moeserve_core::engine::{Engine, EngineConfig};
+    let (model, codec, name) = if args.model == "random-moe" {
+        let cfg = bench::medium_moe_config();
+        // No tokenizer comes with random weights: a byte-level stand-in only decodes ids.
+        let codec = moeserve_core::TextCodec::byte_fallback(cfg.vocab_size);
+        (bench::random_model(&cfg)?, codec, "random-moe".to_string())
+    } else {
+        let l = moeserve_core::load(&args.model, &LoadOptions::default())?;
+        (l.model, l.codec, l.name)
+    };
+    let max_seqs = args.concurrency.iter().copied().max().unwrap_or(1);
+    let engine = Engine::start(
+        model,
+        std::sync::Arc::new(codec),
+        EngineConfig {
+            kv_cache_memory: moeserve_core::parse_memory_size(&args.kv_cache_memory)
+                .map_err(anyhow::Error::msg)?,
+            max_num_seqs: max_seqs.max(1),
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_waiting_requests: max_seqs.max(1),
+            ..EngineConfig::default()
+        },
+    )?;
+    println!(
+        "model {name}, {} threads, prompt {} tokens, {} new tokens per request",
+        rayon_threads(),
+        args.prompt_len,
+        args.max_tokens
+    );
+    println!("| concurrent | output tok/s | mean TTFT ms | max TTFT ms | wall s | detokenize / forward |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (i, &c) in args.concurrency.iter().enumerate() {
+        let r = bench::engine_throughput(&engine, c, args.prompt_len, args.max_tokens, i)?;
+        println!(
+            "| {c} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2}% |",
+            r.output_tok_s,
+            r.mean_ttft_s * 1e3,
+            r.max_ttft_s * 1e3,
+            r.wall_s,
+            r.detokenize_share * 100.0
+        );
+    }
+    Ok(())
 }
