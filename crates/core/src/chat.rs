@@ -47,13 +47,14 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders `messages` (a list of `{role, content, ...}` objects). `tools` is passed
-    /// to the template as is (`None` renders as undefined).
+    /// Renders `messages` (a list of `{role, content, ...}` objects). `tools` and
+    /// `tool_choice` are passed to the template as they are (`None` is undefined there).
     pub fn render(
         &self,
         messages: &serde_json::Value,
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
+        tool_choice: Option<&serde_json::Value>,
     ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("added in new");
         tmpl.render(context! {
@@ -62,6 +63,7 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
             tools => tools.map(Value::from_serialize),
+            tool_choice => tool_choice.map(Value::from_serialize),
         })
         .map_err(|e| Error::Tokenizer {
             path: "chat template".into(),
@@ -137,7 +139,7 @@ mod tests {
         let t = ChatTemplate::new(CHATML, None, None).unwrap();
         let msgs = serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
         assert_eq!(
-            t.render(&msgs, true, None).unwrap(),
+            t.render(&msgs, true, None, None).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
     }
@@ -151,10 +153,10 @@ mod tests {
         )
         .unwrap();
         let ok = serde_json::json!([{"role": "user", "content": "  hi  "}]);
-        assert_eq!(t.render(&ok, false, None).unwrap(), "HI");
+        assert_eq!(t.render(&ok, false, None, None).unwrap(), "HI");
         let bad = serde_json::json!([{"role": "assistant", "content": "x"}]);
         assert_eq!(
-            t.render(&bad, false, None).unwrap_err().to_string(),
+            t.render(&bad, false, None, None).unwrap_err().to_string(),
             "tokenizer chat template: first must be user"
         );
     }

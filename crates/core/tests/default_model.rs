@@ -149,7 +149,7 @@ fn greedy_chat_answers() {
         "List three primary colors.",
     ] {
         let messages = serde_json::json!([{"role": "user", "content": question}]);
-        let prompt = template.render(&messages, true, None).unwrap();
+        let prompt = template.render(&messages, true, None, None).unwrap();
         assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
         let ids = m.codec.encode(&prompt).unwrap();
         let gen = generate(

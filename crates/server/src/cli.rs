@@ -1,4 +1,5 @@
-//! Subcommands: `generate` (one prompt, printed with its speed).
+//! Subcommands: `serve` (the HTTP server), `generate` (one prompt, printed with its
+//! speed), `bench` (throughput).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(crate::settings::SettingsArgs),
     /// Generate a continuation of one prompt and print prefill and decode speed.
     Generate(GenerateArgs),
     /// Benchmarks.
@@ -128,18 +131,40 @@ struct GenerateArgs {
     ignore_eos: bool,
 }
 
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 pub fn run() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => run_generate(args),
-        Command::Bench(BenchCommand::Kernel(args)) => run_kernel_bench(args),
-        Command::Bench(BenchCommand::Engine(args)) => run_engine_bench(args),
+        Command::Serve(args) => crate::settings::Settings::resolve(&args).and_then(|settings| {
+            init_logging(settings.log_format == "json");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::server::serve(settings))
+        }),
+        Command::Generate(args) => {
+            init_logging(false);
+            run_generate(args)
+        }
+        Command::Bench(BenchCommand::Kernel(args)) => {
+            init_logging(false);
+            run_kernel_bench(args)
+        }
+        Command::Bench(BenchCommand::Engine(args)) => {
+            init_logging(false);
+            run_engine_bench(args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -147,6 +147,7 @@ pub struct EngineStats {
 enum Command {
     Submit(Box<scheduler::NewRequest>),
     Abort(u64),
+    AbortAll,
     Shutdown,
 }
 
@@ -299,6 +300,11 @@ impl Engine {
     /// Stops a request; its KV blocks are freed at the next step.
     pub fn abort(&self, id: u64) {
         let _ = self.commands.send(Command::Abort(id));
+    }
+
+    /// Stops every request (shutdown after the drain timeout).
+    pub fn abort_all(&self) {
+        let _ = self.commands.send(Command::AbortAll);
     }
 
     /// Returns the request's effective `max_tokens`.

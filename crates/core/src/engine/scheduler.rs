@@ -142,11 +142,9 @@ impl EngineCore {
         match cmd {
             Command::Submit(r) => self.add_request(*r),
             Command::Abort(id) => self.abort(id),
+            Command::AbortAll => self.abort_all(),
             Command::Shutdown => {
-                let ids: Vec<u64> = self.requests.keys().copied().collect();
-                for id in ids {
-                    self.abort(id);
-                }
+                self.abort_all();
                 return false;
             }
         }
@@ -203,6 +201,13 @@ impl EngineCore {
             },
         );
         id
+    }
+
+    fn abort_all(&mut self) {
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.abort(id);
+        }
     }
 
     fn abort(&mut self, id: u64) {

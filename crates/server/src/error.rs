@@ -1,0 +1,156 @@
+//! Every error a client can get, mapped to its HTTP status and OpenAI's error body
+//! `{"error": {"message", "type", "param", "code"}}` in this one place.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// 400: malformed JSON, wrong types, values out of range.
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    /// 401
+    Unauthorized,
+    /// 404: an unknown model.
+    ModelNotFound(String),
+    /// 404: an unknown route.
+    RouteNotFound(String),
+    /// 405
+    MethodNotAllowed,
+    /// 413
+    BodyTooLarge(usize),
+    /// 415
+    UnsupportedMediaType,
+    /// 429: the waiting queue is full.
+    QueueFull,
+    /// 503: loading or shutting down.
+    Unavailable(&'static str),
+    /// 500
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: param.into(),
+            code: None,
+        }
+    }
+
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        Self::invalid(message, Some(param.to_string()))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// (message, type, param, code)
+    fn parts(&self) -> (String, &'static str, Option<String>, Option<&'static str>) {
+        match self {
+            ApiError::InvalidRequest { message, param, code } => {
+                (message.clone(), "invalid_request_error", param.clone(), *code)
+            }
+            ApiError::Unauthorized => (
+                "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.".into(),
+                "authentication_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            ApiError::ModelNotFound(m) => (
+                format!("The model `{m}` does not exist."),
+                "invalid_request_error",
+                Some("model".into()),
+                Some("model_not_found"),
+            ),
+            ApiError::RouteNotFound(path) => (
+                format!("Unknown route {path}."),
+                "invalid_request_error",
+                None,
+                Some("unknown_url"),
+            ),
+            ApiError::MethodNotAllowed => (
+                "Method not allowed for this route.".into(),
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+            ApiError::BodyTooLarge(limit) => (
+                format!("The request body is larger than the limit of {limit} bytes."),
+                "invalid_request_error",
+                None,
+                Some("request_too_large"),
+            ),
+            ApiError::UnsupportedMediaType => (
+                "Expected a JSON body with `Content-Type: application/json`.".into(),
+                "invalid_request_error",
+                None,
+                Some("unsupported_media_type"),
+            ),
+            ApiError::QueueFull => (
+                "The server is at capacity: too many requests are waiting. Retry shortly.".into(),
+                "rate_limit_error",
+                None,
+                Some("rate_limit_exceeded"),
+            ),
+            ApiError::Unavailable(why) => (
+                (*why).to_string(),
+                "server_error",
+                None,
+                Some("service_unavailable"),
+            ),
+            ApiError::Internal(m) => (m.clone(), "server_error", None, None),
+        }
+    }
+
+    /// The JSON body (also sent inside an SSE stream when a stream fails).
+    pub fn body(&self) -> serde_json::Value {
+        let (message, kind, param, code) = self.parts();
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self, ApiError::QueueFull) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<moeserve_core::engine::SubmitError> for ApiError {
+    fn from(e: moeserve_core::engine::SubmitError) -> Self {
+        use moeserve_core::engine::SubmitError;
+        match e {
+            SubmitError::Invalid(p) => ApiError::InvalidRequest {
+                message: p.message,
+                param: Some(p.param.to_string()),
+                code: (p.param == "messages" || p.param == "max_tokens").then_some("context_length_exceeded"),
+            },
+            SubmitError::QueueFull => ApiError::QueueFull,
+            SubmitError::Stopped => ApiError::Unavailable("The server is shutting down."),
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! OpenAI's request types (with vLLM's common extensions) and their translation into the
+//! engine's sampling parameters. Responses are built in the route modules.
+
+use std::collections::HashMap;
+
+use moeserve_core::engine::SamplingParams;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub n: Option<usize>,
+    pub stop: Option<StopSpec>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub seed: Option<i64>,
+    // vLLM's extensions.
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub min_tokens: Option<usize>,
+    pub ignore_eos: Option<bool>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub skip_special_tokens: Option<bool>,
+}
+
+impl SamplingFields {
+    /// The engine's parameters; ranges are checked by the engine at submit.
+    pub fn to_params(&self, max_tokens: Option<usize>, max_n: usize) -> Result<SamplingParams, ApiError> {
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > max_n {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n must be between 1 and {max_n}, got {n}"),
+            ));
+        }
+        let mut logit_bias = Vec::new();
+        for (k, &v) in self.logit_bias.iter().flatten() {
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::invalid_param("logit_bias", format!("logit_bias key {k:?} is not a token id"))
+            })?;
+            logit_bias.push((id, v));
+        }
+        logit_bias.sort_by_key(|x| x.0);
+        let d = SamplingParams::default();
+        Ok(SamplingParams {
+            n,
+            max_tokens,
+            min_tokens: self.min_tokens.unwrap_or(0),
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            logit_bias,
+            seed: self.seed.map(|s| s as u64),
+            logprobs: None,
+            prompt_logprobs: None,
+            stop: match &self.stop {
+                None => vec![],
+                Some(StopSpec::One(s)) => vec![s.clone()],
+                Some(StopSpec::Many(v)) => v.clone(),
+            },
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<usize>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    // `user` and other unknown fields are accepted and ignored.
+}
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+impl ChatCompletionRequest {
+    /// The messages as the chat template sees them: `{role, content}` with content as
+    /// one string (text parts joined).
+    pub fn template_messages(&self) -> Result<Value, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+        }
+        let mut out = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.iter().enumerate() {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    format!("unknown role {:?} (expected one of {})", m.role, ROLES.join(", ")),
+                ));
+            }
+            let content = match &m.content {
+                None if m.role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].content"),
+                        format!("a {} message needs content", m.role),
+                    ))
+                }
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            ("text", None) => {
+                                return Err(ApiError::invalid_param(
+                                    &format!("messages[{i}].content[{j}].text"),
+                                    "a text part needs `text`",
+                                ))
+                            }
+                            (other, _) => {
+                                return Err(ApiError::invalid_param(
+                                    &format!("messages[{i}].content[{j}].type"),
+                                    format!("content parts of type {other:?} are not supported (only text)"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            // Templates know system, user, assistant and tool.
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            let mut msg = serde_json::json!({"role": role, "content": content});
+            if let Some(n) = &m.name {
+                msg["name"] = n.clone().into();
+            }
+            if let Some(tc) = &m.tool_calls {
+                msg["tool_calls"] = tc.clone();
+            }
+            if let Some(id) = &m.tool_call_id {
+                msg["tool_call_id"] = id.clone().into();
+            }
+            out.push(msg);
+        }
+        Ok(Value::Array(out))
+    }
+
+    pub fn to_params(&self, max_n: usize) -> Result<SamplingParams, ApiError> {
+        let mut p = self
+            .sampling
+            .to_params(self.max_completion_tokens.or(self.max_tokens), max_n)?;
+        if self.top_logprobs.is_some() && !self.logprobs {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "top_logprobs requires logprobs to be true",
+            ));
+        }
+        if self.logprobs {
+            p.logprobs = Some(self.top_logprobs.unwrap_or(0));
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "stream_options is only allowed with stream: true",
+            ));
+        }
+        Ok(p)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptSpec,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// Top log-probabilities per token (0-20).
+    pub logprobs: Option<usize>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    pub best_of: Option<usize>,
+}
+
+impl CompletionRequest {
+    /// OpenAI's default for completions is 16 tokens.
+    pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+    pub fn to_params(&self, max_n: usize) -> Result<SamplingParams, ApiError> {
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid_param(
+                "suffix",
+                "suffix (insertion) is not supported",
+            ));
+        }
+        if let Some(b) = self.best_of {
+            if b != self.sampling.n.unwrap_or(1) {
+                return Err(ApiError::invalid_param(
+                    "best_of",
+                    "best_of other than n is not supported",
+                ));
+            }
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "stream_options is only allowed with stream: true",
+            ));
+        }
+        let mut p = self
+            .sampling
+            .to_params(Some(self.max_tokens.unwrap_or(Self::DEFAULT_MAX_TOKENS)), max_n)?;
+        p.logprobs = self.logprobs;
+        if self.echo && self.logprobs.is_some() {
+            p.prompt_logprobs = self.logprobs;
+        }
+        Ok(p)
+    }
+
+    /// The prompts, as text or token ids.
+    pub fn prompts(&self) -> Result<Vec<Prompt>, ApiError> {
+        let ps = match &self.prompt {
+            PromptSpec::Text(t) => vec![Prompt::Text(t.clone())],
+            PromptSpec::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
+            PromptSpec::Tokens(v) => vec![Prompt::Tokens(v.clone())],
+            PromptSpec::TokenLists(v) => v.iter().cloned().map(Prompt::Tokens).collect(),
+        };
+        if ps.is_empty() {
+            return Err(ApiError::invalid_param("prompt", "prompt must not be empty"));
+        }
+        Ok(ps)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,167 @@
+//! One `Settings` from config/default.toml (built in), then a config file, then
+//! `MOESERVE_*` environment variables, then flags (highest precedence).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+/// Every setting, as the TOML file names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub model: String,
+    pub served_model_name: String,
+    pub dtype: String,
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    pub kv_cache_memory: String,
+    pub block_size: usize,
+    pub enable_prefix_caching: bool,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_waiting_requests: usize,
+    pub max_n: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub sse_keepalive_secs: u64,
+    pub shutdown_timeout_secs: u64,
+    pub log_format: String,
+}
+
+/// The same settings as flags; each also reads `MOESERVE_<NAME>` from the environment.
+/// Unset flags fall through to the config file, then to the built-in defaults.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SettingsArgs {
+    /// A TOML file with any of the settings below (see config/default.toml).
+    #[arg(long, env = "MOESERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model: a .gguf file, a checkpoint directory or a Hugging Face repo id (owner/name[@rev]).
+    #[arg(long, env = "MOESERVE_MODEL")]
+    pub model: Option<String>,
+    /// Model id clients send and see (default: the model's name).
+    #[arg(long, env = "MOESERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Compute dtype for safetensors checkpoints: f32, bf16, f16 (default: fastest on the device).
+    #[arg(long, env = "MOESERVE_DTYPE")]
+    pub dtype: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "MOESERVE_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on.
+    #[arg(long, env = "MOESERVE_PORT")]
+    pub port: Option<u16>,
+    /// API key clients must send as `Authorization: Bearer <key>` (repeat, or comma-separate in the env).
+    #[arg(long = "api-key", env = "MOESERVE_API_KEY", value_delimiter = ',')]
+    pub api_keys: Option<Vec<String>>,
+    /// KV cache memory budget: bytes, or 512MiB, 2GiB.
+    #[arg(long, env = "MOESERVE_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<String>,
+    /// Tokens per KV cache block.
+    #[arg(long, env = "MOESERVE_BLOCK_SIZE")]
+    pub block_size: Option<usize>,
+    /// Reuse KV blocks of shared prompt prefixes (true/false).
+    #[arg(long, env = "MOESERVE_ENABLE_PREFIX_CACHING")]
+    pub enable_prefix_caching: Option<bool>,
+    /// Most sequences running at once.
+    #[arg(long, env = "MOESERVE_MAX_NUM_SEQS")]
+    pub max_num_seqs: Option<usize>,
+    /// Token budget per engine step.
+    #[arg(long, env = "MOESERVE_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Requests that may wait before new ones get 429.
+    #[arg(long, env = "MOESERVE_MAX_WAITING_REQUESTS")]
+    pub max_waiting_requests: Option<usize>,
+    /// Most choices (n) per request.
+    #[arg(long, env = "MOESERVE_MAX_N")]
+    pub max_n: Option<usize>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "MOESERVE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Per-request deadline in seconds (0: none).
+    #[arg(long, env = "MOESERVE_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// SSE keep-alive interval in seconds.
+    #[arg(long, env = "MOESERVE_SSE_KEEPALIVE_SECS")]
+    pub sse_keepalive_secs: Option<u64>,
+    /// Seconds in-flight requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, env = "MOESERVE_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, env = "MOESERVE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl Settings {
+    /// Built-in defaults, overridden by the config file, then by flags and environment.
+    pub fn resolve(args: &SettingsArgs) -> anyhow::Result<Self> {
+        let mut table: toml::Table = toml::from_str(DEFAULTS).expect("built-in defaults parse");
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+            let file: toml::Table =
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+            for (k, v) in file {
+                if !table.contains_key(&k) {
+                    anyhow::bail!("config file {}: unknown setting {k:?}", path.display());
+                }
+                table.insert(k, v);
+            }
+        }
+        let mut s: Settings = toml::Value::Table(table).try_into()?;
+        macro_rules! over {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &args.$field {
+                    s.$field = v.clone();
+                }
+            )*};
+        }
+        over!(
+            model,
+            served_model_name,
+            dtype,
+            host,
+            port,
+            api_keys,
+            kv_cache_memory,
+            block_size,
+            enable_prefix_caching,
+            max_num_seqs,
+            max_num_batched_tokens,
+            max_waiting_requests,
+            max_n,
+            max_body_bytes,
+            request_timeout_secs,
+            sse_keepalive_secs,
+            shutdown_timeout_secs,
+            log_format
+        );
+        s.api_keys.retain(|k| !k.is_empty());
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_is_flags_then_file_then_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "port = 9001\nmax_num_seqs = 3\n").unwrap();
+        let args = SettingsArgs {
+            config: Some(path.clone()),
+            port: Some(9002),
+            ..SettingsArgs::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!((s.port, s.max_num_seqs, s.block_size), (9002, 3, 16));
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let err = Settings::resolve(&args).unwrap_err().to_string();
+        assert!(err.contains("unknown setting \"prot\""), "{err}");
+    }
+}
