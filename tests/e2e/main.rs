@@ -1,1 +1,1010 @@
+//! End-to-end tests: the real `moeserve` binary on an ephemeral port, serving a fixture
+//! model, driven over real HTTP.
 
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "qwen3_moe";
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Server {
+    async fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moeserve"))
+            .args([
+                "serve",
+                "--model",
+                fixture(MODEL).to_str().unwrap(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("MOESERVE_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start moeserve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("listening on http://") {
+                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server printed its address");
+        let s = Server {
+            child,
+            base,
+            http: reqwest::Client::new(),
+        };
+        let t = Instant::now();
+        loop {
+            if let Ok(r) = s.http.get(s.url("/ready")).send().await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the server did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(self.url(path)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn chat(&self, body: Value) -> Value {
+        let (status, v) = self.post("/v1/chat/completions", body).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// All `data:` payloads of a streamed response; `[DONE]` as a string.
+    async fn stream(&self, path: &str, body: Value) -> Vec<Value> {
+        let r = self.http.post(self.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let text = r.text().await.unwrap();
+        parse_sse(&text)
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    async fn wait_metric(&self, name: &str, want: f64) {
+        let t = Instant::now();
+        while self.metric(name).await != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "{name} never reached {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SSE framing: events separated by a blank line, `data: ` lines; comments ignored.
+fn parse_sse(text: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for event in text.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        for line in event.lines() {
+            if let Some(d) = line.strip_prefix("data: ") {
+                out.push(if d == "[DONE]" {
+                    Value::from("[DONE]")
+                } else {
+                    serde_json::from_str(d).unwrap()
+                });
+            } else {
+                assert!(line.starts_with(':'), "unexpected SSE line {line:?}");
+            }
+        }
+    }
+    out
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 12,
+                       "temperature": 0, "ignore_eos": true});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_completions_json_and_stream() {
+    let s = Server::start(&[]).await;
+    let v = s.chat(chat_body("Hello there", json!({}))).await;
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(v["model"], MODEL);
+    assert!(v["system_fingerprint"].is_string());
+    let c = &v["choices"][0];
+    assert_eq!(
+        (c["index"].as_u64(), c["message"]["role"].as_str()),
+        (Some(0), Some("assistant"))
+    );
+    assert_eq!(c["finish_reason"], "length");
+    assert!(c["logprobs"].is_null());
+    let u = &v["usage"];
+    assert_eq!(u["completion_tokens"], 12);
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
+
+    // The same request streamed, with a usage chunk: same text.
+    let chunks = s
+        .stream(
+            "/v1/chat/completions",
+            chat_body(
+                "Hello there",
+                json!({"stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .await;
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let first = &chunks[0];
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let usage_chunk = &chunks[chunks.len() - 2];
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 12);
+    let mut text = String::new();
+    let mut finish = None;
+    for c in &chunks[..chunks.len() - 2] {
+        assert!(c["usage"].is_null(), "usage is null on every other chunk");
+        assert_eq!(c["id"], first["id"]);
+        let ch = &c["choices"][0];
+        text.push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+        if !ch["finish_reason"].is_null() {
+            finish = Some(ch["finish_reason"].clone());
+        }
+    }
+    assert_eq!(text, c["message"]["content"].as_str().unwrap());
+    assert_eq!(finish, Some(json!("length")));
+
+    // Without include_usage: no usage field at all, still [DONE].
+    let chunks = s
+        .stream("/v1/chat/completions", chat_body("Hi", json!({"stream": true})))
+        .await;
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c.get("usage").is_none()));
+
+    // Array-of-parts content, system and assistant turns.
+    let v = s
+        .chat(json!({"model": MODEL, "max_tokens": 3, "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]},
+            {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "Again"}]}))
+        .await;
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn n_logprobs_stop_and_seed() {
+    let s = Server::start(&[]).await;
+    let v = s
+        .chat(chat_body(
+            "Tell me",
+            json!({"n": 2, "temperature": 1.0, "seed": 9}),
+        ))
+        .await;
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(
+        (choices[0]["index"].as_u64(), choices[1]["index"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+
+    let v = s
+        .chat(chat_body("Tell me", json!({"logprobs": true, "top_logprobs": 3})))
+        .await;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 12);
+    for e in content {
+        assert!(e["token"].is_string() && e["logprob"].as_f64().unwrap() <= 0.0 && e["bytes"].is_array());
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 3);
+    }
+
+    // A stop string taken from the greedy output ends it early and is not in the text.
+    let full = s.chat(chat_body("Stop test", json!({"max_tokens": 20}))).await;
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= text.len() / 2)
+        .unwrap();
+    let stop: String = text[cut..].chars().take(2).collect();
+    let v = s
+        .chat(chat_body(
+            "Stop test",
+            json!({"max_tokens": 20, "stop": [stop.clone()]}),
+        ))
+        .await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        &text[..text.find(&stop).unwrap()]
+    );
+
+    // Seeds reproduce.
+    let sample = |seed: u64| {
+        chat_body(
+            "Seeded",
+            json!({"temperature": 1.0, "top_p": 0.9, "seed": seed, "max_tokens": 16}),
+        )
+    };
+    let a = s.chat(sample(123)).await;
+    let b = s.chat(sample(123)).await;
+    assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
+    let others: Vec<Value> = futures::future::join_all((0..4).map(|k| s.chat(sample(1000 + k)))).await;
+    assert!(others
+        .iter()
+        .any(|o| o["choices"][0]["message"] != a["choices"][0]["message"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completions_prompts_echo_and_logprobs() {
+    let s = Server::start(&[]).await;
+    let body = |prompt: Value, extra: Value| {
+        let mut b =
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": true});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (st, v) = s
+        .post("/v1/completions", body(json!("The quick brown fox"), json!({})))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(v["object"], "text_completion");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    // The same prompt as token ids (from the tokenizer the fixture generator used).
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(MODEL).join("reference.json")).unwrap())
+            .unwrap();
+    let p = &reference["prompts"][1];
+    assert_eq!(p["text"], "The quick brown fox jumps over the lazy dog.");
+    let (_, by_text) = s
+        .post("/v1/completions", body(p["text"].clone(), json!({})))
+        .await;
+    let (_, by_ids) = s.post("/v1/completions", body(p["ids"].clone(), json!({}))).await;
+    assert_eq!(by_text["choices"][0]["text"], by_ids["choices"][0]["text"]);
+
+    // Several prompts: one choice each, in order.
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            body(json!(["The quick brown fox", "Hello"]), json!({})),
+        )
+        .await;
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), text);
+    assert_eq!(v["choices"][1]["index"], 1);
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            body(json!([p["ids"], [5, 6, 7]]), json!({"n": 2})),
+        )
+        .await;
+    assert_eq!(v["choices"].as_array().unwrap().len(), 4);
+
+    // Echo, with logprobs for prompt and completion tokens.
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            body(json!("The quick brown fox"), json!({"echo": true, "logprobs": 2})),
+        )
+        .await;
+    let c = &v["choices"][0];
+    assert_eq!(c["text"].as_str().unwrap(), format!("The quick brown fox{text}"));
+    let lp = &c["logprobs"];
+    let n = prompt_tokens as usize + 5;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+    assert!(lp["token_logprobs"][0].is_null() && lp["token_logprobs"][1].is_number());
+    assert_eq!(lp["top_logprobs"][n - 1].as_object().unwrap().len(), 2);
+    assert_eq!(lp["text_offset"].as_array().unwrap().len(), n);
+
+    // Streaming completions.
+    let chunks = s
+        .stream(
+            "/v1/completions",
+            body(json!("The quick brown fox"), json!({"stream": true})),
+        )
+        .await;
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let streamed: String = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(streamed, text);
+}
+
+/// Bad requests: status, error type and param for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_request_catalogue() {
+    let s = Server::start(&["--max-body-bytes", "20000", "--max-n", "4"]).await;
+    let chat = "/v1/chat/completions";
+    let comp = "/v1/completions";
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let long_prompt = "word ".repeat(3000);
+    // (path, raw body, status, type, param)
+    let cases: Vec<(&str, String, u16, &str, Option<&str>)> = vec![
+        (chat, "{not json".into(), 400, "invalid_request_error", None),
+        (chat, "".into(), 400, "invalid_request_error", None),
+        (chat, "[1, 2]".into(), 400, "invalid_request_error", None),
+        (
+            chat,
+            json!({"messages": msgs}).to_string(),
+            400,
+            "invalid_request_error",
+            None,
+        ),
+        (
+            chat,
+            json!({"model": MODEL}).to_string(),
+            400,
+            "invalid_request_error",
+            None,
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": []}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": "hi"}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages[0].role"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user"}]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages[0].content"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+                .to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages[0].content[0].type"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"content": "x"}]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages[0]"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "temperature": "hot"}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("temperature"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "temperature": 2.5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("temperature"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "temperature": -1}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("temperature"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "top_p": 0}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("top_p"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "top_p": 1.5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("top_p"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "n": 0}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("n"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "n": 5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("n"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "max_tokens": 0}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "max_tokens": -5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "max_tokens": 100000}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "presence_penalty": 3}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("presence_penalty"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "frequency_penalty": -3}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("frequency_penalty"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "logit_bias": {"abc": 1}}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("logit_bias"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "logit_bias": {"5": 500}}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("logit_bias"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "logit_bias": {"99999": 1}}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("logit_bias"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "logprobs": true, "top_logprobs": 25}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("top_logprobs"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "top_logprobs": 2}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("top_logprobs"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "stop": ["a", "b", "c", "d", "e"]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("stop"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "stop": 5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("stop"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "stream": "yes"}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("stream"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "stream_options": {"include_usage": true}}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("stream_options"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages"),
+        ),
+        (
+            chat,
+            json!({"model": "gpt-4", "messages": msgs}).to_string(),
+            404,
+            "invalid_request_error",
+            Some("model"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(30000)}]}).to_string(),
+            413,
+            "invalid_request_error",
+            None,
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": "hi", "suffix": "bye"}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("suffix"),
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": []}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("prompt"),
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": [-1, 2]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("prompt"),
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": [99999]}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("prompt"),
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": {"text": "hi"}}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("prompt"),
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": "hi", "logprobs": 30}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("logprobs"),
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": "hi", "best_of": 3}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("best_of"),
+        ),
+        (
+            comp,
+            json!({"model": "nope", "prompt": "hi"}).to_string(),
+            404,
+            "invalid_request_error",
+            Some("model"),
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    for (path, body, status, kind, param) in cases {
+        let r = s
+            .http
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let got_status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let e = &v["error"];
+        assert_eq!(got_status, status, "{path} {body:.200}: {v}");
+        assert_eq!(e["type"], kind, "{path} {body:.200}: {v}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(
+            e.get("code").is_some() && e.get("param").is_some(),
+            "all four fields present: {v}"
+        );
+        if let Some(p) = param {
+            assert!(
+                e["param"].as_str().is_some_and(|x| x.starts_with(p)),
+                "{path} {body:.200}: param {} not {p}",
+                e["param"]
+            );
+        }
+    }
+    // The prompt-too-long message says the numbers.
+    let (_, v) = s
+        .post(
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]}),
+        )
+        .await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("2048"), "{v}");
+    // Not JSON content type, unknown route, wrong method, unknown model id.
+    let r = s.http.post(s.url(chat)).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 415);
+    let r = s.http.get(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
+    let r = s.http.get(s.url(chat)).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = s.http.get(s.url("/v1/models/other")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Still serving after all that.
+    s.chat(chat_body("ok?", json!({"max_tokens": 2}))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_keys_protect_everything_but_health_and_ready() {
+    let s = Server::start(&["--api-key", "key-one", "--api-key", "key-two"]).await;
+    let models = s.url("/v1/models");
+    assert_eq!(s.http.get(&models).send().await.unwrap().status(), 401);
+    let r = s.http.get(&models).bearer_auth("key-three").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "authentication_error"
+    );
+    assert_eq!(
+        s.http
+            .get(&models)
+            .bearer_auth("key-two")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(s.http.get(s.url("/metrics")).send().await.unwrap().status(), 401);
+    assert_eq!(s.http.get(s.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(s.http.get(s.url("/ready")).send().await.unwrap().status(), 200);
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body("hi", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("key-one")
+        .json(&chat_body("hi", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disconnects_free_kv_blocks() {
+    let s = Server::start(&["--sse-keepalive-secs", "1", "--max-num-seqs", "1"]).await;
+    assert_eq!(s.metric("moeserve_kv_cache_blocks_used").await, 0.0);
+    let long = chat_body("A long one", json!({"max_tokens": 1800, "stream": true}));
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    s.wait_metric("moeserve_num_requests_running", 1.0).await;
+    assert!(s.metric("moeserve_kv_cache_blocks_used").await > 0.0);
+    // A second stream waits behind it (one sequence at a time) and leaves before its first token.
+    let r2 = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut body2 = r2.bytes_stream();
+    body2.next().await.unwrap().unwrap(); // the role chunk comes at once
+    s.wait_metric("moeserve_num_requests_waiting", 1.0).await;
+    drop(body2);
+    s.wait_metric("moeserve_num_requests_waiting", 0.0).await;
+    // Now the first leaves mid-stream.
+    drop(body);
+    s.wait_metric("moeserve_kv_cache_blocks_used", 0.0).await;
+    s.wait_metric("moeserve_num_requests_running", 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_streams_all_complete() {
+    let s = Server::start(&[]).await;
+    let reqs = (0..64).map(|i| {
+        s.stream(
+            "/v1/chat/completions",
+            chat_body(
+                &format!("Request number {i}"),
+                json!({"max_tokens": 24, "stream": true}),
+            ),
+        )
+    });
+    let all = futures::future::join_all(reqs).await;
+    for chunks in all {
+        assert_eq!(chunks.last().unwrap(), "[DONE]");
+        assert!(chunks.iter().all(|c| c.get("error").is_none()));
+        let finish = chunks
+            .iter()
+            .rev()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str());
+        assert_eq!(finish, Some("length"));
+    }
+    s.wait_metric("moeserve_kv_cache_blocks_used", 0.0).await;
+    let text = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "moeserve_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 64",
+        "moeserve_time_to_first_token_seconds_bucket",
+        "moeserve_inter_token_latency_seconds_count",
+        "moeserve_e2e_request_latency_seconds_sum",
+        "moeserve_kv_cache_blocks_total",
+        "moeserve_prefix_cache_hit_tokens",
+        "moeserve_generation_tokens_total 1536",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+    assert!(
+        text.contains("moeserve_expert_routed_tokens_total{expert=\"7\",layer=\"1\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_429_at_once() {
+    let s = Server::start(&["--max-num-seqs", "1", "--max-waiting-requests", "1"]).await;
+    let long = chat_body("hog", json!({"max_tokens": 1800, "stream": true}));
+    let r1 = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    s.wait_metric("moeserve_num_requests_running", 1.0).await;
+    let r2 = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    s.wait_metric("moeserve_num_requests_waiting", 1.0).await;
+    let t = Instant::now();
+    let r3 = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body("late", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(r3.status(), 429);
+    assert_eq!(r3.headers()["retry-after"], "1");
+    assert_eq!(
+        r3.json::<Value>().await.unwrap()["error"]["code"],
+        "rate_limit_exceeded"
+    );
+    drop((r1, r2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_finishes_the_stream_in_flight() {
+    let mut s = Server::start(&["--shutdown-timeout-secs", "30"]).await;
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body(
+            "Until the end",
+            json!({"max_tokens": 300, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let chunks = parse_sse(&text);
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let tokens = chunks
+        .iter()
+        .filter(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count();
+    assert!(
+        tokens > 250,
+        "the stream ran to its end after SIGTERM ({tokens} content chunks)"
+    );
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_health_openapi() {
+    let s = Server::start(&["--served-model-name", "tiny-moe"]).await;
+    let v: Value = s
+        .http
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "tiny-moe");
+    assert_eq!(v["data"][0]["object"], "model");
+    let v: Value = s
+        .http
+        .get(s.url("/v1/models/tiny-moe"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["id"], "tiny-moe");
+    let (st, _) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "tiny-moe", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let doc: Value = s
+        .http
+        .get(s.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for p in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/models/{id}",
+        "/health",
+        "/ready",
+        "/metrics",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+}

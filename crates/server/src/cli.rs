@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible HTTP API.
-    Serve(crate::settings::SettingsArgs),
+    Serve(Box<crate::settings::SettingsArgs>),
     /// Generate a continuation of one prompt and print prefill and decode speed.
     Generate(GenerateArgs),
     /// Benchmarks.

@@ -23,7 +23,7 @@ pub struct StreamOptions {
 }
 
 /// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -41,6 +41,55 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
     pub stop_token_ids: Option<Vec<u32>>,
     pub skip_special_tokens: Option<bool>,
+}
+
+/// Declares a request type with the sampling fields inline (not `#[serde(flatten)]`,
+/// which would hide the failing field's name from error messages) plus its own fields.
+macro_rules! request_with_sampling {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize)]
+        pub struct $name {
+            pub temperature: Option<f32>,
+            pub top_p: Option<f32>,
+            pub n: Option<usize>,
+            pub stop: Option<StopSpec>,
+            pub presence_penalty: Option<f32>,
+            pub frequency_penalty: Option<f32>,
+            pub logit_bias: Option<HashMap<String, f32>>,
+            pub seed: Option<i64>,
+            pub top_k: Option<i32>,
+            pub min_p: Option<f32>,
+            pub repetition_penalty: Option<f32>,
+            pub min_tokens: Option<usize>,
+            pub ignore_eos: Option<bool>,
+            pub stop_token_ids: Option<Vec<u32>>,
+            pub skip_special_tokens: Option<bool>,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            pub fn sampling(&self) -> SamplingFields {
+                SamplingFields {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: self.n,
+                    stop: self.stop.clone(),
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    logit_bias: self.logit_bias.clone(),
+                    seed: self.seed,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
+                    min_tokens: self.min_tokens,
+                    ignore_eos: self.ignore_eos,
+                    stop_token_ids: self.stop_token_ids.clone(),
+                    skip_special_tokens: self.skip_special_tokens,
+                }
+            }
+        }
+    };
 }
 
 impl SamplingFields {
@@ -117,12 +166,10 @@ pub struct ChatMessage {
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+request_with_sampling! {
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     #[serde(default)]
@@ -133,8 +180,9 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<usize>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
-    // `user` and other unknown fields are accepted and ignored.
 }
+}
+// `user` and other unknown fields are accepted and ignored.
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -207,7 +255,7 @@ impl ChatCompletionRequest {
 
     pub fn to_params(&self, max_n: usize) -> Result<SamplingParams, ApiError> {
         let mut p = self
-            .sampling
+            .sampling()
             .to_params(self.max_completion_tokens.or(self.max_tokens), max_n)?;
         if self.top_logprobs.is_some() && !self.logprobs {
             return Err(ApiError::invalid_param(
@@ -237,12 +285,10 @@ pub enum PromptSpec {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+request_with_sampling! {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptSpec,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
     pub max_tokens: Option<usize>,
     #[serde(default)]
     pub stream: bool,
@@ -253,6 +299,7 @@ pub struct CompletionRequest {
     pub echo: bool,
     pub suffix: Option<String>,
     pub best_of: Option<usize>,
+}
 }
 
 impl CompletionRequest {
@@ -266,8 +313,20 @@ impl CompletionRequest {
                 "suffix (insertion) is not supported",
             ));
         }
+        if let Some(k) = self
+            .logprobs
+            .filter(|&k| k > moeserve_core::sampling::MAX_TOP_LOGPROBS)
+        {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                format!(
+                    "logprobs must be at most {}, got {k}",
+                    moeserve_core::sampling::MAX_TOP_LOGPROBS
+                ),
+            ));
+        }
         if let Some(b) = self.best_of {
-            if b != self.sampling.n.unwrap_or(1) {
+            if b != self.n.unwrap_or(1) {
                 return Err(ApiError::invalid_param(
                     "best_of",
                     "best_of other than n is not supported",
@@ -281,7 +340,7 @@ impl CompletionRequest {
             ));
         }
         let mut p = self
-            .sampling
+            .sampling()
             .to_params(Some(self.max_tokens.unwrap_or(Self::DEFAULT_MAX_TOKENS)), max_n)?;
         p.logprobs = self.logprobs;
         if self.echo && self.logprobs.is_some() {
