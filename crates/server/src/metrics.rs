@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use moeserve_core::engine::EngineStats;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -14,15 +14,25 @@ pub struct Metrics {
     pub ttft: HistogramVec,
     pub inter_token: HistogramVec,
     pub e2e: HistogramVec,
-    prompt_tokens: IntGauge,
-    generation_tokens: IntGauge,
+    prompt_tokens: IntCounter,
+    generation_tokens: IntCounter,
     running: IntGauge,
     waiting: IntGauge,
     kv_used: IntGauge,
     kv_total: IntGauge,
-    prefix_hits: IntGauge,
-    preemptions: IntGauge,
-    expert_tokens: IntGaugeVec,
+    prefix_hits: IntCounter,
+    preemptions: IntCounter,
+    expert_tokens: IntCounterVec,
+    /// Scrapes bring counters up to date one at a time (two at once would double-count).
+    scrape: std::sync::Mutex<()>,
+}
+
+/// Brings a counter up to the engine's running total.
+fn catch_up(c: &IntCounter, total: u64) {
+    let seen = c.get();
+    if total > seen {
+        c.inc_by(total - seen);
+    }
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -48,12 +58,17 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
+        let total = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
-        let expert_tokens = IntGaugeVec::new(
+        let expert_tokens = IntCounterVec::new(
             Opts::new(
                 "moeserve_expert_routed_tokens_total",
                 "Tokens routed to each expert, per layer.",
@@ -82,8 +97,8 @@ impl Metrics {
                 "moeserve_e2e_request_latency_seconds",
                 "Time from request to last token.",
             ),
-            prompt_tokens: gauge("moeserve_prompt_tokens_total", "Prompt tokens admitted."),
-            generation_tokens: gauge("moeserve_generation_tokens_total", "Tokens generated."),
+            prompt_tokens: total("moeserve_prompt_tokens_total", "Prompt tokens admitted."),
+            generation_tokens: total("moeserve_generation_tokens_total", "Tokens generated."),
             running: gauge(
                 "moeserve_num_requests_running",
                 "Sequences running in the engine.",
@@ -94,37 +109,40 @@ impl Metrics {
                 "KV cache blocks held by sequences.",
             ),
             kv_total: gauge("moeserve_kv_cache_blocks_total", "KV cache blocks in the pool."),
-            prefix_hits: gauge(
+            prefix_hits: total(
                 "moeserve_prefix_cache_hit_tokens_total",
                 "Prompt tokens served from the prefix cache.",
             ),
-            preemptions: gauge(
+            preemptions: total(
                 "moeserve_preemptions_total",
                 "Sequences preempted for lack of KV blocks.",
             ),
             expert_tokens,
+            scrape: std::sync::Mutex::new(()),
             registry,
         }
     }
 
     /// The Prometheus text exposition, with engine gauges refreshed.
     pub fn render(&self, engine: Option<&EngineStats>) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = engine {
-            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             let loadu = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
-            self.prompt_tokens.set(load(&s.prompt_tokens));
-            self.generation_tokens.set(load(&s.generation_tokens));
+            catch_up(&self.prompt_tokens, load(&s.prompt_tokens));
+            catch_up(&self.generation_tokens, load(&s.generation_tokens));
             self.running.set(loadu(&s.running));
             self.waiting.set(loadu(&s.waiting));
             self.kv_used.set(loadu(&s.kv_blocks_used));
             self.kv_total.set(loadu(&s.kv_blocks_total));
-            self.prefix_hits.set(load(&s.prefix_cache_hit_tokens));
-            self.preemptions.set(load(&s.preemptions));
+            catch_up(&self.prefix_hits, load(&s.prefix_cache_hit_tokens));
+            catch_up(&self.preemptions, load(&s.preemptions));
             for (layer, experts) in s.expert_tokens.iter().enumerate() {
                 for (e, c) in experts.iter().enumerate() {
-                    self.expert_tokens
-                        .with_label_values(&[&layer.to_string(), &e.to_string()])
-                        .set(load(c));
+                    let counter = self
+                        .expert_tokens
+                        .with_label_values(&[&layer.to_string(), &e.to_string()]);
+                    catch_up(&counter, load(c));
                 }
             }
         }
