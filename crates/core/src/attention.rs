@@ -31,6 +31,9 @@ pub struct AttnGeometry {
     pub head_dim: usize,
     pub value_dim: usize,
     pub block_size: usize,
+    /// Values are not stored separately but read from each cached key vector at this
+    /// offset (latent attention: the latent is both key and value).
+    pub value_offset: Option<usize>,
 }
 
 /// Writes the keys `[T, num_kv_heads * key_dim]` and values of a batch's tokens into
@@ -96,7 +99,10 @@ pub fn paged_attention(
             let inv = 1.0 / sum;
             for (j, &w) in scores.iter().enumerate() {
                 let slot = table[j / g.block_size] as usize * g.block_size + j % g.block_size;
-                let v = &layer.values[slot * v_stride + kvh * g.value_dim..][..g.value_dim];
+                let v = match g.value_offset {
+                    Some(off) => &layer.keys[slot * k_stride + kvh * g.head_dim + off..][..g.value_dim],
+                    None => &layer.values[slot * v_stride + kvh * g.value_dim..][..g.value_dim],
+                };
                 axpy(w * inv, v, out);
             }
         },
@@ -176,6 +182,7 @@ mod tests {
             head_dim: 12,
             value_dim: 12,
             block_size: 4,
+            value_offset: None,
         };
         let layout = KvLayout {
             num_layers: 1,

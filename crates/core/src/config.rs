@@ -22,10 +22,12 @@ pub enum Architecture {
     Qwen2Moe,
     Qwen3Moe,
     Olmoe,
+    DeepseekV2,
+    DeepseekV3,
 }
 
 impl Architecture {
-    pub const ALL: [(&'static str, Architecture); 7] = [
+    pub const ALL: [(&'static str, Architecture); 9] = [
         ("LlamaForCausalLM", Architecture::Llama),
         ("Qwen2ForCausalLM", Architecture::Qwen2),
         ("Qwen3ForCausalLM", Architecture::Qwen3),
@@ -33,6 +35,8 @@ impl Architecture {
         ("Qwen2MoeForCausalLM", Architecture::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
         ("OlmoeForCausalLM", Architecture::Olmoe),
+        ("DeepseekV2ForCausalLM", Architecture::DeepseekV2),
+        ("DeepseekV3ForCausalLM", Architecture::DeepseekV3),
     ];
 
     pub fn from_hf_name(name: &str) -> Result<Self> {
@@ -60,6 +64,11 @@ pub struct HfRopeScaling {
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<usize>,
+    // YaRN
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
 }
 
 /// `config.json`, field for field. Unknown fields are ignored.
@@ -98,6 +107,22 @@ pub struct HfConfig {
     pub decoder_sparse_step: Option<usize>,
     pub mlp_only_layers: Option<Vec<usize>>,
     pub clip_qkv: Option<f64>,
+    // DeepSeek-V2/V3: multi-head latent attention and grouped routing.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: Option<usize>,
+    pub qk_rope_head_dim: Option<usize>,
+    pub qk_nope_head_dim: Option<usize>,
+    pub v_head_dim: Option<usize>,
+    pub n_routed_experts: Option<usize>,
+    pub n_shared_experts: Option<usize>,
+    pub routed_scaling_factor: Option<f64>,
+    pub topk_method: Option<String>,
+    pub scoring_func: Option<String>,
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    pub first_k_dense_replace: Option<usize>,
+    pub moe_layer_freq: Option<usize>,
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 /// How a rotary embedding's frequencies are scaled for long contexts.
@@ -115,6 +140,46 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// YaRN (DeepSeek): frequencies blended between interpolated and extrapolated by a
+    /// ramp over the dimensions, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: f64,
+        mscale_all_dim: f64,
+    },
+}
+
+impl RopeScaling {
+    /// YaRN's `0.1 * m * ln(s) + 1` (1 for `s <= 1`).
+    pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    }
+
+    /// The factor on cos and sin.
+    pub fn attention_factor(&self) -> f64 {
+        match *self {
+            RopeScaling::Yarn {
+                factor,
+                mscale,
+                mscale_all_dim,
+                ..
+            } => {
+                if mscale != 0.0 && mscale_all_dim != 0.0 {
+                    Self::yarn_mscale(factor, mscale) / Self::yarn_mscale(factor, mscale_all_dim)
+                } else {
+                    Self::yarn_mscale(factor, 1.0)
+                }
+            }
+            _ => 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +206,43 @@ pub enum QkNorm {
     Full,
 }
 
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoringFunc {
+    Softmax,
+    Sigmoid,
+}
+
+/// How the top-k experts are chosen from the scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopkMethod {
+    /// The k best over all experts.
+    Greedy,
+    /// DeepSeek-V2: experts in `n_group` groups; only the `topk_group` groups with the best
+    /// single expert are eligible.
+    GroupLimited { n_group: usize, topk_group: usize },
+    /// DeepSeek-V3: choose by score plus a per-expert correction bias (which does not
+    /// weight); groups ranked by the sum of their two best biased scores.
+    NoAuxTc { n_group: usize, topk_group: usize },
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// `None`: queries are projected directly (V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_rope_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Softmax scale: `1/sqrt(nope + rope)`, times YaRN's `mscale_all_dim` correction squared.
+    pub softmax_scale: f64,
+    /// Attend in the latent space, the up-projections absorbed into the query and output
+    /// (the fast form). `false`: up-project the cached latents to per-head keys and values
+    /// (the reference form, for tests).
+    pub absorb: bool,
+}
+
 /// Gated-MLP experts and how tokens are routed to them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
@@ -153,15 +255,22 @@ pub struct MoeConfig {
     pub shared_expert_intermediate_size: Option<usize>,
     /// The shared expert's output is scaled by `sigmoid(gate(x))` (Qwen2-MoE).
     pub shared_expert_gated: bool,
-    /// Weight names of the experts: `Mixtral` (`block_sparse_moe.experts.N.w1`) or `Qwen`
-    /// (`mlp.experts.N.gate_proj`).
+    /// Weight names of the experts.
     pub naming: ExpertNaming,
+    pub scoring: ScoringFunc,
+    pub topk_method: TopkMethod,
+    /// Multiplies the routing weights (DeepSeek).
+    pub routed_scaling_factor: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertNaming {
+    /// `block_sparse_moe.experts.N.w1`
     Mixtral,
+    /// `mlp.experts.N.gate_proj`, shared `mlp.shared_expert`
     Qwen,
+    /// `mlp.experts.N.gate_proj`, shared `mlp.shared_experts`
+    DeepSeek,
 }
 
 /// The normalised model description that the model code reads.
@@ -188,6 +297,10 @@ pub struct ModelConfig {
     /// Clamp q, k and v to `[-c, c]` after projection (OLMoE's `clip_qkv`).
     pub clip_qkv: Option<f64>,
     pub moe: Option<MoeConfig>,
+    pub mla: Option<MlaConfig>,
+    /// Block-quantized FP8 checkpoint (DeepSeek-V3's published format): weights in
+    /// float8_e4m3fn with one `weight_scale_inv` per block of this many rows and columns.
+    pub fp8_weight_block: Option<(usize, usize)>,
     /// For each layer: does its feed-forward block use the experts (else a dense MLP)?
     pub sparse_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
@@ -252,7 +365,13 @@ impl ModelConfig {
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
-        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / num_heads);
+        let is_deepseek = matches!(architecture, Architecture::DeepseekV2 | Architecture::DeepseekV3);
+        // DeepSeek's rotary part is its own slice of each head (`qk_rope_head_dim`).
+        let head_dim = if is_deepseek {
+            hf.qk_rope_head_dim.unwrap_or(64)
+        } else {
+            hf.head_dim.unwrap_or(hf.hidden_size / num_heads)
+        };
         let rotary_dim = (head_dim as f64 * hf.partial_rotary_factor.unwrap_or(1.0)) as usize;
         if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
             return Err(bad(format!(
@@ -274,6 +393,18 @@ impl ModelConfig {
                     high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
                     original_max_position_embeddings: s.original_max_position_embeddings.unwrap_or(8192),
                 },
+                Some("yarn") => RopeScaling::Yarn {
+                    factor: s
+                        .factor
+                        .ok_or_else(|| bad("yarn rope_scaling needs `factor`".into()))?,
+                    original_max_position_embeddings: s
+                        .original_max_position_embeddings
+                        .unwrap_or(hf.max_position_embeddings),
+                    beta_fast: s.beta_fast.unwrap_or(32.0),
+                    beta_slow: s.beta_slow.unwrap_or(1.0),
+                    mscale: s.mscale.unwrap_or(0.0),
+                    mscale_all_dim: s.mscale_all_dim.unwrap_or(0.0),
+                },
                 Some(other) => return Err(bad(format!("rope_scaling type {other:?} is not supported"))),
             },
         };
@@ -285,6 +416,7 @@ impl ModelConfig {
             Llama | Olmoe => (attention_bias, attention_bias),
             Qwen3 | Qwen3Moe => (attention_bias, attention_bias),
             Mixtral => (false, false),
+            DeepseekV2 | DeepseekV3 => (false, attention_bias),
         };
         let qk_norm = match architecture {
             Qwen3 | Qwen3Moe => QkNorm::PerHead,
@@ -320,9 +452,101 @@ impl ModelConfig {
                     } else {
                         ExpertNaming::Qwen
                     },
+                    scoring: ScoringFunc::Softmax,
+                    topk_method: TopkMethod::Greedy,
+                    routed_scaling_factor: 1.0,
+                })
+            }
+            DeepseekV2 | DeepseekV3 => {
+                let num_experts = hf.n_routed_experts.unwrap_or(0);
+                let top_k = hf.num_experts_per_tok.unwrap_or(0);
+                if num_experts == 0 || top_k == 0 || top_k > num_experts {
+                    return Err(bad(format!(
+                        "a MoE model needs 0 < num_experts_per_tok ({top_k}) <= n_routed_experts ({num_experts})"
+                    )));
+                }
+                let groups = || -> Result<(usize, usize)> {
+                    let (g, k) = (hf.n_group.unwrap_or(1).max(1), hf.topk_group.unwrap_or(1).max(1));
+                    if !num_experts.is_multiple_of(g) || k > g {
+                        return Err(bad(format!(
+                            "{num_experts} experts cannot form {g} groups with topk_group {k}"
+                        )));
+                    }
+                    Ok((g, k))
+                };
+                let default_method = if architecture == DeepseekV3 {
+                    "noaux_tc"
+                } else {
+                    "greedy"
+                };
+                let topk_method = match hf.topk_method.as_deref().unwrap_or(default_method) {
+                    "greedy" => TopkMethod::Greedy,
+                    "group_limited_greedy" => {
+                        let (n_group, topk_group) = groups()?;
+                        TopkMethod::GroupLimited { n_group, topk_group }
+                    }
+                    "noaux_tc" => {
+                        let (n_group, topk_group) = groups()?;
+                        TopkMethod::NoAuxTc { n_group, topk_group }
+                    }
+                    other => return Err(bad(format!("topk_method {other:?} is not supported"))),
+                };
+                let scoring = match hf.scoring_func.as_deref() {
+                    Some("sigmoid") => ScoringFunc::Sigmoid,
+                    Some("softmax") => ScoringFunc::Softmax,
+                    None if architecture == DeepseekV3 => ScoringFunc::Sigmoid,
+                    None => ScoringFunc::Softmax,
+                    Some(other) => return Err(bad(format!("scoring_func {other:?} is not supported"))),
+                };
+                let width = hf.moe_intermediate_size.unwrap_or(hf.intermediate_size);
+                Some(MoeConfig {
+                    num_experts,
+                    top_k,
+                    expert_intermediate_size: width,
+                    norm_topk_prob: hf.norm_topk_prob.unwrap_or(architecture == DeepseekV3),
+                    shared_expert_intermediate_size: hf
+                        .n_shared_experts
+                        .filter(|&n| n > 0)
+                        .map(|n| n * width),
+                    shared_expert_gated: false,
+                    naming: ExpertNaming::DeepSeek,
+                    scoring,
+                    topk_method,
+                    routed_scaling_factor: hf.routed_scaling_factor.unwrap_or(1.0),
                 })
             }
             _ => None,
+        };
+        let mla = if is_deepseek {
+            let kv_lora_rank = hf
+                .kv_lora_rank
+                .ok_or_else(|| bad("`kv_lora_rank` is missing".into()))?;
+            let qk_nope_head_dim = hf.qk_nope_head_dim.unwrap_or(128);
+            let qk_head_dim = qk_nope_head_dim + head_dim;
+            let mut softmax_scale = 1.0 / (qk_head_dim as f64).sqrt();
+            // DeepSeek's YaRN correction of the softmax temperature.
+            if let RopeScaling::Yarn {
+                factor,
+                mscale_all_dim,
+                ..
+            } = scaling
+            {
+                if mscale_all_dim != 0.0 {
+                    let m = RopeScaling::yarn_mscale(factor, mscale_all_dim);
+                    softmax_scale *= m * m;
+                }
+            }
+            Some(MlaConfig {
+                q_lora_rank: hf.q_lora_rank,
+                kv_lora_rank,
+                qk_rope_head_dim: head_dim,
+                qk_nope_head_dim,
+                v_head_dim: hf.v_head_dim.unwrap_or(128),
+                softmax_scale,
+                absorb: true,
+            })
+        } else {
+            None
         };
         let sparse_layers: Vec<bool> = (0..hf.num_hidden_layers)
             .map(|i| match (&moe, architecture) {
@@ -332,12 +556,40 @@ impl ModelConfig {
                     let dense = hf.mlp_only_layers.as_deref().unwrap_or(&[]);
                     !dense.contains(&i) && (i + 1) % step == 0
                 }
+                (Some(_), DeepseekV2 | DeepseekV3) => {
+                    i >= hf.first_k_dense_replace.unwrap_or(0)
+                        && i % hf.moe_layer_freq.unwrap_or(1).max(1) == 0
+                }
                 (Some(_), _) => true,
             })
             .collect();
         if sparse_layers.iter().any(|&s| !s) && hf.intermediate_size == 0 {
             return Err(bad("`intermediate_size` is missing or zero".into()));
         }
+        let fp8_weight_block = match &hf.quantization_config {
+            None => None,
+            Some(q) => {
+                let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+                let fmt = q.get("fmt").and_then(|m| m.as_str()).unwrap_or("e4m3");
+                if method != "fp8" || fmt != "e4m3" {
+                    return Err(bad(format!(
+                        "quantization_config {method:?} ({fmt}) is not supported (fp8 e4m3 block scales are)"
+                    )));
+                }
+                let block: Vec<usize> = q
+                    .get("weight_block_size")
+                    .and_then(|b| serde_json::from_value(b.clone()).ok())
+                    .unwrap_or_else(|| vec![128, 128]);
+                match block[..] {
+                    [r, c] if r > 0 && c > 0 => Some((r, c)),
+                    _ => {
+                        return Err(bad(format!(
+                            "weight_block_size {block:?} must be two positive sizes"
+                        )))
+                    }
+                }
+            }
+        };
         Ok(ModelConfig {
             architecture,
             vocab_size: hf.vocab_size,
@@ -353,7 +605,8 @@ impl ModelConfig {
                 theta: hf.rope_theta.unwrap_or(10_000.0),
                 rotary_dim,
                 scaling,
-                interleaved: false,
+                // DeepSeek rotates adjacent pairs (its weights are laid out for that).
+                interleaved: is_deepseek,
                 freq_factors: None,
             },
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
@@ -363,6 +616,8 @@ impl ModelConfig {
             qk_norm,
             clip_qkv: hf.clip_qkv,
             moe,
+            mla,
+            fp8_weight_block,
             sparse_layers,
             bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&hf.eos_token_id),

@@ -77,7 +77,8 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     );
-    let store = weights::WeightStore::from_safetensors(&files.weights, dtype, &opts.device)?;
+    let store = weights::WeightStore::from_safetensors(&files.weights, dtype, &opts.device)?
+        .with_fp8_blocks(cfg.fp8_weight_block);
     let model = models::build_model(&cfg, &store)?;
     let codec = TextCodec::from_files(&files, cfg.bos_token_id, &cfg.eos_token_ids)?;
     Ok(LoadedModel {

@@ -51,6 +51,8 @@ struct Progress {
 
 pub struct WeightStore {
     source: Source,
+    /// FP8 checkpoints: the block size of their `weight_scale_inv` tensors.
+    fp8_block: Option<(usize, usize)>,
     device: Device,
     dtype: DType,
     progress: Mutex<Progress>,
@@ -126,6 +128,7 @@ impl WeightStore {
         let now = Instant::now();
         Self {
             source,
+            fp8_block: None,
             device: device.clone(),
             dtype,
             progress: Mutex::new(Progress {
@@ -137,6 +140,15 @@ impl WeightStore {
                 last_report: now,
             }),
         }
+    }
+
+    /// Float8 weights are dequantized at load with their per-block `weight_scale_inv`
+    /// (blocks of `rows x cols`). Dequantizing once is the fast choice on CPUs, which have
+    /// no FP8 arithmetic: a per-block dequantization inside every matmul would redo that
+    /// work at every step for no saving in compute.
+    pub fn with_fp8_blocks(mut self, block: Option<(usize, usize)>) -> Self {
+        self.fp8_block = block;
+        self
     }
 
     pub fn dtype(&self) -> DType {
@@ -304,9 +316,33 @@ impl WeightStore {
                 actual: tensor.dims().to_vec(),
             });
         }
+        let tensor = if tensor.dtype() == DType::F8E4M3 {
+            self.dequantize_fp8(name, &tensor)?
+        } else {
+            tensor
+        };
         let tensor = tensor.to_dtype(dtype)?;
         self.report(bytes);
         Ok(tensor)
+    }
+
+    /// `w * scale_inv[block]` for a float8 matrix and its block scales.
+    fn dequantize_fp8(&self, name: &str, w: &Tensor) -> Result<Tensor> {
+        let (br, bc) = self.fp8_block.ok_or_else(|| Error::CorruptWeights {
+            path: self.files_description().into(),
+            message: format!("tensor {name:?} is float8 but the config has no fp8 quantization_config"),
+        })?;
+        let (rows, cols) = w.dims2()?;
+        let (rb, cb) = (rows.div_ceil(br), cols.div_ceil(bc));
+        let scale_name = format!("{}_scale_inv", name);
+        let scale = self.get_with_dtype(&scale_name, &[rb, cb], DType::F32)?;
+        let scale = scale
+            .reshape((rb, 1, cb, 1))?
+            .broadcast_as((rb, br, cb, bc))?
+            .reshape((rb * br, cb * bc))?
+            .narrow(0, 0, rows)?
+            .narrow(1, 0, cols)?;
+        Ok((w.to_dtype(DType::F32)? * scale)?)
     }
 
     fn report(&self, bytes: usize) {

@@ -283,7 +283,10 @@ fn dropping_the_handle_aborts_and_frees_blocks() {
         })
         .unwrap();
     assert!(matches!(h.blocking_next(), Some(EngineEvent::Delta { .. })));
-    assert!(e.stats().kv_blocks_used.load(Ordering::Relaxed) > 0);
+    // The gauges are published at the end of the step that sent the delta.
+    wait_until("blocks in use", || {
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) > 0
+    });
     drop(h);
     wait_until("the aborted request's blocks", || {
         e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0

@@ -1,6 +1,7 @@
 //! The building blocks the model files are made of. Each has `load(store, prefix, ..)`
 //! (weights by their canonical Hugging Face names under `prefix`) and `forward`.
 
+mod latent_attention;
 mod linear;
 mod mlp;
 mod moe;
@@ -8,6 +9,7 @@ mod norm;
 mod rotary;
 mod self_attention;
 
+pub use latent_attention::LatentAttention;
 pub use linear::Linear;
 pub use mlp::GatedMlp;
 pub use moe::{ExpertRouter, MoeBlock, Routing};

@@ -26,13 +26,15 @@ impl RotaryEmbedding {
                 *f /= d;
             }
         }
+        // YaRN scales cos and sin (1 for the other schemes).
+        let amp = cfg.scaling.attention_factor();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
             for f in &inv_freq {
                 let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * amp) as f32);
+                sin.push((angle.sin() * amp) as f32);
             }
         }
         Self {
@@ -114,6 +116,33 @@ fn inverse_frequencies(cfg: &RopeConfig) -> Vec<f64> {
                             (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
+                })
+                .collect()
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            ..
+        } => {
+            // The dimensions that rotate fewer than `beta_slow` times over the original
+            // context are interpolated, those over `beta_fast` kept, a linear ramp between.
+            let correction_dim = |rotations: f64| {
+                dim * (original_max_position_embeddings as f64 / (rotations * 2.0 * PI)).ln()
+                    / (2.0 * cfg.theta.ln())
+            };
+            let low = correction_dim(beta_fast).floor().max(0.0);
+            let mut high = correction_dim(beta_slow).ceil().min(dim - 1.0);
+            if low == high {
+                high += 0.001;
+            }
+            base.iter()
+                .enumerate()
+                .map(|(i, &f)| {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    (f / factor) * (1.0 - extrapolation) + f * extrapolation
                 })
                 .collect()
         }

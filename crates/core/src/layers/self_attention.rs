@@ -109,6 +109,7 @@ impl Attention {
             head_dim: hd,
             value_dim: hd,
             block_size: ctx.block_size,
+            value_offset: None,
         };
         let out = paged_attention(&q, kv, ctx.seqs, geometry, self.scale);
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;

@@ -1,14 +1,16 @@
 //! The pre-norm decoder-only transformer: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
-//! Qwen3-MoE and OLMoE.
+//! Qwen3-MoE, OLMoE, DeepSeek-V2 and DeepSeek-V3.
 //!
 //! These architectures differ only in options that [`ModelConfig`] resolves (q/k/v
 //! biases, q/k norms, tied embeddings, rope scaling, which layers are sparse and how
-//! their experts are routed), so they share this one implementation:
+//! their experts are routed) and in the attention: grouped-query attention, or
+//! DeepSeek's multi-head latent attention with its compressed cache. So they share this
+//! one implementation:
 //!
 //! ```text
 //! x = embed(tokens)
 //! for each layer:
-//!     x = x + attention(rms_norm(x))          # GQA over the paged KV cache
+//!     x = x + attention(rms_norm(x))          # GQA or MLA over the paged KV cache
 //!     x = x + feed_forward(rms_norm(x))       # dense SwiGLU or mixture of experts
 //! logits = lm_head(rms_norm(x[last tokens]))
 //! ```
@@ -22,17 +24,24 @@ use crate::batch::{ForwardBatch, ForwardOutput};
 use crate::config::{ExpertNaming, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, KvLayout};
-use crate::layers::{Attention, AttentionContext, GatedMlp, Linear, MoeBlock, RmsNorm, RotaryEmbedding};
+use crate::layers::{
+    Attention, AttentionContext, GatedMlp, LatentAttention, Linear, MoeBlock, RmsNorm, RotaryEmbedding,
+};
 use crate::weights::WeightStore;
 
 enum FeedForward {
     Dense(GatedMlp),
-    Sparse(MoeBlock),
+    Sparse(Box<MoeBlock>),
+}
+
+enum SelfAttention {
+    Grouped(Attention),
+    Latent(LatentAttention),
 }
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    self_attn: Attention,
+    self_attn: SelfAttention,
     post_attention_layernorm: RmsNorm,
     feed_forward: FeedForward,
 }
@@ -45,9 +54,14 @@ impl DecoderLayer {
             (Some(moe), true) => {
                 let block = match moe.naming {
                     ExpertNaming::Mixtral => "block_sparse_moe",
-                    ExpertNaming::Qwen => "mlp",
+                    ExpertNaming::Qwen | ExpertNaming::DeepSeek => "mlp",
                 };
-                FeedForward::Sparse(MoeBlock::load(store, &format!("{prefix}.{block}"), h, moe)?)
+                FeedForward::Sparse(Box::new(MoeBlock::load(
+                    store,
+                    &format!("{prefix}.{block}"),
+                    h,
+                    moe,
+                )?))
             }
             _ => FeedForward::Dense(GatedMlp::load(
                 store,
@@ -59,7 +73,12 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_layernorm: RmsNorm::load(store, &format!("{prefix}.input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: Attention::load(store, &format!("{prefix}.self_attn"), cfg)?,
+            self_attn: match cfg.mla {
+                Some(_) => {
+                    SelfAttention::Latent(LatentAttention::load(store, &format!("{prefix}.self_attn"), cfg)?)
+                }
+                None => SelfAttention::Grouped(Attention::load(store, &format!("{prefix}.self_attn"), cfg)?),
+            },
             post_attention_layernorm: RmsNorm::load(
                 store,
                 &format!("{prefix}.post_attention_layernorm"),
@@ -117,11 +136,20 @@ impl CausalLm for DecoderModel {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        KvLayout {
-            num_layers: self.cfg.num_layers,
-            num_kv_heads: self.cfg.num_kv_heads,
-            key_dim: self.cfg.head_dim,
-            value_dim: self.cfg.head_dim,
+        match &self.cfg.mla {
+            // One latent vector per token, serving as key and value.
+            Some(mla) => KvLayout {
+                num_layers: self.cfg.num_layers,
+                num_kv_heads: 1,
+                key_dim: LatentAttention::cache_width(mla),
+                value_dim: 0,
+            },
+            None => KvLayout {
+                num_layers: self.cfg.num_layers,
+                num_kv_heads: self.cfg.num_kv_heads,
+                key_dim: self.cfg.head_dim,
+                value_dim: self.cfg.head_dim,
+            },
         }
     }
 
@@ -138,7 +166,10 @@ impl CausalLm for DecoderModel {
         let mut expert_load = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?;
+            let h = match &layer.self_attn {
+                SelfAttention::Grouped(a) => a.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?,
+                SelfAttention::Latent(a) => a.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?,
+            };
             x = (x + h)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             let h = match &layer.feed_forward {
