@@ -26,11 +26,15 @@ struct Server {
 
 impl Server {
     async fn start(extra: &[&str]) -> Server {
+        Self::start_model(&fixture(MODEL), extra).await
+    }
+
+    async fn start_model(model: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moeserve"))
             .args([
                 "serve",
                 "--model",
-                fixture(MODEL).to_str().unwrap(),
+                model.to_str().unwrap(),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -1013,4 +1017,104 @@ async fn models_health_openapi() {
     ] {
         assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
     }
+}
+
+/// A copy of the MoE fixture whose vocabulary has `<think>`/`</think>` (two rare ids
+/// re-purposed) and whose chat template opens a thought, as DeepSeek-R1's does.
+fn reasoning_fixture(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(fixture(MODEL)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let tok_path = dir.join("tokenizer.json");
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    for (id, text) in [(380u64, "<think>"), (381, "</think>")] {
+        // Rename the vocabulary entry and drop the merge that produced it.
+        let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+        let old = vocab
+            .iter()
+            .find(|(_, v)| v.as_u64() == Some(id))
+            .map(|(k, _)| k.clone())
+            .unwrap();
+        vocab.remove(&old);
+        vocab.insert(text.into(), id.into());
+        tok["model"]["merges"].as_array_mut().unwrap().retain(|m| {
+            let pair: Vec<String> = match m {
+                Value::String(s) => s.split(' ').map(String::from).collect(),
+                other => serde_json::from_value(other.clone()).unwrap(),
+            };
+            pair.concat() != old
+        });
+        tok["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": id, "content": text, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+    }
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let template = cfg["chat_template"]
+        .as_str()
+        .unwrap()
+        .replace("assistant\\n' }}", "assistant\\n<think>\\n' }}");
+    assert!(template.contains("<think>"));
+    cfg["chat_template"] = template.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reasoning_content_is_split_from_the_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("reasoner");
+    reasoning_fixture(&dir);
+    let s = Server::start_model(&dir, &["--served-model-name", MODEL]).await;
+    // The thought never closes: all of it is reasoning.
+    let v = s
+        .chat(chat_body("Think about it", json!({"max_tokens": 10})))
+        .await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["content"], "");
+    assert!(!m["reasoning_content"].as_str().unwrap().is_empty());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    // A budget of 4 thinking tokens closes the thought; the answer follows.
+    let body = chat_body(
+        "Think about it",
+        json!({"max_tokens": 16, "max_reasoning_tokens": 4}),
+    );
+    let v = s.chat(body.clone()).await;
+    let m = &v["choices"][0]["message"];
+    let (reasoning, content) = (
+        m["reasoning_content"].as_str().unwrap(),
+        m["content"].as_str().unwrap(),
+    );
+    assert!(!reasoning.is_empty() && !content.is_empty(), "{m}");
+    assert!(!reasoning.contains("</think>") && !content.contains("</think>"));
+
+    // Streamed, the deltas add up to the same split.
+    let mut sb = body;
+    sb["stream"] = true.into();
+    let chunks = s.stream("/v1/chat/completions", sb).await;
+    let (mut r, mut c) = (String::new(), String::new());
+    for ch in &chunks[..chunks.len() - 1] {
+        let d = &ch["choices"][0]["delta"];
+        r.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        c.push_str(d["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!((r.as_str(), c.as_str()), (reasoning, content));
+
+    // Without a reasoning vocabulary the extension is refused.
+    let plain = Server::start(&[]).await;
+    let (st, v) = plain
+        .post(
+            "/v1/chat/completions",
+            chat_body("x", json!({"max_reasoning_tokens": 4})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("max_reasoning_tokens"))
+    );
 }

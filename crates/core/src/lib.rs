@@ -14,6 +14,7 @@ pub mod kv;
 pub mod layers;
 pub mod models;
 pub mod quant;
+pub mod reasoning;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;

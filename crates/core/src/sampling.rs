@@ -42,6 +42,19 @@ pub struct SamplingParams {
     /// Keep generating past EOS (vLLM's extension; benchmarks rely on it).
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
+    /// Caps a reasoning model's thought: after this many thinking tokens the thought is
+    /// closed by forcing its end token, and the answer follows.
+    pub reasoning_budget: Option<ReasoningBudget>,
+}
+
+/// `max_reasoning_tokens` in the model's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasoningBudget {
+    pub max_tokens: usize,
+    pub start_token: u32,
+    pub end_token: u32,
+    /// The prompt already opened the thought.
+    pub starts_open: bool,
 }
 
 impl Default for SamplingParams {
@@ -65,6 +78,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             skip_special_tokens: true,
+            reasoning_budget: None,
         }
     }
 }

@@ -134,6 +134,7 @@ impl SamplingFields {
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            reasoning_budget: None,
         })
     }
 }
@@ -180,6 +181,8 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<usize>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// Extension: close a reasoning model's thought after this many tokens.
+    pub max_reasoning_tokens: Option<usize>,
 }
 }
 // `user` and other unknown fields are accepted and ignored.

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use moeserve_core::chat::ChatTemplate;
 use moeserve_core::engine::{Engine, EngineConfig};
+use moeserve_core::reasoning::ReasoningTags;
 use moeserve_core::{DType, LoadOptions};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
@@ -39,6 +40,8 @@ pub struct LoadedEngine {
     /// The id clients use.
     pub id: String,
     pub template: Option<ChatTemplate>,
+    /// Set when chat output is split into reasoning and content.
+    pub reasoning: Option<ReasoningTags>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -241,8 +244,36 @@ fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
     } else {
         settings.served_model_name.clone()
     };
+    let tags = ReasoningTags::from_codec(&loaded.codec);
+    let reasoning = match settings.reasoning_parser.as_str() {
+        "none" => None,
+        "deepseek-r1" => Some(tags.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--reasoning-parser deepseek-r1: the model's vocabulary has no <think> and </think> tokens"
+            )
+        })?),
+        "auto" => tags.filter(|t| {
+            loaded
+                .codec
+                .chat_template()
+                .is_some_and(|tpl| tpl.contains(&t.start))
+        }),
+        other => anyhow::bail!("unknown reasoning parser {other:?} (auto, deepseek-r1 or none)"),
+    };
+    if let Some(t) = &reasoning {
+        tracing::info!(
+            "reasoning output: text between {} and {} goes to reasoning_content",
+            t.start,
+            t.end
+        );
+    }
     let engine = Engine::start(loaded.model, Arc::new(loaded.codec), config)?;
-    Ok(LoadedEngine { engine, id, template })
+    Ok(LoadedEngine {
+        engine,
+        id,
+        template,
+        reasoning,
+    })
 }
 
 /// Listens at once (so /health answers while the model loads), loads the model, serves

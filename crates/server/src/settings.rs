@@ -25,6 +25,7 @@ pub struct Settings {
     pub max_num_batched_tokens: usize,
     pub max_waiting_requests: usize,
     pub max_n: usize,
+    pub reasoning_parser: String,
     pub max_body_bytes: usize,
     pub request_timeout_secs: u64,
     pub sse_keepalive_secs: u64,
@@ -78,6 +79,9 @@ pub struct SettingsArgs {
     /// Most choices (n) per request.
     #[arg(long, env = "MOESERVE_MAX_N")]
     pub max_n: Option<usize>,
+    /// Reasoning output: auto, deepseek-r1 or none.
+    #[arg(long, env = "MOESERVE_REASONING_PARSER")]
+    pub reasoning_parser: Option<String>,
     /// Largest request body in bytes.
     #[arg(long, env = "MOESERVE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -133,6 +137,7 @@ impl Settings {
             max_num_batched_tokens,
             max_waiting_requests,
             max_n,
+            reasoning_parser,
             max_body_bytes,
             request_timeout_secs,
             sse_keepalive_secs,

@@ -67,6 +67,10 @@ struct Sequence {
     sampler: Sampler,
     detok: Detokenizer,
     stop: StopChecker,
+    /// Inside a reasoning model's thought, and how many tokens it has had (for
+    /// `reasoning_budget`).
+    thinking: bool,
+    thought_tokens: usize,
 }
 
 pub(super) struct EngineCore {
@@ -198,6 +202,8 @@ impl EngineCore {
                 sampler: Sampler::from_params(params, seed),
                 detok: Detokenizer::new(params.skip_special_tokens),
                 stop: StopChecker::new(params.stop.clone()),
+                thinking: params.reasoning_budget.is_some_and(|b| b.starts_open),
+                thought_tokens: 0,
             },
         );
         id
@@ -528,7 +534,24 @@ impl EngineCore {
             Vec::new()
         };
         let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
-        let (token, logprob) = seq.sampler.sample(logits, prompt, output, &banned);
+        let budget = req.params.reasoning_budget;
+        let (token, logprob) = match budget {
+            // The thought has had its budget: close it.
+            Some(b) if seq.thinking && seq.thought_tokens >= b.max_tokens => (
+                b.end_token,
+                req.params.logprobs.map(|k| token_logprob(logits, b.end_token, k)),
+            ),
+            _ => seq.sampler.sample(logits, prompt, output, &banned),
+        };
+        if let Some(b) = budget {
+            if token == b.start_token {
+                seq.thinking = true;
+            } else if token == b.end_token {
+                seq.thinking = false;
+            } else if seq.thinking {
+                seq.thought_tokens += 1;
+            }
+        }
         seq.tokens.push(token);
         req.usage.completion_tokens += 1;
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);

@@ -566,3 +566,35 @@ fn a_full_queue_refuses_at_once() {
     });
     assert!(e.submit(long()).is_ok());
 }
+
+#[test]
+fn a_reasoning_budget_closes_the_thought_after_that_many_tokens() {
+    // The fixture has no <think> tokens; any two ids serve to test the mechanism.
+    let e = start("llama", EngineConfig::default());
+    let prompt = filler(10, 4);
+    let free = run(&e, &prompt, greedy(30));
+    let (start_token, end_token) = (300, 301);
+    assert!(!free.choices[0].tokens[..12].contains(&end_token));
+    let budget = crate::sampling::ReasoningBudget {
+        max_tokens: 7,
+        start_token,
+        end_token,
+        starts_open: true,
+    };
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            reasoning_budget: Some(budget),
+            ..greedy(30)
+        },
+    );
+    let t = &o.choices[0].tokens;
+    assert_eq!(
+        t[..7],
+        free.choices[0].tokens[..7],
+        "the thought runs freely up to its budget"
+    );
+    assert_eq!(t[7], end_token, "then it is closed");
+    assert_eq!(t.len(), 30, "and the answer follows");
+}

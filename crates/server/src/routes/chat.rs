@@ -6,6 +6,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use moeserve_core::engine::{EngineEvent, FinishReason, GenerateRequest, TokenLogprob, Usage};
+use moeserve_core::reasoning::{ReasoningSplitter, SplitDelta};
+use moeserve_core::sampling::ReasoningBudget;
 use moeserve_core::TextCodec;
 use serde_json::{json, Value};
 
@@ -48,6 +50,27 @@ pub async fn chat_completions(
         .render(&messages, true, req.tools.as_ref(), req.tool_choice.as_ref())
         .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
     let codec: Arc<TextCodec> = m.engine.codec().clone();
+    let mut params = params;
+    // Reasoning models: a splitter per choice, and the optional thinking budget.
+    let opened = m.reasoning.as_ref().is_some_and(|t| t.opened_in(&prompt_text));
+    let splitter = m
+        .reasoning
+        .as_ref()
+        .map(|t| ReasoningSplitter::new(t.clone(), opened));
+    if let Some(max_tokens) = req.max_reasoning_tokens {
+        let t = m.reasoning.as_ref().ok_or_else(|| {
+            ApiError::invalid_param(
+                "max_reasoning_tokens",
+                "this model does not produce reasoning output",
+            )
+        })?;
+        params.reasoning_budget = Some(ReasoningBudget {
+            max_tokens,
+            start_token: t.start_token,
+            end_token: t.end_token,
+            starts_open: opened,
+        });
+    }
     let prompt = encode(codec.clone(), prompt_text).await?;
     let prompt_tokens = prompt.len();
     let n = params.n;
@@ -66,9 +89,18 @@ pub async fn chat_completions(
             .iter()
             .enumerate()
             .map(|(i, c)| {
+                let mut message = json!({"role": "assistant", "content": c.text});
+                if let Some(mut s) = splitter.clone() {
+                    let mut d = s.push(&c.text);
+                    let rest = s.finish();
+                    d.reasoning.push_str(&rest.reasoning);
+                    d.content.push_str(&rest.content);
+                    message =
+                        json!({"role": "assistant", "content": d.content, "reasoning_content": d.reasoning});
+                }
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": if want_logprobs { logprobs_json(&codec, &c.logprobs) } else { Value::Null },
                     "finish_reason": c.finish.map(finish_reason),
                 })
@@ -101,6 +133,7 @@ pub async fn chat_completions(
         let mut events = events;
         let mut usage = Usage { prompt_tokens, ..Usage::default() };
         let mut finished = vec![false; n];
+        let mut splitters = vec![splitter; n];
         for i in 0..n {
             yield chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]));
         }
@@ -113,12 +146,25 @@ pub async fn chat_completions(
                         continue;
                     }
                     let lp = if want_logprobs { logprobs_json(&codec, &logprobs) } else { Value::Null };
-                    yield chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]));
+                    let delta = match splitters[index].as_mut() {
+                        Some(s) => split_delta(s.push(&text)),
+                        None => json!({"content": text}),
+                    };
+                    if delta.as_object().is_some_and(|d| d.is_empty()) && lp.is_null() {
+                        continue;
+                    }
+                    yield chunk(json!([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}]));
                 }
                 EngineEvent::Finished { index, reason } => {
                     let which: Vec<usize> = if index == usize::MAX { (0..n).collect() } else { vec![index] };
                     for i in which {
                         if !std::mem::replace(&mut finished[i], true) {
+                            if let Some(s) = splitters[i].as_mut() {
+                                let rest = split_delta(s.finish());
+                                if !rest.as_object().is_some_and(|d| d.is_empty()) {
+                                    yield chunk(json!([{"index": i, "delta": rest, "logprobs": null, "finish_reason": null}]));
+                                }
+                            }
                             yield chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)}]));
                         }
                     }
@@ -139,6 +185,18 @@ pub async fn chat_completions(
         }
     };
     Ok(sse_response(stream, keepalive))
+}
+
+/// A stream delta with the non-empty parts of a reasoning split.
+fn split_delta(d: SplitDelta) -> Value {
+    let mut v = serde_json::Map::new();
+    if !d.reasoning.is_empty() {
+        v.insert("reasoning_content".into(), d.reasoning.into());
+    }
+    if !d.content.is_empty() {
+        v.insert("content".into(), d.content.into());
+    }
+    Value::Object(v)
 }
 
 /// Runs a request to the end: each choice's text, tokens, logprobs, finish reason.
