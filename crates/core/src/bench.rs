@@ -91,6 +91,33 @@ pub fn medium_moe_config() -> crate::config::ModelConfig {
     crate::config::ModelConfig::from_hf(&hf).expect("valid config")
 }
 
+/// The medium random DeepSeek-V3-shaped model of the benchmarks: hidden 1024, 16 layers
+/// (the first dense), 64 routed experts top-6 in 8 groups, 1 shared expert, latent
+/// attention with kv_lora_rank 512 and rope dim 64.
+pub fn medium_deepseek_config() -> crate::config::ModelConfig {
+    let hf: crate::config::HfConfig = serde_json::from_value(serde_json::json!({
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "q_lora_rank": 384, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+        "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 1,
+        "moe_intermediate_size": 256, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": true
+    }))
+    .expect("valid config");
+    crate::config::ModelConfig::from_hf(&hf).expect("valid config")
+}
+
+/// By name, for the bench commands: `random-moe` or `random-deepseek`.
+pub fn random_config(name: &str) -> Option<crate::config::ModelConfig> {
+    match name {
+        "random-moe" => Some(medium_moe_config()),
+        "random-deepseek" => Some(medium_deepseek_config()),
+        _ => None,
+    }
+}
+
 /// A model of `cfg`'s shape with random weights (N(0, 0.02)), built in memory.
 pub fn random_model(cfg: &crate::config::ModelConfig) -> Result<Box<dyn CausalLm>> {
     let store = crate::weights::WeightStore::random(0.02, candle_core::DType::F32, &candle_core::Device::Cpu);

@@ -236,24 +236,31 @@ fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
         dtype: args.dtype.map(Into::into),
         ..LoadOptions::default()
     };
-    let loaded = moeserve_core::load(&args.model, &opts)?;
+    let (model, name, dtype) = match moeserve_core::bench::random_config(&args.model) {
+        Some(cfg) => (
+            moeserve_core::bench::random_model(&cfg)?,
+            args.model.clone(),
+            DType::F32,
+        ),
+        None => {
+            let l = moeserve_core::load(&args.model, &opts)?;
+            (l.model, l.name, l.dtype)
+        }
+    };
+    let layout = model.kv_layout();
     println!(
-        "model {} ({:?}), {} threads, prompt {} tokens, decode {} tokens",
-        loaded.name,
-        loaded.dtype,
+        "model {name} ({dtype:?}), {} threads, prompt {} tokens, decode {} tokens; KV cache {} bytes/token, {} tokens per GiB",
         rayon_threads(),
         args.prompt_len,
-        args.decode_tokens
+        args.decode_tokens,
+        layout.bytes_per_token(),
+        (1usize << 30) / layout.bytes_per_token()
     );
     println!("| batch | prefill tok/s | decode tok/s |");
     println!("|---:|---:|---:|");
     for &b in &args.batches {
-        let r = moeserve_core::bench::forward_throughput(
-            loaded.model.as_ref(),
-            b,
-            args.prompt_len,
-            args.decode_tokens,
-        )?;
+        let r =
+            moeserve_core::bench::forward_throughput(model.as_ref(), b, args.prompt_len, args.decode_tokens)?;
         println!("| {b} | {:.1} | {:.1} |", r.prefill_tok_s, r.decode_tok_s);
     }
     Ok(())
@@ -269,11 +276,10 @@ fn rayon_threads() -> usize {
 fn run_engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     use moeserve_core::bench;
     use moeserve_core::engine::{Engine, EngineConfig};
-    let (model, codec, name) = if args.model == "random-moe" {
-        let cfg = bench::medium_moe_config();
+    let (model, codec, name) = if let Some(cfg) = bench::random_config(&args.model) {
         // No tokenizer comes with random weights: a byte-level stand-in only decodes ids.
         let codec = moeserve_core::TextCodec::byte_fallback(cfg.vocab_size);
-        (bench::random_model(&cfg)?, codec, "random-moe".to_string())
+        (bench::random_model(&cfg)?, codec, args.model.clone())
     } else {
         let l = moeserve_core::load(&args.model, &LoadOptions::default())?;
         (l.model, l.codec, l.name)

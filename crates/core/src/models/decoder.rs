@@ -136,21 +136,7 @@ impl CausalLm for DecoderModel {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        match &self.cfg.mla {
-            // One latent vector per token, serving as key and value.
-            Some(mla) => KvLayout {
-                num_layers: self.cfg.num_layers,
-                num_kv_heads: 1,
-                key_dim: LatentAttention::cache_width(mla),
-                value_dim: 0,
-            },
-            None => KvLayout {
-                num_layers: self.cfg.num_layers,
-                num_kv_heads: self.cfg.num_kv_heads,
-                key_dim: self.cfg.head_dim,
-                value_dim: self.cfg.head_dim,
-            },
-        }
+        super::kv_layout(&self.cfg)
     }
 
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
