@@ -1118,3 +1118,27 @@ async fn reasoning_content_is_split_from_the_answer() {
         (400, Some("max_reasoning_tokens"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_request_deadline_ends_long_requests() {
+    let s = Server::start(&["--request-timeout-secs", "1"]).await;
+    let t = Instant::now();
+    let v = s
+        .chat(chat_body("Go on and on", json!({"max_tokens": 1900})))
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n > 0 && n < 1900, "{n} tokens");
+    s.wait_metric("moeserve_kv_cache_blocks_used", 0.0).await;
+    let chunks = s
+        .stream(
+            "/v1/chat/completions",
+            chat_body("Go on", json!({"max_tokens": 1900, "stream": true})),
+        )
+        .await;
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "length"));
+}

@@ -2,19 +2,16 @@
 //! writes them) run through the same model code as their safetensors originals, and bad
 //! files are reported clearly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
+mod common;
+
+use common::{fixture, prefill_logits};
 use moeserve_core::generate::generate;
 use moeserve_core::sampling::Sampler;
-use moeserve_core::{BlockAllocator, ForwardBatch, KvCache, LoadOptions, LoadedModel, SequenceInput};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+use moeserve_core::{BlockAllocator, KvCache, LoadOptions, LoadedModel};
 
 fn load(path: &Path) -> LoadedModel {
     moeserve_core::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()
@@ -42,20 +39,6 @@ fn prompts(name: &str) -> Vec<(String, Vec<u32>)> {
             )
         })
         .collect()
-}
-
-fn prefill_logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
-    let mut kv = KvCache::new(m.model.kv_layout(), 16, 16).unwrap();
-    let mut alloc = BlockAllocator::new(16);
-    let mut table = moeserve_core::BlockTable::new();
-    table.reserve(&mut alloc, ids.len(), 16).unwrap();
-    let batch = ForwardBatch::new(vec![SequenceInput {
-        tokens: ids,
-        start_pos: 0,
-        block_table: table.blocks(),
-        all_logits: false,
-    }]);
-    m.model.forward(&batch, &mut kv).unwrap().last_logits(0).unwrap()
 }
 
 fn greedy(m: &LoadedModel, ids: &[u32]) -> Vec<u32> {

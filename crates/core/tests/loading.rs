@@ -2,15 +2,12 @@
 //! and the errors a broken checkpoint produces.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use moeserve_core::{BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadOptions, SequenceInput};
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+use common::{fixture, prefill_logits};
+use moeserve_core::LoadOptions;
 
 /// A copy of a fixture directory that a test may break.
 fn copy_fixture(name: &str, to: &Path) {
@@ -31,23 +28,8 @@ fn load_err(dir: &Path) -> String {
 /// The prefill logits of a fixed prompt: the same checkpoint found two ways must agree.
 fn prompt_logits(spec: &str) -> Vec<f32> {
     let loaded = moeserve_core::load(spec, &LoadOptions::default()).unwrap();
-    let mut kv = KvCache::new(loaded.model.kv_layout(), 16, 8).unwrap();
-    let mut alloc = BlockAllocator::new(8);
-    let mut table = BlockTable::new();
     let prompt = loaded.codec.encode("The quick brown fox").unwrap();
-    table.reserve(&mut alloc, prompt.len(), 16).unwrap();
-    let batch = ForwardBatch::new(vec![SequenceInput {
-        tokens: &prompt,
-        start_pos: 0,
-        block_table: table.blocks(),
-        all_logits: false,
-    }]);
-    loaded
-        .model
-        .forward(&batch, &mut kv)
-        .unwrap()
-        .last_logits(0)
-        .unwrap()
+    prefill_logits(&loaded, &prompt)
 }
 
 fn read_tensors(path: &Path) -> HashMap<String, candle_core::Tensor> {
@@ -251,23 +233,8 @@ fn half_precision_dtypes_stay_close_to_f32() {
     let logits = |dtype| {
         let loaded = load(dtype);
         assert_eq!(loaded.dtype, dtype);
-        let mut kv = KvCache::new(loaded.model.kv_layout(), 16, 8).unwrap();
-        let mut alloc = BlockAllocator::new(8);
-        let mut table = BlockTable::new();
         let prompt = loaded.codec.encode("The quick brown fox jumps").unwrap();
-        table.reserve(&mut alloc, prompt.len(), 16).unwrap();
-        let batch = ForwardBatch::new(vec![SequenceInput {
-            tokens: &prompt,
-            start_pos: 0,
-            block_table: table.blocks(),
-            all_logits: false,
-        }]);
-        loaded
-            .model
-            .forward(&batch, &mut kv)
-            .unwrap()
-            .last_logits(0)
-            .unwrap()
+        prefill_logits(&loaded, &prompt)
     };
     let full = logits(candle_core::DType::F32);
     let spread =

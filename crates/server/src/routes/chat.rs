@@ -11,12 +11,13 @@ use moeserve_core::sampling::ReasoningBudget;
 use moeserve_core::TextCodec;
 use serde_json::{json, Value};
 
-use super::{encode, finish_reason, merge, sse_response, token_text, usage_json, ChoiceState, Timing};
+use super::{
+    chunk_builder, encode, envelope, finish_reason, include_usage, merge, sse_response, token_text,
+    usage_json, ChoiceState, Timing,
+};
 use crate::error::ApiError;
 use crate::openai::{unix_now, ChatCompletionRequest};
 use crate::server::{ApiJson, SharedState};
-
-pub const SYSTEM_FINGERPRINT: &str = concat!("moeserve-", env!("CARGO_PKG_VERSION"));
 
 /// OpenAI's chat `logprobs` object.
 fn logprobs_json(codec: &TextCodec, lps: &[TokenLogprob]) -> Value {
@@ -106,26 +107,13 @@ pub async fn chat_completions(
                 })
             })
             .collect();
-        return Ok(axum::Json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage_json(&usage),
-        }))
-        .into_response());
+        let mut body = envelope(&id, "chat.completion", created, &model, Value::Array(choices));
+        body["usage"] = usage_json(&usage);
+        return Ok(axum::Json(body).into_response());
     }
 
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    let chunk = move |choices: Value| {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices});
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
-    };
+    let include_usage = include_usage(&req.stream_options);
+    let chunk = chunk_builder(id, "chat.completion.chunk", created, model, include_usage);
     let keepalive = state.settings.sse_keepalive_secs;
     let st = state.clone();
     let stream = async_stream::stream! {

@@ -10,9 +10,9 @@ use moeserve_core::engine::{EngineEvent, FinishReason, GenerateRequest, TokenLog
 use moeserve_core::TextCodec;
 use serde_json::{json, Map, Value};
 
-use super::chat::SYSTEM_FINGERPRINT;
 use super::{
-    add_usage, encode, finish_reason, merge, sse_response, token_text, usage_json, ChoiceState, Timing,
+    add_usage, chunk_builder, encode, envelope, finish_reason, include_usage, merge, sse_response,
+    token_text, usage_json, ChoiceState, Timing,
 };
 use crate::error::ApiError;
 use crate::openai::{unix_now, CompletionRequest, Prompt};
@@ -157,26 +157,13 @@ pub async fn completions(
                 })
             })
             .collect();
-        return Ok(axum::Json(json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage_json(&usage),
-        }))
-        .into_response());
+        let mut body = envelope(&id, "text_completion", created, &model, Value::Array(choices));
+        body["usage"] = usage_json(&usage);
+        return Ok(axum::Json(body).into_response());
     }
 
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    let chunk = move |choices: Value| {
-        let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                           "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices});
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
-    };
+    let include_usage = include_usage(&req.stream_options);
+    let chunk = chunk_builder(id, "text_completion", created, model, include_usage);
     let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let keepalive = state.settings.sse_keepalive_secs;
     let st = state.clone();

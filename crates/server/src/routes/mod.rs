@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, Stream, StreamExt};
 use moeserve_core::engine::{EngineEvent, FinishReason, RequestHandle, TokenLogprob, Usage};
 use moeserve_core::TextCodec;
+use serde_json::Value;
 
 use crate::server::AppState;
+
+pub const SYSTEM_FINGERPRINT: &str = concat!("moeserve-", env!("CARGO_PKG_VERSION"));
 
 /// Every event of a request's engine requests (several for a multi-prompt completion),
 /// tagged with the engine request's position. Ends when all have sent `Done`; a deadline
@@ -168,4 +171,33 @@ where
                 .text("keep-alive"),
         )
         .into_response()
+}
+
+/// A response object: `object` is `chat.completion`, `text_completion`, ...
+pub fn envelope(id: &str, object: &str, created: u64, model: &str, choices: Value) -> Value {
+    serde_json::json!({"id": id, "object": object, "created": created, "model": model,
+                       "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices})
+}
+
+/// Builds the stream's chunks: each carries `"usage": null` when the client asked for a
+/// final usage chunk.
+pub fn chunk_builder(
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> impl Fn(Value) -> Value {
+    move |choices| {
+        let mut c = envelope(&id, object, created, &model, choices);
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+}
+
+/// `stream_options.include_usage`
+pub fn include_usage(o: &Option<crate::openai::StreamOptions>) -> bool {
+    o.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
 }
