@@ -2,6 +2,7 @@
 
 mod cli;
 mod error;
+mod loadgen;
 mod metrics;
 mod openai;
 mod routes;

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# moeserve side by side with llama.cpp on the same GGUF, the same threads, the same load.
+# Builds llama.cpp from the llama-cpp-python sdist (bench/build-llamacpp.sh, git-ignored),
+# then prints one table with ratios (moeserve / llama.cpp).
+#
+#   bench/compare-llamacpp.sh [model.gguf] [threads]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="${1:-$(scripts/fetch-default-model.sh)}"
+threads="${2:-$(nproc)}"
+levels="${LEVELS:-1,16,64}"
+tokens="${MAX_TOKENS:-128}"
+bin="$(bench/build-llamacpp.sh | tail -n1)"
+cargo build --release -q -p moeserve
+ms=target/release/moeserve
+export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+out="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
+
+echo "== memory bandwidth"
+RAYON_NUM_THREADS="$threads" $ms bench memory --model "$model" | tee "$out/mem"
+
+echo "== kernels: llama-bench -p 512 -n 128 vs moeserve bench kernel"
+"$bin/llama-bench" -m "$model" -p 512 -n 128 -t "$threads" -o json > "$out/llama-bench.json"
+RAYON_NUM_THREADS="$threads" $ms bench kernel --model "$model" --prompt-len 512 --decode-tokens 128 --batches 1 | tee "$out/kernel"
+
+wait_ready() { for _ in $(seq 1 600); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
+name="$(basename "$model" .gguf)"
+
+echo "== serving: llama-server -np 16"
+"$bin/llama-server" -m "$model" -t "$threads" -np 16 -c $((16 * 1024)) --port 18180 --host 127.0.0.1 >"$out/llama-server.log" 2>&1 &
+lpid=$!
+wait_ready http://127.0.0.1:18180/health
+$ms bench serve --url http://127.0.0.1:18180 --model "$name" --concurrency "$levels" --max-tokens "$tokens" --json | tee "$out/llama-serve.jsonl"
+kill "$lpid"; wait "$lpid" 2>/dev/null || true
+
+echo "== serving: moeserve"
+RAYON_NUM_THREADS="$threads" $ms serve --model "$model" --port 18181 >"$out/moeserve.log" 2>&1 &
+mpid=$!
+wait_ready http://127.0.0.1:18181/ready
+$ms bench serve --url http://127.0.0.1:18181 --model "$name" --concurrency "$levels" --max-tokens "$tokens" --json | tee "$out/moeserve-serve.jsonl"
+kill -TERM "$mpid"; wait "$mpid" 2>/dev/null || true
+
+python3 - "$out" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+lb = json.load(open(f"{out}/llama-bench.json"))
+l_pp = next(r["avg_ts"] for r in lb if r["n_prompt"] > 0)
+l_tg = next(r["avg_ts"] for r in lb if r["n_gen"] > 0)
+row = [l for l in open(f"{out}/kernel") if l.startswith("| 1 |")][0].split("|")
+m_pp, m_tg = float(row[2]), float(row[3])
+print("\n| metric | moeserve | llama.cpp | ratio |\n|---|---:|---:|---:|")
+print(f"| prefill tok/s (512) | {m_pp:.1f} | {l_pp:.1f} | {m_pp / l_pp:.2f} |")
+print(f"| decode tok/s (batch 1) | {m_tg:.1f} | {l_tg:.1f} | {m_tg / l_tg:.2f} |")
+load = lambda f: {r["concurrency"]: r for r in map(json.loads, open(f))}
+m, l = load(f"{out}/moeserve-serve.jsonl"), load(f"{out}/llama-serve.jsonl")
+for c in sorted(m):
+    print(f"| output tok/s at {c} streams | {m[c]['output_tok_s']:.1f} | {l[c]['output_tok_s']:.1f} | {m[c]['output_tok_s'] / l[c]['output_tok_s']:.2f} |")
+    print(f"| TTFT p99 ms at {c} streams | {m[c]['ttft_ms']['p99']:.0f} | {l[c]['ttft_ms']['p99']:.0f} | {m[c]['ttft_ms']['p99'] / l[c]['ttft_ms']['p99']:.2f} |")
+mem = open(f"{out}/mem").read()
+bound = re.search(r"decode bound (\d+)", mem)
+if bound:
+    b = float(bound.group(1))
+    print(f"| batch-1 decode / memory bound | {m_tg / b:.0%} | {l_tg / b:.0%} | |")
+PY

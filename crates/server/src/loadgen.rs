@@ -1,0 +1,191 @@
+//! `moeserve bench serve`: drives any OpenAI-compatible server with concurrent streaming
+//! chat requests and reports vLLM's serving metrics per concurrency level.
+//!
+//! Definitions (as vLLM's benchmark_serving and ../shared/loadgen.py):
+//! - TTFT: request sent -> first content chunk;
+//! - TPOT: per request, (end - first token) / (output tokens - 1);
+//! - ITL: every gap between consecutive content chunks;
+//! - E2E: request sent -> last chunk;
+//! - goodput: completed requests per second that met both the TTFT and TPOT targets.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+#[derive(clap::Args)]
+pub struct ServeBenchArgs {
+    /// Base URL of the server (e.g. http://127.0.0.1:8080).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Model id to request.
+    #[arg(long)]
+    model: String,
+    /// Concurrency levels; each runs that many requests at once.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Tokens per request (sent with ignore_eos, which vLLM and llama.cpp honour).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Requests per level, as a multiple of the concurrency.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// TTFT target for goodput, in milliseconds.
+    #[arg(long, default_value_t = 2000.0)]
+    ttft_slo_ms: f64,
+    /// TPOT target for goodput, in milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    tpot_slo_ms: f64,
+    /// Bearer key, if the server wants one.
+    #[arg(long, env = "MOESERVE_API_KEY")]
+    api_key: Option<String>,
+    /// Print one JSON object per level instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RequestResult {
+    ok: bool,
+    ttft: f64,
+    e2e: f64,
+    tokens: usize,
+    itl: Vec<f64>,
+}
+
+async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> RequestResult {
+    let prompt = format!(
+        "Request {i}: write a long story about a lighthouse keeper who finds a message in a bottle, \
+         with many details about the sea, the weather and the town."
+    );
+    let body = json!({"model": args.model, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+    let start = Instant::now();
+    let mut req = client
+        .post(format!("{}/v1/chat/completions", args.url.trim_end_matches('/')))
+        .json(&body);
+    if let Some(k) = &args.api_key {
+        req = req.bearer_auth(k);
+    }
+    let mut r = RequestResult::default();
+    let Ok(resp) = req.send().await else { return r };
+    if !resp.status().is_success() {
+        return r;
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut last: Option<Instant> = None;
+    while let Some(Ok(bytes)) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    r.ok = r.tokens > 0;
+                    r.e2e = start.elapsed().as_secs_f64();
+                    return r;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                let has_content = v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty());
+                if has_content {
+                    let now = Instant::now();
+                    match last {
+                        None => r.ttft = (now - start).as_secs_f64(),
+                        Some(t) => r.itl.push((now - t).as_secs_f64()),
+                    }
+                    last = Some(now);
+                    r.tokens += 1;
+                }
+            }
+        }
+    }
+    r
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    // One warm-up request (model load, caches).
+    let warm = one(&client, &args, usize::MAX).await;
+    anyhow::ensure!(warm.ok, "the warm-up request to {} failed", args.url);
+    if !args.json {
+        println!(
+            "| concurrent | req/s | output tok/s | TTFT mean / p50 / p99 ms | TPOT mean ms | ITL mean / p99 ms | E2E mean ms | goodput req/s | errors |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
+    for &c in &args.concurrency {
+        let n = c * args.rounds.max(1);
+        let start = Instant::now();
+        let results: Vec<RequestResult> = futures::stream::iter(0..n)
+            .map(|i| one(&client, &args, i))
+            .buffer_unordered(c)
+            .collect()
+            .await;
+        let wall = start.elapsed().as_secs_f64();
+        let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
+        let mut ttft: Vec<f64> = ok.iter().map(|r| r.ttft * 1e3).collect();
+        let tpot: Vec<f64> = ok
+            .iter()
+            .filter(|r| r.tokens > 1)
+            .map(|r| (r.e2e - r.ttft) * 1e3 / (r.tokens - 1) as f64)
+            .collect();
+        let mut itl: Vec<f64> = ok.iter().flat_map(|r| r.itl.iter().map(|x| x * 1e3)).collect();
+        let e2e: Vec<f64> = ok.iter().map(|r| r.e2e * 1e3).collect();
+        let tokens: usize = ok.iter().map(|r| r.tokens).sum();
+        let good = ok
+            .iter()
+            .filter(|r| {
+                r.ttft * 1e3 <= args.ttft_slo_ms
+                    && (r.tokens <= 1 || (r.e2e - r.ttft) * 1e3 / (r.tokens - 1) as f64 <= args.tpot_slo_ms)
+            })
+            .count();
+        let row = json!({
+            "concurrency": c, "requests": n, "errors": n - ok.len(), "wall_s": wall,
+            "request_throughput": ok.len() as f64 / wall, "output_tok_s": tokens as f64 / wall,
+            "ttft_ms": {"mean": mean(&ttft), "p50": percentile(&mut ttft, 50.0), "p99": percentile(&mut ttft, 99.0)},
+            "tpot_ms_mean": mean(&tpot),
+            "itl_ms": {"mean": mean(&itl), "p99": percentile(&mut itl, 99.0)},
+            "e2e_ms_mean": mean(&e2e),
+            "goodput_req_s": good as f64 / wall,
+        });
+        if args.json {
+            println!("{row}");
+        } else {
+            println!(
+                "| {c} | {:.2} | {:.1} | {:.0} / {:.0} / {:.0} | {:.1} | {:.1} / {:.1} | {:.0} | {:.2} | {} |",
+                row["request_throughput"].as_f64().unwrap(),
+                row["output_tok_s"].as_f64().unwrap(),
+                row["ttft_ms"]["mean"].as_f64().unwrap(),
+                row["ttft_ms"]["p50"].as_f64().unwrap(),
+                row["ttft_ms"]["p99"].as_f64().unwrap(),
+                row["tpot_ms_mean"].as_f64().unwrap(),
+                row["itl_ms"]["mean"].as_f64().unwrap(),
+                row["itl_ms"]["p99"].as_f64().unwrap(),
+                row["e2e_ms_mean"].as_f64().unwrap(),
+                row["goodput_req_s"].as_f64().unwrap(),
+                n - ok.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
