@@ -195,6 +195,9 @@ pub fn gguf_name(hf: &str, stacked_experts: bool) -> Option<GgufName> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if rest == "mlp.gate.e_score_correction_bias" {
+        return plain(format!("blk.{layer}.exp_probs_b.bias"));
+    }
     let (stem, suffix) = rest.rsplit_once('.')?; // suffix: weight | bias
     let blk = |n: &str| plain(format!("blk.{layer}.{n}.{suffix}"));
     // Routed experts: `mlp.experts.E.gate_proj` or `block_sparse_moe.experts.E.w1`.
@@ -238,6 +241,19 @@ pub fn gguf_name(hf: &str, stacked_experts: bool) -> Option<GgufName> {
         "mlp.shared_expert.up_proj" => "ffn_up_shexp",
         "mlp.shared_expert.down_proj" => "ffn_down_shexp",
         "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
+        // DeepSeek: shared experts and latent attention (the split k_b/v_b form is how
+        // current llama.cpp stores kv_b_proj).
+        "mlp.shared_experts.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_experts.up_proj" => "ffn_up_shexp",
+        "mlp.shared_experts.down_proj" => "ffn_down_shexp",
+        "self_attn.q_a_proj" => "attn_q_a",
+        "self_attn.q_a_layernorm" => "attn_q_a_norm",
+        "self_attn.q_b_proj" => "attn_q_b",
+        "self_attn.kv_a_proj_with_mqa" => "attn_kv_a_mqa",
+        "self_attn.kv_a_layernorm" => "attn_kv_a_norm",
+        "self_attn.kv_b_proj" => "attn_kv_b",
+        "self_attn.k_b_proj" => "attn_k_b",
+        "self_attn.v_b_proj" => "attn_v_b",
         _ => return None,
     };
     blk(gguf)
@@ -262,13 +278,14 @@ pub(crate) fn meta_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<
 }
 
 /// The GGUF architectures we run, and the Hugging Face architecture each one is.
-const ARCHITECTURES: [(&str, &str); 6] = [
+const ARCHITECTURES: [(&str, &str); 7] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("qwen2moe", "Qwen2MoeForCausalLM"),
     ("qwen3moe", "Qwen3MoeForCausalLM"),
     ("olmoe", "OlmoeForCausalLM"),
+    ("deepseek2", "DeepseekV2ForCausalLM"),
 ];
 
 /// Builds the model configuration from GGUF metadata and the tensors present.
@@ -294,10 +311,11 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     let num = |k: &str| meta_u64(md, &key(k)).map(|v| v as usize);
     let need = |k: &str| num(k).ok_or_else(|| bad(format!("missing metadata {}", key(k))));
     let expert_count = num("expert_count").unwrap_or(0);
-    let hf_arch = if arch == "llama" && expert_count > 0 {
-        "MixtralForCausalLM"
-    } else {
-        hf_arch
+    let hf_arch = match arch {
+        "llama" if expert_count > 0 => "MixtralForCausalLM",
+        // V3 routes with sigmoid scores (expert_gating_func 2).
+        "deepseek2" if num("expert_gating_func") == Some(2) => "DeepseekV3ForCausalLM",
+        _ => hf_arch,
     };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
@@ -311,13 +329,26 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
             factor: meta_f64(md, &key("rope.scaling.factor")),
             ..Default::default()
         }),
+        Some("yarn") => {
+            // llama.cpp stores DeepSeek's 0.1 * mscale_all_dim as the log multiplier.
+            let mscale_all_dim = meta_f64(md, &key("rope.scaling.yarn_log_multiplier")).map(|m| m / 0.1);
+            Some(HfRopeScaling {
+                rope_type: Some("yarn".into()),
+                factor: meta_f64(md, &key("rope.scaling.factor")),
+                original_max_position_embeddings: num("rope.scaling.original_context_length"),
+                mscale: mscale_all_dim,
+                mscale_all_dim,
+                ..Default::default()
+            })
+        }
         Some("none") | None => None,
         Some(other) => return Err(bad(format!("rope scaling {other:?} is not supported"))),
     };
     let head_dim = num("attention.key_length")
         .or(num("rope.dimension_count"))
         .unwrap_or(hidden / heads);
-    let hf = HfConfig {
+    let deepseek = arch == "deepseek2";
+    let mut hf = HfConfig {
         architectures: vec![hf_arch.to_string()],
         vocab_size: vocab,
         hidden_size: hidden,
@@ -347,6 +378,9 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
         eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|v| v.into()),
         ..Default::default()
     };
+    if deepseek {
+        apply_deepseek_fields(&mut hf, md, expert_count);
+    }
     let mut cfg = ModelConfig::from_hf(&hf).map_err(|e| match e {
         Error::Config { message, .. } => bad(message),
         other => other,
@@ -360,7 +394,8 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     }
     // llama.cpp's converter permutes the q/k rows of `llama` models into the interleaved
     // rotary layout; the other architectures keep Hugging Face's half-split layout.
-    cfg.rope.interleaved = arch == "llama";
+    // DeepSeek's weights are interleaved as published (llama.cpp's NORM rope type).
+    cfg.rope.interleaved = arch == "llama" || deepseek;
     // Llama 3 long-context scaling is stored as precomputed per-frequency divisors.
     if ckpt.has_tensor("rope_freqs.weight") {
         let (t, _) = ckpt.qtensor("rope_freqs.weight", None, &Device::Cpu)?;
@@ -373,6 +408,50 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
         );
     }
     Ok(cfg)
+}
+
+/// DeepSeek's latent-attention and routing fields, as llama.cpp's `deepseek2` stores them.
+fn apply_deepseek_fields(hf: &mut HfConfig, md: &HashMap<String, Value>, expert_count: usize) {
+    let num = |k: &str| meta_u64(md, &format!("deepseek2.{k}")).map(|v| v as usize);
+    let rope = num("rope.dimension_count").unwrap_or(64);
+    // Current files: key_length is the latent width, key_length_mla the per-head q/k width.
+    let qk = num("attention.key_length_mla")
+        .or(num("attention.key_length"))
+        .unwrap_or(rope + 128);
+    let v = num("attention.value_length_mla")
+        .or(num("attention.value_length"))
+        .unwrap_or(128);
+    let n_group = num("expert_group_count").filter(|&g| g > 1);
+    let sigmoid = num("expert_gating_func") == Some(2);
+    // llama.cpp writes the latent attention as one key/value head; the model has `heads`.
+    hf.num_key_value_heads = num("attention.head_count");
+    hf.head_dim = None;
+    hf.partial_rotary_factor = None;
+    hf.q_lora_rank = num("attention.q_lora_rank");
+    hf.kv_lora_rank = num("attention.kv_lora_rank");
+    hf.qk_rope_head_dim = Some(rope);
+    hf.qk_nope_head_dim = Some(qk - rope);
+    hf.v_head_dim = Some(v);
+    hf.n_routed_experts = (expert_count > 0).then_some(expert_count);
+    hf.n_shared_experts = num("expert_shared_count");
+    hf.routed_scaling_factor = meta_f64(md, "deepseek2.expert_weights_scale");
+    hf.norm_topk_prob = Some(
+        md.get("deepseek2.expert_weights_norm")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
+    );
+    hf.first_k_dense_replace = num("leading_dense_block_count");
+    hf.scoring_func = Some(if sigmoid { "sigmoid" } else { "softmax" }.into());
+    hf.topk_method = Some(
+        match (sigmoid, n_group) {
+            (true, _) => "noaux_tc",
+            (false, Some(_)) => "group_limited_greedy",
+            (false, None) => "greedy",
+        }
+        .into(),
+    );
+    hf.n_group = n_group.or(Some(1));
+    hf.topk_group = num("expert_group_used_count").or(Some(1));
 }
 
 #[cfg(test)]

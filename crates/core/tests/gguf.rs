@@ -192,3 +192,15 @@ fn bad_gguf_files_are_reported_with_the_file_and_the_problem() {
         "{err}"
     );
 }
+
+/// llama.cpp's `deepseek2` layout: latent attention with kv_b split into k_b/v_b.
+#[test]
+fn deepseek_v2_gguf_f16_matches_safetensors() {
+    check_twin("deepseek_v2-f16.gguf", "deepseek_v2", 2e-2);
+}
+
+/// The same with V3's sigmoid routing, groups, correction bias (exp_probs_b) and YaRN.
+#[test]
+fn deepseek_v3_gguf_f16_matches_safetensors() {
+    check_twin("deepseek_v3-f16.gguf", "deepseek_v3", 2e-2);
+}

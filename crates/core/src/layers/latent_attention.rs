@@ -67,15 +67,22 @@ impl LatentAttention {
             },
         };
         let (lora, nope, v) = (mla.kv_lora_rank, mla.qk_nope_head_dim, mla.v_head_dim);
-        // The up-projection is split per head into its key and value parts, once.
-        let kv_b = store.get(&format!("{prefix}.kv_b_proj.weight"), &[nh * (nope + v), lora])?;
-        let kv_b = kv_b.to_dtype(DType::F32)?.reshape((nh, nope + v, lora))?;
-        let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?.to_dtype(store.dtype())?;
-        let w_uv_t = kv_b
-            .narrow(1, nope, v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .to_dtype(store.dtype())?;
+        // The up-projection split per head into its key and value parts, once. Checkpoints
+        // store it whole (kv_b_proj); current llama.cpp GGUFs already split, k_b transposed.
+        let (w_uk, w_uv_t) = if store.contains(&format!("{prefix}.kv_b_proj.weight")) {
+            let kv_b = store.get(&format!("{prefix}.kv_b_proj.weight"), &[nh * (nope + v), lora])?;
+            let kv_b = kv_b.to_dtype(DType::F32)?.reshape((nh, nope + v, lora))?;
+            (
+                kv_b.narrow(1, 0, nope)?,
+                kv_b.narrow(1, nope, v)?.transpose(1, 2)?,
+            )
+        } else {
+            let k_b = store.get(&format!("{prefix}.k_b_proj.weight"), &[nh, lora, nope])?;
+            let v_b = store.get(&format!("{prefix}.v_b_proj.weight"), &[nh, v, lora])?;
+            (k_b.transpose(1, 2)?, v_b.transpose(1, 2)?)
+        };
+        let w_uk = w_uk.contiguous()?.to_dtype(store.dtype())?;
+        let w_uv_t = w_uv_t.contiguous()?.to_dtype(store.dtype())?;
         Ok(Self {
             q,
             kv_a: Linear::load(
