@@ -198,28 +198,40 @@ fn unpack(f: Format, b: &[u8], w: &mut [f32; BLOCK]) {
 
 #[inline(always)]
 fn row_impl(f: Format, row: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
-    let bpb = f.bytes_per_block();
-    let blocks = k / BLOCK;
     let tokens = out.len();
-    let mut w = [0f32; BLOCK];
     let mut t0 = 0;
     while t0 < tokens {
+        // Fixed tile sizes let the compiler keep every accumulator in registers.
         let tile = TOKEN_TILE.min(tokens - t0);
-        // Per-token vector accumulators; lanes are summed once at the end.
-        let mut acc = [[0f32; BLOCK]; TOKEN_TILE];
-        for b in 0..blocks {
-            unpack(f, &row[b * bpb..(b + 1) * bpb], &mut w);
-            for (ti, a) in acc.iter_mut().enumerate().take(tile) {
-                let xs = &x[(t0 + ti) * k + b * BLOCK..][..BLOCK];
-                for j in 0..BLOCK {
-                    a[j] += w[j] * xs[j];
-                }
-            }
-        }
-        for (ti, a) in acc.iter().enumerate().take(tile) {
-            out[t0 + ti] = a.iter().sum();
+        let (xs, o) = (&x[t0 * k..], &mut out[t0..t0 + tile]);
+        match tile {
+            4 => row_tile::<4>(f, row, xs, k, o),
+            3 => row_tile::<3>(f, row, xs, k, o),
+            2 => row_tile::<2>(f, row, xs, k, o),
+            _ => row_tile::<1>(f, row, xs, k, o),
         }
         t0 += tile;
+    }
+}
+
+/// `T` tokens against one row: each block is unpacked once and used `T` times.
+#[inline(always)]
+fn row_tile<const T: usize>(f: Format, row: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
+    let bpb = f.bytes_per_block();
+    let mut w = [0f32; BLOCK];
+    // Per-token vector accumulators; lanes are summed once at the end.
+    let mut acc = [[0f32; BLOCK]; T];
+    for (b, block) in row.chunks_exact(bpb).enumerate() {
+        unpack(f, block, &mut w);
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xs: &[f32; BLOCK] = x[t * k + b * BLOCK..][..BLOCK].try_into().expect("block of x");
+            for j in 0..BLOCK {
+                a[j] += w[j] * xs[j];
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a.iter().sum();
     }
 }
 
