@@ -26,8 +26,8 @@ use crate::error::{Error, Result};
 const BLOCK: usize = 32;
 /// Tokens whose accumulators live in registers at once.
 const TOKEN_TILE: usize = 4;
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
+/// Fewest output rows per parallel task.
+const MIN_ROWS_PER_TASK: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -109,10 +109,13 @@ impl BlockQuantMatrix {
         let kernel = kernel();
         // Computed as [rows, tokens] so that each task owns a contiguous stretch of output.
         let mut out = vec![0f32; self.rows * t];
-        out.par_chunks_mut(ROWS_PER_TASK * t)
+        // A few tasks per thread: enough to balance, few enough that scheduling them costs
+        // little next to the work (a decode step makes ~200 of these calls).
+        let rows_per_task = (self.rows / (4 * rayon::current_num_threads())).max(MIN_ROWS_PER_TASK);
+        out.par_chunks_mut(rows_per_task * t)
             .enumerate()
             .for_each(|(ci, chunk)| {
-                let first_row = ci * ROWS_PER_TASK;
+                let first_row = ci * rows_per_task;
                 for (i, row_out) in chunk.chunks_mut(t).enumerate() {
                     let row = &self.data[(first_row + i) * row_bytes..][..row_bytes];
                     kernel(self.format, row, &xs, self.cols, row_out);
