@@ -88,10 +88,6 @@ impl BlockQuantMatrix {
         }))
     }
 
-    pub fn out_features(&self) -> usize {
-        self.rows
-    }
-
     /// `x`: `[tokens, cols]` -> `[tokens, rows]`, in f32.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (t, k) = x.dims2()?;

@@ -76,10 +76,6 @@ impl ReasoningSplitter {
         }
     }
 
-    pub fn in_reasoning(&self) -> bool {
-        self.mode == Mode::Reasoning
-    }
-
     pub fn push(&mut self, delta: &str) -> SplitDelta {
         let mut out = SplitDelta::default();
         self.held.push_str(delta);

@@ -2,7 +2,7 @@
 //!
 //! The model code asks a [`WeightStore`] for tensors by their canonical (Hugging Face)
 //! names and expected shapes. The store finds them in memory-mapped safetensors files (one
-//! or several shards) or in memory (random models for benchmarks and tests), checks the
+//! or several shards) or GGUF files, or makes them up (random models for benchmarks), checks the
 //! shape, converts to the compute dtype and reports loading progress.
 //!
 //! Memory mapping: each file is mapped once; a tensor is converted straight from the
@@ -27,7 +27,6 @@ enum Source {
         /// tensor name -> index into `files`
         index: HashMap<String, usize>,
     },
-    Memory(HashMap<String, Tensor>),
     /// A GGUF checkpoint: canonical names are mapped onto llama.cpp's.
     Gguf {
         ckpt: crate::gguf::GgufCheckpoint,
@@ -35,9 +34,7 @@ enum Source {
     },
     /// Every tensor asked for is made up on the spot (benchmarks of model shapes that
     /// have no checkpoint): matrices ~ N(0, std), norm weights one, biases zero.
-    Random {
-        std: f64,
-    },
+    Random { std: f64 },
 }
 
 struct Progress {
@@ -85,16 +82,6 @@ impl WeightStore {
             dtype,
             device,
         ))
-    }
-
-    /// Tensors already in memory (random models for benchmarks, tests).
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
-        let bytes = tensors
-            .values()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let n = tensors.len();
-        Self::new(Source::Memory(tensors), n, bytes, dtype, device)
     }
 
     /// A GGUF checkpoint (all its shards). Quantized matrices stay quantized.
@@ -162,7 +149,6 @@ impl WeightStore {
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Safetensors { index, .. } => index.contains_key(name),
-            Source::Memory(m) => m.contains_key(name),
             Source::Random { .. } => true,
             Source::Gguf {
                 ckpt,
@@ -178,7 +164,6 @@ impl WeightStore {
                 .map(|(p, _)| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            Source::Memory(_) => "in-memory weights".into(),
             Source::Random { .. } => "random weights".into(),
             Source::Gguf { ckpt, .. } => ckpt
                 .files
@@ -280,14 +265,6 @@ impl WeightStore {
                     message: format!("tensor {name:?}: {e}"),
                 })?;
                 (t, path.display().to_string(), bytes)
-            }
-            Source::Memory(m) => {
-                let t = m.get(name).cloned().ok_or_else(|| Error::MissingTensor {
-                    name: name.to_string(),
-                    files: self.files_description(),
-                })?;
-                let bytes = t.elem_count() * t.dtype().size_in_bytes();
-                (t, "in-memory weights".to_string(), bytes)
             }
             Source::Gguf { .. } => {
                 let (q, file, gguf) = self.gguf_qtensor(name)?;
