@@ -70,49 +70,132 @@ pub fn paged_attention(
         }
     }
     let group = g.num_heads / g.num_kv_heads;
+    // A task is one token's query heads that share a key/value head, so each cached key
+    // and value is read once for all of them; when that leaves too few tasks to keep
+    // every thread busy (batch-1 decode), a task is a single head.
+    let heads_per_task = if num_tokens * g.num_kv_heads >= 4 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    let attend = attend_kernel();
+    let mut out = vec![0f32; num_tokens * g.num_heads * g.value_dim];
+    out.par_chunks_mut(heads_per_task * g.value_dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
+            let first_row = task * heads_per_task;
+            let (t, h) = (first_row / g.num_heads, first_row % g.num_heads);
+            let (si, pos) = token_pos[t];
+            let job = AttendJob {
+                q: &q[first_row * g.head_dim..(first_row + heads_per_task) * g.head_dim],
+                layer,
+                table: seqs[si].block_table,
+                kv_head: h / group,
+                len: pos + 1,
+                g: &g,
+                scale,
+            };
+            // SAFETY: `attend_kernel` only returns kernels the CPU supports.
+            unsafe { attend(&job, scores, out) };
+        });
+    out
+}
+
+/// One task of [`paged_attention`]: `q` holds one token's query heads (all reading
+/// `kv_head`), attending over cached positions `0..len`.
+struct AttendJob<'a> {
+    q: &'a [f32],
+    layer: &'a KvLayer,
+    table: &'a [u32],
+    kv_head: usize,
+    len: usize,
+    g: &'a AttnGeometry,
+    scale: f32,
+}
+
+type AttendKernel = unsafe fn(&AttendJob, &mut Vec<f32>, &mut [f32]);
+
+/// The attention inner loops compiled for the best instruction set the CPU has (they are
+/// dot products and axpys over head_dim floats; baseline x86-64 would do them 4 wide).
+fn attend_kernel() -> AttendKernel {
+    static KERNEL: std::sync::OnceLock<AttendKernel> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("fma") {
+                return attend_avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return attend_avx2;
+            }
+        }
+        attend_portable
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(job, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(job, scores, out)
+}
+
+unsafe fn attend_portable(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(job, scores, out)
+}
+
+/// Softmax attention of `heads` query vectors over the same cached keys and values:
+/// `scores` is `[heads, len]`, `out` is `[heads, value_dim]`.
+#[inline(always)]
+fn attend(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let g = job.g;
+    let heads = job.q.len() / g.head_dim;
+    let n = job.len;
     let k_stride = g.num_kv_heads * g.head_dim;
     let v_stride = g.num_kv_heads * g.value_dim;
-    let mut out = vec![0f32; num_tokens * g.num_heads * g.value_dim];
-    out.par_chunks_mut(g.value_dim).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (row, out)| {
-            let (t, h) = (row / g.num_heads, row % g.num_heads);
-            let (si, pos) = token_pos[t];
-            let table = seqs[si].block_table;
-            let kvh = h / group;
-            let qv = &q[row * g.head_dim..(row + 1) * g.head_dim];
-            let n = pos + 1;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..n {
-                let slot = table[j / g.block_size] as usize * g.block_size + j % g.block_size;
-                let k = &layer.keys[slot * k_stride + kvh * g.head_dim..][..g.head_dim];
-                let s = dot(qv, k) * scale;
-                max = max.max(s);
-                scores.push(s);
+    let slot = |j: usize| job.table[j / g.block_size] as usize * g.block_size + j % g.block_size;
+    scores.clear();
+    scores.resize(heads * n, 0.0);
+    for j in 0..n {
+        let k = &job.layer.keys[slot(j) * k_stride + job.kv_head * g.head_dim..][..g.head_dim];
+        for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
+            scores[hi * n + j] = dot(qv, k) * job.scale;
+        }
+    }
+    for s in scores.chunks_exact_mut(n) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+    for j in 0..n {
+        let v = match g.value_offset {
+            Some(off) => {
+                &job.layer.keys[slot(j) * k_stride + job.kv_head * g.head_dim + off..][..g.value_dim]
             }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for (j, &w) in scores.iter().enumerate() {
-                let slot = table[j / g.block_size] as usize * g.block_size + j % g.block_size;
-                let v = match g.value_offset {
-                    Some(off) => &layer.keys[slot * k_stride + kvh * g.head_dim + off..][..g.value_dim],
-                    None => &layer.values[slot * v_stride + kvh * g.value_dim..][..g.value_dim],
-                };
-                axpy(w * inv, v, out);
-            }
-        },
-    );
-    out
+            None => &job.layer.values[slot(j) * v_stride + job.kv_head * g.value_dim..][..g.value_dim],
+        };
+        for (hi, o) in out.chunks_exact_mut(g.value_dim).enumerate() {
+            axpy(scores[hi * n + j], v, o);
+        }
+    }
 }
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it
 /// (a single running sum would serialise on floating-point addition order).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
@@ -131,7 +214,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `out += w * v`
-#[inline]
+#[inline(always)]
 fn axpy(w: f32, v: &[f32], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(v) {
         *o += w * x;

@@ -82,13 +82,13 @@ struct KernelBenchArgs {
     #[arg(long, env = "MOESERVE_MODEL")]
     model: String,
     /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     prompt_len: usize,
-    /// Decode steps per sequence.
+    /// Decode steps per sequence, from an empty context (as llama-bench's generation test).
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
     /// Batch sizes, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batches: Vec<usize>,
     /// Compute dtype (default: f32 on CPU).
     #[arg(long, value_enum)]

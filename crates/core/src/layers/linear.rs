@@ -2,13 +2,14 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
 use crate::error::Result;
-use crate::quant::BlockQuantMatrix;
+use crate::quant::PackedQuantMatrix;
 use crate::weights::WeightStore;
 
 /// `y = x W^T + b`, where `W` is dense or quantized: every projection in every model goes
-/// through this one layer whatever the checkpoint format. GGUF's simple block formats
-/// (Q4_0, Q4_1, Q8_0) run on our f32-activation kernel ([`BlockQuantMatrix`]); other
-/// quantized formats on candle's `QMatMul`.
+/// through this one layer whatever the checkpoint format. GGUF's block formats from
+/// Q4 to Q8 (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) run on our repacked integer kernel
+/// with 16-bit activations ([`PackedQuantMatrix`]); the rest (Q2_K, Q3_K, dense f16/bf16/f32)
+/// on candle's `QMatMul`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
@@ -18,14 +19,14 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Candle(QMatMul),
-    Blocks(BlockQuantMatrix),
+    Blocks(Box<PackedQuantMatrix>),
 }
 
 impl Linear {
     pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Result<Self> {
         let weight = match &weight {
-            QMatMul::QTensor(q) => match BlockQuantMatrix::from_qtensor(q)? {
-                Some(blocks) => LinearWeight::Blocks(blocks),
+            QMatMul::QTensor(q) => match PackedQuantMatrix::from_qtensor(q)? {
+                Some(blocks) => LinearWeight::Blocks(Box::new(blocks)),
                 None => LinearWeight::Candle(weight),
             },
             _ => LinearWeight::Candle(weight),

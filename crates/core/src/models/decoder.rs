@@ -140,6 +140,16 @@ impl CausalLm for DecoderModel {
     }
 
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
+        // The whole pass runs on one of rayon's workers, so that the matmuls and attention
+        // it splits over the pool are shared with an awake peer by work stealing. Called
+        // from outside the pool, every parallel op would instead be injected into the
+        // pool and the caller put to sleep and woken again: ~200 wake-ups per decode step.
+        rayon::scope(|_| self.forward_in_pool(batch, kv))
+    }
+}
+
+impl DecoderModel {
+    fn forward_in_pool(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
         let plan = BatchPlan::new(batch, kv, &self.cfg)?;
         let ctx = AttentionContext {
             positions: &plan.positions,
