@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::kv::KvLayer;
+use crate::kv::{KvBuf, KvLayer};
 
 /// One sequence's part of a batch: its query tokens are rows
 /// `first_token..first_token + len` of `q`, at positions `start_pos..start_pos + len`.
@@ -36,16 +36,32 @@ pub struct AttnGeometry {
     pub value_offset: Option<usize>,
 }
 
-/// Writes the keys `[T, num_kv_heads * key_dim]` and values of a batch's tokens into
-/// their cache slots.
-pub fn write_kv(layer: &mut KvLayer, slots: &[usize], keys: &[f32], values: &[f32]) {
-    let t = slots.len();
-    let kw = keys.len() / t.max(1);
-    let vw = values.len() / t.max(1);
+impl AttnGeometry {
+    /// Where the `dim` values of head `kv_head` at cache slot `slot` start in a layer's
+    /// buffer. Within a block, each head's vectors are contiguous (`[block][head][slot in
+    /// block][dim]`), so attention streams a block of one head as one run of memory.
+    #[inline(always)]
+    pub fn offset(&self, slot: usize, kv_head: usize, dim: usize) -> usize {
+        let (block, at) = (slot / self.block_size, slot % self.block_size);
+        ((block * self.num_kv_heads + kv_head) * self.block_size + at) * dim
+    }
+}
+
+/// Writes the keys `[T, num_kv_heads * head_dim]` and values (`[T, num_kv_heads *
+/// value_dim]`, or none) of a batch's tokens into their cache slots.
+pub fn write_kv(layer: &mut KvLayer, g: &AttnGeometry, slots: &[usize], keys: &[f32], values: &[f32]) {
+    let (hk, hv) = (g.head_dim, if values.is_empty() { 0 } else { g.value_dim });
     for (i, &slot) in slots.iter().enumerate() {
-        layer.keys[slot * kw..(slot + 1) * kw].copy_from_slice(&keys[i * kw..(i + 1) * kw]);
-        if vw > 0 {
-            layer.values[slot * vw..(slot + 1) * vw].copy_from_slice(&values[i * vw..(i + 1) * vw]);
+        for h in 0..g.num_kv_heads {
+            let row = i * g.num_kv_heads + h;
+            layer
+                .keys
+                .write(g.offset(slot, h, hk), &keys[row * hk..(row + 1) * hk]);
+            if hv > 0 {
+                layer
+                    .values
+                    .write(g.offset(slot, h, hv), &values[row * hv..(row + 1) * hv]);
+            }
         }
     }
 }
@@ -78,34 +94,48 @@ pub fn paged_attention(
     } else {
         1
     };
-    let attend = attend_kernel();
     let mut out = vec![0f32; num_tokens * g.num_heads * g.value_dim];
-    out.par_chunks_mut(heads_per_task * g.value_dim)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
-            let first_row = task * heads_per_task;
-            let (t, h) = (first_row / g.num_heads, first_row % g.num_heads);
-            let (si, pos) = token_pos[t];
-            let job = AttendJob {
-                q: &q[first_row * g.head_dim..(first_row + heads_per_task) * g.head_dim],
-                layer,
-                table: seqs[si].block_table,
-                kv_head: h / group,
-                len: pos + 1,
-                g: &g,
-                scale,
-            };
+    let run = |attend: &TaskFn, out: &mut Vec<f32>| {
+        out.par_chunks_mut(heads_per_task * g.value_dim)
+            .enumerate()
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
+                let first_row = task * heads_per_task;
+                let (t, h) = (first_row / g.num_heads, first_row % g.num_heads);
+                let (si, pos) = token_pos[t];
+                let job = AttendJob {
+                    q: &q[first_row * g.head_dim..(first_row + heads_per_task) * g.head_dim],
+                    table: seqs[si].block_table,
+                    kv_head: h / group,
+                    len: pos + 1,
+                    g: &g,
+                    scale,
+                };
+                attend(&job, scores, out);
+            });
+    };
+    match (&layer.keys, &layer.values) {
+        (KvBuf::F32(k), KvBuf::F32(v)) => {
+            let kernel = attend_kernel::<f32>();
             // SAFETY: `attend_kernel` only returns kernels the CPU supports.
-            unsafe { attend(&job, scores, out) };
-        });
+            run(&|job, s, o| unsafe { kernel(job, k, v, s, o) }, &mut out)
+        }
+        (KvBuf::F16(k), KvBuf::F16(v)) => {
+            let kernel = attend_kernel::<half::f16>();
+            // SAFETY: as above.
+            run(&|job, s, o| unsafe { kernel(job, k, v, s, o) }, &mut out)
+        }
+        _ => unreachable!("keys and values of one cache share a dtype"),
+    }
     out
 }
+
+/// Runs one task: the job, its scores scratch, its output rows.
+type TaskFn<'a> = dyn Fn(&AttendJob, &mut Vec<f32>, &mut [f32]) + Sync + 'a;
 
 /// One task of [`paged_attention`]: `q` holds one token's query heads (all reading
 /// `kv_head`), attending over cached positions `0..len`.
 struct AttendJob<'a> {
     q: &'a [f32],
-    layer: &'a KvLayer,
     table: &'a [u32],
     kv_head: usize,
     len: usize,
@@ -113,79 +143,191 @@ struct AttendJob<'a> {
     scale: f32,
 }
 
-type AttendKernel = unsafe fn(&AttendJob, &mut Vec<f32>, &mut [f32]);
+/// An element type of the cache, widened to f32 for the arithmetic.
+trait KvElem: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
 
-/// The attention inner loops compiled for the best instruction set the CPU has (they are
-/// dot products and axpys over head_dim floats; baseline x86-64 would do them 4 wide).
-fn attend_kernel() -> AttendKernel {
-    static KERNEL: std::sync::OnceLock<AttendKernel> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("fma") {
-                return attend_avx512;
-            }
-            if has!("avx2") && has!("fma") {
-                return attend_avx2;
-            }
-        }
-        attend_portable
-    })
+    /// 16 values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p..p + 16` is readable; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
+impl KvElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: by the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    /// IEEE half to single by moving the exponent and mantissa into place and rescaling
+    /// by 2^112, which is exact for normal and subnormal halves and, unlike
+    /// `f16::to_f32` without compile-time F16C, vectorises (infinities, which an f16
+    /// cache cannot tell apart from overflow anyway, come out as 65536).
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        let h = self.to_bits() as u32;
+        let magnitude = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits((127 + 112) << 23);
+        f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: by the caller's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
+type AttendKernel<E> = unsafe fn(&AttendJob, &[E], &[E], &mut Vec<f32>, &mut [f32]);
+
+/// The attention inner loops compiled for the best instruction set the CPU has (they are
+/// dot products and axpys over head_dim values; baseline x86-64 would do them 4 wide).
+fn attend_kernel<E: KvElem>() -> AttendKernel<E> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            return attend_avx512::<E>;
+        }
+        if has!("avx2") && has!("fma") {
+            return attend_avx2::<E>;
+        }
+    }
+    attend_portable::<E>
+}
+
+/// With AVX-512 and head sizes in multiples of 16 (all real models), the dot products
+/// and axpys are written with intrinsics: a 16-wide load (and f16 widening) of each
+/// cached vector serves every query head of the task.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_avx512(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, scores, out)
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_avx512<E: KvElem>(
+    job: &AttendJob,
+    keys: &[E],
+    values: &[E],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let g = job.g;
+    if !g.head_dim.is_multiple_of(16) || !g.value_dim.is_multiple_of(16) || job.q.len() > 8 * g.head_dim {
+        return attend(job, keys, values, scores, out);
+    }
+    let heads = job.q.len() / g.head_dim;
+    let n = job.len;
+    let (kc, vc) = (g.head_dim / 16, g.value_dim / 16);
+    let slot = |j: usize| job.table[j / g.block_size] as usize * g.block_size + j % g.block_size;
+    scores.clear();
+    scores.resize(heads * n, 0.0);
+    for j in 0..n {
+        let at = g.offset(slot(j), job.kv_head, g.head_dim);
+        assert!(at + g.head_dim <= keys.len());
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for c in 0..kc {
+            // SAFETY: inside `keys` by the assert; inside `q` as c < head_dim / 16.
+            let k = unsafe { E::load16(keys.as_ptr().add(at + 16 * c)) };
+            for (hi, a) in acc.iter_mut().enumerate().take(heads) {
+                let q = unsafe { _mm512_loadu_ps(job.q.as_ptr().add(hi * g.head_dim + 16 * c)) };
+                *a = _mm512_fmadd_ps(q, k, *a);
+            }
+        }
+        for (hi, a) in acc.iter().enumerate().take(heads) {
+            scores[hi * n + j] = _mm512_reduce_add_ps(*a) * job.scale;
+        }
+    }
+    for s in scores.chunks_exact_mut(n) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for v in s.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / s.iter().sum::<f32>();
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+    assert!(out.len() >= heads * g.value_dim);
+    for oc in 0..vc {
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for j in 0..n {
+            let at = match g.value_offset {
+                Some(off) => g.offset(slot(j), job.kv_head, g.head_dim) + off,
+                None => g.offset(slot(j), job.kv_head, g.value_dim),
+            };
+            let src = if g.value_offset.is_some() { keys } else { values };
+            assert!(at + g.value_dim <= src.len());
+            // SAFETY: inside `src` by the assert.
+            let v = unsafe { E::load16(src.as_ptr().add(at + 16 * oc)) };
+            for (hi, a) in acc.iter_mut().enumerate().take(heads) {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(scores[hi * n + j]), v, *a);
+            }
+        }
+        for (hi, a) in acc.iter().enumerate().take(heads) {
+            // SAFETY: inside `out` by the assert above.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(hi * g.value_dim + 16 * oc), *a) };
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, scores, out)
+unsafe fn attend_avx2<E: KvElem>(job: &AttendJob, k: &[E], v: &[E], scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(job, k, v, scores, out)
 }
 
-unsafe fn attend_portable(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, scores, out)
+unsafe fn attend_portable<E: KvElem>(
+    job: &AttendJob,
+    k: &[E],
+    v: &[E],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend(job, k, v, scores, out)
 }
 
 /// Softmax attention of `heads` query vectors over the same cached keys and values:
 /// `scores` is `[heads, len]`, `out` is `[heads, value_dim]`.
 #[inline(always)]
-fn attend(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
+fn attend<E: KvElem>(job: &AttendJob, keys: &[E], values: &[E], scores: &mut Vec<f32>, out: &mut [f32]) {
     let g = job.g;
     let heads = job.q.len() / g.head_dim;
     let n = job.len;
-    let k_stride = g.num_kv_heads * g.head_dim;
-    let v_stride = g.num_kv_heads * g.value_dim;
     let slot = |j: usize| job.table[j / g.block_size] as usize * g.block_size + j % g.block_size;
     scores.clear();
     scores.resize(heads * n, 0.0);
     for j in 0..n {
-        let k = &job.layer.keys[slot(j) * k_stride + job.kv_head * g.head_dim..][..g.head_dim];
+        let k = &keys[g.offset(slot(j), job.kv_head, g.head_dim)..][..g.head_dim];
         for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
             scores[hi * n + j] = dot(qv, k) * job.scale;
         }
     }
     for s in scores.chunks_exact_mut(n) {
         let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
+            *v = exp(*v - max);
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / s.iter().sum::<f32>();
         for v in s.iter_mut() {
             *v *= inv;
         }
     }
     for j in 0..n {
         let v = match g.value_offset {
-            Some(off) => {
-                &job.layer.keys[slot(j) * k_stride + job.kv_head * g.head_dim + off..][..g.value_dim]
-            }
-            None => &job.layer.values[slot(j) * v_stride + job.kv_head * g.value_dim..][..g.value_dim],
+            Some(off) => &keys[g.offset(slot(j), job.kv_head, g.head_dim) + off..][..g.value_dim],
+            None => &values[g.offset(slot(j), job.kv_head, g.value_dim)..][..g.value_dim],
         };
         for (hi, o) in out.chunks_exact_mut(g.value_dim).enumerate() {
             axpy(scores[hi * n + j], v, o);
@@ -193,38 +335,74 @@ fn attend(job: &AttendJob, scores: &mut Vec<f32>, out: &mut [f32]) {
     }
 }
 
-/// Dot product with eight independent accumulators, so the compiler vectorises it
-/// (a single running sum would serialise on floating-point addition order).
+/// Dot product over 16-wide chunks with one vector of partial sums, so the compiler
+/// vectorises it (a single running sum would serialise on floating-point addition order).
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
+        let y = widen16(y);
+        acc = std::array::from_fn(|i| acc[i] + x[i] * y[i]);
     }
-    let mut s: f32 = acc.iter().sum();
+    // Pairwise (a tree of vector adds), not a serial chain of 15 scalar adds.
+    let a8: [f32; 8] = std::array::from_fn(|i| acc[i] + acc[i + 8]);
+    let a4: [f32; 4] = std::array::from_fn(|i| a8[i] + a8[i + 4]);
+    let mut s = (a4[0] + a4[2]) + (a4[1] + a4[3]);
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.widen();
     }
     s
 }
 
+#[inline(always)]
+fn widen16<E: KvElem>(v: &[E]) -> [f32; 16] {
+    let v: &[E; 16] = v.try_into().expect("16 values");
+    std::array::from_fn(|i| v[i].widen())
+}
+
 /// `out += w * v`
 #[inline(always)]
-fn axpy(w: f32, v: &[f32], out: &mut [f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
-        *o += w * x;
+fn axpy<E: KvElem>(w: f32, v: &[E], out: &mut [f32]) {
+    let mut co = out.chunks_exact_mut(16);
+    let mut cv = v.chunks_exact(16);
+    for (o, x) in (&mut co).zip(&mut cv) {
+        let x = widen16(x);
+        for i in 0..16 {
+            o[i] += w * x[i];
+        }
     }
+    for (o, x) in co.into_remainder().iter_mut().zip(cv.remainder()) {
+        *o += w * x.widen();
+    }
+}
+
+/// `e^x` for the softmax (x <= 0 after subtracting the maximum), in plain arithmetic so
+/// that it vectorises where `f32::exp` is a libm call per value: `x = n ln2 + r` with
+/// `|r| <= ln2 / 2` (ln2 split in two for exactness), `e^r` by its Taylor series to r^7
+/// (relative error < 2e-8 on that interval), times `2^n` built in the exponent bits.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (1.0 / 2.0
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{BlockAllocator, BlockTable, KvCache, KvLayout};
+    use crate::kv::{BlockAllocator, BlockTable, KvCache, KvDtype, KvLayout};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// Plain causal attention over contiguous K/V, written the textbook way.
@@ -259,19 +437,29 @@ mod tests {
 
     #[test]
     fn paged_matches_contiguous_for_mixed_prefill_and_decode() {
+        // f32 cache: only summation order differs; f16: the cache's rounding (2^-11).
+        // Head size 12 runs the portable loops, 32 the AVX-512 ones where the CPU has them.
+        for d in [12, 32] {
+            mixed_prefill_and_decode(KvDtype::F32, d, 1e-5);
+            mixed_prefill_and_decode(KvDtype::F16, d, 2e-3);
+        }
+    }
+
+    fn mixed_prefill_and_decode(dtype: KvDtype, d: usize, tolerance: f32) {
         let g = AttnGeometry {
             num_heads: 4,
             num_kv_heads: 2,
-            head_dim: 12,
-            value_dim: 12,
+            head_dim: d,
+            value_dim: d,
             block_size: 4,
             value_offset: None,
         };
         let layout = KvLayout {
             num_layers: 1,
             num_kv_heads: 2,
-            key_dim: 12,
-            value_dim: 12,
+            key_dim: d,
+            value_dim: d,
+            dtype,
         };
         let mut kv = KvCache::new(layout, g.block_size, 32).unwrap();
         let mut alloc = BlockAllocator::new(32);
@@ -280,8 +468,8 @@ mod tests {
         // Sequence A: 10 cached positions, then a 1-token decode at position 10.
         // Sequence B: 3 cached positions, then a 6-token prompt chunk at positions 3..9.
         let (len_a, len_b) = (11usize, 9usize);
-        let (ka, va) = (rand_vec(len_a * 24), rand_vec(len_a * 24));
-        let (kb, vb) = (rand_vec(len_b * 24), rand_vec(len_b * 24));
+        let (ka, va) = (rand_vec(len_a * 2 * d), rand_vec(len_a * 2 * d));
+        let (kb, vb) = (rand_vec(len_b * 2 * d), rand_vec(len_b * 2 * d));
         let mut ta = BlockTable::new();
         let mut tb = BlockTable::new();
         // Interleave allocations so the tables are not contiguous runs.
@@ -295,11 +483,11 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let (sa, sb) = (slots(&ta, len_a), slots(&tb, len_b));
-        write_kv(kv.layer_mut(0), &sa, &ka, &va);
-        write_kv(kv.layer_mut(0), &sb, &kb, &vb);
+        write_kv(kv.layer_mut(0), &g, &sa, &ka, &va);
+        write_kv(kv.layer_mut(0), &g, &sb, &kb, &vb);
 
-        let qa = rand_vec(4 * 12);
-        let qb = rand_vec(6 * 4 * 12);
+        let qa = rand_vec(4 * d);
+        let qb = rand_vec(6 * 4 * d);
         let q: Vec<f32> = qa.iter().chain(&qb).copied().collect();
         let seqs = [
             AttnSeq {
@@ -318,14 +506,37 @@ mod tests {
         let scale = 0.3;
         let out = paged_attention(&q, kv.layer(0), &seqs, g, scale);
         let want_a = naive(&qa, &ka, &va, 10, g, scale);
-        let want_b = naive(&qb, &kb[..len_b * 24], &vb, 3, g, scale);
+        let want_b = naive(&qb, &kb[..len_b * 2 * d], &vb, 3, g, scale);
         let want: Vec<f32> = want_a.into_iter().chain(want_b).collect();
         let max_err = out
             .iter()
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(max_err < 1e-5, "max abs error {max_err}");
+        assert!(
+            max_err < tolerance,
+            "{dtype:?}, head size {d}: max abs error {max_err}"
+        );
+    }
+
+    #[test]
+    fn exp_matches_libm() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp(x), x.exp());
+            assert!((got - want).abs() <= 4e-7 * want, "exp({x}) = {got}, libm {want}");
+        }
+        assert!(exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn f16_widening_is_exact() {
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            if h.is_finite() {
+                assert_eq!(h.widen(), h.to_f32(), "{bits:#06x}");
+            }
+        }
     }
 
     #[test]

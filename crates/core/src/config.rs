@@ -305,6 +305,8 @@ pub struct ModelConfig {
     pub sparse_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Element type of the KV cache: f32 unless the loader or the user picks f16.
+    pub kv_cache_dtype: crate::kv::KvDtype,
 }
 
 /// Token ids in `config.json` are an int, a list of ints, or null.
@@ -621,6 +623,7 @@ impl ModelConfig {
             sparse_layers,
             bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&hf.eos_token_id),
+            kv_cache_dtype: Default::default(),
         })
     }
 }

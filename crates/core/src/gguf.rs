@@ -127,6 +127,16 @@ impl GgufCheckpoint {
         &self.files[0].path
     }
 
+    /// Does any tensor use a quantized (not F32/F16/BF16) type?
+    pub fn is_quantized(&self) -> bool {
+        self.files.iter().any(|f| {
+            f.content
+                .tensor_infos
+                .values()
+                .any(|t| !matches!(t.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+        })
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

@@ -10,13 +10,43 @@
 //! can share the blocks of a common prefix. Which sequence gets blocks when is the
 //! scheduler's business.
 //!
-//! Storage is f32 on the CPU: attention reads it through the hand-written kernel in
-//! [`crate::attention`], which accumulates in f32 anyway; halving it to bf16 is a
-//! memory/speed trade left for when a benchmark asks for it.
+//! Storage is f32 or f16 ([`KvDtype`]); attention reads it through the hand-written
+//! kernel in [`crate::attention`], which widens to f32 and accumulates in f32. f16 halves
+//! the bytes every decode step reads (at 16 streams of a few hundred tokens that is more
+//! than the weights) and doubles the tokens a memory budget holds; f32 keeps the exact
+//! reference numerics for unquantized checkpoints.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
+
+/// The element type of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(KvDtype::F32),
+            "f16" | "float16" => Ok(KvDtype::F16),
+            other => Err(format!("unknown KV cache dtype {other:?} (use f32 or f16)")),
+        }
+    }
+}
 
 /// What one token stores per layer. Standard attention stores `num_kv_heads` key and value
 /// vectors; latent attention (DeepSeek) stores one latent vector and no values.
@@ -27,23 +57,67 @@ pub struct KvLayout {
     pub key_dim: usize,
     /// 0 when the cache holds no separate values.
     pub value_dim: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvLayout {
-    /// f32 values per token per layer.
+    /// Values (keys and values together) per token per layer.
     pub fn floats_per_token_layer(&self) -> usize {
         self.num_kv_heads * (self.key_dim + self.value_dim)
     }
 
     pub fn bytes_per_token(&self) -> usize {
-        self.num_layers * self.floats_per_token_layer() * std::mem::size_of::<f32>()
+        self.num_layers * self.floats_per_token_layer() * self.dtype.size()
+    }
+}
+
+/// Cached vectors in the cache's element type.
+pub enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl KvBuf {
+    fn zeros(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => KvBuf::F32(vec![0.0; len]),
+            KvDtype::F16 => KvBuf::F16(vec![half::f16::ZERO; len]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.len(),
+            KvBuf::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores `src` at `at..at + src.len()`.
+    pub fn write(&mut self, at: usize, src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            KvBuf::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    /// Appends `len` values from `at`, widened to f32, to `out`.
+    pub fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
+        match self {
+            KvBuf::F32(v) => out.extend_from_slice(&v[at..at + len]),
+            KvBuf::F16(v) => out.extend(v[at..at + len].iter().map(|x| x.to_f32())),
+        }
     }
 }
 
 /// One layer's share of the pool: `[num_blocks, block_size, num_kv_heads, dim]` row-major.
 pub struct KvLayer {
-    pub keys: Vec<f32>,
-    pub values: Vec<f32>,
+    pub keys: KvBuf,
+    pub values: KvBuf,
 }
 
 pub struct KvCache {
@@ -63,8 +137,8 @@ impl KvCache {
         let slots = block_size * num_blocks;
         let layers = (0..layout.num_layers)
             .map(|_| KvLayer {
-                keys: vec![0.0; slots * layout.num_kv_heads * layout.key_dim],
-                values: vec![0.0; slots * layout.num_kv_heads * layout.value_dim],
+                keys: KvBuf::zeros(layout.dtype, slots * layout.num_kv_heads * layout.key_dim),
+                values: KvBuf::zeros(layout.dtype, slots * layout.num_kv_heads * layout.value_dim),
             })
             .collect();
         Ok(Self {
@@ -383,10 +457,19 @@ mod tests {
             num_kv_heads: 2,
             key_dim: 8,
             value_dim: 8,
+            dtype: KvDtype::F32,
         };
         // 2 layers * 2 heads * 16 floats * 4 bytes = 256 bytes per token.
         let kv = KvCache::with_memory_budget(layout, 16, 256 * 16 * 10 + 100).unwrap();
         assert_eq!(kv.num_blocks(), 10);
         assert!(KvCache::with_memory_budget(layout, 16, 100).is_err());
+        // f16 halves the bytes per token: twice the blocks.
+        let half = KvLayout {
+            dtype: KvDtype::F16,
+            ..layout
+        };
+        assert_eq!(half.bytes_per_token(), 128);
+        let kv = KvCache::with_memory_budget(half, 16, 256 * 16 * 10 + 100).unwrap();
+        assert_eq!(kv.num_blocks(), 20);
     }
 }

@@ -23,7 +23,7 @@ pub mod weights;
 pub use batch::{ForwardBatch, ForwardOutput, SequenceInput};
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
-pub use kv::{BlockAllocator, BlockTable, KvCache, KvLayout};
+pub use kv::{BlockAllocator, BlockTable, KvCache, KvDtype, KvLayout};
 pub use models::CausalLm;
 pub use source::ModelFiles;
 pub use tokenizer::TextCodec;
@@ -36,6 +36,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Compute dtype; `None` picks the fastest correct one for the device.
     pub dtype: Option<DType>,
+    /// KV cache element type; `None`: f16 for quantized GGUF models (their weights are
+    /// already approximate, and llama.cpp caches in f16 too), f32 otherwise.
+    pub kv_cache_dtype: Option<KvDtype>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +46,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: None,
+            kv_cache_dtype: None,
         }
     }
 }
@@ -64,7 +68,8 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
         return load_gguf(path, opts);
     }
     let files = source::resolve(spec)?;
-    let cfg = ModelConfig::from_file(&files.config)?;
+    let mut cfg = ModelConfig::from_file(&files.config)?;
+    cfg.kv_cache_dtype = opts.kv_cache_dtype.unwrap_or(KvDtype::F32);
     let dtype = opts.dtype.unwrap_or_else(|| models::default_dtype(&opts.device));
     tracing::info!(
         "loading {} ({}, {} layers, {:?}) from {}",
@@ -92,7 +97,12 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 
 fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let ckpt = gguf::GgufCheckpoint::open(path)?;
-    let cfg = gguf::model_config(&ckpt)?;
+    let mut cfg = gguf::model_config(&ckpt)?;
+    cfg.kv_cache_dtype = opts.kv_cache_dtype.unwrap_or(if ckpt.is_quantized() {
+        KvDtype::F16
+    } else {
+        KvDtype::F32
+    });
     let codec = TextCodec::from_gguf(ckpt.metadata(), path)?;
     if opts.dtype.is_some_and(|d| d != DType::F32) {
         tracing::warn!(
@@ -100,12 +110,13 @@ fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> 
         );
     }
     tracing::info!(
-        "loading {} ({} as {}, {} layers, {} file(s))",
+        "loading {} ({} as {}, {} layers, {} file(s), {:?} KV cache)",
         path.display(),
         gguf::meta_str(ckpt.metadata(), "general.architecture").unwrap_or("?"),
         cfg.architecture.hf_name(),
         cfg.num_layers,
-        ckpt.files.len()
+        ckpt.files.len(),
+        cfg.kv_cache_dtype
     );
     let store = weights::WeightStore::from_gguf(ckpt, &opts.device);
     let model = models::build_model(&cfg, &store)?;

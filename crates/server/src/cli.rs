@@ -93,6 +93,9 @@ struct KernelBenchArgs {
     /// Compute dtype (default: f32 on CPU).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// KV cache element type: auto (f16 for quantized GGUF models, else f32), f32 or f16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -252,6 +255,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype.map(Into::into),
+        kv_cache_dtype: crate::server::parse_kv_dtype(&args.kv_cache_dtype)?,
         ..LoadOptions::default()
     };
     let (model, name, dtype) = match moeserve_core::bench::random_config(&args.model) {
@@ -267,10 +271,11 @@ fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
     };
     let layout = model.kv_layout();
     println!(
-        "model {name} ({dtype:?}), {} threads, prompt {} tokens, decode {} tokens; KV cache {} bytes/token, {} tokens per GiB",
+        "model {name} ({dtype:?}), {} threads, prompt {} tokens, decode {} tokens; {:?} KV cache {} bytes/token, {} tokens per GiB",
         rayon_threads(),
         args.prompt_len,
         args.decode_tokens,
+        layout.dtype,
         layout.bytes_per_token(),
         (1usize << 30) / layout.bytes_per_token()
     );

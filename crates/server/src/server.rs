@@ -15,7 +15,7 @@ use axum::Router;
 use moeserve_core::chat::ChatTemplate;
 use moeserve_core::engine::{Engine, EngineConfig};
 use moeserve_core::reasoning::ReasoningTags;
-use moeserve_core::{DType, LoadOptions};
+use moeserve_core::{DType, KvDtype, LoadOptions};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
@@ -210,9 +210,18 @@ fn parse_dtype(s: &str) -> anyhow::Result<Option<DType>> {
     })
 }
 
+/// `auto` (or empty): the loader's choice; else `f32` or `f16`.
+pub fn parse_kv_dtype(s: &str) -> anyhow::Result<Option<KvDtype>> {
+    Ok(match s {
+        "" | "auto" => None,
+        other => Some(other.parse().map_err(|e: String| anyhow::anyhow!(e))?),
+    })
+}
+
 fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
     let opts = LoadOptions {
         dtype: parse_dtype(&settings.dtype)?,
+        kv_cache_dtype: parse_kv_dtype(&settings.kv_cache_dtype)?,
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&settings.model, &opts)?;
@@ -280,6 +289,7 @@ fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
 /// until SIGTERM/SIGINT, drains, exits.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     parse_dtype(&settings.dtype)?;
+    parse_kv_dtype(&settings.kv_cache_dtype)?;
     let addr = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

@@ -19,6 +19,7 @@ pub struct Settings {
     pub port: u16,
     pub api_keys: Vec<String>,
     pub kv_cache_memory: String,
+    pub kv_cache_dtype: String,
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub max_num_seqs: usize,
@@ -61,6 +62,9 @@ pub struct SettingsArgs {
     /// KV cache memory budget: bytes, or 512MiB, 2GiB.
     #[arg(long, env = "MOESERVE_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
+    /// KV cache element type: auto (f16 for quantized GGUF models, else f32), f32 or f16.
+    #[arg(long, env = "MOESERVE_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: Option<String>,
     /// Tokens per KV cache block.
     #[arg(long, env = "MOESERVE_BLOCK_SIZE")]
     pub block_size: Option<usize>,
@@ -131,6 +135,7 @@ impl Settings {
             port,
             api_keys,
             kv_cache_memory,
+            kv_cache_dtype,
             block_size,
             enable_prefix_caching,
             max_num_seqs,

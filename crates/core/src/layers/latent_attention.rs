@@ -133,7 +133,16 @@ impl LatentAttention {
             .flatten_all()?
             .to_vec1::<f32>()?;
         rope.apply(&mut latent, 1, rope_d + lora, ctx.positions)?;
-        write_kv(kv, ctx.slots, &latent, &[]);
+        // One latent vector per token serves as both key and value.
+        let g = AttnGeometry {
+            num_heads: nh,
+            num_kv_heads: 1,
+            head_dim: rope_d + lora,
+            value_dim: lora,
+            block_size: ctx.block_size,
+            value_offset: Some(rope_d),
+        };
+        write_kv(kv, &g, ctx.slots, &latent, &[]);
 
         let out = if m.absorb {
             // Query in latent space: [q_pe, W_uk^T q_nope] per head.
@@ -147,14 +156,6 @@ impl LatentAttention {
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             rope.apply(&mut q_full, nh, rope_d + lora, ctx.positions)?;
-            let g = AttnGeometry {
-                num_heads: nh,
-                num_kv_heads: 1,
-                head_dim: rope_d + lora,
-                value_dim: lora,
-                block_size: ctx.block_size,
-                value_offset: Some(rope_d),
-            };
             let o = paged_attention(&q_full, kv, ctx.seqs, g, m.softmax_scale as f32);
             let o = Tensor::from_vec(o, (t, nh, lora), x.device())?.to_dtype(x.dtype())?;
             // Per head: W_uv times the attended latent.
@@ -196,7 +197,7 @@ impl LatentAttention {
             let mut rows = Vec::with_capacity(n * width);
             for p in 0..n {
                 let slot = s.block_table[p / ctx.block_size] as usize * ctx.block_size + p % ctx.block_size;
-                rows.extend_from_slice(&kv.keys[slot * width..(slot + 1) * width]);
+                kv.keys.read_into(slot * width, width, &mut rows);
             }
             let cached = Tensor::from_vec(rows, (n, width), dev)?.to_dtype(dtype)?;
             let k_pe = cached.narrow(1, 0, rope_d)?; // [n, rope]

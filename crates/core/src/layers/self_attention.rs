@@ -102,7 +102,6 @@ impl Attention {
         let v = to_f32_vec(&v)?;
         rope.apply(&mut q, nh, hd, ctx.positions)?;
         rope.apply(&mut k, nkv, hd, ctx.positions)?;
-        write_kv(kv, ctx.slots, &k, &v);
         let geometry = AttnGeometry {
             num_heads: nh,
             num_kv_heads: nkv,
@@ -111,6 +110,7 @@ impl Attention {
             block_size: ctx.block_size,
             value_offset: None,
         };
+        write_kv(kv, &geometry, ctx.slots, &k, &v);
         let out = paged_attention(&q, kv, ctx.seqs, geometry, self.scale);
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)

@@ -32,12 +32,14 @@ pub fn kv_layout(cfg: &ModelConfig) -> KvLayout {
             num_kv_heads: 1,
             key_dim: crate::layers::LatentAttention::cache_width(mla),
             value_dim: 0,
+            dtype: cfg.kv_cache_dtype,
         },
         None => KvLayout {
             num_layers: cfg.num_layers,
             num_kv_heads: cfg.num_kv_heads,
             key_dim: cfg.head_dim,
             value_dim: cfg.head_dim,
+            dtype: cfg.kv_cache_dtype,
         },
     }
 }
@@ -89,6 +91,7 @@ mod tests {
             num_kv_heads: 16,
             key_dim: 128 + 64,
             value_dim: 128,
+            dtype: crate::kv::KvDtype::F32,
         };
         assert_eq!(full.bytes_per_token(), 27 * 16 * 320 * 4);
         let gib = 1 << 30;
