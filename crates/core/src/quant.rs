@@ -378,6 +378,46 @@ impl PackedQuantMatrix {
         }))
     }
 
+    /// The row-wise concatenation of `parts` (projections of one input, multiplied at
+    /// once), when they are packed alike and each fills whole row groups.
+    pub fn concat(parts: &[&PackedQuantMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        let alike = |m: &PackedQuantMatrix| {
+            m.storage == first.storage
+                && m.block == first.block
+                && m.cols == first.cols
+                && m.rows.is_multiple_of(GROUP)
+                && std::mem::discriminant(&m.scales) == std::mem::discriminant(&first.scales)
+                && m.mins.is_some() == first.mins.is_some()
+        };
+        if !parts.iter().all(|m| alike(m)) {
+            return None;
+        }
+        let cat = |get: &dyn Fn(&PackedQuantMatrix) -> &Scales| {
+            let mut out = get(first).clone();
+            for m in &parts[1..] {
+                match (&mut out, get(m)) {
+                    (Scales::F16(a), Scales::F16(b)) => a.extend_from_slice(b),
+                    (Scales::F32(a), Scales::F32(b)) => a.extend_from_slice(b),
+                    _ => unreachable!("checked alike"),
+                }
+            }
+            out
+        };
+        Some(Self {
+            storage: first.storage,
+            block: first.block,
+            rows: parts.iter().map(|m| m.rows).sum(),
+            cols: first.cols,
+            weights: parts.iter().flat_map(|m| m.weights.iter().copied()).collect(),
+            scales: cat(&|m| &m.scales),
+            mins: first
+                .mins
+                .as_ref()
+                .map(|_| cat(&|m| m.mins.as_ref().expect("checked alike"))),
+        })
+    }
+
     fn groups(&self) -> usize {
         self.rows.div_ceil(GROUP)
     }
@@ -684,7 +724,9 @@ mod avx512 {
                     // inside token `t0 + t`'s row of `a.q`.
                     let w = unsafe { m.weights.as_ptr().add(at * gbb) };
                     let xrow = |t: usize| (t0 + t) * a.cols + b * bs;
-                    let mut sums = [_mm512_setzero_si512(); T];
+                    // Two accumulators per token, so that with few tokens the dot
+                    // products are not one serial chain of multiply-add latencies.
+                    let mut sums = [[_mm512_setzero_si512(); 2]; T];
                     match m.storage {
                         Storage::Nibbles => {
                             for c in 0..8 {
@@ -694,8 +736,9 @@ mod avx512 {
                                 let lo = _mm512_and_si512(raw, low_nibbles);
                                 let hi = _mm512_srli_epi16::<4>(raw);
                                 for t in 0..T {
-                                    sums[t] = $dot(sums[t], lo, unsafe { pair(&a.q, xrow(t) + 2 * c) });
-                                    sums[t] = $dot(sums[t], hi, unsafe { pair(&a.q, xrow(t) + 2 * c + 16) });
+                                    sums[t][0] = $dot(sums[t][0], lo, unsafe { pair(&a.q, xrow(t) + 2 * c) });
+                                    sums[t][1] =
+                                        $dot(sums[t][1], hi, unsafe { pair(&a.q, xrow(t) + 2 * c + 16) });
                                 }
                             }
                         }
@@ -705,11 +748,14 @@ mod avx512 {
                                     _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(c * 32) as *const __m256i))
                                 };
                                 for t in 0..T {
-                                    sums[t] = $dot(sums[t], wv, unsafe { pair(&a.q, xrow(t) + 2 * c) });
+                                    sums[t][c % 2] =
+                                        $dot(sums[t][c % 2], wv, unsafe { pair(&a.q, xrow(t) + 2 * c) });
                                 }
                             }
                         }
                     }
+                    let sums: [__m512i; T] =
+                        std::array::from_fn(|t| _mm512_add_epi32(sums[t][0], sums[t][1]));
                     let d = unsafe { load16(&m.scales, at * GROUP) };
                     for t in 0..T {
                         let xs = _mm512_set1_ps(a.scale[(t0 + t) * blocks + b]);

@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::Linear;
+use super::{Linear, Projections};
 use crate::error::Result;
 use crate::weights::WeightStore;
 
@@ -8,8 +8,8 @@ use crate::weights::WeightStore;
 /// experts and shared experts are all this.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up, fused into one matmul where the weights allow.
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -41,15 +41,16 @@ impl GatedMlp {
         intermediate: usize,
         bias: bool,
     ) -> Result<Self> {
+        let gate = Linear::load(store, &format!("{prefix}.{gate}"), hidden, intermediate, bias)?;
+        let up = Linear::load(store, &format!("{prefix}.{up}"), hidden, intermediate, bias)?;
         Ok(Self {
-            gate: Linear::load(store, &format!("{prefix}.{gate}"), hidden, intermediate, bias)?,
-            up: Linear::load(store, &format!("{prefix}.{up}"), hidden, intermediate, bias)?,
+            gate_up: Projections::new(vec![gate, up], vec![intermediate; 2])?,
             down: Linear::load(store, &format!("{prefix}.{down}"), intermediate, hidden, bias)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
-        self.down.forward(&gated)
+        let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().expect("two projections");
+        self.down.forward(&(gate.silu()? * up)?)
     }
 }

@@ -10,7 +10,7 @@ mod rotary;
 mod self_attention;
 
 pub use latent_attention::LatentAttention;
-pub use linear::Linear;
+pub use linear::{Linear, Projections};
 pub use mlp::GatedMlp;
 pub use moe::{ExpertRouter, MoeBlock, Routing};
 pub use norm::RmsNorm;

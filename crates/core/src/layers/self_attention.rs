@@ -1,6 +1,6 @@
 use candle_core::{DType, Tensor};
 
-use super::{Linear, RmsNorm, RotaryEmbedding};
+use super::{Linear, Projections, RmsNorm, RotaryEmbedding};
 use crate::attention::{paged_attention, write_kv, AttnGeometry, AttnSeq};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::Result;
@@ -21,9 +21,8 @@ pub struct AttentionContext<'a> {
 /// q/k/v biases, a q/k RMSNorm (per head or over the whole projection), q/k/v clipping.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v, fused into one matmul where the weights allow.
+    qkv: Projections,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -50,10 +49,15 @@ impl Attention {
                 Some(RmsNorm::load(store, &format!("{prefix}.k_norm"), nkv * hd, eps)?),
             ),
         };
+        let proj =
+            |name: &str, out: usize| Linear::load(store, &format!("{prefix}.{name}"), h, out, cfg.qkv_bias);
+        let (q, k, v) = (
+            proj("q_proj", nh * hd)?,
+            proj("k_proj", nkv * hd)?,
+            proj("v_proj", nkv * hd)?,
+        );
         Ok(Self {
-            q_proj: Linear::load(store, &format!("{prefix}.q_proj"), h, nh * hd, cfg.qkv_bias)?,
-            k_proj: Linear::load(store, &format!("{prefix}.k_proj"), h, nkv * hd, cfg.qkv_bias)?,
-            v_proj: Linear::load(store, &format!("{prefix}.v_proj"), h, nkv * hd, cfg.qkv_bias)?,
+            qkv: Projections::new(vec![q, k, v], vec![nh * hd, nkv * hd, nkv * hd])?,
             o_proj: Linear::load(store, &format!("{prefix}.o_proj"), nh * hd, h, cfg.o_bias)?,
             q_norm,
             k_norm,
@@ -76,9 +80,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x)?;
-        let mut k = self.k_proj.forward(x)?;
-        let mut v = self.v_proj.forward(x)?;
+        let [mut q, mut k, mut v]: [Tensor; 3] = self.qkv.forward(x)?.try_into().expect("three projections");
         if let Some(c) = self.clip_qkv {
             q = q.clamp(-c, c)?;
             k = k.clamp(-c, c)?;
