@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches llama.cpp's source (vendored in the llama-cpp-python source distribution on
 # PyPI) and builds the tools moeserve is compared and cross-checked with:
-# llama-bench, llama-batched-bench, llama-server, llama-tokenize.
+# llama-bench, llama-batched-bench, llama-server, llama-tokenize, and llama-quantize
+# (bench/medium-moe.sh makes its Q4_K_M GGUF with it).
 # Nothing of llama.cpp is committed: it lives in bench/llama.cpp (git-ignored).
 #
 #   bench/build-llamacpp.sh            # prints the bin directory at the end
@@ -24,5 +25,5 @@ fi
 cmake -S "$dest/src" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
 cmake --build "$dest/build" --config Release -j "$(nproc)" \
-  --target llama-bench llama-batched-bench llama-server llama-tokenize
+  --target llama-bench llama-batched-bench llama-server llama-tokenize llama-quantize
 echo "$dest/build/bin"

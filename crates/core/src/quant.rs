@@ -723,7 +723,8 @@ mod avx512 {
                     // `weights` and `scales` by the assert; every activation pair read is
                     // inside token `t0 + t`'s row of `a.q`.
                     let w = unsafe { m.weights.as_ptr().add(at * gbb) };
-                    let xrow = |t: usize| (t0 + t) * a.cols + b * bs;
+                    // Each token's activations for this block.
+                    let xp: [&[i16]; T] = std::array::from_fn(|t| &a.q[(t0 + t) * a.cols + b * bs..][..bs]);
                     // Two accumulators per token, so that with few tokens the dot
                     // products are not one serial chain of multiply-add latencies.
                     let mut sums = [[_mm512_setzero_si512(); 2]; T];
@@ -736,20 +737,28 @@ mod avx512 {
                                 let lo = _mm512_and_si512(raw, low_nibbles);
                                 let hi = _mm512_srli_epi16::<4>(raw);
                                 for t in 0..T {
-                                    sums[t][0] = $dot(sums[t][0], lo, unsafe { pair(&a.q, xrow(t) + 2 * c) });
-                                    sums[t][1] =
-                                        $dot(sums[t][1], hi, unsafe { pair(&a.q, xrow(t) + 2 * c + 16) });
+                                    sums[t][0] = $dot(sums[t][0], lo, unsafe { pair(xp[t], 2 * c) });
+                                    sums[t][1] = $dot(sums[t][1], hi, unsafe { pair(xp[t], 2 * c + 16) });
                                 }
                             }
                         }
                         Storage::Bytes => {
-                            for c in 0..bs / 2 {
-                                let wv = unsafe {
-                                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(c * 32) as *const __m256i))
+                            // Chunks two at a time, one per accumulator (blocks are 16 or
+                            // 32 wide, so the chunk count is even).
+                            for c in (0..bs / 2).step_by(2) {
+                                let (w0, w1) = unsafe {
+                                    (
+                                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                            w.add(c * 32) as *const __m256i
+                                        )),
+                                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                            w.add(c * 32 + 32) as *const __m256i
+                                        )),
+                                    )
                                 };
                                 for t in 0..T {
-                                    sums[t][c % 2] =
-                                        $dot(sums[t][c % 2], wv, unsafe { pair(&a.q, xrow(t) + 2 * c) });
+                                    sums[t][0] = $dot(sums[t][0], w0, unsafe { pair(xp[t], 2 * c) });
+                                    sums[t][1] = $dot(sums[t][1], w1, unsafe { pair(xp[t], 2 * c + 2) });
                                 }
                             }
                         }

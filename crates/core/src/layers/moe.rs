@@ -192,23 +192,31 @@ impl MoeBlock {
     /// `x`: `[tokens, hidden]`. Returns the output and the number of tokens each expert
     /// received.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>)> {
+        use rayon::prelude::*;
         let routing = self.router.route(x)?;
         let device = x.device();
-        let mut outputs = Vec::new();
-        let mut rows: Vec<u32> = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
-            let tokens = &routing.tokens[e];
-            if tokens.is_empty() {
-                continue;
-            }
-            let idx = Tensor::new(tokens.as_slice(), device)?;
-            let w = Tensor::new(routing.weights[e].as_slice(), device)?
-                .to_dtype(x.dtype())?
-                .unsqueeze(D::Minus1)?;
-            let y = expert.forward(&x.index_select(&idx, 0)?)?;
-            outputs.push(y.broadcast_mul(&w)?);
-            rows.extend_from_slice(tokens);
-        }
+        let active: Vec<usize> = (0..self.experts.len())
+            .filter(|&e| !routing.tokens[e].is_empty())
+            .collect();
+        // The active experts run side by side on the pool (each expert's matmuls split
+        // further when its rows are many): at small batches an expert's matmul is too
+        // small to keep every thread busy, and one after another they would each pay
+        // for a parallel split and join.
+        let outputs = active
+            .par_iter()
+            .map(|&e| {
+                let idx = Tensor::new(routing.tokens[e].as_slice(), device)?;
+                let w = Tensor::new(routing.weights[e].as_slice(), device)?
+                    .to_dtype(x.dtype())?
+                    .unsqueeze(D::Minus1)?;
+                let y = self.experts[e].forward(&x.index_select(&idx, 0)?)?;
+                Ok(y.broadcast_mul(&w)?)
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let rows: Vec<u32> = active
+            .iter()
+            .flat_map(|&e| routing.tokens[e].iter().copied())
+            .collect();
         // One scatter-add for all experts (per-expert index_add would copy the output
         // once per active expert).
         let routed = Tensor::cat(&outputs, 0)?;
