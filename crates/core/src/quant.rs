@@ -75,41 +75,75 @@ pub struct PackedQuantMatrix {
     mins: Option<Scales>,
 }
 
-/// Per-row block scales: f16 where the format stores them so (exact, and half the bytes
-/// to read at batch 1), f32 where they are products (k-quant `d * sub_scale`).
+/// Per-row block scales (`[group][block][16 rows]`, flat index `i`), kept as compact as
+/// the GGUF keeps them, since batch-1 decode reads them with the weights: f16 for the
+/// 32-wide formats (as stored), and for k-quants the same two factors as the file, a
+/// small integer per block times an f32 per 256-wide super-block (`d * sub_scale`; the
+/// product is exact in f32). Either way the weights are exactly the GGUF's.
 #[derive(Debug, Clone)]
 enum Scales {
     F16(Vec<u16>),
-    F32(Vec<f32>),
+    Factored {
+        /// Per block and row.
+        sub: Vec<i8>,
+        /// Per super-block and row: `[group][super-block][16 rows]`.
+        outer: Vec<f32>,
+        /// Blocks per super-block.
+        per_outer: usize,
+    },
 }
 
 impl Scales {
-    fn new(f16: bool, len: usize) -> Self {
-        if f16 {
-            Scales::F16(vec![0; len])
-        } else {
-            Scales::F32(vec![0.0; len])
+    fn f16(len: usize) -> Self {
+        Scales::F16(vec![0; len])
+    }
+
+    fn factored(len: usize, per_outer: usize) -> Self {
+        Scales::Factored {
+            sub: vec![0; len],
+            outer: vec![0.0; len / per_outer],
+            per_outer,
         }
     }
 
-    fn set(&mut self, i: usize, v: f32) {
-        match self {
-            Scales::F16(s) => s[i] = half::f16::from_f32(v).to_bits(),
-            Scales::F32(s) => s[i] = v,
+    /// Where the outer factor of entry `i` is.
+    fn outer_index(i: usize, per_outer: usize) -> usize {
+        (i / GROUP / per_outer) * GROUP + i % GROUP
+    }
+
+    fn set_f16(&mut self, i: usize, v: f32) {
+        if let Scales::F16(s) = self {
+            s[i] = half::f16::from_f32(v).to_bits();
+        }
+    }
+
+    fn set_factored(&mut self, i: usize, sub_factor: i8, outer_factor: f32) {
+        if let Scales::Factored {
+            sub,
+            outer,
+            per_outer,
+        } = self
+        {
+            sub[i] = sub_factor;
+            outer[Self::outer_index(i, *per_outer)] = outer_factor;
         }
     }
 
     fn get(&self, i: usize) -> f32 {
         match self {
             Scales::F16(s) => half::f16::from_bits(s[i]).to_f32(),
-            Scales::F32(s) => s[i],
+            Scales::Factored {
+                sub,
+                outer,
+                per_outer,
+            } => sub[i] as f32 * outer[Self::outer_index(i, *per_outer)],
         }
     }
 
     fn len(&self) -> usize {
         match self {
             Scales::F16(s) => s.len(),
-            Scales::F32(s) => s.len(),
+            Scales::Factored { sub, .. } => sub.len(),
         }
     }
 }
@@ -119,6 +153,16 @@ struct DecodedRow {
     q: Vec<i8>,
     d: Vec<f32>,
     m: Vec<f32>,
+    /// k-quants: `d[b] = d_sub[b] * d_outer[b / per_outer]`, and likewise `m`.
+    factors: Option<KFactors>,
+}
+
+#[derive(Default, Clone)]
+struct KFactors {
+    d_sub: Vec<i8>,
+    d_outer: Vec<f32>,
+    m_sub: Vec<i8>,
+    m_outer: Vec<f32>,
 }
 
 /// The source formats handled here, with their packed form.
@@ -181,6 +225,7 @@ fn decode_row(src: &Source, row: &[u8], cols: usize) -> DecodedRow {
         q: vec![0; cols],
         d: vec![0.0; blocks],
         m: vec![0.0; blocks],
+        factors: (src.elems == 256).then(KFactors::default),
     };
     for (i, b) in row.chunks_exact(src.bytes).enumerate() {
         let q = &mut out.q[i * src.elems..(i + 1) * src.elems];
@@ -224,6 +269,9 @@ fn decode_row(src: &Source, row: &[u8], cols: usize) -> DecodedRow {
             }
             GgmlDType::Q4K | GgmlDType::Q5K => {
                 let (scale, dmin, sc) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);
+                let f = out.factors.as_mut().expect("k-quant");
+                f.d_outer.push(scale);
+                f.m_outer.push(-dmin);
                 let (qh, qs) = if src.dtype == GgmlDType::Q5K {
                     (Some(&b[16..48]), &b[48..176])
                 } else {
@@ -235,6 +283,8 @@ fn decode_row(src: &Source, row: &[u8], cols: usize) -> DecodedRow {
                         let s = 2 * j + half;
                         let (sc, mn) = scale_min_k4(s, sc);
                         (d[s], m[s]) = (scale * sc as f32, -dmin * mn as f32);
+                        f.d_sub.push(sc as i8);
+                        f.m_sub.push(mn as i8);
                         for l in 0..32 {
                             let low = if half == 0 { qs[l] & 0x0F } else { qs[l] >> 4 };
                             let high = qh.map_or(0, |qh| ((qh[l] >> s) & 1) << 4);
@@ -255,8 +305,11 @@ fn decode_row(src: &Source, row: &[u8], cols: usize) -> DecodedRow {
                         q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
                     }
                 }
+                let f = out.factors.as_mut().expect("k-quant");
+                f.d_outer.push(scale);
                 for s in 0..16 {
                     d[s] = scale * sc[s] as i8 as f32;
+                    f.d_sub.push(sc[s] as i8);
                 }
             }
             other => unreachable!("no decoder for {other:?}"),
@@ -327,16 +380,26 @@ impl PackedQuantMatrix {
         let blocks = cols / src.block;
         let gbb = group_block_bytes(src.storage, src.block);
         let mut weights = vec![0u8; groups * blocks * gbb];
-        // 32-wide formats store f16 scales; k-quants' are products of two numbers.
-        let f16_scales = src.elems == 32;
-        let mut scales = Scales::new(f16_scales, groups * blocks * GROUP);
-        let mut mins = src
-            .has_min
-            .then(|| Scales::new(f16_scales, groups * blocks * GROUP));
+        let per_outer = src.elems / src.block;
+        let new_scales = || {
+            if src.elems == 32 {
+                Scales::f16(groups * blocks * GROUP)
+            } else {
+                Scales::factored(groups * blocks * GROUP, per_outer)
+            }
+        };
+        let mut scales = new_scales();
+        let mut mins = src.has_min.then(new_scales);
         let zero = DecodedRow {
             q: vec![0; cols],
             d: vec![0.0; blocks],
             m: vec![0.0; blocks],
+            factors: (src.elems == 256).then(|| KFactors {
+                d_sub: vec![0; blocks],
+                d_outer: vec![0.0; blocks / per_outer],
+                m_sub: vec![0; blocks],
+                m_outer: vec![0.0; blocks / per_outer],
+            }),
         };
         for g in 0..groups {
             // Rows past the end pad the last group with zeros.
@@ -350,6 +413,7 @@ impl PackedQuantMatrix {
                             q: zero.q.clone(),
                             d: zero.d.clone(),
                             m: zero.m.clone(),
+                            factors: zero.factors.clone(),
                         }
                     }
                 })
@@ -360,9 +424,20 @@ impl PackedQuantMatrix {
                     std::array::from_fn(|r| &decoded[r].q[b * src.block..(b + 1) * src.block]);
                 pack_group_block(src.storage, src.block, &q, &mut weights[at * gbb..(at + 1) * gbb]);
                 for (r, row) in decoded.iter().enumerate() {
-                    scales.set(at * GROUP + r, row.d[b]);
-                    if let Some(mins) = mins.as_mut() {
-                        mins.set(at * GROUP + r, row.m[b]);
+                    let i = at * GROUP + r;
+                    match &row.factors {
+                        None => {
+                            scales.set_f16(i, row.d[b]);
+                            if let Some(mins) = mins.as_mut() {
+                                mins.set_f16(i, row.m[b]);
+                            }
+                        }
+                        Some(f) => {
+                            scales.set_factored(i, f.d_sub[b], f.d_outer[b / per_outer]);
+                            if let Some(mins) = mins.as_mut() {
+                                mins.set_factored(i, f.m_sub[b], f.m_outer[b / per_outer]);
+                            }
+                        }
                     }
                 }
             }
@@ -398,7 +473,21 @@ impl PackedQuantMatrix {
             for m in &parts[1..] {
                 match (&mut out, get(m)) {
                     (Scales::F16(a), Scales::F16(b)) => a.extend_from_slice(b),
-                    (Scales::F32(a), Scales::F32(b)) => a.extend_from_slice(b),
+                    (
+                        Scales::Factored {
+                            sub,
+                            outer,
+                            per_outer,
+                        },
+                        Scales::Factored {
+                            sub: sub_b,
+                            outer: outer_b,
+                            per_outer: per_outer_b,
+                        },
+                    ) if per_outer == per_outer_b => {
+                        sub.extend_from_slice(sub_b);
+                        outer.extend_from_slice(outer_b);
+                    }
                     _ => unreachable!("checked alike"),
                 }
             }
@@ -645,7 +734,16 @@ mod avx512 {
         unsafe {
             match s {
                 Scales::F16(s) => _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(i) as *const __m256i)),
-                Scales::F32(s) => _mm512_loadu_ps(s.as_ptr().add(i)),
+                Scales::Factored {
+                    sub,
+                    outer,
+                    per_outer,
+                } => _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        sub.as_ptr().add(i) as *const __m128i
+                    ))),
+                    _mm512_loadu_ps(outer.as_ptr().add(Scales::outer_index(i, *per_outer))),
+                ),
             }
         }
     }
