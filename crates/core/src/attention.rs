@@ -345,12 +345,19 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         let y = widen16(y);
-        acc = std::array::from_fn(|i| acc[i] + x[i] * y[i]);
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
     }
-    // Pairwise (a tree of vector adds), not a serial chain of 15 scalar adds.
-    let a8: [f32; 8] = std::array::from_fn(|i| acc[i] + acc[i + 8]);
-    let a4: [f32; 4] = std::array::from_fn(|i| a8[i] + a8[i + 4]);
-    let mut s = (a4[0] + a4[2]) + (a4[1] + a4[3]);
+    // Pairwise (a tree of vector adds), not a serial chain of 15 scalar adds. (Plain
+    // loops, not `array::from_fn`, whose closures would not inherit the callers' target
+    // features.)
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    let mut s = acc[0];
     for (x, y) in ra.iter().zip(rb) {
         s += x * y.widen();
     }
@@ -360,7 +367,11 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
 #[inline(always)]
 fn widen16<E: KvElem>(v: &[E]) -> [f32; 16] {
     let v: &[E; 16] = v.try_into().expect("16 values");
-    std::array::from_fn(|i| v[i].widen())
+    let mut out = [0f32; 16];
+    for i in 0..16 {
+        out[i] = v[i].widen();
+    }
+    out
 }
 
 /// `out += w * v`

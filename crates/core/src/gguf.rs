@@ -127,6 +127,32 @@ impl GgufCheckpoint {
         &self.files[0].path
     }
 
+    /// Bytes of weights one token reads at batch-1 decode: every tensor, except that a
+    /// stacked expert tensor (`*_exps`) counts `top_k / num_experts` of its bytes (only
+    /// the routed experts are read) and the token embedding counts none when a separate
+    /// output matrix exists (the lookup reads one row). The numerator of the
+    /// memory-bandwidth bound on batch-1 decode.
+    pub fn bytes_per_token(&self, cfg: &crate::config::ModelConfig) -> f64 {
+        let tied = !self.has_tensor("output.weight");
+        let mut total = 0.0;
+        for f in &self.files {
+            for (name, info) in &f.content.tensor_infos {
+                let bytes = tensor_bytes(info.ggml_dtype, info.shape.elem_count()) as f64;
+                total += if name.contains("_exps") {
+                    cfg.moe
+                        .as_ref()
+                        .map_or(1.0, |m| m.top_k as f64 / m.num_experts as f64)
+                        * bytes
+                } else if name == "token_embd.weight" && !tied {
+                    0.0
+                } else {
+                    bytes
+                };
+            }
+        }
+        total
+    }
+
     /// Does any tensor use a quantized (not F32/F16/BF16) type?
     pub fn is_quantized(&self) -> bool {
         self.files.iter().any(|f| {

@@ -822,7 +822,12 @@ mod avx512 {
                     // inside token `t0 + t`'s row of `a.q`.
                     let w = unsafe { m.weights.as_ptr().add(at * gbb) };
                     // Each token's activations for this block.
-                    let xp: [&[i16]; T] = std::array::from_fn(|t| &a.q[(t0 + t) * a.cols + b * bs..][..bs]);
+                    // (Plain loops rather than `array::from_fn` here: its closures do not
+                    // inherit this function's target features and would not inline.)
+                    let mut xp: [&[i16]; T] = [&[]; T];
+                    for (t, x) in xp.iter_mut().enumerate() {
+                        *x = &a.q[(t0 + t) * a.cols + b * bs..][..bs];
+                    }
                     // Two accumulators per token, so that with few tokens the dot
                     // products are not one serial chain of multiply-add latencies.
                     let mut sums = [[_mm512_setzero_si512(); 2]; T];
@@ -861,8 +866,11 @@ mod avx512 {
                             }
                         }
                     }
-                    let sums: [__m512i; T] =
-                        std::array::from_fn(|t| _mm512_add_epi32(sums[t][0], sums[t][1]));
+                    let mut total = [_mm512_setzero_si512(); T];
+                    for t in 0..T {
+                        total[t] = _mm512_add_epi32(sums[t][0], sums[t][1]);
+                    }
+                    let sums = total;
                     let d = unsafe { load16(&m.scales, at * GROUP) };
                     for t in 0..T {
                         let xs = _mm512_set1_ps(a.scale[(t0 + t) * blocks + b]);

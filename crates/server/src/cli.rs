@@ -48,7 +48,8 @@ enum BenchCommand {
 
 #[derive(clap::Args)]
 struct MemoryBenchArgs {
-    /// A model file whose weights are read once per decoded token (a dense GGUF).
+    /// A GGUF model: the bound counts the bytes one token reads (routed experts only, no
+    /// embedding table when the output matrix is separate); other files count whole.
     #[arg(long)]
     model: Option<std::path::PathBuf>,
 }
@@ -377,7 +378,12 @@ fn run_memory_bench(args: MemoryBenchArgs) -> anyhow::Result<()> {
         rayon_threads()
     );
     if let Some(path) = args.model {
-        let bytes = std::fs::metadata(&path)?.len() as f64;
+        let bytes = if path.extension().is_some_and(|e| e == "gguf") {
+            let ckpt = moeserve_core::gguf::GgufCheckpoint::open(&path)?;
+            ckpt.bytes_per_token(&moeserve_core::gguf::model_config(&ckpt)?)
+        } else {
+            std::fs::metadata(&path)?.len() as f64
+        };
         println!(
             "{}: {:.1} MB of weights read per token at batch 1 -> decode bound {:.0} tok/s",
             path.display(),
