@@ -192,6 +192,30 @@ impl KvElem for half::f16 {
     }
 }
 
+impl AttendJob<'_> {
+    /// The cache slot of this sequence's position `j`.
+    #[inline(always)]
+    fn slot(&self, j: usize) -> usize {
+        let bs = self.g.block_size;
+        self.table[j / bs] as usize * bs + j % bs
+    }
+}
+
+/// Each row of `scores` (rows of `n`) becomes its softmax.
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], n: usize) {
+    for s in scores.chunks_exact_mut(n) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for v in s.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / s.iter().sum::<f32>();
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
 type AttendKernel<E> = unsafe fn(&AttendJob, &[E], &[E], &mut Vec<f32>, &mut [f32]);
 
 /// The attention inner loops compiled for the best instruction set the CPU has (they are
@@ -230,11 +254,10 @@ unsafe fn attend_avx512<E: KvElem>(
     let heads = job.q.len() / g.head_dim;
     let n = job.len;
     let (kc, vc) = (g.head_dim / 16, g.value_dim / 16);
-    let slot = |j: usize| job.table[j / g.block_size] as usize * g.block_size + j % g.block_size;
     scores.clear();
     scores.resize(heads * n, 0.0);
     for j in 0..n {
-        let at = g.offset(slot(j), job.kv_head, g.head_dim);
+        let at = g.offset(job.slot(j), job.kv_head, g.head_dim);
         assert!(at + g.head_dim <= keys.len());
         let mut acc = [_mm512_setzero_ps(); 8];
         for c in 0..kc {
@@ -249,25 +272,17 @@ unsafe fn attend_avx512<E: KvElem>(
             scores[hi * n + j] = _mm512_reduce_add_ps(*a) * job.scale;
         }
     }
-    for s in scores.chunks_exact_mut(n) {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for v in s.iter_mut() {
-            *v = exp(*v - max);
-        }
-        let inv = 1.0 / s.iter().sum::<f32>();
-        for v in s.iter_mut() {
-            *v *= inv;
-        }
-    }
+    softmax_rows(scores, n);
     assert!(out.len() >= heads * g.value_dim);
+    // Latent attention reads values from the cached keys.
+    let src = if g.value_offset.is_some() { keys } else { values };
     for oc in 0..vc {
         let mut acc = [_mm512_setzero_ps(); 8];
         for j in 0..n {
             let at = match g.value_offset {
-                Some(off) => g.offset(slot(j), job.kv_head, g.head_dim) + off,
-                None => g.offset(slot(j), job.kv_head, g.value_dim),
+                Some(off) => g.offset(job.slot(j), job.kv_head, g.head_dim) + off,
+                None => g.offset(job.slot(j), job.kv_head, g.value_dim),
             };
-            let src = if g.value_offset.is_some() { keys } else { values };
             assert!(at + g.value_dim <= src.len());
             // SAFETY: inside `src` by the assert.
             let v = unsafe { E::load16(src.as_ptr().add(at + 16 * oc)) };
@@ -305,29 +320,19 @@ fn attend<E: KvElem>(job: &AttendJob, keys: &[E], values: &[E], scores: &mut Vec
     let g = job.g;
     let heads = job.q.len() / g.head_dim;
     let n = job.len;
-    let slot = |j: usize| job.table[j / g.block_size] as usize * g.block_size + j % g.block_size;
     scores.clear();
     scores.resize(heads * n, 0.0);
     for j in 0..n {
-        let k = &keys[g.offset(slot(j), job.kv_head, g.head_dim)..][..g.head_dim];
+        let k = &keys[g.offset(job.slot(j), job.kv_head, g.head_dim)..][..g.head_dim];
         for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
             scores[hi * n + j] = dot(qv, k) * job.scale;
         }
     }
-    for s in scores.chunks_exact_mut(n) {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for v in s.iter_mut() {
-            *v = exp(*v - max);
-        }
-        let inv = 1.0 / s.iter().sum::<f32>();
-        for v in s.iter_mut() {
-            *v *= inv;
-        }
-    }
+    softmax_rows(scores, n);
     for j in 0..n {
         let v = match g.value_offset {
-            Some(off) => &keys[g.offset(slot(j), job.kv_head, g.head_dim) + off..][..g.value_dim],
-            None => &values[g.offset(slot(j), job.kv_head, g.value_dim)..][..g.value_dim],
+            Some(off) => &keys[g.offset(job.slot(j), job.kv_head, g.head_dim) + off..][..g.value_dim],
+            None => &values[g.offset(job.slot(j), job.kv_head, g.value_dim)..][..g.value_dim],
         };
         for (hi, o) in out.chunks_exact_mut(g.value_dim).enumerate() {
             axpy(scores[hi * n + j], v, o);
