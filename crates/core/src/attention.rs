@@ -43,7 +43,14 @@ impl AttnGeometry {
     #[inline(always)]
     pub fn offset(&self, slot: usize, kv_head: usize, dim: usize) -> usize {
         let (block, at) = (slot / self.block_size, slot % self.block_size);
-        ((block * self.num_kv_heads + kv_head) * self.block_size + at) * dim
+        self.block_start(block, kv_head, dim) + at * dim
+    }
+
+    /// Where head `kv_head`'s run of `block_size` vectors of `dim` values starts in
+    /// cache block `block`.
+    #[inline(always)]
+    pub fn block_start(&self, block: usize, kv_head: usize, dim: usize) -> usize {
+        (block * self.num_kv_heads + kv_head) * self.block_size * dim
     }
 }
 
@@ -98,7 +105,7 @@ pub fn paged_attention(
     let run = |attend: &TaskFn, out: &mut Vec<f32>| {
         out.par_chunks_mut(heads_per_task * g.value_dim)
             .enumerate()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
+            .for_each_init(Scratch::default, |scratch: &mut Scratch, (task, out)| {
                 let first_row = task * heads_per_task;
                 let (t, h) = (first_row / g.num_heads, first_row % g.num_heads);
                 let (si, pos) = token_pos[t];
@@ -110,7 +117,8 @@ pub fn paged_attention(
                     g: &g,
                     scale,
                 };
-                attend(&job, scores, out);
+                scratch.locate(&job);
+                attend(&job, scratch, out);
             });
     };
     match (&layer.keys, &layer.values) {
@@ -129,8 +137,48 @@ pub fn paged_attention(
     out
 }
 
-/// Runs one task: the job, its scores scratch, its output rows.
-type TaskFn<'a> = dyn Fn(&AttendJob, &mut Vec<f32>, &mut [f32]) + Sync + 'a;
+/// Runs one task: the job, its scratch, its output rows.
+type TaskFn<'a> = dyn Fn(&AttendJob, &mut Scratch, &mut [f32]) + Sync + 'a;
+
+/// Per-thread buffers of [`paged_attention`]'s tasks, reused from task to task.
+#[derive(Default)]
+struct Scratch {
+    /// `[heads, len]`: the scores of the task's query heads, then their softmax.
+    scores: Vec<f32>,
+    /// Where each position's key vector starts in the layer's key buffer.
+    keys_at: Vec<usize>,
+    /// Where each position's value vector starts, in the value buffer (or, for latent
+    /// attention, in the key buffer).
+    values_at: Vec<usize>,
+}
+
+impl Scratch {
+    /// Resolves the job's positions to cache offsets once, block by block, so the loops
+    /// over keys and values do no block-table arithmetic.
+    fn locate(&mut self, job: &AttendJob) {
+        let g = job.g;
+        let (bs, n) = (g.block_size, job.len);
+        self.keys_at.resize(n, 0);
+        self.values_at.resize(n, 0);
+        for (b, &block) in job.table.iter().enumerate().take(n.div_ceil(bs)) {
+            let first = b * bs;
+            let (k0, v0) = (
+                g.block_start(block as usize, job.kv_head, g.head_dim),
+                g.block_start(block as usize, job.kv_head, g.value_dim),
+            );
+            for j in first..(first + bs).min(n) {
+                let k = k0 + (j - first) * g.head_dim;
+                self.keys_at[j] = k;
+                self.values_at[j] = match g.value_offset {
+                    Some(off) => k + off,
+                    None => v0 + (j - first) * g.value_dim,
+                };
+            }
+        }
+        self.scores.clear();
+        self.scores.resize(job.q.len() / g.head_dim * job.len, 0.0);
+    }
+}
 
 /// One task of [`paged_attention`]: `q` holds one token's query heads (all reading
 /// `kv_head`), attending over cached positions `0..len`.
@@ -192,31 +240,42 @@ impl KvElem for half::f16 {
     }
 }
 
-impl AttendJob<'_> {
-    /// The cache slot of this sequence's position `j`.
-    #[inline(always)]
-    fn slot(&self, j: usize) -> usize {
-        let bs = self.g.block_size;
-        self.table[j / bs] as usize * bs + j % bs
-    }
-}
-
 /// Each row of `scores` (rows of `n`) becomes its softmax.
 #[inline(always)]
 fn softmax_rows(scores: &mut [f32], n: usize) {
     for s in scores.chunks_exact_mut(n) {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = fold16(s, f32::NEG_INFINITY, f32::max);
         for v in s.iter_mut() {
             *v = exp(*v - max);
         }
-        let inv = 1.0 / s.iter().sum::<f32>();
+        let inv = 1.0 / fold16(s, 0.0, |a, b| a + b);
         for v in s.iter_mut() {
             *v *= inv;
         }
     }
 }
 
-type AttendKernel<E> = unsafe fn(&AttendJob, &[E], &[E], &mut Vec<f32>, &mut [f32]);
+/// `s` folded by `f` in 16 lanes, then across them: vectorises, where one running
+/// value would be a serial chain (floating-point addition is not reassociated).
+#[inline(always)]
+fn fold16(s: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut lanes = [init; 16];
+    let chunks = s.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] = f(lanes[i], c[i]);
+        }
+    }
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            lanes[i] = f(lanes[i], lanes[i + w]);
+        }
+    }
+    rest.iter().fold(lanes[0], |a, &b| f(a, b))
+}
+
+type AttendKernel<E> = unsafe fn(&AttendJob, &[E], &[E], &mut Scratch, &mut [f32]);
 
 /// The attention inner loops compiled for the best instruction set the CPU has (they are
 /// dot products and axpys over head_dim values; baseline x86-64 would do them 4 wide).
@@ -234,106 +293,220 @@ fn attend_kernel<E: KvElem>() -> AttendKernel<E> {
     attend_portable::<E>
 }
 
-/// With AVX-512 and head sizes in multiples of 16 (all real models), the dot products
-/// and axpys are written with intrinsics: a 16-wide load (and f16 widening) of each
-/// cached vector serves every query head of the task.
+/// The AVX-512 form, for head sizes in multiples of 16 (all real models) and up to 8
+/// query heads per task.
+///
+/// Scores: 16 positions at a time per query head, each position's partial products in
+/// one register, then one transposing reduction ([`avx512::sum16`]) turns the 16
+/// registers into the 16 scores (a horizontal sum per position would cost about as much
+/// as its dot product). Values: one pass over the positions per 16·W output values,
+/// every query head of the task accumulating in registers from one load (and f16
+/// widening) of each cached vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn attend_avx512<E: KvElem>(
     job: &AttendJob,
     keys: &[E],
     values: &[E],
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let g = job.g;
-    if !g.head_dim.is_multiple_of(16) || !g.value_dim.is_multiple_of(16) || job.q.len() > 8 * g.head_dim {
-        return attend(job, keys, values, scores, out);
-    }
     let heads = job.q.len() / g.head_dim;
+    if !g.head_dim.is_multiple_of(16) || !g.value_dim.is_multiple_of(16) || heads > 8 {
+        return attend(job, keys, values, scratch, out);
+    }
     let n = job.len;
-    let (kc, vc) = (g.head_dim / 16, g.value_dim / 16);
-    scores.clear();
-    scores.resize(heads * n, 0.0);
-    for j in 0..n {
-        let at = g.offset(job.slot(j), job.kv_head, g.head_dim);
-        assert!(at + g.head_dim <= keys.len());
-        let mut acc = [_mm512_setzero_ps(); 8];
-        for c in 0..kc {
-            // SAFETY: inside `keys` by the assert; inside `q` as c < head_dim / 16.
-            let k = unsafe { E::load16(keys.as_ptr().add(at + 16 * c)) };
-            for (hi, a) in acc.iter_mut().enumerate().take(heads) {
-                let q = unsafe { _mm512_loadu_ps(job.q.as_ptr().add(hi * g.head_dim + 16 * c)) };
-                *a = _mm512_fmadd_ps(q, k, *a);
+    let src = if g.value_offset.is_some() { keys } else { values };
+    assert!(
+        scratch.keys_at.len() == n
+            && scratch.values_at.len() == n
+            && scratch.scores.len() == heads * n
+            && out.len() >= heads * g.value_dim
+            && scratch.keys_at.iter().all(|&at| at + g.head_dim <= keys.len())
+            && scratch.values_at.iter().all(|&at| at + g.value_dim <= src.len())
+    );
+    let Scratch {
+        scores,
+        keys_at,
+        values_at,
+    } = scratch;
+    for h in 0..heads {
+        let q = &job.q[h * g.head_dim..][..g.head_dim];
+        let row = &mut scores[h * n..][..n];
+        for j0 in (0..n).step_by(16) {
+            let m = 16.min(n - j0);
+            // A short last chunk repeats its last position; the store drops the extra.
+            let mut at = [0usize; 16];
+            for (i, a) in at.iter_mut().enumerate() {
+                *a = keys_at[j0 + i.min(m - 1)];
             }
-        }
-        for (hi, a) in acc.iter().enumerate().take(heads) {
-            scores[hi * n + j] = _mm512_reduce_add_ps(*a) * job.scale;
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for c in 0..g.head_dim / 16 {
+                // SAFETY: `c < head_dim / 16`; each key vector is inside `keys` (assert).
+                let qc = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) };
+                for i in 0..16 {
+                    let k = unsafe { E::load16(keys.as_ptr().add(at[i] + 16 * c)) };
+                    acc[i] = _mm512_fmadd_ps(qc, k, acc[i]);
+                }
+            }
+            let s = _mm512_mul_ps(avx512::sum16(&acc), _mm512_set1_ps(job.scale));
+            // SAFETY: `j0 + m <= n`, the row's length.
+            unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j0), (1u32 << m).wrapping_sub(1) as u16, s) };
         }
     }
     softmax_rows(scores, n);
-    assert!(out.len() >= heads * g.value_dim);
-    // Latent attention reads values from the cached keys.
-    let src = if g.value_offset.is_some() { keys } else { values };
-    for oc in 0..vc {
-        let mut acc = [_mm512_setzero_ps(); 8];
-        for j in 0..n {
-            let at = match g.value_offset {
-                Some(off) => g.offset(job.slot(j), job.kv_head, g.head_dim) + off,
-                None => g.offset(job.slot(j), job.kv_head, g.value_dim),
-            };
-            assert!(at + g.value_dim <= src.len());
-            // SAFETY: inside `src` by the assert.
-            let v = unsafe { E::load16(src.as_ptr().add(at + 16 * oc)) };
-            for (hi, a) in acc.iter_mut().enumerate().take(heads) {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(scores[hi * n + j]), v, *a);
+    // Up to 4 chunks of 16 values per pass for up to 5 heads, 2 for more (at most 20
+    // accumulators), single chunks for what remains.
+    use avx512::value_pass as pass;
+    let (wide, full, single): (usize, ValuePass<E>, ValuePass<E>) = match heads {
+        1 => (4, pass::<E, 1, 4>, pass::<E, 1, 1>),
+        2 => (4, pass::<E, 2, 4>, pass::<E, 2, 1>),
+        3 => (4, pass::<E, 3, 4>, pass::<E, 3, 1>),
+        4 => (4, pass::<E, 4, 4>, pass::<E, 4, 1>),
+        5 => (4, pass::<E, 5, 4>, pass::<E, 5, 1>),
+        6 => (2, pass::<E, 6, 2>, pass::<E, 6, 1>),
+        7 => (2, pass::<E, 7, 2>, pass::<E, 7, 1>),
+        _ => (2, pass::<E, 8, 2>, pass::<E, 8, 1>),
+    };
+    let chunks = g.value_dim / 16;
+    let mut c = 0;
+    while c < chunks {
+        if c + wide <= chunks {
+            full(scores, values_at, src, g.value_dim, c, out);
+            c += wide;
+        } else {
+            single(scores, values_at, src, g.value_dim, c, out);
+            c += 1;
+        }
+    }
+}
+
+/// One pass of [`avx512::value_pass`]: probabilities, value offsets, the value source,
+/// value_dim, the first chunk, the output.
+#[cfg(target_arch = "x86_64")]
+type ValuePass<E> = fn(&[f32], &[usize], &[E], usize, usize, &mut [f32]);
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::KvElem;
+
+    /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: pairs of registers
+    /// are interleaved and added level by level (45 instructions for 16 sums, where 16
+    /// separate horizontal sums would take over 100).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sum16(v: &[__m512; 16]) -> __m512 {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for each pair (a, b).
+        let mut t = [_mm512_setzero_ps(); 8];
+        for p in 0..8 {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        // Per 128-bit lane L: the lane-L sums of four registers.
+        let mut u = [_mm512_setzero_ps(); 4];
+        for p in 0..4 {
+            let (x, y) = (t[2 * p], t[2 * p + 1]);
+            u[p] = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y));
+        }
+        // Fold the four 128-bit lanes: first pairwise within two registers, then across.
+        let (x01, x23) = (fold_lanes(u[0], u[1]), fold_lanes(u[2], u[3]));
+        fold_lanes(x01, x23)
+    }
+
+    /// 128-bit lanes `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]`. (A function, not a closure:
+    /// closures do not inherit target features and would not inline.)
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fold_lanes(x: __m512, y: __m512) -> __m512 {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    }
+
+    /// `out[h, 16c0..16(c0 + W)] = sum_j p[h, j] * value_j[16c0..16(c0 + W)]` for the `H`
+    /// heads of a task: `H * W` accumulators stay in registers through the pass.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) fn value_pass<E: KvElem, const H: usize, const W: usize>(
+        probs: &[f32],
+        values_at: &[usize],
+        src: &[E],
+        value_dim: usize,
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        let n = values_at.len();
+        assert!(
+            probs.len() >= H * n
+                && out.len() >= H * value_dim
+                && 16 * (c0 + W) <= value_dim
+                && values_at.iter().all(|&at| at + value_dim <= src.len())
+        );
+        let mut acc = [[_mm512_setzero_ps(); W]; H];
+        for (j, &at) in values_at.iter().enumerate() {
+            let mut v = [_mm512_setzero_ps(); W];
+            for (c, v) in v.iter_mut().enumerate() {
+                // SAFETY: inside `src` by the assert.
+                *v = unsafe { E::load16(src.as_ptr().add(at + 16 * (c0 + c))) };
+            }
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let p = _mm512_set1_ps(probs[h * n + j]);
+                for c in 0..W {
+                    acc[c] = _mm512_fmadd_ps(p, v[c], acc[c]);
+                }
             }
         }
-        for (hi, a) in acc.iter().enumerate().take(heads) {
-            // SAFETY: inside `out` by the assert above.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(hi * g.value_dim + 16 * oc), *a) };
+        for (h, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: inside `out` by the assert.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(h * value_dim + 16 * (c0 + c)), *a) };
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<E: KvElem>(job: &AttendJob, k: &[E], v: &[E], scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, k, v, scores, out)
+unsafe fn attend_avx2<E: KvElem>(job: &AttendJob, k: &[E], v: &[E], scratch: &mut Scratch, out: &mut [f32]) {
+    attend(job, k, v, scratch, out)
 }
 
 unsafe fn attend_portable<E: KvElem>(
     job: &AttendJob,
     k: &[E],
     v: &[E],
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
-    attend(job, k, v, scores, out)
+    attend(job, k, v, scratch, out)
 }
 
-/// Softmax attention of `heads` query vectors over the same cached keys and values:
-/// `scores` is `[heads, len]`, `out` is `[heads, value_dim]`.
+/// Softmax attention of `heads` query vectors over the same cached keys and values
+/// (the positions located in `scratch`): `out` is `[heads, value_dim]`.
 #[inline(always)]
-fn attend<E: KvElem>(job: &AttendJob, keys: &[E], values: &[E], scores: &mut Vec<f32>, out: &mut [f32]) {
+fn attend<E: KvElem>(job: &AttendJob, keys: &[E], values: &[E], scratch: &mut Scratch, out: &mut [f32]) {
     let g = job.g;
-    let heads = job.q.len() / g.head_dim;
     let n = job.len;
-    scores.clear();
-    scores.resize(heads * n, 0.0);
-    for j in 0..n {
-        let k = &keys[g.offset(job.slot(j), job.kv_head, g.head_dim)..][..g.head_dim];
+    let Scratch {
+        scores,
+        keys_at,
+        values_at,
+    } = scratch;
+    for (j, &at) in keys_at.iter().enumerate() {
+        let k = &keys[at..][..g.head_dim];
         for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
             scores[hi * n + j] = dot(qv, k) * job.scale;
         }
     }
     softmax_rows(scores, n);
-    for j in 0..n {
-        let v = match g.value_offset {
-            Some(off) => &keys[g.offset(job.slot(j), job.kv_head, g.head_dim) + off..][..g.value_dim],
-            None => &values[g.offset(job.slot(j), job.kv_head, g.value_dim)..][..g.value_dim],
-        };
+    // Latent attention reads values from the cached keys.
+    let src = if g.value_offset.is_some() { keys } else { values };
+    for (j, &at) in values_at.iter().enumerate() {
+        let v = &src[at..][..g.value_dim];
         for (hi, o) in out.chunks_exact_mut(g.value_dim).enumerate() {
             axpy(scores[hi * n + j], v, o);
         }
@@ -454,44 +627,60 @@ mod tests {
     #[test]
     fn paged_matches_contiguous_for_mixed_prefill_and_decode() {
         // f32 cache: only summation order differs; f16: the cache's rounding (2^-11).
-        // Head size 12 runs the portable loops, 32 the AVX-512 ones where the CPU has them.
-        for d in [12, 32] {
-            mixed_prefill_and_decode(KvDtype::F32, d, 1e-5);
-            mixed_prefill_and_decode(KvDtype::F16, d, 2e-3);
+        // Head size 12 runs the portable loops, multiples of 16 the AVX-512 ones where the
+        // CPU has them: one to eight query heads per key/value head, value sizes that fill
+        // whole register passes or leave a remainder, contexts shorter and longer than 16.
+        for (heads, kv_heads, d, vd, lens) in [
+            (4, 2, 12, 12, (11, 3, 6)),
+            (4, 2, 32, 32, (11, 3, 6)),
+            (9, 3, 64, 64, (40, 21, 13)),
+            (16, 2, 32, 80, (35, 17, 19)),
+            (5, 1, 16, 48, (17, 0, 33)),
+            (6, 3, 32, 32, (9, 2, 1)),
+        ] {
+            let g = AttnGeometry {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: d,
+                value_dim: vd,
+                block_size: 4,
+                value_offset: None,
+            };
+            mixed_prefill_and_decode(KvDtype::F32, g, lens, 1e-5);
+            mixed_prefill_and_decode(KvDtype::F16, g, lens, 2e-3);
         }
     }
 
-    fn mixed_prefill_and_decode(dtype: KvDtype, d: usize, tolerance: f32) {
-        let g = AttnGeometry {
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: d,
-            value_dim: d,
-            block_size: 4,
-            value_offset: None,
-        };
+    /// Sequence A: `len_a - 1` cached positions, then a 1-token decode. Sequence B:
+    /// `cached_b` cached positions, then a prompt chunk of `chunk_b` tokens.
+    fn mixed_prefill_and_decode(
+        dtype: KvDtype,
+        g: AttnGeometry,
+        (len_a, cached_b, chunk_b): (usize, usize, usize),
+        tolerance: f32,
+    ) {
+        let (d, vd, kvh) = (g.head_dim, g.value_dim, g.num_kv_heads);
         let layout = KvLayout {
             num_layers: 1,
-            num_kv_heads: 2,
+            num_kv_heads: kvh,
             key_dim: d,
-            value_dim: d,
+            value_dim: vd,
             dtype,
         };
-        let mut kv = KvCache::new(layout, g.block_size, 32).unwrap();
-        let mut alloc = BlockAllocator::new(32);
+        let len_b = cached_b + chunk_b;
+        let blocks = (len_a.div_ceil(4) + len_b.div_ceil(4)) * 2;
+        let mut kv = KvCache::new(layout, g.block_size, blocks).unwrap();
+        let mut alloc = BlockAllocator::new(blocks);
         let mut rng = StdRng::seed_from_u64(7);
         let mut rand_vec = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
-        // Sequence A: 10 cached positions, then a 1-token decode at position 10.
-        // Sequence B: 3 cached positions, then a 6-token prompt chunk at positions 3..9.
-        let (len_a, len_b) = (11usize, 9usize);
-        let (ka, va) = (rand_vec(len_a * 2 * d), rand_vec(len_a * 2 * d));
-        let (kb, vb) = (rand_vec(len_b * 2 * d), rand_vec(len_b * 2 * d));
+        let (ka, va) = (rand_vec(len_a * kvh * d), rand_vec(len_a * kvh * vd));
+        let (kb, vb) = (rand_vec(len_b * kvh * d), rand_vec(len_b * kvh * vd));
         let mut ta = BlockTable::new();
         let mut tb = BlockTable::new();
         // Interleave allocations so the tables are not contiguous runs.
-        for n in 1..=3 {
-            ta.reserve(&mut alloc, n * 4, 4).unwrap();
-            tb.reserve(&mut alloc, n * 4, 4).unwrap();
+        for n in 1..=len_a.max(len_b).div_ceil(4) {
+            ta.reserve(&mut alloc, (n * 4).min(len_a), 4).unwrap();
+            tb.reserve(&mut alloc, (n * 4).min(len_b), 4).unwrap();
         }
         let slots = |t: &BlockTable, n: usize| {
             (0..n)
@@ -502,37 +691,35 @@ mod tests {
         write_kv(kv.layer_mut(0), &g, &sa, &ka, &va);
         write_kv(kv.layer_mut(0), &g, &sb, &kb, &vb);
 
-        let qa = rand_vec(4 * d);
-        let qb = rand_vec(6 * 4 * d);
+        let qa = rand_vec(g.num_heads * d);
+        let qb = rand_vec(chunk_b * g.num_heads * d);
         let q: Vec<f32> = qa.iter().chain(&qb).copied().collect();
         let seqs = [
             AttnSeq {
                 first_token: 0,
                 len: 1,
-                start_pos: 10,
+                start_pos: len_a - 1,
                 block_table: ta.blocks(),
             },
             AttnSeq {
                 first_token: 1,
-                len: 6,
-                start_pos: 3,
+                len: chunk_b,
+                start_pos: cached_b,
                 block_table: tb.blocks(),
             },
         ];
         let scale = 0.3;
         let out = paged_attention(&q, kv.layer(0), &seqs, g, scale);
-        let want_a = naive(&qa, &ka, &va, 10, g, scale);
-        let want_b = naive(&qb, &kb[..len_b * 2 * d], &vb, 3, g, scale);
+        let want_a = naive(&qa, &ka, &va, len_a - 1, g, scale);
+        let want_b = naive(&qb, &kb, &vb, cached_b, g, scale);
         let want: Vec<f32> = want_a.into_iter().chain(want_b).collect();
+        assert_eq!(out.len(), want.len());
         let max_err = out
             .iter()
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(
-            max_err < tolerance,
-            "{dtype:?}, head size {d}: max abs error {max_err}"
-        );
+        assert!(max_err < tolerance, "{dtype:?}, {g:?}: max abs error {max_err}");
     }
 
     #[test]
