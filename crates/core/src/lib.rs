@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod kv;
 pub mod layers;
 pub mod models;
+mod pool;
 pub mod quant;
 pub mod reasoning;
 pub mod sampling;

@@ -141,10 +141,11 @@ impl CausalLm for DecoderModel {
 
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
         // The whole pass runs on one of rayon's workers, so that the matmuls and attention
-        // it splits over the pool are shared with an awake peer by work stealing. Called
-        // from outside the pool, every parallel op would instead be injected into the
-        // pool and the caller put to sleep and woken again: ~200 wake-ups per decode step.
-        rayon::scope(|_| self.forward_in_pool(batch, kv))
+        // it splits over the pool are shared with peers by work stealing, and the peers
+        // spin for work until it ends (see `pool`). Called from outside the pool, every
+        // parallel op would instead be injected into the pool and the caller put to sleep
+        // and woken again: ~200 wake-ups per decode step.
+        crate::pool::with_hot_workers(|| self.forward_in_pool(batch, kv))
     }
 }
 
