@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+mod host;
 pub mod kv;
 pub mod layers;
 pub mod models;

@@ -541,24 +541,30 @@ impl PackedQuantMatrix {
                 self.cols
             )));
         }
-        let xs = x
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let acts = Activations::quantize(&xs, t, self.cols, self.block);
-        let mut out = vec![0f32; t * self.rows];
-        self.matmul_into(&acts, &mut out);
+        let acts = crate::host::with_f32(x, |xs| Activations::quantize(xs, t, self.cols, self.block))?;
+        let n = t * self.rows;
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        // SAFETY: `out` has room for `[t, rows]`, and the kernels write every element of
+        // it (each task all tokens of its row groups; the groups cover the rows), so
+        // nothing is read uninitialised; no zeroing pass over the output first.
+        unsafe {
+            self.matmul_into(&acts, out.as_mut_ptr());
+            out.set_len(n);
+        }
         Ok(Tensor::from_vec(out, (t, self.rows), &Device::Cpu)?)
     }
 
     /// `out` (`[tokens, rows]`) = activations x W^T, row groups spread over rayon's pool.
-    fn matmul_into(&self, acts: &Activations, out: &mut [f32]) {
+    ///
+    /// # Safety
+    /// `out` is valid for writes of `[acts.tokens, rows]` f32.
+    unsafe fn matmul_into(&self, acts: &Activations, out: *mut f32) {
         let kernel = kernel();
         let groups = self.groups();
         // A few tasks per thread: enough to balance, few enough that scheduling them costs
         // little next to the work (a decode step makes ~200 of these calls).
         let per_task = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let out = OutPtr(out.as_mut_ptr());
+        let out = OutPtr(out);
         (0..groups.div_ceil(per_task)).into_par_iter().for_each(|task| {
             let gs = task * per_task..((task + 1) * per_task).min(groups);
             for t0 in (0..acts.tokens).step_by(TOKEN_CHUNK) {

@@ -2,6 +2,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
 use crate::error::Result;
+use crate::host::with_f32;
 use crate::quant::PackedQuantMatrix;
 use crate::weights::WeightStore;
 
@@ -127,6 +128,34 @@ impl Projections {
                     .collect()
             }
             Projections::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// Each part's output as f32 values (`[tokens, width]` row-major), for CPU kernels
+    /// that take plain buffers: the fused output is split row by row straight into the
+    /// parts, with no intermediate tensors.
+    pub fn forward_f32(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Projections::Fused(l, widths) => {
+                let y = l.forward(x)?;
+                let t = y.dim(0)?;
+                with_f32(&y, |v| {
+                    let mut parts: Vec<Vec<f32>> =
+                        widths.iter().map(|&w| Vec::with_capacity(t * w)).collect();
+                    for row in v.chunks_exact(widths.iter().sum()) {
+                        let mut at = 0;
+                        for (part, &w) in parts.iter_mut().zip(widths) {
+                            part.extend_from_slice(&row[at..at + w]);
+                            at += w;
+                        }
+                    }
+                    parts
+                })
+            }
+            Projections::Separate(parts) => parts
+                .iter()
+                .map(|l| with_f32(&l.forward(x)?, |v| v.to_vec()))
+                .collect(),
         }
     }
 }

@@ -80,6 +80,35 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let plain = self.clip_qkv.is_none() && matches!(self.qk_norm, QkNorm::None);
+        let [mut q, mut k, v]: [Vec<f32>; 3] = if plain {
+            // Straight into the buffers rotary embedding and the cache take.
+            self.qkv.forward_f32(x)?.try_into().expect("three projections")
+        } else {
+            self.projected_with_clip_and_norm(x)?
+        };
+        rope.apply(&mut q, nh, hd, ctx.positions)?;
+        rope.apply(&mut k, nkv, hd, ctx.positions)?;
+        let geometry = AttnGeometry {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            value_dim: hd,
+            block_size: ctx.block_size,
+            value_offset: None,
+        };
+        write_kv(kv, &geometry, ctx.slots, &k, &v);
+        let out = paged_attention(&q, kv, ctx.seqs, geometry, self.scale);
+        let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&out)
+    }
+}
+
+impl Attention {
+    /// q, k, v through the optional clipping (`clip_qkv`) and q/k norms.
+    fn projected_with_clip_and_norm(&self, x: &Tensor) -> Result<[Vec<f32>; 3]> {
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let [mut q, mut k, mut v]: [Tensor; 3] = self.qkv.forward(x)?.try_into().expect("three projections");
         if let Some(c) = self.clip_qkv {
             q = q.clamp(-c, c)?;
@@ -99,23 +128,7 @@ impl Attention {
                 QkNorm::None => {}
             }
         }
-        let mut q = to_f32_vec(&q)?;
-        let mut k = to_f32_vec(&k)?;
-        let v = to_f32_vec(&v)?;
-        rope.apply(&mut q, nh, hd, ctx.positions)?;
-        rope.apply(&mut k, nkv, hd, ctx.positions)?;
-        let geometry = AttnGeometry {
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            value_dim: hd,
-            block_size: ctx.block_size,
-            value_offset: None,
-        };
-        write_kv(kv, &geometry, ctx.slots, &k, &v);
-        let out = paged_attention(&q, kv, ctx.seqs, geometry, self.scale);
-        let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
-        self.o_proj.forward(&out)
+        Ok([to_f32_vec(&q)?, to_f32_vec(&k)?, to_f32_vec(&v)?])
     }
 }
 

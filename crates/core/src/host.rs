@@ -1,0 +1,53 @@
+//! Host-memory access to candle tensors for the hand-written CPU kernels.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+
+use crate::error::Result;
+
+/// Runs `f` on the values of `t` in row-major order as f32: in place when `t` is a
+/// contiguous f32 tensor in CPU memory (the common case: a layer's output), else through
+/// one conversion. Saves a copy of every activation a kernel reads.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[start..end]));
+        }
+    }
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn views_match_copies() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 6))
+            .unwrap();
+        let want = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        // Contiguous, a contiguous row range (offset view), a strided view, and f16.
+        for t in [
+            t.clone(),
+            t.narrow(0, 1, 2).unwrap(),
+            t.narrow(1, 2, 3).unwrap(),
+            t.to_dtype(DType::F16).unwrap(),
+        ] {
+            assert_eq!(with_f32(&t, |v| v.to_vec()).unwrap(), want(&t));
+        }
+    }
+}
