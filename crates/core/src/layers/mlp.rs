@@ -70,15 +70,36 @@ impl GatedMlp {
 fn swiglu(gate_up: &Tensor, width: usize) -> Result<Tensor> {
     let t = gate_up.dim(0)?;
     let h = with_f32(gate_up, |v| {
-        let mut h = Vec::with_capacity(t * width);
-        for row in v.chunks_exact(2 * width) {
-            let (gate, up) = row.split_at(width);
-            // silu(g) = g / (1 + e^-g), with the vectorisable exp of the attention kernels
-            h.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + exp(-g)) * u));
+        let mut h = vec![0f32; t * width];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features.
+            unsafe { swiglu_avx512(v, width, &mut h) };
+            return h;
         }
+        swiglu_rows(v, width, &mut h);
         h
     })?;
     Ok(Tensor::from_vec(h, (t, width), gate_up.device())?)
+}
+
+/// [`swiglu_rows`] compiled for AVX-512 (16 values per instruction rather than 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn swiglu_avx512(gate_up: &[f32], width: usize, h: &mut [f32]) {
+    swiglu_rows(gate_up, width, h)
+}
+
+/// `h[r] = silu(gate[r]) * up[r]` row by row; `silu(g) = g / (1 + e^-g)` with the
+/// vectorisable exp of the attention kernels.
+#[inline(always)]
+fn swiglu_rows(gate_up: &[f32], width: usize, h: &mut [f32]) {
+    for (row, out) in gate_up.chunks_exact(2 * width).zip(h.chunks_exact_mut(width)) {
+        let (gate, up) = row.split_at(width);
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
+    }
 }
 
 #[cfg(test)]

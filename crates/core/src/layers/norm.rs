@@ -1,6 +1,8 @@
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::host::with_f32;
 use crate::weights::WeightStore;
 
 /// Root-mean-square layer norm over the last dimension, computed in f32 whatever the
@@ -8,20 +10,189 @@ use crate::weights::WeightStore;
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// The same weights as plain values, for the row kernel.
+    weight_f32: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(store: &WeightStore, name: &str, size: usize, eps: f64) -> Result<Self> {
+        let weight = store.get_f32(&format!("{name}.weight"), &[size])?;
         Ok(Self {
-            weight: store.get_f32(&format!("{name}.weight"), &[size])?,
+            weight_f32: weight.to_vec1::<f32>()?,
+            weight,
             eps: eps as f32,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && x.rank() == 2 {
+            return Ok(self.rows(x, None)?.1);
+        }
         let dtype = x.dtype();
         let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
         Ok(y.to_dtype(dtype)?)
+    }
+
+    /// `(x + residual, norm(x + residual))`: the residual stream after a sublayer and the
+    /// next sublayer's input, in one pass over the rows.
+    pub fn add_and_norm(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        if x.dtype() == DType::F32
+            && residual.dtype() == DType::F32
+            && x.rank() == 2
+            && x.dims() == residual.dims()
+        {
+            let (sum, normed) = self.rows(x, Some(residual))?;
+            return Ok((sum.expect("a residual was given"), normed));
+        }
+        let sum = (x + residual)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
+
+    /// The f32 row kernel over `[tokens, size]`.
+    fn rows(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<(Option<Tensor>, Tensor)> {
+        let (t, d) = x.dims2()?;
+        let (w, eps) = (&self.weight_f32, self.eps);
+        // Rows are split over the pool only when there are many (a prompt chunk): a
+        // decode step's few rows take microseconds, less than handing them out would.
+        let min_rows = if t * d >= 1 << 16 { 16 } else { t.max(1) };
+        let mut normed = vec![0f32; t * d];
+        let sum = with_f32(x, |x| -> Result<Option<Vec<f32>>> {
+            let Some(residual) = residual else {
+                normed
+                    .par_chunks_mut(d)
+                    .with_min_len(min_rows)
+                    .enumerate()
+                    .for_each(|(i, n)| norm_row(&x[i * d..][..d], None, w, eps, None, n));
+                return Ok(None);
+            };
+            let mut sum = vec![0f32; t * d];
+            with_f32(residual, |r| {
+                normed
+                    .par_chunks_mut(d)
+                    .zip(sum.par_chunks_mut(d))
+                    .with_min_len(min_rows)
+                    .enumerate()
+                    .for_each(|(i, (n, s))| {
+                        norm_row(&x[i * d..][..d], Some(&r[i * d..][..d]), w, eps, Some(s), n)
+                    })
+            })?;
+            Ok(Some(sum))
+        })??;
+        let dev = x.device();
+        Ok((
+            sum.map(|s| Tensor::from_vec(s, (t, d), dev)).transpose()?,
+            Tensor::from_vec(normed, (t, d), dev)?,
+        ))
+    }
+}
+
+/// One row: `s = x (+ residual)`, `normed = s / rms(s) * weight`.
+fn norm_row(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    w: &[f32],
+    eps: f32,
+    sum: Option<&mut [f32]>,
+    normed: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features.
+        return unsafe { norm_row_avx512(x, residual, w, eps, sum, normed) };
+    }
+    norm_row_impl(x, residual, w, eps, sum, normed)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn norm_row_avx512(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    w: &[f32],
+    eps: f32,
+    sum: Option<&mut [f32]>,
+    normed: &mut [f32],
+) {
+    norm_row_impl(x, residual, w, eps, sum, normed)
+}
+
+#[inline(always)]
+fn norm_row_impl(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    w: &[f32],
+    eps: f32,
+    sum: Option<&mut [f32]>,
+    normed: &mut [f32],
+) {
+    // `normed` first holds the sum; the squares are summed in 16 lanes so it vectorises.
+    match residual {
+        Some(r) => {
+            for ((o, a), b) in normed.iter_mut().zip(x).zip(r) {
+                *o = a + b;
+            }
+        }
+        None => normed.copy_from_slice(x),
+    }
+    if let Some(sum) = sum {
+        sum.copy_from_slice(normed);
+    }
+    let mut lanes = [0f32; 16];
+    let chunks = normed.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] += c[i] * c[i];
+        }
+    }
+    for width in [8, 4, 2, 1] {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    let inv = 1.0 / ((lanes[0] + rest) / x.len() as f32 + eps).sqrt();
+    for (o, w) in normed.iter_mut().zip(w) {
+        *o = *o * inv * w;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The row kernel (with and without the residual add) agrees with candle's rms_norm
+    /// on few rows (serial) and many (parallel), and with a width that is not a multiple
+    /// of 16.
+    #[test]
+    fn row_kernel_matches_candle() {
+        let dev = Device::Cpu;
+        for (t, d) in [(1usize, 576usize), (3, 37), (20, 64)] {
+            let weight = Tensor::randn(1f32, 0.2, d, &dev).unwrap();
+            let norm = RmsNorm {
+                weight_f32: weight.to_vec1().unwrap(),
+                weight: weight.clone(),
+                eps: 1e-5,
+            };
+            let x = Tensor::randn(0f32, 2.0, (t, d), &dev).unwrap();
+            let r = Tensor::randn(0f32, 2.0, (t, d), &dev).unwrap();
+            let close = |a: &Tensor, b: &Tensor| {
+                let (a, b) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+                for (a, b) in a.iter().flatten().zip(b.iter().flatten()) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+                }
+            };
+            close(
+                &norm.forward(&x).unwrap(),
+                &candle_nn::ops::rms_norm(&x, &weight, 1e-5).unwrap(),
+            );
+            let (s, n) = norm.add_and_norm(&x, &r).unwrap();
+            let want_s = (&x + &r).unwrap();
+            close(&s, &want_s);
+            close(&n, &candle_nn::ops::rms_norm(&want_s, &weight, 1e-5).unwrap());
+        }
     }
 }

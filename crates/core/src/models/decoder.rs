@@ -161,26 +161,33 @@ impl DecoderModel {
         let ids = Tensor::new(plan.token_ids.as_slice(), &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         let mut expert_load = Vec::with_capacity(self.layers.len());
+        // `x` is the residual stream and `h` the normed input of the next sublayer; each
+        // residual add is fused with the norm that follows it (one pass over the rows).
+        let mut h = match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(&x)?,
+            None => x.clone(),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = match &layer.self_attn {
+            let a = match &layer.self_attn {
                 SelfAttention::Grouped(a) => a.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?,
                 SelfAttention::Latent(a) => a.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?,
             };
-            x = (x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            let h = match &layer.feed_forward {
+            let (x_attn, h_ffn) = layer.post_attention_layernorm.add_and_norm(&x, &a)?;
+            let f = match &layer.feed_forward {
                 FeedForward::Dense(mlp) => {
                     expert_load.push(Vec::new());
-                    mlp.forward(&h)?
+                    mlp.forward(&h_ffn)?
                 }
                 FeedForward::Sparse(moe) => {
-                    let (y, counts) = moe.forward(&h)?;
+                    let (y, counts) = moe.forward(&h_ffn)?;
                     expert_load.push(counts);
                     y
                 }
             };
-            x = (x + h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = next.input_layernorm.add_and_norm(&x_attn, &f)?,
+                None => x = (x_attn + f)?,
+            }
         }
         // Only the rows whose logits are wanted go through the final norm and lm_head.
         let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
