@@ -244,6 +244,14 @@ impl Sampler {
         banned: &[u32],
     ) -> (u32, Option<TokenLogprob>) {
         let p = &self.params;
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        let want_logprobs = p.logprobs;
+        if greedy && p.logit_bias.is_empty() && !self.penalised() {
+            // Nothing to change in the logits: pick from them as they are.
+            let token = argmax_excluding(logits, banned);
+            let logprob = want_logprobs.map(|k| token_logprob(logits, token, k));
+            return (token, logprob);
+        }
         let mut l = logits.to_vec();
         for &(t, b) in &p.logit_bias {
             l[t as usize] += b;
@@ -273,11 +281,15 @@ impl Sampler {
         for &t in banned {
             l[t as usize] = f32::NEG_INFINITY;
         }
-        let greedy = p.temperature == 0.0 || p.top_k == 1;
-        let want_logprobs = p.logprobs;
         let token = if greedy { argmax(&l) } else { self.draw(&mut l) };
         let logprob = want_logprobs.map(|k| token_logprob(logits, token, k));
         (token, logprob)
+    }
+
+    /// Whether repetition, presence or frequency penalties change the logits.
+    fn penalised(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
     }
 
     /// Temperature, top-k, top-p and min-p, then one draw from the per-sequence RNG.
@@ -383,6 +395,20 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// [`argmax`] over the tokens not in `banned` (as if their logits were -inf).
+pub fn argmax_excluding(v: &[f32], banned: &[u32]) -> u32 {
+    if banned.is_empty() {
+        return argmax(v);
+    }
+    let mut best: Option<usize> = None;
+    for (i, x) in v.iter().enumerate() {
+        if best.is_none_or(|b| *x > v[b]) && !banned.contains(&(i as u32)) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as u32
+}
+
 /// `log_softmax` of one row of logits, in f64 for accuracy.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -398,6 +424,20 @@ mod tests {
         let mut p = SamplingParams::default();
         f(&mut p);
         p
+    }
+
+    /// Greedy choice without copying the logits skips banned tokens like the copying
+    /// path (which sets them to -inf), including a banned maximum and all banned.
+    #[test]
+    fn argmax_excluding_matches_masked_argmax() {
+        let v = [0.5f32, 3.0, -1.0, 3.0, 2.5];
+        for banned in [vec![], vec![1], vec![1, 3], vec![0, 1, 3], vec![0, 1, 2, 3, 4]] {
+            let mut masked = v.to_vec();
+            for &b in &banned {
+                masked[b as usize] = f32::NEG_INFINITY;
+            }
+            assert_eq!(argmax_excluding(&v, &banned), argmax(&masked), "{banned:?}");
+        }
     }
 
     #[test]

@@ -427,6 +427,7 @@ impl EngineCore {
         }
 
         // 4. Bookkeeping, sampling, streaming.
+        let mut to_sample = Vec::with_capacity(scheduled.len());
         for (k, &(sid, chunk)) in scheduled.iter().enumerate() {
             let rows = out.rows[k].clone();
             let start = self.seqs[&sid].computed;
@@ -440,16 +441,24 @@ impl EngineCore {
             if seq.computed < seq.tokens.len() {
                 continue; // more prompt to prefill
             }
-            let logits = match out.logits.get(rows.end - 1).and_then(|r| r.to_vec1::<f32>()) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = self.requests[&rid].events.send(EngineEvent::Error(e.to_string()));
-                    self.abort(rid);
-                    continue;
-                }
-            };
-            self.fork_choices(sid);
-            self.advance(sid, &logits);
+            to_sample.push((sid, rows.end - 1));
+        }
+        // Each sequence samples from its row of the logits read in place (a decode batch
+        // of 64 is 64 rows of 49k values; copying each out first cost more than the
+        // sampling).
+        let vocab = out.logits.dims().last().copied().unwrap_or(0);
+        let sampled = crate::host::with_f32(&out.logits, |all| {
+            for &(sid, row) in &to_sample {
+                self.fork_choices(sid);
+                self.advance(sid, &all[row * vocab..(row + 1) * vocab]);
+            }
+        });
+        if let Err(e) = sampled {
+            for (sid, _) in to_sample {
+                let rid = self.seqs[&sid].request;
+                let _ = self.requests[&rid].events.send(EngineEvent::Error(e.to_string()));
+                self.abort(rid);
+            }
         }
         self.publish_gauges();
     }
