@@ -799,17 +799,6 @@ mod avx512 {
         group_block_bytes, Activations, PackedQuantMatrix, Scales, Storage, GROUP, PREFETCH_AHEAD, TOKEN_TILE,
     };
 
-    /// Activations `i, i + 1` (16 bits each) broadcast to every 32-bit lane.
-    ///
-    /// # Safety
-    /// `i + 1 < q.len()`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pair(q: &[i16], i: usize) -> __m512i {
-        // SAFETY: by the caller's contract.
-        _mm512_set1_epi32(unsafe { (q.as_ptr().add(i) as *const i32).read_unaligned() })
-    }
-
     /// Scales `i..i + 16` as f32.
     ///
     /// # Safety
@@ -835,17 +824,40 @@ mod avx512 {
         }
     }
 
-    /// 16 lanes of `acc + w.lo * x.lo + w.hi * x.hi` over 16-bit pairs.
+    /// 16 lanes of `acc + w.lo * x.lo + w.hi * x.hi` over 16-bit pairs, `x` the pair of
+    /// activations at `p` broadcast to every lane: one `vpdpwssd` with its broadcast
+    /// folded into the memory operand. (The intrinsic, given a broadcast register,
+    /// compiles to a separate broadcast, or to `vpmaddwd` + `vpaddd`: three instructions
+    /// where one does.)
+    ///
+    /// # Safety
+    /// `p..p + 2` is readable.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn dot_vnni(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
-        _mm512_dpwssd_epi32(acc, w, x)
+    unsafe fn dot_vnni(acc: __m512i, w: __m512i, p: *const i16) -> __m512i {
+        let mut acc = acc;
+        // SAFETY: reads 4 bytes at `p`, readable by the caller's contract.
+        unsafe {
+            std::arch::asm!(
+                "vpdpwssd {acc}, {w}, dword ptr [{p}]{{1to16}}",
+                acc = inout(zmm_reg) acc,
+                w = in(zmm_reg) w,
+                p = in(reg) p,
+                options(pure, readonly, nostack, preserves_flags),
+            )
+        };
+        acc
     }
 
     /// [`dot_vnni`] for CPUs without VNNI.
+    ///
+    /// # Safety
+    /// As [`dot_vnni`].
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn dot_bw(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+    unsafe fn dot_bw(acc: __m512i, w: __m512i, p: *const i16) -> __m512i {
+        // SAFETY: by the caller's contract.
+        let x = _mm512_set1_epi32(unsafe { (p as *const i32).read_unaligned() });
         _mm512_add_epi32(acc, _mm512_madd_epi16(w, x))
     }
 
@@ -939,8 +951,9 @@ mod avx512 {
                                 let lo = _mm512_and_si512(raw, low_nibbles);
                                 let hi = _mm512_srli_epi16::<4>(raw);
                                 for t in 0..T {
-                                    sums[t][0] = $dot(sums[t][0], lo, unsafe { pair(xp[t], 2 * c) });
-                                    sums[t][1] = $dot(sums[t][1], hi, unsafe { pair(xp[t], 2 * c + 16) });
+                                    sums[t][0] = unsafe { $dot(sums[t][0], lo, xp[t].as_ptr().add(2 * c)) };
+                                    sums[t][1] =
+                                        unsafe { $dot(sums[t][1], hi, xp[t].as_ptr().add(2 * c + 16)) };
                                 }
                             }
                         }
@@ -959,8 +972,9 @@ mod avx512 {
                                     )
                                 };
                                 for t in 0..T {
-                                    sums[t][0] = $dot(sums[t][0], w0, unsafe { pair(xp[t], 2 * c) });
-                                    sums[t][1] = $dot(sums[t][1], w1, unsafe { pair(xp[t], 2 * c + 2) });
+                                    sums[t][0] = unsafe { $dot(sums[t][0], w0, xp[t].as_ptr().add(2 * c)) };
+                                    sums[t][1] =
+                                        unsafe { $dot(sums[t][1], w1, xp[t].as_ptr().add(2 * c + 2)) };
                                 }
                             }
                         }
