@@ -9,18 +9,20 @@
 //!   teacher-forced). Here activations are quantized to 16 bits per value with one scale
 //!   per weight block (error about 1/65000 of the block's largest value, below f32
 //!   rounding of a 32-term sum in practice), and the model agrees with the reference at
-//!   every position.
+//!   every position. (Measured again with 8-bit activations emulated in this kernel:
+//!   90.4% agreement, mean KL 0.013 nats; the 16-bit form: 100%, KL < 0.00001.)
 //! - Dequantizing every weight to f32 in registers (the previous kernel) spent about 30
 //!   instructions per 32 weights per token; batch-1 decode was bound by that, not by
 //!   memory.
 //!
 //! The layout, built once when the weights load: rows are interleaved in groups of 16,
 //! so that one 512-bit register holds the same two weights of 16 rows. One `vpdpwssd`
-//! (AVX-512 VNNI) multiplies those 16x2 weights with a broadcast pair of activations and
-//! accumulates into 16 per-row sums, so the per-block scales of 16 rows are one vector
-//! (`vcvtph2ps`) and applying them is one fused multiply-add per block per token. A
-//! 32-weight block of 16 rows costs about 45 instructions at batch 1, ~1.5 per 16
-//! weights; each block is unpacked once and used for up to [`TOKEN_TILE`] tokens.
+//! (AVX-512 VNNI) multiplies those 16x2 weights with a pair of activations broadcast
+//! straight from memory and accumulates into 16 per-row sums, so the per-block scales of
+//! 16 rows are one vector (`vcvtph2ps`) and applying them is one fused multiply-add per
+//! block per token. Each block is unpacked once and used for up to [`TOKEN_TILE`] tokens;
+//! per token a 32-weight block of 16 rows is then 16 `vpdpwssd` and a handful of scale
+//! instructions.
 //! 4-bit formats stay 4 bits in memory (nibbles) and 5- to 8-bit formats become one byte
 //! per weight, so batch-1 decode reads about as many bytes as the GGUF holds.
 //!
