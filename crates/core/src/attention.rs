@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::kv::{KvBuf, KvLayer};
+use crate::vmath::{exp, fold16};
 
 /// One sequence's part of a batch: its query tokens are rows
 /// `first_token..first_token + len` of `q`, at positions `start_pos..start_pos + len`.
@@ -244,35 +245,15 @@ impl KvElem for half::f16 {
 #[inline(always)]
 fn softmax_rows(scores: &mut [f32], n: usize) {
     for s in scores.chunks_exact_mut(n) {
-        let max = fold16(s, f32::NEG_INFINITY, f32::max);
+        let max = fold16(s, f32::NEG_INFINITY, |v| v, f32::max);
         for v in s.iter_mut() {
             *v = exp(*v - max);
         }
-        let inv = 1.0 / fold16(s, 0.0, |a, b| a + b);
+        let inv = 1.0 / fold16(s, 0.0, |v| v, |a, b| a + b);
         for v in s.iter_mut() {
             *v *= inv;
         }
     }
-}
-
-/// `s` folded by `f` in 16 lanes, then across them: vectorises, where one running
-/// value would be a serial chain (floating-point addition is not reassociated).
-#[inline(always)]
-fn fold16(s: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
-    let mut lanes = [init; 16];
-    let chunks = s.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..16 {
-            lanes[i] = f(lanes[i], c[i]);
-        }
-    }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            lanes[i] = f(lanes[i], lanes[i + w]);
-        }
-    }
-    rest.iter().fold(lanes[0], |a, &b| f(a, b))
 }
 
 type AttendKernel<E> = unsafe fn(&AttendJob, &[E], &[E], &mut Scratch, &mut [f32]);
@@ -568,30 +549,6 @@ fn axpy<E: KvElem>(w: f32, v: &[E], out: &mut [f32]) {
     }
 }
 
-/// `e^x` for the softmax (x <= 0 after subtracting the maximum), in plain arithmetic so
-/// that it vectorises where `f32::exp` is a libm call per value: `x = n ln2 + r` with
-/// `|r| <= ln2 / 2` (ln2 split in two for exactness), `e^r` by its Taylor series to r^7
-/// (relative error < 2e-8 on that interval), times `2^n` built in the exponent bits.
-#[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = shifted - MAGIC;
-    // The same integer read from the mantissa bits, where `n as i32` (a saturating
-    // conversion) would keep the loop from vectorising: |n| <= 126 < 2^22.
-    let n_int = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (1.0 / 2.0
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n_int + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,16 +681,6 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(max_err < tolerance, "{dtype:?}, {g:?}: max abs error {max_err}");
-    }
-
-    #[test]
-    fn exp_matches_libm() {
-        for i in -8700..=8800 {
-            let x = i as f32 * 0.01;
-            let (got, want) = (exp(x), x.exp());
-            assert!((got - want).abs() <= 4e-7 * want, "exp({x}) = {got}, libm {want}");
-        }
-        assert!(exp(f32::NEG_INFINITY) < 1e-37);
     }
 
     #[test]

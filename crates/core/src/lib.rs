@@ -20,6 +20,7 @@ pub mod reasoning;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
+mod vmath;
 pub mod weights;
 
 pub use batch::{ForwardBatch, ForwardOutput, SequenceInput};

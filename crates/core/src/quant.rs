@@ -43,6 +43,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::vmath::fold16;
 
 /// Rows interleaved together: one 512-bit register of f32 per-row sums.
 const GROUP: usize = 16;
@@ -567,7 +568,7 @@ impl PackedQuantMatrix {
         // little next to the work (a decode step makes ~200 of these calls). With many
         // tokens a single row group is work enough for a task (a 16x1536 group against
         // 64 tokens is 1.5 M multiply-adds), and finer tasks balance better: 36 groups in
-        // tasks of 5 left one thread ~20% more work than the other.
+        // tasks of 5 would split 20:16 between two threads.
         let per_task = if acts.tokens >= TOKEN_TILE {
             1
         } else {
@@ -663,22 +664,8 @@ unsafe fn quantize_avx512(x: &[f32], q: &mut [i16], scale: &mut [f32], sum: &mut
 fn quantize_blocks(x: &[f32], q: &mut [i16], scale: &mut [f32], sum: &mut [f32], block: usize) {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     for (i, (xb, qb)) in x.chunks_exact(block).zip(q.chunks_exact_mut(block)).enumerate() {
-        // Blocks are 16 or 32 wide: fold them into 16 lanes, then across.
-        let mut amax = [0f32; 16];
-        let mut lanes = [0f32; 16];
-        for c in xb.chunks_exact(16) {
-            for j in 0..16 {
-                amax[j] = amax[j].max(c[j].abs());
-                lanes[j] += c[j];
-            }
-        }
-        for w in [8, 4, 2, 1] {
-            for j in 0..w {
-                amax[j] = amax[j].max(amax[j + w]);
-                lanes[j] += lanes[j + w];
-            }
-        }
-        let s = amax[0] / i16::MAX as f32;
+        let amax = fold16(xb, 0.0, f32::abs, f32::max);
+        let s = amax / i16::MAX as f32;
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         for (q, v) in qb.iter_mut().zip(xb) {
             // Round to nearest even by adding 1.5 * 2^23, and read the integer from the
@@ -687,7 +674,7 @@ fn quantize_blocks(x: &[f32], q: &mut [i16], scale: &mut [f32], sum: &mut [f32],
             *q = (v * inv + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()) as i16;
         }
         scale[i] = s;
-        sum[i] = lanes[0];
+        sum[i] = fold16(xb, 0.0, |v| v, |a, b| a + b);
     }
 }
 

@@ -1,9 +1,9 @@
 use candle_core::{DType, Tensor};
 
 use super::{Linear, Projections};
-use crate::attention::exp;
 use crate::error::Result;
 use crate::host::with_f32;
+use crate::vmath::exp;
 use crate::weights::WeightStore;
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Dense layers, routed
@@ -91,7 +91,7 @@ unsafe fn swiglu_avx512(gate_up: &[f32], width: usize, h: &mut [f32]) {
 }
 
 /// `h[r] = silu(gate[r]) * up[r]` row by row; `silu(g) = g / (1 + e^-g)` with the
-/// vectorisable exp of the attention kernels.
+/// vectorisable exp shared with attention.
 #[inline(always)]
 fn swiglu_rows(gate_up: &[f32], width: usize, h: &mut [f32]) {
     for (row, out) in gate_up.chunks_exact(2 * width).zip(h.chunks_exact_mut(width)) {

@@ -232,9 +232,8 @@ impl MoeBlock {
 
     /// The routed experts' weighted sum for f32 activations, with the gather and the
     /// scatter-add done on plain buffers: the same arithmetic in the same order as the
-    /// tensor form, without its four or five small tensor ops per expert (at 16 tokens
-    /// and top-4 most experts see one or two tokens, and those ops cost about as much as
-    /// the expert's matmuls).
+    /// tensor form, without its four or five small tensor ops per expert. (Measured on
+    /// the medium MoE: prefill ~5% faster, batch-16 decode unchanged within noise.)
     fn routed_f32(&self, x: &Tensor, routing: &Routing, active: &[usize]) -> Result<Tensor> {
         use rayon::prelude::*;
         let (t, hidden) = x.dims2()?;

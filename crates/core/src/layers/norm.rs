@@ -3,6 +3,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::host::with_f32;
+use crate::vmath::fold16;
 use crate::weights::WeightStore;
 
 /// Root-mean-square layer norm over the last dimension, computed in f32 whatever the
@@ -127,7 +128,7 @@ fn norm_row_impl(
     sum: Option<&mut [f32]>,
     normed: &mut [f32],
 ) {
-    // `normed` first holds the sum; the squares are summed in 16 lanes so it vectorises.
+    // `normed` first holds the sum.
     match residual {
         Some(r) => {
             for ((o, a), b) in normed.iter_mut().zip(x).zip(r) {
@@ -139,20 +140,8 @@ fn norm_row_impl(
     if let Some(sum) = sum {
         sum.copy_from_slice(normed);
     }
-    let mut lanes = [0f32; 16];
-    let chunks = normed.chunks_exact(16);
-    let rest: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
-        for i in 0..16 {
-            lanes[i] += c[i] * c[i];
-        }
-    }
-    for width in [8, 4, 2, 1] {
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-    }
-    let inv = 1.0 / ((lanes[0] + rest) / x.len() as f32 + eps).sqrt();
+    let squares = fold16(normed, 0.0, |v| v * v, |a, b| a + b);
+    let inv = 1.0 / (squares / x.len() as f32 + eps).sqrt();
     for (o, w) in normed.iter_mut().zip(w) {
         *o = *o * inv * w;
     }
@@ -170,7 +159,8 @@ mod tests {
     #[test]
     fn row_kernel_matches_candle() {
         let dev = Device::Cpu;
-        for (t, d) in [(1usize, 576usize), (3, 37), (20, 64)] {
+        // The last two split rows over the pool (t * d >= 2^16); the others run serially.
+        for (t, d) in [(1usize, 576usize), (3, 37), (20, 64), (120, 576), (70, 1000)] {
             let weight = Tensor::randn(1f32, 0.2, d, &dev).unwrap();
             let norm = RmsNorm {
                 weight_f32: weight.to_vec1().unwrap(),

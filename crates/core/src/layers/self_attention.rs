@@ -102,9 +102,7 @@ impl Attention {
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
     }
-}
 
-impl Attention {
     /// q, k, v through the optional clipping (`clip_qkv`) and q/k norms.
     fn projected_with_clip_and_norm(&self, x: &Tensor) -> Result<[Vec<f32>; 3]> {
         let t = x.dim(0)?;
