@@ -875,6 +875,12 @@ async fn sixty_four_concurrent_streams_all_complete() {
         text.contains("moeserve_expert_routed_tokens_total{expert=\"7\",layer=\"1\"}"),
         "{text}"
     );
+    // 24 tokens each took at least 24 steps; forward calls are part of the steps' time.
+    let steps = s.metric("moeserve_engine_steps_total").await;
+    let step_s = s.metric("moeserve_engine_step_seconds_total").await;
+    let forward_s = s.metric("moeserve_engine_forward_seconds_total").await;
+    assert!(steps >= 24.0, "{steps} steps");
+    assert!(forward_s > 0.0 && forward_s <= step_s, "forward {forward_s} s of {step_s} s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 
 use moeserve_core::engine::EngineStats;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -23,6 +24,10 @@ pub struct Metrics {
     prefix_hits: IntCounter,
     preemptions: IntCounter,
     expert_tokens: IntCounterVec,
+    steps: IntCounter,
+    step_seconds: Counter,
+    forward_seconds: Counter,
+    detokenize_seconds: Counter,
     /// Scrapes bring counters up to date one at a time (two at once would double-count).
     scrape: std::sync::Mutex<()>,
 }
@@ -30,6 +35,14 @@ pub struct Metrics {
 /// Brings a counter up to the engine's running total.
 fn catch_up(c: &IntCounter, total: u64) {
     let seen = c.get();
+    if total > seen {
+        c.inc_by(total - seen);
+    }
+}
+
+/// Brings a seconds counter up to the engine's running total of nanoseconds.
+fn catch_up_seconds(c: &Counter, total_ns: u64) {
+    let (seen, total) = (c.get(), total_ns as f64 * 1e-9);
     if total > seen {
         c.inc_by(total - seen);
     }
@@ -60,6 +73,11 @@ impl Metrics {
         };
         let total = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let seconds = |name: &str, help: &str| {
+            let c = Counter::new(name, help).expect("valid metric");
             registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
@@ -118,6 +136,22 @@ impl Metrics {
                 "Sequences preempted for lack of KV blocks.",
             ),
             expert_tokens,
+            steps: total(
+                "moeserve_engine_steps_total",
+                "Engine steps (one forward call each).",
+            ),
+            step_seconds: seconds(
+                "moeserve_engine_step_seconds_total",
+                "Time in engine steps: scheduling, the forward call, sampling and streaming.",
+            ),
+            forward_seconds: seconds(
+                "moeserve_engine_forward_seconds_total",
+                "Time in the model's forward calls.",
+            ),
+            detokenize_seconds: seconds(
+                "moeserve_engine_detokenize_seconds_total",
+                "Time in detokenization and stop-string checks.",
+            ),
             scrape: std::sync::Mutex::new(()),
             registry,
         }
@@ -137,6 +171,10 @@ impl Metrics {
             self.kv_total.set(loadu(&s.kv_blocks_total));
             catch_up(&self.prefix_hits, load(&s.prefix_cache_hit_tokens));
             catch_up(&self.preemptions, load(&s.preemptions));
+            catch_up(&self.steps, load(&s.steps));
+            catch_up_seconds(&self.step_seconds, load(&s.step_ns));
+            catch_up_seconds(&self.forward_seconds, load(&s.forward_ns));
+            catch_up_seconds(&self.detokenize_seconds, load(&s.detokenize_ns));
             for (layer, experts) in s.expert_tokens.iter().enumerate() {
                 for (e, c) in experts.iter().enumerate() {
                     let counter = self

@@ -137,7 +137,9 @@ pub struct EngineStats {
     pub prefix_cache_hit_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
-    /// Time in the model's forward calls, and in detokenization and stop checks.
+    /// Time in whole scheduler steps (scheduling, forward, sampling, streaming), in the
+    /// model's forward calls, and in detokenization and stop checks.
+    pub step_ns: AtomicU64,
     pub forward_ns: AtomicU64,
     pub detokenize_ns: AtomicU64,
     /// Tokens routed to each expert, per layer (empty rows for dense layers).

@@ -300,6 +300,14 @@ impl EngineCore {
     }
 
     fn step(&mut self) {
+        let started = Instant::now();
+        self.schedule_and_run();
+        self.stats
+            .step_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn schedule_and_run(&mut self) {
         // Requests whose client went away are aborted before they take any more compute.
         let gone: Vec<u64> = self
             .requests
