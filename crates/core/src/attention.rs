@@ -278,7 +278,7 @@ fn attend_kernel<E: KvElem>() -> AttendKernel<E> {
 /// query heads per task.
 ///
 /// Scores: 16 positions at a time per query head, each position's partial products in
-/// one register, then one transposing reduction ([`avx512::sum16`]) turns the 16
+/// one register, then one transposing reduction ([`fold_each16`]) turns the 16
 /// registers into the 16 scores (a horizontal sum per position would cost about as much
 /// as its dot product). Values: one pass over the positions per 16·W output values,
 /// every query head of the task accumulating in registers from one load (and f16
@@ -292,6 +292,7 @@ unsafe fn attend_avx512<E: KvElem>(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
+    use crate::vmath::avx512::{fold_each16, Add};
     use std::arch::x86_64::*;
     let g = job.g;
     let heads = job.q.len() / g.head_dim;
@@ -332,7 +333,7 @@ unsafe fn attend_avx512<E: KvElem>(
                     acc[i] = _mm512_fmadd_ps(qc, k, acc[i]);
                 }
             }
-            let s = _mm512_mul_ps(avx512::sum16(&acc), _mm512_set1_ps(job.scale));
+            let s = _mm512_mul_ps(fold_each16::<Add>(&acc), _mm512_set1_ps(job.scale));
             // SAFETY: `j0 + m <= n`, the row's length.
             unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j0), (1u32 << m).wrapping_sub(1) as u16, s) };
         }
@@ -374,40 +375,6 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::KvElem;
-
-    /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: pairs of registers
-    /// are interleaved and added level by level (45 instructions for 16 sums, where 16
-    /// separate horizontal sums would take over 100).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn sum16(v: &[__m512; 16]) -> __m512 {
-        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for each pair (a, b).
-        let mut t = [_mm512_setzero_ps(); 8];
-        for p in 0..8 {
-            let (a, b) = (v[2 * p], v[2 * p + 1]);
-            t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        }
-        // Per 128-bit lane L: the lane-L sums of four registers.
-        let mut u = [_mm512_setzero_ps(); 4];
-        for p in 0..4 {
-            let (x, y) = (t[2 * p], t[2 * p + 1]);
-            u[p] = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y));
-        }
-        // Fold the four 128-bit lanes: first pairwise within two registers, then across.
-        let (x01, x23) = (fold_lanes(u[0], u[1]), fold_lanes(u[2], u[3]));
-        fold_lanes(x01, x23)
-    }
-
-    /// 128-bit lanes `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]`. (A function, not a closure:
-    /// closures do not inherit target features and would not inline.)
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn fold_lanes(x: __m512, y: __m512) -> __m512 {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
-        )
-    }
 
     /// `out[h, 16c0..16(c0 + W)] = sum_j p[h, j] * value_j[16c0..16(c0 + W)]` for the `H`
     /// heads of a task: `H * W` accumulators stay in registers through the pass.
