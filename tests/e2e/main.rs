@@ -880,7 +880,10 @@ async fn sixty_four_concurrent_streams_all_complete() {
     let step_s = s.metric("moeserve_engine_step_seconds_total").await;
     let forward_s = s.metric("moeserve_engine_forward_seconds_total").await;
     assert!(steps >= 24.0, "{steps} steps");
-    assert!(forward_s > 0.0 && forward_s <= step_s, "forward {forward_s} s of {step_s} s");
+    assert!(
+        forward_s > 0.0 && forward_s <= step_s,
+        "forward {forward_s} s of {step_s} s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

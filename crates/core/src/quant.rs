@@ -145,21 +145,6 @@ impl Scales {
         }
     }
 
-    /// Hints the cache line holding scale `i` (which may be past the end) into L1.
-    #[inline(always)]
-    fn prefetch(&self, i: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let p = match self {
-                Scales::F16(s) => s.as_ptr().wrapping_add(i) as *const i8,
-                Scales::Factored { sub, .. } => sub.as_ptr().wrapping_add(i),
-            };
-            // SAFETY: prefetching is a hint; it never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
-        }
-    }
-
     fn len(&self) -> usize {
         match self {
             Scales::F16(s) => s.len(),
@@ -847,34 +832,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{
-        group_block_bytes, Activations, PackedQuantMatrix, Scales, Storage, GROUP, PREFETCH_AHEAD, TOKEN_TILE,
-    };
-
-    /// Scales `i..i + 16` as f32.
-    ///
-    /// # Safety
-    /// `i + 16 <= s.len()`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load16(s: &Scales, i: usize) -> __m512 {
-        // SAFETY: by the caller's contract.
-        unsafe {
-            match s {
-                Scales::F16(s) => _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(i) as *const __m256i)),
-                Scales::Factored {
-                    sub,
-                    outer,
-                    per_outer,
-                } => _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        sub.as_ptr().add(i) as *const __m128i
-                    ))),
-                    _mm512_loadu_ps(outer.as_ptr().add(Scales::outer_index(i, *per_outer))),
-                ),
-            }
-        }
-    }
+    use super::{Activations, PackedQuantMatrix, Scales, Storage, GROUP, PREFETCH_AHEAD, TOKEN_TILE};
 
     /// 16 lanes of `acc + w.lo * x.lo + w.hi * x.hi` over 16-bit pairs, `x` the pair of
     /// activations at `p` broadcast to every lane: one `vpdpwssd` with its broadcast
@@ -913,13 +871,147 @@ mod avx512 {
         _mm512_add_epi32(acc, _mm512_madd_epi16(w, x))
     }
 
+    /// What a packed matrix's blocks look like, as constants, so that each layout gets
+    /// its own kernel: block loops fully unrolled, no per-block branch on the format, and
+    /// pointers stepped rather than indices bounds-checked per block and token (with one
+    /// or two tokens per call, as in batch-1 decode and most experts of a MoE layer, that
+    /// scalar work had been a large share of the kernel's instructions).
+    pub(super) trait Layout {
+        const NIBBLES: bool;
+        const BLOCK: usize;
+        /// k-quant scales (`i8` per block times `f32` per 256-wide super-block) rather
+        /// than f16 per block.
+        const FACTORED: bool;
+        const MIN: bool;
+        /// Bytes of one packed block of 16 rows.
+        const BYTES: usize = if Self::NIBBLES {
+            GROUP * Self::BLOCK / 2
+        } else {
+            GROUP * Self::BLOCK
+        };
+        /// Blocks per super-block, for factored scales.
+        const PER_OUTER: usize = 256 / Self::BLOCK;
+    }
+
+    macro_rules! layouts {
+        ($($name:ident: $nibbles:literal, $block:literal, $factored:literal, $min:literal;)*) => {
+            $(
+                pub(super) struct $name;
+                impl Layout for $name {
+                    const NIBBLES: bool = $nibbles;
+                    const BLOCK: usize = $block;
+                    const FACTORED: bool = $factored;
+                    const MIN: bool = $min;
+                }
+            )*
+        };
+    }
+
+    layouts! {
+        Nib32F16Min: true, 32, false, true;     // Q4_0, Q4_1
+        Nib32FactMin: true, 32, true, true;     // Q4_K
+        Byte32F16: false, 32, false, false;     // Q5_0, Q8_0
+        Byte32F16Min: false, 32, false, true;   // Q5_1
+        Byte32FactMin: false, 32, true, true;   // Q5_K
+        Byte16Fact: false, 16, true, false;     // Q6_K
+    }
+
+    /// Per-block scales of a group, read block after block.
+    #[derive(Clone, Copy)]
+    struct ScaleCursor {
+        /// f16 scales, or the `i8` factors of k-quants: 16 per block.
+        sub: *const u8,
+        /// k-quants: 16 `f32` per super-block.
+        outer: *const f32,
+    }
+
+    impl ScaleCursor {
+        /// The cursor at group `g`'s first block.
+        ///
+        /// # Safety
+        /// The scales have `(g + 1) * blocks * 16` entries, in `L`'s form.
+        #[inline(always)]
+        unsafe fn at<L: Layout>(s: &Scales, g: usize, blocks: usize) -> Self {
+            let i = g * blocks * GROUP;
+            // SAFETY: inside the scales by the caller's contract.
+            unsafe {
+                match s {
+                    Scales::F16(v) => ScaleCursor {
+                        sub: v.as_ptr().add(i) as *const u8,
+                        outer: std::ptr::null(),
+                    },
+                    Scales::Factored { sub, outer, .. } => ScaleCursor {
+                        sub: sub.as_ptr().add(i) as *const u8,
+                        outer: outer.as_ptr().add(i / L::PER_OUTER),
+                    },
+                }
+            }
+        }
+
+        /// Block `b`'s 16 scales as f32.
+        ///
+        /// # Safety
+        /// Block `b` is one of the group's.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load<L: Layout>(self, b: usize) -> __m512 {
+            // SAFETY: inside the group's scales by the caller's contract.
+            unsafe {
+                if L::FACTORED {
+                    _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            self.sub.add(b * GROUP) as *const __m128i
+                        ))),
+                        _mm512_loadu_ps(self.outer.add(b / L::PER_OUTER * GROUP)),
+                    )
+                } else {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(self.sub.add(2 * b * GROUP) as *const __m256i))
+                }
+            }
+        }
+
+        /// Hints block `b`'s scales (which may be past the end) into L1.
+        #[inline(always)]
+        fn prefetch<L: Layout>(self, b: usize) {
+            let bytes = if L::FACTORED { 1 } else { 2 };
+            // SAFETY: prefetching is a hint; it never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.sub.wrapping_add(bytes * b * GROUP) as *const i8) };
+        }
+    }
+
     macro_rules! group_kernel {
-        ($name:ident, $tile:ident, $features:literal, $dot:ident) => {
+        ($name:ident, $run:ident, $tile:ident, $features:literal, $dot:ident) => {
             /// # Safety
             /// `out` is `[tokens, rows]` with every token of `ts` below `tokens`; the CPU
             /// has the enabled features.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(
+                m: &PackedQuantMatrix,
+                g: usize,
+                a: &Activations,
+                ts: Range<usize>,
+                out: *mut f32,
+            ) {
+                let factored = matches!(m.scales, Scales::Factored { .. });
+                // SAFETY (each arm): forwarded from the caller; the layout is `m`'s.
+                unsafe {
+                    match (m.storage, m.block, factored, m.mins.is_some()) {
+                        (Storage::Nibbles, 32, false, true) => $run::<Nib32F16Min>(m, g, a, ts, out),
+                        (Storage::Nibbles, 32, true, true) => $run::<Nib32FactMin>(m, g, a, ts, out),
+                        (Storage::Bytes, 32, false, false) => $run::<Byte32F16>(m, g, a, ts, out),
+                        (Storage::Bytes, 32, false, true) => $run::<Byte32F16Min>(m, g, a, ts, out),
+                        (Storage::Bytes, 32, true, true) => $run::<Byte32FactMin>(m, g, a, ts, out),
+                        (Storage::Bytes, 16, true, false) => $run::<Byte16Fact>(m, g, a, ts, out),
+                        other => unreachable!("no packed layout {other:?}"),
+                    }
+                }
+            }
+
+            /// # Safety
+            /// As the kernel's; `m` is in layout `L`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $run<L: Layout>(
                 m: &PackedQuantMatrix,
                 g: usize,
                 a: &Activations,
@@ -932,14 +1024,14 @@ mod avx512 {
                     // SAFETY: forwarded from the caller.
                     unsafe {
                         match n {
-                            8 => $tile::<8>(m, g, a, t, out),
-                            7 => $tile::<7>(m, g, a, t, out),
-                            6 => $tile::<6>(m, g, a, t, out),
-                            5 => $tile::<5>(m, g, a, t, out),
-                            4 => $tile::<4>(m, g, a, t, out),
-                            3 => $tile::<3>(m, g, a, t, out),
-                            2 => $tile::<2>(m, g, a, t, out),
-                            _ => $tile::<1>(m, g, a, t, out),
+                            8 => $tile::<8, L>(m, g, a, t, out),
+                            7 => $tile::<7, L>(m, g, a, t, out),
+                            6 => $tile::<6, L>(m, g, a, t, out),
+                            5 => $tile::<5, L>(m, g, a, t, out),
+                            4 => $tile::<4, L>(m, g, a, t, out),
+                            3 => $tile::<3, L>(m, g, a, t, out),
+                            2 => $tile::<2, L>(m, g, a, t, out),
+                            _ => $tile::<1, L>(m, g, a, t, out),
                         }
                     }
                     t += n;
@@ -949,102 +1041,111 @@ mod avx512 {
             /// `T` tokens from `t0` against row group `g`.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn $tile<const T: usize>(
+            unsafe fn $tile<const T: usize, L: Layout>(
                 m: &PackedQuantMatrix,
                 g: usize,
                 a: &Activations,
                 t0: usize,
                 out: *mut f32,
             ) {
-                let (blocks, bs) = (m.blocks(), m.block);
-                let gbb = group_block_bytes(m.storage, bs);
+                let blocks = m.blocks();
+                let per_outer_ok = match &m.scales {
+                    Scales::F16(_) => !L::FACTORED,
+                    Scales::Factored { per_outer, .. } => L::FACTORED && *per_outer == L::PER_OUTER,
+                };
                 assert!(
-                    m.weights.len() >= (g + 1) * blocks * gbb
+                    m.block == L::BLOCK
+                        && per_outer_ok
+                        && a.cols == m.cols
+                        && m.weights.len() >= (g + 1) * blocks * L::BYTES
                         && m.scales.len() >= (g + 1) * blocks * GROUP
+                        && m.mins.as_ref().is_some() == L::MIN
                         && m.mins.as_ref().is_none_or(|s| s.len() == m.scales.len())
                         && (t0 + T) * a.cols <= a.q.len()
+                        && (t0 + T) * blocks <= a.scale.len()
+                        && (t0 + T) * blocks <= a.sum.len()
                 );
+                // SAFETY (all pointer arithmetic and loads below): by the assert, group
+                // `g`'s `blocks` blocks of weights, scales and minimums are in bounds, and
+                // each token `t0 + t` has `cols = blocks * BLOCK` activations and `blocks`
+                // scales and sums.
+                let w0 = unsafe { m.weights.as_ptr().add(g * blocks * L::BYTES) };
+                let scales = unsafe { ScaleCursor::at::<L>(&m.scales, g, blocks) };
+                let mins = m
+                    .mins
+                    .as_ref()
+                    .map(|s| unsafe { ScaleCursor::at::<L>(s, g, blocks) });
+                let mut xq = [std::ptr::null::<i16>(); T];
+                let mut xs = [std::ptr::null::<f32>(); T];
+                let mut xsum = [std::ptr::null::<f32>(); T];
+                for t in 0..T {
+                    unsafe {
+                        xq[t] = a.q.as_ptr().add((t0 + t) * a.cols);
+                        xs[t] = a.scale.as_ptr().add((t0 + t) * blocks);
+                        xsum[t] = a.sum.as_ptr().add((t0 + t) * blocks);
+                    }
+                }
                 let mut acc = [_mm512_setzero_ps(); T];
                 let low_nibbles = _mm512_set1_epi16(0x0F);
                 for b in 0..blocks {
-                    let at = g * blocks + b;
-                    // SAFETY (all loads below): `at` is a block of group `g`, inside
-                    // `weights` and `scales` by the assert; every activation pair read is
-                    // inside token `t0 + t`'s row of `a.q`.
-                    let w = unsafe { m.weights.as_ptr().add(at * gbb) };
+                    let w = unsafe { w0.add(b * L::BYTES) };
                     // Software prefetch a fixed distance ahead in the weights: a task
                     // streams one stretch of row groups, and the hardware prefetchers
                     // alone left batch-1 decode well short of the memory bandwidth
                     // (measured: ~25% more throughput over the matmuls of a layer).
-                    for line in (0..gbb).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_AHEAD + line) as *const i8);
+                    for line in 0..L::BYTES / 64 {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_AHEAD + 64 * line) as *const i8);
                     }
-                    let ahead = (at + PREFETCH_AHEAD / gbb) * GROUP;
-                    m.scales.prefetch(ahead);
-                    if let Some(mins) = &m.mins {
-                        mins.prefetch(ahead);
-                    }
-                    // Each token's activations for this block.
-                    // (Plain loops rather than `array::from_fn` here: its closures do not
-                    // inherit this function's target features and would not inline.)
-                    let mut xp: [&[i16]; T] = [&[]; T];
-                    for (t, x) in xp.iter_mut().enumerate() {
-                        *x = &a.q[(t0 + t) * a.cols + b * bs..][..bs];
+                    let ahead = b + PREFETCH_AHEAD / L::BYTES;
+                    scales.prefetch::<L>(ahead);
+                    if let Some(mins) = mins {
+                        mins.prefetch::<L>(ahead);
                     }
                     // Two accumulators per token, so that with few tokens the dot
                     // products are not one serial chain of multiply-add latencies.
                     let mut sums = [[_mm512_setzero_si512(); 2]; T];
-                    match m.storage {
-                        Storage::Nibbles => {
-                            for c in 0..8 {
-                                let raw = unsafe {
-                                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(w.add(c * 32) as *const __m256i))
-                                };
-                                let lo = _mm512_and_si512(raw, low_nibbles);
-                                let hi = _mm512_srli_epi16::<4>(raw);
-                                for t in 0..T {
-                                    sums[t][0] = unsafe { $dot(sums[t][0], lo, xp[t].as_ptr().add(2 * c)) };
-                                    sums[t][1] =
-                                        unsafe { $dot(sums[t][1], hi, xp[t].as_ptr().add(2 * c + 16)) };
-                                }
+                    if L::NIBBLES {
+                        for c in 0..8 {
+                            let raw = unsafe {
+                                _mm512_cvtepu8_epi16(_mm256_loadu_si256(w.add(c * 32) as *const __m256i))
+                            };
+                            let lo = _mm512_and_si512(raw, low_nibbles);
+                            let hi = _mm512_srli_epi16::<4>(raw);
+                            for t in 0..T {
+                                let x = unsafe { xq[t].add(b * L::BLOCK) };
+                                sums[t][0] = unsafe { $dot(sums[t][0], lo, x.add(2 * c)) };
+                                sums[t][1] = unsafe { $dot(sums[t][1], hi, x.add(2 * c + 16)) };
                             }
                         }
-                        Storage::Bytes => {
-                            // Chunks two at a time, one per accumulator (blocks are 16 or
-                            // 32 wide, so the chunk count is even).
-                            for c in (0..bs / 2).step_by(2) {
-                                let (w0, w1) = unsafe {
-                                    (
-                                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                                            w.add(c * 32) as *const __m256i
-                                        )),
-                                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                                            w.add(c * 32 + 32) as *const __m256i
-                                        )),
-                                    )
-                                };
-                                for t in 0..T {
-                                    sums[t][0] = unsafe { $dot(sums[t][0], w0, xp[t].as_ptr().add(2 * c)) };
-                                    sums[t][1] =
-                                        unsafe { $dot(sums[t][1], w1, xp[t].as_ptr().add(2 * c + 2)) };
-                                }
+                    } else {
+                        // Chunks two at a time, one per accumulator (blocks are 16 or 32
+                        // wide, so the chunk count is even).
+                        for c in (0..L::BLOCK / 2).step_by(2) {
+                            let (w0, w1) = unsafe {
+                                (
+                                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(c * 32) as *const __m256i)),
+                                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                        w.add(c * 32 + 32) as *const __m256i
+                                    )),
+                                )
+                            };
+                            for t in 0..T {
+                                let x = unsafe { xq[t].add(b * L::BLOCK) };
+                                sums[t][0] = unsafe { $dot(sums[t][0], w0, x.add(2 * c)) };
+                                sums[t][1] = unsafe { $dot(sums[t][1], w1, x.add(2 * c + 2)) };
                             }
                         }
                     }
-                    let mut total = [_mm512_setzero_si512(); T];
+                    let d = unsafe { scales.load::<L>(b) };
                     for t in 0..T {
-                        total[t] = _mm512_add_epi32(sums[t][0], sums[t][1]);
+                        let total = _mm512_add_epi32(sums[t][0], sums[t][1]);
+                        let xscale = _mm512_set1_ps(unsafe { *xs[t].add(b) });
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, xscale), acc[t]);
                     }
-                    let sums = total;
-                    let d = unsafe { load16(&m.scales, at * GROUP) };
-                    for t in 0..T {
-                        let xs = _mm512_set1_ps(a.scale[(t0 + t) * blocks + b]);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_mul_ps(d, xs), acc[t]);
-                    }
-                    if let Some(mins) = &m.mins {
-                        let mv = unsafe { load16(mins, at * GROUP) };
+                    if let Some(mins) = mins {
+                        let mv = unsafe { mins.load::<L>(b) };
                         for t in 0..T {
-                            let xsum = _mm512_set1_ps(a.sum[(t0 + t) * blocks + b]);
+                            let xsum = _mm512_set1_ps(unsafe { *xsum[t].add(b) });
                             acc[t] = _mm512_fmadd_ps(mv, xsum, acc[t]);
                         }
                     }
@@ -1066,12 +1167,14 @@ mod avx512 {
 
     group_kernel!(
         group_vnni,
+        run_vnni,
         tile_vnni,
         "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
         dot_vnni
     );
     group_kernel!(
         group_bw,
+        run_bw,
         tile_bw,
         "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
         dot_bw
@@ -1187,9 +1290,9 @@ mod tests {
     #[test]
     fn portable_and_dispatched_kernels_agree() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (21, 256), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (21, 512), &dev).unwrap();
         for t in [1usize, 3, 8, 11] {
-            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (t, 256), &dev)
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (t, 512), &dev)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -1197,7 +1300,7 @@ mod tests {
                 .unwrap();
             for dtype in FORMATS {
                 let (_, m) = packed(dtype, &w);
-                let acts = Activations::quantize(&x, t, 256, m.block);
+                let acts = Activations::quantize(&x, t, 512, m.block);
                 let (mut a, mut b) = (vec![0f32; t * 21], vec![0f32; t * 21]);
                 for g in 0..m.groups() {
                     unsafe {
@@ -1217,9 +1320,11 @@ mod tests {
     #[test]
     fn packed_matmul_matches_dequantized_f32_matmul() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (40, 256), &dev).unwrap();
+        // Three k-quant super-blocks per row, so the per-super-block scales step within
+        // a row as well as from group to group.
+        let w = Tensor::randn(0f32, 1.0, (40, 768), &dev).unwrap();
         for t in [1usize, 3, 9, 70] {
-            let x = Tensor::randn(0f32, 1.0, (t, 256), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (t, 768), &dev).unwrap();
             for dtype in FORMATS {
                 let (q, m) = packed(dtype, &w);
                 let want = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
