@@ -53,6 +53,30 @@ impl AttnGeometry {
     pub fn block_start(&self, block: usize, kv_head: usize, dim: usize) -> usize {
         (block * self.num_kv_heads + kv_head) * self.block_size * dim
     }
+
+    /// Keys are stored transposed within each block and head (`[dim][slot in block]`), so
+    /// the scores of 16 consecutive positions are 16 lanes of one multiply-add per key
+    /// dimension, with no reduction across lanes. Not for latent attention, whose cached
+    /// vector is read as the value too.
+    #[inline(always)]
+    pub fn keys_transposed(&self) -> bool {
+        self.value_offset.is_none()
+    }
+
+    /// Where element 0 of the key of head `kv_head` at cache slot `slot` is, and the
+    /// distance between its consecutive elements.
+    #[inline(always)]
+    pub fn key_at(&self, slot: usize, kv_head: usize) -> (usize, usize) {
+        if self.keys_transposed() {
+            let (block, at) = (slot / self.block_size, slot % self.block_size);
+            (
+                self.block_start(block, kv_head, self.head_dim) + at,
+                self.block_size,
+            )
+        } else {
+            (self.offset(slot, kv_head, self.head_dim), 1)
+        }
+    }
 }
 
 /// Writes the keys `[T, num_kv_heads * head_dim]` and values (`[T, num_kv_heads *
@@ -62,9 +86,10 @@ pub fn write_kv(layer: &mut KvLayer, g: &AttnGeometry, slots: &[usize], keys: &[
     for (i, &slot) in slots.iter().enumerate() {
         for h in 0..g.num_kv_heads {
             let row = i * g.num_kv_heads + h;
+            let (at, stride) = g.key_at(slot, h);
             layer
                 .keys
-                .write(g.offset(slot, h, hk), &keys[row * hk..(row + 1) * hk]);
+                .write_strided(at, stride, &keys[row * hk..(row + 1) * hk]);
             if hv > 0 {
                 layer
                     .values
@@ -146,7 +171,8 @@ type TaskFn<'a> = dyn Fn(&AttendJob, &mut Scratch, &mut [f32]) + Sync + 'a;
 struct Scratch {
     /// `[heads, len]`: the scores of the task's query heads, then their softmax.
     scores: Vec<f32>,
-    /// Where each position's key vector starts in the layer's key buffer.
+    /// Where each position's key vector starts in the layer's key buffer (its elements
+    /// `block_size` apart when keys are transposed, else adjacent).
     keys_at: Vec<usize>,
     /// Where each position's value vector starts, in the value buffer (or, for latent
     /// attention, in the key buffer).
@@ -167,8 +193,9 @@ impl Scratch {
                 g.block_start(block as usize, job.kv_head, g.head_dim),
                 g.block_start(block as usize, job.kv_head, g.value_dim),
             );
+            let key_step = if g.keys_transposed() { 1 } else { g.head_dim };
             for j in first..(first + bs).min(n) {
-                let k = k0 + (j - first) * g.head_dim;
+                let k = k0 + (j - first) * key_step;
                 self.keys_at[j] = k;
                 self.values_at[j] = match g.value_offset {
                     Some(off) => k + off,
@@ -277,12 +304,14 @@ fn attend_kernel<E: KvElem>() -> AttendKernel<E> {
 /// The AVX-512 form, for head sizes in multiples of 16 (all real models) and up to 8
 /// query heads per task.
 ///
-/// Scores: 16 positions at a time per query head, each position's partial products in
-/// one register, then one transposing reduction ([`fold_each16`]) turns the 16
-/// registers into the 16 scores (a horizontal sum per position would cost about as much
-/// as its dot product). Values: one pass over the positions per 16·W output values,
-/// every query head of the task accumulating in registers from one load (and f16
-/// widening) of each cached vector.
+/// Scores, with transposed keys (block sizes in multiples of 16): 16 positions are the
+/// 16 lanes of one register per query head, one multiply-add per key dimension with the
+/// query element broadcast, every head of the task sharing each load (and f16 widening)
+/// of the keys ([`avx512::scores_transposed`]). Latent attention's untransposed keys:
+/// 16 positions at a time per query head, each position's partial products in one
+/// register, then one transposing reduction ([`fold_each16`]) turns the 16 registers
+/// into the 16 scores. Values: one pass over the positions per 16·W output values, every
+/// query head of the task accumulating in registers from one load of each cached vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn attend_avx512<E: KvElem>(
@@ -296,17 +325,34 @@ unsafe fn attend_avx512<E: KvElem>(
     use std::arch::x86_64::*;
     let g = job.g;
     let heads = job.q.len() / g.head_dim;
-    if !g.head_dim.is_multiple_of(16) || !g.value_dim.is_multiple_of(16) || heads > 8 {
+    let transposed = g.keys_transposed();
+    if !g.head_dim.is_multiple_of(16)
+        || !g.value_dim.is_multiple_of(16)
+        || heads > 8
+        || (transposed && !g.block_size.is_multiple_of(16))
+    {
         return attend(job, keys, values, scratch, out);
     }
     let n = job.len;
     let src = if g.value_offset.is_some() { keys } else { values };
+    // The last key element read from each position (transposed: 16 lanes from each
+    // 16-aligned chunk start, which stay inside the block's run).
+    let key_span = if transposed {
+        (g.head_dim - 1) * g.block_size + 16
+    } else {
+        g.head_dim
+    };
     assert!(
         scratch.keys_at.len() == n
             && scratch.values_at.len() == n
             && scratch.scores.len() == heads * n
             && out.len() >= heads * g.value_dim
-            && scratch.keys_at.iter().all(|&at| at + g.head_dim <= keys.len())
+            && scratch
+                .keys_at
+                .iter()
+                .step_by(16)
+                .all(|&at| at + key_span <= keys.len())
+            && (transposed || scratch.keys_at.iter().all(|&at| at + g.head_dim <= keys.len()))
             && scratch.values_at.iter().all(|&at| at + g.value_dim <= src.len())
     );
     let Scratch {
@@ -314,28 +360,56 @@ unsafe fn attend_avx512<E: KvElem>(
         keys_at,
         values_at,
     } = scratch;
-    for h in 0..heads {
-        let q = &job.q[h * g.head_dim..][..g.head_dim];
-        let row = &mut scores[h * n..][..n];
-        for j0 in (0..n).step_by(16) {
-            let m = 16.min(n - j0);
-            // A short last chunk repeats its last position; the store drops the extra.
-            let mut at = [0usize; 16];
-            for (i, a) in at.iter_mut().enumerate() {
-                *a = keys_at[j0 + i.min(m - 1)];
-            }
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for c in 0..g.head_dim / 16 {
-                // SAFETY: `c < head_dim / 16`; each key vector is inside `keys` (assert).
-                let qc = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) };
-                for i in 0..16 {
-                    let k = unsafe { E::load16(keys.as_ptr().add(at[i] + 16 * c)) };
-                    acc[i] = _mm512_fmadd_ps(qc, k, acc[i]);
+    if transposed {
+        use avx512::scores_transposed as st;
+        // Up to 16 accumulators: four chunks of 16 positions for up to 4 heads, two for
+        // more, single chunks for what remains.
+        let (wide, full, single): (usize, ScorePass<E>, ScorePass<E>) = match heads {
+            1 => (4, st::<E, 1, 4>, st::<E, 1, 1>),
+            2 => (4, st::<E, 2, 4>, st::<E, 2, 1>),
+            3 => (4, st::<E, 3, 4>, st::<E, 3, 1>),
+            4 => (4, st::<E, 4, 4>, st::<E, 4, 1>),
+            5 => (2, st::<E, 5, 2>, st::<E, 5, 1>),
+            6 => (2, st::<E, 6, 2>, st::<E, 6, 1>),
+            7 => (2, st::<E, 7, 2>, st::<E, 7, 1>),
+            _ => (2, st::<E, 8, 2>, st::<E, 8, 1>),
+        };
+        let chunks = n.div_ceil(16);
+        let mut c = 0;
+        while c < chunks {
+            let pass = if c + wide <= chunks { full } else { single };
+            let width = if c + wide <= chunks { wide } else { 1 };
+            // SAFETY: the chunks' key runs are inside `keys` (assert); `scores` holds
+            // `heads` rows of `n`.
+            unsafe { pass(job.q, keys, keys_at, 16 * c, g, job.scale, scores) };
+            c += width;
+        }
+    } else {
+        for h in 0..heads {
+            let q = &job.q[h * g.head_dim..][..g.head_dim];
+            let row = &mut scores[h * n..][..n];
+            for j0 in (0..n).step_by(16) {
+                let m = 16.min(n - j0);
+                // A short last chunk repeats its last position; the store drops the extra.
+                let mut at = [0usize; 16];
+                for (i, a) in at.iter_mut().enumerate() {
+                    *a = keys_at[j0 + i.min(m - 1)];
                 }
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for c in 0..g.head_dim / 16 {
+                    // SAFETY: `c < head_dim / 16`; each key vector is inside `keys` (assert).
+                    let qc = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) };
+                    for i in 0..16 {
+                        let k = unsafe { E::load16(keys.as_ptr().add(at[i] + 16 * c)) };
+                        acc[i] = _mm512_fmadd_ps(qc, k, acc[i]);
+                    }
+                }
+                let s = _mm512_mul_ps(fold_each16::<Add>(&acc), _mm512_set1_ps(job.scale));
+                // SAFETY: `j0 + m <= n`, the row's length.
+                unsafe {
+                    _mm512_mask_storeu_ps(row.as_mut_ptr().add(j0), (1u32 << m).wrapping_sub(1) as u16, s)
+                };
             }
-            let s = _mm512_mul_ps(fold_each16::<Add>(&acc), _mm512_set1_ps(job.scale));
-            // SAFETY: `j0 + m <= n`, the row's length.
-            unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j0), (1u32 << m).wrapping_sub(1) as u16, s) };
         }
     }
     softmax_rows(scores, n);
@@ -365,6 +439,11 @@ unsafe fn attend_avx512<E: KvElem>(
     }
 }
 
+/// One pass of [`avx512::scores_transposed`]: the task's queries, the keys, the key
+/// offsets, the first position, the geometry, the scale, the scores.
+#[cfg(target_arch = "x86_64")]
+type ScorePass<E> = unsafe fn(&[f32], &[E], &[usize], usize, &AttnGeometry, f32, &mut [f32]);
+
 /// One pass of [`avx512::value_pass`]: probabilities, value offsets, the value source,
 /// value_dim, the first chunk, the output.
 #[cfg(target_arch = "x86_64")]
@@ -374,7 +453,70 @@ type ValuePass<E> = fn(&[f32], &[usize], &[E], usize, usize, &mut [f32]);
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::KvElem;
+    use super::{AttnGeometry, KvElem};
+
+    /// The scores of positions `j0..j0 + 16P` (the last chunk may run past the
+    /// sequence; those lanes are not stored) for the `H` query heads in `q`, from keys
+    /// stored transposed: per key dimension, one load of 16 positions per chunk and one
+    /// multiply-add per head and chunk, the `H * P` accumulators independent chains.
+    ///
+    /// # Safety
+    /// Keys are transposed with block sizes in multiples of 16, `j0` is a multiple of 16
+    /// below the sequence's length, and each chunk's run of `(head_dim - 1) * block_size
+    /// + 16` keys from its first position's offset is inside `keys`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn scores_transposed<E: KvElem, const H: usize, const P: usize>(
+        q: &[f32],
+        keys: &[E],
+        keys_at: &[usize],
+        j0: usize,
+        g: &AttnGeometry,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (n, d, bs) = (keys_at.len(), g.head_dim, g.block_size);
+        assert!(q.len() >= H * d && scores.len() >= H * n && j0 < n);
+        let mut base = [std::ptr::null::<E>(); P];
+        for (p, b) in base.iter_mut().enumerate() {
+            // Chunks past the sequence read the last chunk again; nothing is stored.
+            let j = (j0 + 16 * p).min((n - 1) / 16 * 16);
+            // SAFETY: inside `keys` by the caller's contract.
+            *b = unsafe { keys.as_ptr().add(keys_at[j]) };
+        }
+        let mut acc = [[_mm512_setzero_ps(); P]; H];
+        for e in 0..d {
+            let mut k = [_mm512_setzero_ps(); P];
+            for p in 0..P {
+                // SAFETY: element `e` of 16 positions of the chunk's run (contract).
+                k[p] = unsafe { E::load16(base[p].add(e * bs)) };
+            }
+            for (h, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: `h * d + e < H * d <= q.len()` (assert).
+                let qe = _mm512_set1_ps(unsafe { *q.get_unchecked(h * d + e) });
+                for (a, k) in acc.iter_mut().zip(&k) {
+                    *a = _mm512_fmadd_ps(qe, *k, *a);
+                }
+            }
+        }
+        let scale = _mm512_set1_ps(scale);
+        for (h, acc) in acc.iter().enumerate() {
+            for (p, a) in acc.iter().enumerate() {
+                let j = j0 + 16 * p;
+                if j >= n {
+                    break;
+                }
+                let m = 16.min(n - j);
+                // SAFETY: `j + m <= n`, inside row `h` of `scores` (assert).
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        scores.as_mut_ptr().add(h * n + j),
+                        (1u32 << m).wrapping_sub(1) as u16,
+                        _mm512_mul_ps(*a, scale),
+                    )
+                };
+            }
+        }
+    }
 
     /// `out[h, 16c0..16(c0 + W)] = sum_j p[h, j] * value_j[16c0..16(c0 + W)]` for the `H`
     /// heads of a task: `H * W` accumulators stay in registers through the pass.
@@ -444,10 +586,18 @@ fn attend<E: KvElem>(job: &AttendJob, keys: &[E], values: &[E], scratch: &mut Sc
         keys_at,
         values_at,
     } = scratch;
+    let stride = g.key_at(0, 0).1;
     for (j, &at) in keys_at.iter().enumerate() {
-        let k = &keys[at..][..g.head_dim];
         for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
-            scores[hi * n + j] = dot(qv, k) * job.scale;
+            let s = if stride == 1 {
+                dot(qv, &keys[at..][..g.head_dim])
+            } else {
+                qv.iter()
+                    .enumerate()
+                    .map(|(e, x)| x * keys[at + e * stride].widen())
+                    .sum()
+            };
+            scores[hi * n + j] = s * job.scale;
         }
     }
     softmax_rows(scores, n);
@@ -565,17 +715,27 @@ mod tests {
             (16, 2, 32, 80, (35, 17, 19)),
             (5, 1, 16, 48, (17, 0, 33)),
             (6, 3, 32, 32, (9, 2, 1)),
+            // Contexts of several chunks of 16: the score kernel's 4- and 2-chunk passes
+            // with single chunks after them, for 1, 4 and 8 heads per task.
+            (2, 2, 32, 32, (70, 0, 1)),
+            (8, 2, 64, 64, (100, 70, 9)),
+            (12, 3, 32, 32, (90, 40, 30)),
+            (16, 2, 16, 16, (75, 50, 3)),
         ] {
-            let g = AttnGeometry {
-                num_heads: heads,
-                num_kv_heads: kv_heads,
-                head_dim: d,
-                value_dim: vd,
-                block_size: 4,
-                value_offset: None,
-            };
-            mixed_prefill_and_decode(KvDtype::F32, g, lens, 1e-5);
-            mixed_prefill_and_decode(KvDtype::F16, g, lens, 2e-3);
+            // Blocks of 4 run the portable loops over transposed keys; 16 and 32 the
+            // AVX-512 score kernel (chunks of 16 positions inside a block).
+            for block_size in [4, 16, 32] {
+                let g = AttnGeometry {
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_dim: d,
+                    value_dim: vd,
+                    block_size,
+                    value_offset: None,
+                };
+                mixed_prefill_and_decode(KvDtype::F32, g, lens, 1e-5);
+                mixed_prefill_and_decode(KvDtype::F16, g, lens, 2e-3);
+            }
         }
     }
 
@@ -596,7 +756,8 @@ mod tests {
             dtype,
         };
         let len_b = cached_b + chunk_b;
-        let blocks = (len_a.div_ceil(4) + len_b.div_ceil(4)) * 2;
+        let bs = g.block_size;
+        let blocks = (len_a.div_ceil(bs) + len_b.div_ceil(bs)) * 2;
         let mut kv = KvCache::new(layout, g.block_size, blocks).unwrap();
         let mut alloc = BlockAllocator::new(blocks);
         let mut rng = StdRng::seed_from_u64(7);
@@ -606,9 +767,9 @@ mod tests {
         let mut ta = BlockTable::new();
         let mut tb = BlockTable::new();
         // Interleave allocations so the tables are not contiguous runs.
-        for n in 1..=len_a.max(len_b).div_ceil(4) {
-            ta.reserve(&mut alloc, (n * 4).min(len_a), 4).unwrap();
-            tb.reserve(&mut alloc, (n * 4).min(len_b), 4).unwrap();
+        for n in 1..=len_a.max(len_b).div_ceil(bs) {
+            ta.reserve(&mut alloc, (n * bs).min(len_a), bs).unwrap();
+            tb.reserve(&mut alloc, (n * bs).min(len_b), bs).unwrap();
         }
         let slots = |t: &BlockTable, n: usize| {
             (0..n)

@@ -105,6 +105,25 @@ impl KvBuf {
         }
     }
 
+    /// Stores `src[i]` at `at + i * stride`.
+    pub fn write_strided(&mut self, at: usize, stride: usize, src: &[f32]) {
+        if stride == 1 {
+            return self.write(at, src);
+        }
+        match self {
+            KvBuf::F32(v) => {
+                for (i, &x) in src.iter().enumerate() {
+                    v[at + i * stride] = x;
+                }
+            }
+            KvBuf::F16(v) => {
+                for (i, &x) in src.iter().enumerate() {
+                    v[at + i * stride] = half::f16::from_f32(x);
+                }
+            }
+        }
+    }
+
     /// Appends `len` values from `at`, widened to f32, to `out`.
     pub fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
         match self {
@@ -114,7 +133,8 @@ impl KvBuf {
     }
 }
 
-/// One layer's share of the pool: `[num_blocks, block_size, num_kv_heads, dim]` row-major.
+/// One layer's share of the pool: `[num_blocks, num_kv_heads, block_size, dim]` row-major,
+/// keys transposed within each block and head (see [`AttnGeometry::keys_transposed`](crate::attention::AttnGeometry::keys_transposed)).
 pub struct KvLayer {
     pub keys: KvBuf,
     pub values: KvBuf,
