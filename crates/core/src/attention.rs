@@ -128,17 +128,37 @@ pub fn paged_attention(
         1
     };
     let mut out = vec![0f32; num_tokens * g.num_heads * g.value_dim];
-    let run = |attend: &TaskFn, out: &mut Vec<f32>| {
+    let tasks = num_tokens * g.num_heads / heads_per_task;
+    // A task's sequence, position and key/value head.
+    let task_at = |task: usize| {
+        let first_row = task * heads_per_task;
+        let (t, h) = (first_row / g.num_heads, first_row % g.num_heads);
+        let (si, pos) = token_pos[t];
+        (first_row, si, pos, h / group)
+    };
+    let run = |attend: &TaskFn, prefetch: &PrefetchFn, out: &mut Vec<f32>| {
         out.par_chunks_mut(heads_per_task * g.value_dim)
             .enumerate()
             .for_each_init(Scratch::default, |scratch: &mut Scratch, (task, out)| {
-                let first_row = task * heads_per_task;
-                let (t, h) = (first_row / g.num_heads, first_row % g.num_heads);
-                let (si, pos) = token_pos[t];
+                // A thread mostly runs consecutive tasks: start the next one's first
+                // cache blocks on their way (blocks are scattered, so the hardware
+                // prefetchers cannot see them coming; measured ~10% faster attention
+                // with the cache out of L3, together with the kernels' own prefetches).
+                if task + 1 < tasks {
+                    let (_, si, pos, kv_head) = task_at(task + 1);
+                    let blocks = (pos + 1).div_ceil(g.block_size).min(2);
+                    for &b in &seqs[si].block_table[..blocks] {
+                        prefetch(
+                            g.block_start(b as usize, kv_head, g.head_dim),
+                            g.block_start(b as usize, kv_head, g.value_dim),
+                        );
+                    }
+                }
+                let (first_row, si, pos, kv_head) = task_at(task);
                 let job = AttendJob {
                     q: &q[first_row * g.head_dim..(first_row + heads_per_task) * g.head_dim],
                     table: seqs[si].block_table,
-                    kv_head: h / group,
+                    kv_head,
                     len: pos + 1,
                     g: &g,
                     scale,
@@ -150,13 +170,21 @@ pub fn paged_attention(
     match (&layer.keys, &layer.values) {
         (KvBuf::F32(k), KvBuf::F32(v)) => {
             let kernel = attend_kernel::<f32>();
-            // SAFETY: `attend_kernel` only returns kernels the CPU supports.
-            run(&|job, s, o| unsafe { kernel(job, k, v, s, o) }, &mut out)
+            run(
+                // SAFETY: `attend_kernel` only returns kernels the CPU supports.
+                &|job, s, o| unsafe { kernel(job, k, v, s, o) },
+                &|ka, va| prefetch_block(k, v, ka, va, &g),
+                &mut out,
+            )
         }
         (KvBuf::F16(k), KvBuf::F16(v)) => {
             let kernel = attend_kernel::<half::f16>();
-            // SAFETY: as above.
-            run(&|job, s, o| unsafe { kernel(job, k, v, s, o) }, &mut out)
+            run(
+                // SAFETY: as above.
+                &|job, s, o| unsafe { kernel(job, k, v, s, o) },
+                &|ka, va| prefetch_block(k, v, ka, va, &g),
+                &mut out,
+            )
         }
         _ => unreachable!("keys and values of one cache share a dtype"),
     }
@@ -165,6 +193,36 @@ pub fn paged_attention(
 
 /// Runs one task: the job, its scratch, its output rows.
 type TaskFn<'a> = dyn Fn(&AttendJob, &mut Scratch, &mut [f32]) + Sync + 'a;
+
+/// Prefetches one cache block of one head: where its keys and its values start.
+type PrefetchFn<'a> = dyn Fn(usize, usize) + Sync + 'a;
+
+/// Hints one block of one head's keys (from `key_at`) and values (from `value_at`) into
+/// the cache. Latent attention has no separate values.
+fn prefetch_block<E>(keys: &[E], values: &[E], key_at: usize, value_at: usize, g: &AttnGeometry) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let elem = std::mem::size_of::<E>();
+        let runs = [
+            (keys.as_ptr().wrapping_add(key_at), g.block_size * g.head_dim),
+            (values.as_ptr().wrapping_add(value_at), g.block_size * g.value_dim),
+        ];
+        let n = if g.value_offset.is_some() || values.is_empty() {
+            1
+        } else {
+            2
+        };
+        for &(p, len) in &runs[..n] {
+            for line in (0..len * elem).step_by(64) {
+                // SAFETY: prefetching is a hint; it never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(line)) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (keys, values, key_at, value_at, g);
+}
 
 /// Per-thread buffers of [`paged_attention`]'s tasks, reused from task to task.
 #[derive(Default)]
@@ -455,6 +513,9 @@ mod avx512 {
 
     use super::{AttnGeometry, KvElem};
 
+    /// How many positions ahead the value pass prefetches.
+    const VALUE_PREFETCH: usize = 32;
+
     /// The scores of positions `j0..j0 + 16P` (the last chunk may run past the
     /// sequence; those lanes are not stored) for the `H` query heads in `q`, from keys
     /// stored transposed: per key dimension, one load of 16 positions per chunk and one
@@ -482,6 +543,23 @@ mod avx512 {
             let j = (j0 + 16 * p).min((n - 1) / 16 * 16);
             // SAFETY: inside `keys` by the caller's contract.
             *b = unsafe { keys.as_ptr().add(keys_at[j]) };
+        }
+        // Prefetch the keys of the next pass's chunks (scattered blocks: the hardware
+        // prefetchers cannot see them coming), one line per prefetch.
+        let elem = std::mem::size_of::<E>();
+        let step = (64 / (bs * elem)).max(1);
+        for p in 0..P {
+            let j = j0 + 16 * (P + p);
+            if j >= n {
+                break;
+            }
+            let next = keys.as_ptr().wrapping_add(keys_at[j]) as *const i8;
+            for e in (0..d).step_by(step) {
+                for line in (0..16 * elem).step_by(64) {
+                    // A hint: never faults, whatever the address.
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(e * bs * elem + line));
+                }
+            }
         }
         let mut acc = [[_mm512_setzero_ps(); P]; H];
         for e in 0..d {
@@ -537,7 +615,18 @@ mod avx512 {
                 && values_at.iter().all(|&at| at + value_dim <= src.len())
         );
         let mut acc = [[_mm512_setzero_ps(); W]; H];
+        let elem = std::mem::size_of::<E>();
         for (j, &at) in values_at.iter().enumerate() {
+            // Prefetch the values a block ahead: cache blocks are scattered, so the
+            // hardware prefetchers cannot see the next one coming (measured: with the
+            // cache out of L3, the pass ran at a third of the memory bandwidth).
+            if let Some(&ahead) = values_at.get(j + VALUE_PREFETCH) {
+                let p = src.as_ptr().wrapping_add(ahead + 16 * c0) as *const i8;
+                for line in (0..16 * W * elem).step_by(64) {
+                    // A hint: never faults, whatever the address.
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
+                }
+            }
             let mut v = [_mm512_setzero_ps(); W];
             for (c, v) in v.iter_mut().enumerate() {
                 // SAFETY: inside `src` by the assert.
