@@ -1,8 +1,10 @@
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Tensor};
 
 use super::{Linear, Projections};
 use crate::error::Result;
-use crate::host::with_f32;
+use crate::host::{filled_vec, with_f32};
 use crate::vmath::exp;
 use crate::weights::WeightStore;
 
@@ -70,15 +72,18 @@ impl GatedMlp {
 fn swiglu(gate_up: &Tensor, width: usize) -> Result<Tensor> {
     let t = gate_up.dim(0)?;
     let h = with_f32(gate_up, |v| {
-        let mut h = vec![0f32; t * width];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features.
-            unsafe { swiglu_avx512(v, width, &mut h) };
-            return h;
+        assert_eq!(v.len(), t * 2 * width);
+        // SAFETY: each of the `t` rows of `width` outputs is written (`swiglu_rows`).
+        unsafe {
+            filled_vec(t * width, |h| {
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features.
+                    return swiglu_avx512(v, width, h);
+                }
+                swiglu_rows(v, width, h)
+            })
         }
-        swiglu_rows(v, width, &mut h);
-        h
     })?;
     Ok(Tensor::from_vec(h, (t, width), gate_up.device())?)
 }
@@ -86,18 +91,18 @@ fn swiglu(gate_up: &Tensor, width: usize) -> Result<Tensor> {
 /// [`swiglu_rows`] compiled for AVX-512 (16 values per instruction rather than 4).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn swiglu_avx512(gate_up: &[f32], width: usize, h: &mut [f32]) {
+unsafe fn swiglu_avx512(gate_up: &[f32], width: usize, h: &mut [MaybeUninit<f32>]) {
     swiglu_rows(gate_up, width, h)
 }
 
 /// `h[r] = silu(gate[r]) * up[r]` row by row; `silu(g) = g / (1 + e^-g)` with the
 /// vectorisable exp shared with attention.
 #[inline(always)]
-fn swiglu_rows(gate_up: &[f32], width: usize, h: &mut [f32]) {
+fn swiglu_rows(gate_up: &[f32], width: usize, h: &mut [MaybeUninit<f32>]) {
     for (row, out) in gate_up.chunks_exact(2 * width).zip(h.chunks_exact_mut(width)) {
         let (gate, up) = row.split_at(width);
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + exp(-g)) * u;
+            o.write(g / (1.0 + exp(-g)) * u);
         }
     }
 }

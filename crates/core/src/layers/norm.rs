@@ -1,8 +1,10 @@
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::host::with_f32;
+use crate::host::{assume_init_mut, filled_vec, with_f32};
 use crate::vmath::fold16;
 use crate::weights::WeightStore;
 
@@ -58,29 +60,38 @@ impl RmsNorm {
         // Rows are split over the pool only when there are many (a prompt chunk): a
         // decode step's few rows take microseconds, less than handing them out would.
         let min_rows = if t * d >= 1 << 16 { 16 } else { t.max(1) };
-        let mut normed = vec![0f32; t * d];
+        // Both outputs are written in full, row by row, so neither is zeroed first.
+        let mut normed: Vec<f32> = Vec::with_capacity(t * d);
         let sum = with_f32(x, |x| -> Result<Option<Vec<f32>>> {
+            assert_eq!(x.len(), t * d);
+            let rows = &mut normed.spare_capacity_mut()[..t * d];
             let Some(residual) = residual else {
-                normed
-                    .par_chunks_mut(d)
+                rows.par_chunks_mut(d)
                     .with_min_len(min_rows)
                     .enumerate()
                     .for_each(|(i, n)| norm_row(&x[i * d..][..d], None, w, eps, None, n));
                 return Ok(None);
             };
-            let mut sum = vec![0f32; t * d];
             with_f32(residual, |r| {
-                normed
-                    .par_chunks_mut(d)
-                    .zip(sum.par_chunks_mut(d))
-                    .with_min_len(min_rows)
-                    .enumerate()
-                    .for_each(|(i, (n, s))| {
-                        norm_row(&x[i * d..][..d], Some(&r[i * d..][..d]), w, eps, Some(s), n)
+                assert_eq!(r.len(), t * d);
+                // SAFETY: every row of `sum` is written by `norm_row`.
+                unsafe {
+                    filled_vec(t * d, |sum| {
+                        rows.par_chunks_mut(d)
+                            .zip(sum.par_chunks_mut(d))
+                            .with_min_len(min_rows)
+                            .enumerate()
+                            .for_each(|(i, (n, s))| {
+                                norm_row(&x[i * d..][..d], Some(&r[i * d..][..d]), w, eps, Some(s), n)
+                            })
                     })
-            })?;
-            Ok(Some(sum))
+                }
+            })
+            .map(Some)
         })??;
+        // SAFETY: every row of `normed` was written by `norm_row` above (the closure
+        // returned normally, so every row ran).
+        unsafe { normed.set_len(t * d) };
         let dev = x.device();
         Ok((
             sum.map(|s| Tensor::from_vec(s, (t, d), dev)).transpose()?,
@@ -95,8 +106,8 @@ fn norm_row(
     residual: Option<&[f32]>,
     w: &[f32],
     eps: f32,
-    sum: Option<&mut [f32]>,
-    normed: &mut [f32],
+    sum: Option<&mut [MaybeUninit<f32>]>,
+    normed: &mut [MaybeUninit<f32>],
 ) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
@@ -113,8 +124,8 @@ unsafe fn norm_row_avx512(
     residual: Option<&[f32]>,
     w: &[f32],
     eps: f32,
-    sum: Option<&mut [f32]>,
-    normed: &mut [f32],
+    sum: Option<&mut [MaybeUninit<f32>]>,
+    normed: &mut [MaybeUninit<f32>],
 ) {
     norm_row_impl(x, residual, w, eps, sum, normed)
 }
@@ -125,21 +136,39 @@ fn norm_row_impl(
     residual: Option<&[f32]>,
     w: &[f32],
     eps: f32,
-    sum: Option<&mut [f32]>,
-    normed: &mut [f32],
+    sum: Option<&mut [MaybeUninit<f32>]>,
+    normed: &mut [MaybeUninit<f32>],
 ) {
-    // `normed` first holds the sum.
-    match residual {
-        Some(r) => {
-            for ((o, a), b) in normed.iter_mut().zip(x).zip(r) {
-                *o = a + b;
+    assert!(
+        normed.len() == x.len()
+            && residual.is_none_or(|r| r.len() == x.len())
+            && sum.as_ref().is_none_or(|s| s.len() == x.len())
+    );
+    // `normed` first holds the sum, written in full (as is `sum`, when asked for).
+    match (residual, sum) {
+        (Some(r), Some(sum)) => {
+            for (((o, s), a), b) in normed.iter_mut().zip(sum.iter_mut()).zip(x).zip(r) {
+                o.write(*s.write(a + b));
             }
         }
-        None => normed.copy_from_slice(x),
+        (Some(r), None) => {
+            for ((o, a), b) in normed.iter_mut().zip(x).zip(r) {
+                o.write(a + b);
+            }
+        }
+        (None, sum) => {
+            for (o, a) in normed.iter_mut().zip(x) {
+                o.write(*a);
+            }
+            if let Some(sum) = sum {
+                for (s, a) in sum.iter_mut().zip(x) {
+                    s.write(*a);
+                }
+            }
+        }
     }
-    if let Some(sum) = sum {
-        sum.copy_from_slice(normed);
-    }
+    // SAFETY: every element of `normed` was written just above (equal lengths, assert).
+    let normed = unsafe { assume_init_mut(normed) };
     let squares = fold16(normed, 0.0, |v| v * v, |a, b| a + b);
     let inv = 1.0 / (squares / x.len() as f32 + eps).sqrt();
     for (o, w) in normed.iter_mut().zip(w) {
