@@ -79,9 +79,19 @@ pub enum KvBuf {
 
 impl KvBuf {
     fn zeros(dtype: KvDtype, len: usize) -> Self {
+        // Fresh zeroed memory is not touched until written, so the huge-page hint still
+        // applies to all of it.
         match dtype {
-            KvDtype::F32 => KvBuf::F32(vec![0.0; len]),
-            KvDtype::F16 => KvBuf::F16(vec![half::f16::ZERO; len]),
+            KvDtype::F32 => {
+                let mut v = vec![0.0; len];
+                crate::host::advise_huge_pages(&mut v);
+                KvBuf::F32(v)
+            }
+            KvDtype::F16 => {
+                let mut v = vec![half::f16::ZERO; len];
+                crate::host::advise_huge_pages(&mut v);
+                KvBuf::F16(v)
+            }
         }
     }
 

@@ -386,6 +386,7 @@ impl PackedQuantMatrix {
         let blocks = cols / src.block;
         let gbb = group_block_bytes(src.storage, src.block);
         let mut weights = vec![0u8; groups * blocks * gbb];
+        crate::host::advise_huge_pages(&mut weights);
         let per_outer = src.elems / src.block;
         let new_scales = || {
             if src.elems == 32 {
