@@ -14,6 +14,10 @@ bin="$(bench/build-llamacpp.sh | tail -n1)"
 cargo build --release -q -p moeserve
 ms=target/release/moeserve
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The same malloc settings for both: moeserve asks glibc for transparent huge pages
+# (it re-executes itself with this unless GLIBC_TUNABLES is set); llama.cpp's buffers
+# get them too. (Its weights are mmapped from the file, which this does not change.)
+export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}"
 out="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 
