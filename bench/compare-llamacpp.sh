@@ -58,9 +58,15 @@ print(f"| prefill tok/s (512) | {m_pp:.1f} | {l_pp:.1f} | {m_pp / l_pp:.2f} |")
 print(f"| decode tok/s (batch 1) | {m_tg:.1f} | {l_tg:.1f} | {m_tg / l_tg:.2f} |")
 load = lambda f: {r["concurrency"]: r for r in map(json.loads, open(f))}
 m, l = load(f"{out}/moeserve-serve.jsonl"), load(f"{out}/llama-serve.jsonl")
+ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
+num = lambda v, f: format(v, f) if v is not None else "n/a"
 for c in sorted(m):
-    print(f"| output tok/s at {c} streams | {m[c]['output_tok_s']:.1f} | {l[c]['output_tok_s']:.1f} | {m[c]['output_tok_s'] / l[c]['output_tok_s']:.2f} |")
-    print(f"| TTFT p99 ms at {c} streams | {m[c]['ttft_ms']['p99']:.0f} | {l[c]['ttft_ms']['p99']:.0f} | {m[c]['ttft_ms']['p99'] / l[c]['ttft_ms']['p99']:.2f} |")
+    mo, lo = m[c]["output_tok_s"], l.get(c, {}).get("output_tok_s")
+    mt, lt = m[c]["ttft_ms"]["p99"], l.get(c, {}).get("ttft_ms", {}).get("p99")
+    errors = m[c]["errors"] + l.get(c, {}).get("errors", 0)
+    note = f" ({errors} failed requests)" if errors else ""
+    print(f"| output tok/s at {c} streams{note} | {num(mo, '.1f')} | {num(lo, '.1f')} | {ratio(mo, lo)} |")
+    print(f"| TTFT p99 ms at {c} streams | {num(mt, '.0f')} | {num(lt, '.0f')} | {ratio(mt, lt)} |")
 mem = open(f"{out}/mem").read()
 bound = re.search(r"decode bound (\d+)", mem)
 if bound:

@@ -61,15 +61,40 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> Reque
     let body = json!({"model": args.model, "messages": [{"role": "user", "content": prompt}],
         "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
     let start = Instant::now();
-    let mut req = client
-        .post(format!("{}/v1/chat/completions", args.url.trim_end_matches('/')))
-        .json(&body);
-    if let Some(k) = &args.api_key {
-        req = req.bearer_auth(k);
-    }
+    let send = || {
+        let mut req = client
+            .post(format!("{}/v1/chat/completions", args.url.trim_end_matches('/')))
+            .json(&body);
+        if let Some(k) = &args.api_key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
     let mut r = RequestResult::default();
-    let Ok(resp) = req.send().await else { return r };
+    // One retry when the request could not be sent at all: a pooled keep-alive
+    // connection the server had already closed fails this way, before the server sees
+    // the request.
+    let resp = match send().await {
+        Ok(resp) => resp,
+        Err(e) if e.is_connect() || e.is_request() => match send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                eprintln!("request {i} failed: {e}");
+                return r;
+            }
+        },
+        Err(e) => {
+            eprintln!("request {i} failed: {e}");
+            return r;
+        }
+    };
     if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        eprintln!(
+            "request {i}: HTTP {status}: {}",
+            text.chars().take(200).collect::<String>()
+        );
         return r;
     }
     let mut stream = resp.bytes_stream();
