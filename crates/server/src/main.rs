@@ -38,10 +38,15 @@ fn reexec_with_huge_pages() {
         if std::env::var_os("GLIBC_TUNABLES").is_some() {
             return;
         }
+        // The binary's own path rather than /proc/self/exe, so the process keeps its
+        // name (`ps`, `top`) instead of becoming "exe".
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
         let mut args = std::env::args_os();
         let arg0 = args.next().unwrap_or_default();
         // `exec` returns only if it failed; then carry on as we are.
-        let _ = std::process::Command::new("/proc/self/exe")
+        let _ = std::process::Command::new(exe)
             .arg0(arg0)
             .args(args)
             .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
