@@ -676,17 +676,37 @@ fn attend<E: KvElem>(job: &AttendJob, keys: &[E], values: &[E], scratch: &mut Sc
         values_at,
     } = scratch;
     let stride = g.key_at(0, 0).1;
-    for (j, &at) in keys_at.iter().enumerate() {
-        for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
-            let s = if stride == 1 {
-                dot(qv, &keys[at..][..g.head_dim])
-            } else {
-                qv.iter()
-                    .enumerate()
-                    .map(|(e, x)| x * keys[at + e * stride].widen())
-                    .sum()
-            };
-            scores[hi * n + j] = s * job.scale;
+    if stride == 1 {
+        for (j, &at) in keys_at.iter().enumerate() {
+            for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
+                scores[hi * n + j] = dot(qv, &keys[at..][..g.head_dim]) * job.scale;
+            }
+        }
+    } else {
+        // Transposed keys: for each key dimension, the positions of a run within one
+        // block are adjacent, so their scores accumulate a dimension at a time over
+        // contiguous memory (which vectorises, where a strided dot product per position
+        // would not).
+        let mut j0 = 0;
+        while j0 < n {
+            let mut len = 1;
+            while j0 + len < n && keys_at[j0 + len] == keys_at[j0] + len {
+                len += 1;
+            }
+            for (hi, qv) in job.q.chunks_exact(g.head_dim).enumerate() {
+                let row = &mut scores[hi * n + j0..][..len];
+                row.fill(0.0);
+                for (e, &qe) in qv.iter().enumerate() {
+                    let k = &keys[keys_at[j0] + e * stride..][..len];
+                    for (s, k) in row.iter_mut().zip(k) {
+                        *s += qe * k.widen();
+                    }
+                }
+                for s in row.iter_mut() {
+                    *s *= job.scale;
+                }
+            }
+            j0 += len;
         }
     }
     softmax_rows(scores, n);
@@ -805,10 +825,12 @@ mod tests {
             (5, 1, 16, 48, (17, 0, 33)),
             (6, 3, 32, 32, (9, 2, 1)),
             // Contexts of several chunks of 16: the score kernel's 4- and 2-chunk passes
-            // with single chunks after them, for 1, 4 and 8 heads per task.
+            // with single chunks after them, for 1 to 8 heads per task.
             (2, 2, 32, 32, (70, 0, 1)),
             (8, 2, 64, 64, (100, 70, 9)),
             (12, 3, 32, 32, (90, 40, 30)),
+            (12, 2, 32, 32, (60, 20, 5)),
+            (14, 2, 16, 32, (50, 33, 2)),
             (16, 2, 16, 16, (75, 50, 3)),
         ] {
             // Blocks of 4 run the portable loops over transposed keys; 16 and 32 the
@@ -822,9 +844,45 @@ mod tests {
                     block_size,
                     value_offset: None,
                 };
-                mixed_prefill_and_decode(KvDtype::F32, g, lens, 1e-5);
-                mixed_prefill_and_decode(KvDtype::F16, g, lens, 2e-3);
+                on_pools(|| {
+                    mixed_prefill_and_decode(KvDtype::F32, g, lens, 1e-5);
+                    mixed_prefill_and_decode(KvDtype::F16, g, lens, 2e-3);
+                });
             }
+        }
+    }
+
+    /// Runs `f` on a pool of 1 thread and on one of 64: a task is all the query heads of
+    /// a key/value head on the first, a single head on the second (few tasks per thread),
+    /// whatever the machine's core count.
+    fn on_pools(f: impl Fn() + Sync) {
+        for threads in [1, 64] {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(&f);
+        }
+    }
+
+    /// Latent attention's layout: one cached vector per position read as the key, its
+    /// tail as the value (`value_offset`), keys not transposed.
+    #[test]
+    fn latent_layout_reads_values_from_the_keys() {
+        for block_size in [4, 16] {
+            let g = AttnGeometry {
+                num_heads: 4,
+                num_kv_heads: 1,
+                head_dim: 48,
+                value_dim: 32,
+                block_size,
+                value_offset: Some(16),
+            };
+            assert!(!g.keys_transposed());
+            on_pools(|| {
+                mixed_prefill_and_decode(KvDtype::F32, g, (37, 20, 7), 1e-5);
+                mixed_prefill_and_decode(KvDtype::F16, g, (37, 20, 7), 2e-3);
+            });
         }
     }
 
@@ -837,11 +895,12 @@ mod tests {
         tolerance: f32,
     ) {
         let (d, vd, kvh) = (g.head_dim, g.value_dim, g.num_kv_heads);
+        let latent = g.value_offset.is_some();
         let layout = KvLayout {
             num_layers: 1,
             num_kv_heads: kvh,
             key_dim: d,
-            value_dim: vd,
+            value_dim: if latent { 0 } else { vd },
             dtype,
         };
         let len_b = cached_b + chunk_b;
@@ -851,8 +910,14 @@ mod tests {
         let mut alloc = BlockAllocator::new(blocks);
         let mut rng = StdRng::seed_from_u64(7);
         let mut rand_vec = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
-        let (ka, va) = (rand_vec(len_a * kvh * d), rand_vec(len_a * kvh * vd));
-        let (kb, vb) = (rand_vec(len_b * kvh * d), rand_vec(len_b * kvh * vd));
+        let (ka, mut va) = (rand_vec(len_a * kvh * d), rand_vec(len_a * kvh * vd));
+        let (kb, mut vb) = (rand_vec(len_b * kvh * d), rand_vec(len_b * kvh * vd));
+        // Latent attention: the values are the keys' tails, and only keys are written.
+        if let Some(off) = g.value_offset {
+            let tails =
+                |k: &[f32]| -> Vec<f32> { k.chunks(d).flat_map(|v| v[off..off + vd].to_vec()).collect() };
+            (va, vb) = (tails(&ka), tails(&kb));
+        }
         let mut ta = BlockTable::new();
         let mut tb = BlockTable::new();
         // Interleave allocations so the tables are not contiguous runs.
@@ -866,8 +931,9 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let (sa, sb) = (slots(&ta, len_a), slots(&tb, len_b));
-        write_kv(kv.layer_mut(0), &g, &sa, &ka, &va);
-        write_kv(kv.layer_mut(0), &g, &sb, &kb, &vb);
+        let (wa, wb): (&[f32], &[f32]) = if latent { (&[], &[]) } else { (&va, &vb) };
+        write_kv(kv.layer_mut(0), &g, &sa, &ka, wa);
+        write_kv(kv.layer_mut(0), &g, &sb, &kb, wb);
 
         let qa = rand_vec(g.num_heads * d);
         let qb = rand_vec(chunk_b * g.num_heads * d);

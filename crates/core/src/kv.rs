@@ -88,9 +88,12 @@ impl KvBuf {
                 KvBuf::F32(v)
             }
             KvDtype::F16 => {
-                let mut v = vec![half::f16::ZERO; len];
+                // Zero bits, allocated as integers so that the allocator hands over
+                // fresh zeroed pages (a `vec![f16::ZERO; len]` writes every value).
+                use half::vec::HalfBitsVecExt;
+                let mut v = vec![0u16; len];
                 crate::host::advise_huge_pages(&mut v);
-                KvBuf::F16(v)
+                KvBuf::F16(v.reinterpret_into())
             }
         }
     }

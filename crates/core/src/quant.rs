@@ -505,7 +505,15 @@ impl PackedQuantMatrix {
             block: first.block,
             rows: parts.iter().map(|m| m.rows).sum(),
             cols: first.cols,
-            weights: parts.iter().flat_map(|m| m.weights.iter().copied()).collect(),
+            weights: {
+                let len = parts.iter().map(|m| m.weights.len()).sum();
+                let mut w = Vec::with_capacity(len);
+                crate::host::advise_huge_pages(&mut w.spare_capacity_mut()[..len]);
+                for m in parts {
+                    w.extend_from_slice(&m.weights);
+                }
+                w
+            },
             scales: cat(&|m| &m.scales),
             mins: first
                 .mins
@@ -625,8 +633,8 @@ impl Activations {
         let (q, scale, sum) = (&mut a.q[..values], &mut a.scale[..scales], &mut a.sum[..scales]);
         let rows = |(x, (q, (scale, sum))): TokenRows| {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has the feature.
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                // SAFETY: the CPU has the features.
                 return unsafe { quantize_avx512(x, q, scale, sum, block) };
             }
             quantize_blocks(x, q, scale, sum, block)
@@ -662,6 +670,11 @@ thread_local! {
 
 impl Drop for Activations {
     fn drop(&mut self) {
+        // A long prompt's buffers are not worth keeping for every pool thread's lifetime.
+        const KEEP: usize = 1 << 22;
+        if self.q.len() > KEEP {
+            return;
+        }
         let bufs = (
             std::mem::take(&mut self.q),
             std::mem::take(&mut self.scale),
@@ -1087,10 +1100,11 @@ mod avx512 {
                 out: *mut f32,
             ) {
                 let blocks = m.blocks();
-                let per_outer_ok = match &m.scales {
+                let in_layout = |s: &Scales| match s {
                     Scales::F16(_) => !L::FACTORED,
                     Scales::Factored { per_outer, .. } => L::FACTORED && *per_outer == L::PER_OUTER,
                 };
+                let per_outer_ok = in_layout(&m.scales) && m.mins.as_ref().is_none_or(in_layout);
                 assert!(
                     m.block == L::BLOCK
                         && per_outer_ok
@@ -1099,6 +1113,7 @@ mod avx512 {
                         && m.scales.len() >= (g + 1) * blocks * GROUP
                         && m.mins.as_ref().is_some() == L::MIN
                         && m.mins.as_ref().is_none_or(|s| s.len() == m.scales.len())
+                        && t0 + T <= a.tokens
                         && (t0 + T) * a.cols <= a.q.len()
                         && (t0 + T) * blocks <= a.scale.len()
                         && (t0 + T) * blocks <= a.sum.len()
@@ -1361,7 +1376,8 @@ mod tests {
         // Three k-quant super-blocks per row, so the per-super-block scales step within
         // a row as well as from group to group.
         let w = Tensor::randn(0f32, 1.0, (40, 768), &dev).unwrap();
-        for t in [1usize, 3, 9, 70] {
+        // Large before small: later matmuls reuse the longer activation buffers.
+        for t in [70usize, 1, 9, 3] {
             let x = Tensor::randn(0f32, 1.0, (t, 768), &dev).unwrap();
             for dtype in FORMATS {
                 let (q, m) = packed(dtype, &w);

@@ -71,12 +71,12 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> Reque
         req.send()
     };
     let mut r = RequestResult::default();
-    // One retry when the request could not be sent at all: a pooled keep-alive
-    // connection the server had already closed fails this way, before the server sees
-    // the request.
+    // One retry when no connection could be made, so the server never saw the request.
+    // (A pooled keep-alive connection the server had closed is retried by the client
+    // itself.)
     let resp = match send().await {
         Ok(resp) => resp,
-        Err(e) if e.is_connect() || e.is_request() => match send().await {
+        Err(e) if e.is_connect() => match send().await {
             Ok(resp) => resp,
             Err(e) => {
                 eprintln!("request {i} failed: {e}");

@@ -30,12 +30,16 @@ fn main() -> std::process::ExitCode {
 /// otherwise sit on 4 KiB pages, and streaming hundreds of megabytes of weights per step
 /// takes a TLB miss every 4 KiB (measured: batch-1 decode of the default model 259-282
 /// -> 309-367 tok/s). Skipped when `GLIBC_TUNABLES` is already set: set it, even empty,
-/// to opt out.
+/// to opt out. At most once (`MOESERVE_REEXEC` marks the second run), and never for a
+/// privileged (setuid or file-capability) process, whose tunables glibc may drop.
 fn reexec_with_huge_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
-        if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        const MARK: &str = "MOESERVE_REEXEC";
+        // SAFETY: getauxval only reads the process's auxiliary vector.
+        let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
+        if secure || std::env::var_os("GLIBC_TUNABLES").is_some() || std::env::var_os(MARK).is_some() {
             return;
         }
         // The binary's own path rather than /proc/self/exe, so the process keeps its
@@ -50,6 +54,7 @@ fn reexec_with_huge_pages() {
             .arg0(arg0)
             .args(args)
             .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+            .env(MARK, "1")
             .exec();
     }
 }
