@@ -9,16 +9,7 @@
 
 use std::time::Instant;
 
-use moeserve_core::bench::{forward_throughput, medium_moe_config, random_model};
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use moeserve_core::bench::{arg, forward_throughput, medium_moe_config, random_model};
 
 fn main() -> moeserve_core::Result<()> {
     let prompt_len: usize = arg("--prompt-len", 64);

@@ -10,16 +10,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use moeserve_core::bench::arg;
 use moeserve_core::quant::PackedQuantMatrix;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> candle_core::Result<()> {
     let (rows, cols) = (arg("--rows", 4096), arg("--cols", 1024));

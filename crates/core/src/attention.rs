@@ -432,16 +432,12 @@ unsafe fn attend_avx512<E: KvElem>(
             7 => (2, st::<E, 7, 2>, st::<E, 7, 1>),
             _ => (2, st::<E, 8, 2>, st::<E, 8, 1>),
         };
-        let chunks = n.div_ceil(16);
-        let mut c = 0;
-        while c < chunks {
-            let pass = if c + wide <= chunks { full } else { single };
-            let width = if c + wide <= chunks { wide } else { 1 };
+        in_passes(n.div_ceil(16), wide, |c, whole| {
+            let pass = if whole { full } else { single };
             // SAFETY: the chunks' key runs are inside `keys` (assert); `scores` holds
             // `heads` rows of `n`.
             unsafe { pass(job.q, keys, keys_at, 16 * c, g, job.scale, scores) };
-            c += width;
-        }
+        });
     } else {
         for h in 0..heads {
             let q = &job.q[h * g.head_dim..][..g.head_dim];
@@ -484,16 +480,21 @@ unsafe fn attend_avx512<E: KvElem>(
         7 => (2, pass::<E, 7, 2>, pass::<E, 7, 1>),
         _ => (2, pass::<E, 8, 2>, pass::<E, 8, 1>),
     };
-    let chunks = g.value_dim / 16;
+    in_passes(g.value_dim / 16, wide, |c, whole| {
+        let pass = if whole { full } else { single };
+        pass(scores, values_at, src, g.value_dim, c, out)
+    });
+}
+
+/// Walks chunks `0..chunks` in passes of `wide` while whole ones fit, then one at a time:
+/// `pass(first chunk, whether the pass is wide)`.
+#[inline(always)]
+fn in_passes(chunks: usize, wide: usize, mut pass: impl FnMut(usize, bool)) {
     let mut c = 0;
     while c < chunks {
-        if c + wide <= chunks {
-            full(scores, values_at, src, g.value_dim, c, out);
-            c += wide;
-        } else {
-            single(scores, values_at, src, g.value_dim, c, out);
-            c += 1;
-        }
+        let whole = c + wide <= chunks;
+        pass(c, whole);
+        c += if whole { wide } else { 1 };
     }
 }
 

@@ -16,6 +16,17 @@ pub struct ForwardThroughput {
     pub decode_tok_s: f64,
 }
 
+/// The value after flag `name` on the command line of a `cargo bench` target, or
+/// `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Like `llama-bench -p prompt_len -n decode_steps` with `batch` sequences: after a
 /// warm-up pass, prefills `batch` prompts of `prompt_len` tokens in one forward call, then,
 /// from an empty context again (as llama-bench's generation test), runs `decode_steps`
