@@ -325,7 +325,7 @@ fn decode_row(src: &Source, row: &[u8], cols: usize) -> DecodedRow {
 }
 
 /// Bytes of one packed `[16 rows, block]` tile.
-fn group_block_bytes(storage: Storage, block: usize) -> usize {
+const fn group_block_bytes(storage: Storage, block: usize) -> usize {
     match storage {
         Storage::Nibbles => GROUP * block / 2,
         Storage::Bytes => GROUP * block,
@@ -883,7 +883,9 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Activations, PackedQuantMatrix, Scales, Storage, GROUP, PREFETCH_AHEAD, TOKEN_TILE};
+    use super::{
+        group_block_bytes, Activations, PackedQuantMatrix, Scales, Storage, GROUP, PREFETCH_AHEAD, TOKEN_TILE,
+    };
 
     /// 16 lanes of `acc + w.lo * x.lo + w.hi * x.hi` over 16-bit pairs, `x` the pair of
     /// activations at `p` broadcast to every lane: one `vpdpwssd` with its broadcast
@@ -935,11 +937,14 @@ mod avx512 {
         const FACTORED: bool;
         const MIN: bool;
         /// Bytes of one packed block of 16 rows.
-        const BYTES: usize = if Self::NIBBLES {
-            GROUP * Self::BLOCK / 2
-        } else {
-            GROUP * Self::BLOCK
-        };
+        const BYTES: usize = group_block_bytes(
+            if Self::NIBBLES {
+                Storage::Nibbles
+            } else {
+                Storage::Bytes
+            },
+            Self::BLOCK,
+        );
         /// Blocks per super-block, for factored scales.
         const PER_OUTER: usize = 256 / Self::BLOCK;
     }

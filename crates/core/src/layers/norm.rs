@@ -69,7 +69,7 @@ impl RmsNorm {
                 rows.par_chunks_mut(d)
                     .with_min_len(min_rows)
                     .enumerate()
-                    .for_each(|(i, n)| norm_row(&x[i * d..][..d], None, w, eps, None, n));
+                    .for_each(|(i, n)| norm_row(&x[i * d..][..d], None, w, eps, n));
                 return Ok(None);
             };
             with_f32(residual, |r| {
@@ -82,7 +82,7 @@ impl RmsNorm {
                             .with_min_len(min_rows)
                             .enumerate()
                             .for_each(|(i, (n, s))| {
-                                norm_row(&x[i * d..][..d], Some(&r[i * d..][..d]), w, eps, Some(s), n)
+                                norm_row(&x[i * d..][..d], Some((&r[i * d..][..d], s)), w, eps, n)
                             })
                     })
                 }
@@ -100,70 +100,55 @@ impl RmsNorm {
     }
 }
 
+/// A residual row to add, and the row the sum is written to.
+type Residual<'a> = (&'a [f32], &'a mut [MaybeUninit<f32>]);
+
 /// One row: `s = x (+ residual)`, `normed = s / rms(s) * weight`.
-fn norm_row(
-    x: &[f32],
-    residual: Option<&[f32]>,
-    w: &[f32],
-    eps: f32,
-    sum: Option<&mut [MaybeUninit<f32>]>,
-    normed: &mut [MaybeUninit<f32>],
-) {
+fn norm_row(x: &[f32], residual: Option<Residual>, w: &[f32], eps: f32, normed: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features.
-        return unsafe { norm_row_avx512(x, residual, w, eps, sum, normed) };
+        return unsafe { norm_row_avx512(x, residual, w, eps, normed) };
     }
-    norm_row_impl(x, residual, w, eps, sum, normed)
+    norm_row_impl(x, residual, w, eps, normed)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn norm_row_avx512(
     x: &[f32],
-    residual: Option<&[f32]>,
+    residual: Option<Residual>,
     w: &[f32],
     eps: f32,
-    sum: Option<&mut [MaybeUninit<f32>]>,
     normed: &mut [MaybeUninit<f32>],
 ) {
-    norm_row_impl(x, residual, w, eps, sum, normed)
+    norm_row_impl(x, residual, w, eps, normed)
 }
 
 #[inline(always)]
 fn norm_row_impl(
     x: &[f32],
-    residual: Option<&[f32]>,
+    residual: Option<Residual>,
     w: &[f32],
     eps: f32,
-    sum: Option<&mut [MaybeUninit<f32>]>,
     normed: &mut [MaybeUninit<f32>],
 ) {
     assert!(
         normed.len() == x.len()
-            && residual.is_none_or(|r| r.len() == x.len())
-            && sum.as_ref().is_none_or(|s| s.len() == x.len())
+            && residual
+                .as_ref()
+                .is_none_or(|(r, sum)| r.len() == x.len() && sum.len() == x.len())
     );
-    // `normed` first holds the sum, written in full (as is `sum`, when asked for).
-    match (residual, sum) {
-        (Some(r), Some(sum)) => {
+    // `normed` first holds the sum, written in full (as is the `sum` output).
+    match residual {
+        Some((r, sum)) => {
             for (((o, s), a), b) in normed.iter_mut().zip(sum.iter_mut()).zip(x).zip(r) {
                 o.write(*s.write(a + b));
             }
         }
-        (Some(r), None) => {
-            for ((o, a), b) in normed.iter_mut().zip(x).zip(r) {
-                o.write(a + b);
-            }
-        }
-        (None, sum) => {
+        None => {
             for (o, a) in normed.iter_mut().zip(x) {
                 o.write(*a);
-            }
-            if let Some(sum) = sum {
-                for (s, a) in sum.iter_mut().zip(x) {
-                    s.write(*a);
-                }
             }
         }
     }
