@@ -21,12 +21,16 @@ export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}"
 out="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 
-echo "== memory bandwidth"
-RAYON_NUM_THREADS="$threads" $ms bench memory --model "$model" | tee "$out/mem"
-
-echo "== kernels: llama-bench -p 512 -n 128 vs moeserve bench kernel"
-"$bin/llama-bench" -m "$model" -p 512 -n 128 -t "$threads" -o json > "$out/llama-bench.json"
-RAYON_NUM_THREADS="$threads" $ms bench kernel --model "$model" --prompt-len 512 --decode-tokens 128 --batches 1 | tee "$out/kernel"
+# The bandwidth probe runs before, between and after the two kernel benches: on a shared
+# host it can read twice as much from one minute to the next, so one reading does not
+# tell which state the decode runs met.
+probe() { RAYON_NUM_THREADS="$threads" $ms bench memory --model "$model" | tee -a "$out/mem"; }
+echo "== kernels: llama-bench -p 512 -n 128 vs moeserve bench kernel, memory bandwidth around them"
+probe
+"$bin/llama-bench" -m "$model" -p 512 -n 128 -r 5 -t "$threads" -o json > "$out/llama-bench.json"
+probe
+RAYON_NUM_THREADS="$threads" $ms bench kernel --model "$model" --prompt-len 512 --decode-tokens 128 --repetitions 5 --batches 1 | tee "$out/kernel"
+probe
 
 wait_ready() { for _ in $(seq 1 600); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
 name="$(basename "$model" .gguf)"
@@ -49,13 +53,14 @@ python3 - "$out" <<'PY'
 import json, re, sys
 out = sys.argv[1]
 lb = json.load(open(f"{out}/llama-bench.json"))
-l_pp = next(r["avg_ts"] for r in lb if r["n_prompt"] > 0)
-l_tg = next(r["avg_ts"] for r in lb if r["n_gen"] > 0)
+# Both kernel benches are the mean of 5 repetitions, with their standard deviation.
+l_pp, l_pp_sd = next((r["avg_ts"], r["stddev_ts"]) for r in lb if r["n_prompt"] > 0)
+l_tg, l_tg_sd = next((r["avg_ts"], r["stddev_ts"]) for r in lb if r["n_gen"] > 0)
 row = [l for l in open(f"{out}/kernel") if l.startswith("| 1 |")][0].split("|")
-m_pp, m_tg = float(row[2]), float(row[3])
+m_pp, m_tg, m_pp_sd, m_tg_sd = map(float, row[2:6])
 print("\n| metric | moeserve | llama.cpp | ratio |\n|---|---:|---:|---:|")
-print(f"| prefill tok/s (512) | {m_pp:.1f} | {l_pp:.1f} | {m_pp / l_pp:.2f} |")
-print(f"| decode tok/s (batch 1) | {m_tg:.1f} | {l_tg:.1f} | {m_tg / l_tg:.2f} |")
+print(f"| prefill tok/s (512) | {m_pp:.1f} ± {m_pp_sd:.1f} | {l_pp:.1f} ± {l_pp_sd:.1f} | {m_pp / l_pp:.2f} |")
+print(f"| decode tok/s (batch 1) | {m_tg:.1f} ± {m_tg_sd:.1f} | {l_tg:.1f} ± {l_tg_sd:.1f} | {m_tg / l_tg:.2f} |")
 load = lambda f: {r["concurrency"]: r for r in map(json.loads, open(f))}
 m, l = load(f"{out}/moeserve-serve.jsonl"), load(f"{out}/llama-serve.jsonl")
 ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
@@ -68,8 +73,12 @@ for c in sorted(m):
     print(f"| output tok/s at {c} streams{note} | {num(mo, '.1f')} | {num(lo, '.1f')} | {ratio(mo, lo)} |")
     print(f"| TTFT p99 ms at {c} streams | {num(mt, '.0f')} | {num(lt, '.0f')} | {ratio(mt, lt)} |")
 mem = open(f"{out}/mem").read()
-bound = re.search(r"decode bound (\d+)", mem)
-if bound:
-    b = float(bound.group(1))
-    print(f"| batch-1 decode / memory bound | {m_tg / b:.0%} | {l_tg / b:.0%} | |")
+bounds = [float(b) for b in re.findall(r"decode bound (\d+)", mem)]
+if bounds:
+    # Each decode against the probes on either side of it.
+    lb_, mb_ = bounds[:2], bounds[1:3]
+    span = lambda tg, bs: "-".join(f"{tg / b:.0%}" for b in sorted(set(bs), reverse=True))
+    print(f"| batch-1 decode / memory bound | {span(m_tg, mb_)} | {span(l_tg, lb_)} | |")
+    gbs = re.findall(r"bandwidth: ([\d.]+) GB/s", mem)
+    print(f"\nMemory bandwidth probes (before llama-bench, between, after moeserve): {', '.join(gbs)} GB/s")
 PY

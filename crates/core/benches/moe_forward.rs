@@ -29,7 +29,7 @@ fn main() -> moeserve_core::Result<()> {
     println!("| batch | prefill tok/s ({prompt_len}-token prompts) | decode tok/s ({steps} steps) |");
     println!("|---:|---:|---:|");
     for &b in &batches {
-        let r = forward_throughput(model.as_ref(), b, prompt_len, steps)?;
+        let r = forward_throughput(model.as_ref(), b, prompt_len, steps, 1)?;
         println!("| {b} | {:.1} | {:.1} |", r.prefill_tok_s, r.decode_tok_s);
     }
     Ok(())

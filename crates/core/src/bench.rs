@@ -10,10 +10,26 @@ use crate::models::CausalLm;
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardThroughput {
     pub batch: usize,
-    /// Tokens per second prefilling `batch` prompts in one forward call.
+    /// Tokens per second prefilling `batch` prompts in one forward call: the mean over
+    /// the repetitions, and their standard deviation.
     pub prefill_tok_s: f64,
-    /// Tokens per second over the decode steps (`batch` tokens per step).
+    pub prefill_sd: f64,
+    /// Tokens per second over the decode steps (`batch` tokens per step): mean and
+    /// standard deviation over the repetitions.
     pub decode_tok_s: f64,
+    pub decode_sd: f64,
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
 }
 
 /// The value after flag `name` on the command line of a `cargo bench` target, or
@@ -27,16 +43,18 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Like `llama-bench -p prompt_len -n decode_steps` with `batch` sequences: after a
-/// warm-up pass, prefills `batch` prompts of `prompt_len` tokens in one forward call, then,
-/// from an empty context again (as llama-bench's generation test), runs `decode_steps`
-/// steps of one token per sequence, and reports both rates. Token ids are arbitrary but
-/// fixed (spread over the vocabulary).
+/// Like `llama-bench -p prompt_len -n decode_steps -r repetitions` with `batch`
+/// sequences: after a warm-up pass, prefills `batch` prompts of `prompt_len` tokens in
+/// one forward call, then, from an empty context again (as llama-bench's generation
+/// test), runs `decode_steps` steps of one token per sequence; `repetitions` times, and
+/// reports both rates' mean and spread (as llama-bench's `avg_ts` and `stddev_ts`).
+/// Token ids are arbitrary but fixed (spread over the vocabulary).
 pub fn forward_throughput(
     model: &dyn CausalLm,
     batch: usize,
     prompt_len: usize,
     decode_steps: usize,
+    repetitions: usize,
 ) -> Result<ForwardThroughput> {
     let block_size = 16;
     let vocab = model.config().vocab_size;
@@ -67,27 +85,34 @@ pub fn forward_throughput(
     };
     // Warm-up: first-touch page faults and lazily built state stay out of the figures.
     step(prompt_len.min(16), 0, &mut kv)?;
-    let t = Instant::now();
-    step(prompt_len, 0, &mut kv)?;
-    let prefill_tok_s = (batch * prompt_len) as f64 / t.elapsed().as_secs_f64();
-    // Decode positions 0.. again: each step overwrites what the prompt left in the cache.
-    let t = Instant::now();
-    for pos in 0..decode_steps {
-        let seqs = (0..batch)
-            .map(|s| SequenceInput {
-                tokens: std::slice::from_ref(&prompts[s][pos % prompt_len.max(1)]),
-                start_pos: pos,
-                block_table: tables[s].blocks(),
-                all_logits: false,
-            })
-            .collect();
-        model.forward(&ForwardBatch::new(seqs), &mut kv)?;
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for _ in 0..repetitions.max(1) {
+        let t = Instant::now();
+        step(prompt_len, 0, &mut kv)?;
+        prefill.push((batch * prompt_len) as f64 / t.elapsed().as_secs_f64());
+        // Decode positions 0.. again: each step overwrites what the prompt left in the
+        // cache.
+        let t = Instant::now();
+        for pos in 0..decode_steps {
+            let seqs = (0..batch)
+                .map(|s| SequenceInput {
+                    tokens: std::slice::from_ref(&prompts[s][pos % prompt_len.max(1)]),
+                    start_pos: pos,
+                    block_table: tables[s].blocks(),
+                    all_logits: false,
+                })
+                .collect();
+            model.forward(&ForwardBatch::new(seqs), &mut kv)?;
+        }
+        decode.push((batch * decode_steps) as f64 / t.elapsed().as_secs_f64());
     }
-    let decode_tok_s = (batch * decode_steps) as f64 / t.elapsed().as_secs_f64();
+    let ((prefill_tok_s, prefill_sd), (decode_tok_s, decode_sd)) = (mean_sd(&prefill), mean_sd(&decode));
     Ok(ForwardThroughput {
         batch,
         prefill_tok_s,
+        prefill_sd,
         decode_tok_s,
+        decode_sd,
     })
 }
 
@@ -223,4 +248,19 @@ pub fn engine_throughput(
         wall_s,
         detokenize_share: detok as f64 / fwd.max(1) as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spread is the sample standard deviation (as llama-bench's `stddev_ts`), and
+    /// one measurement has none.
+    #[test]
+    fn mean_and_sample_deviation() {
+        assert_eq!(mean_sd(&[300.0]), (300.0, 0.0));
+        let (m, sd) = mean_sd(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
+        assert_eq!(m, 5.0);
+        assert!((sd - (32.0f64 / 7.0).sqrt()).abs() < 1e-12, "{sd}");
+    }
 }

@@ -91,6 +91,9 @@ struct KernelBenchArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batches: Vec<usize>,
+    /// Measurements per batch size, averaged (as llama-bench's `-r`, 5 by default).
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    repetitions: usize,
     /// Compute dtype (default: f32 on CPU).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -272,20 +275,29 @@ fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
     };
     let layout = model.kv_layout();
     println!(
-        "model {name} ({dtype:?}), {} threads, prompt {} tokens, decode {} tokens; {:?} KV cache {} bytes/token, {} tokens per GiB",
+        "model {name} ({dtype:?}), {} threads, prompt {} tokens, decode {} tokens, mean of {} repetitions; {:?} KV cache {} bytes/token, {} tokens per GiB",
         rayon_threads(),
         args.prompt_len,
         args.decode_tokens,
+        args.repetitions,
         layout.dtype,
         layout.bytes_per_token(),
         (1usize << 30) / layout.bytes_per_token()
     );
-    println!("| batch | prefill tok/s | decode tok/s |");
-    println!("|---:|---:|---:|");
+    println!("| batch | prefill tok/s | decode tok/s | prefill sd | decode sd |");
+    println!("|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
-        let r =
-            moeserve_core::bench::forward_throughput(model.as_ref(), b, args.prompt_len, args.decode_tokens)?;
-        println!("| {b} | {:.1} | {:.1} |", r.prefill_tok_s, r.decode_tok_s);
+        let r = moeserve_core::bench::forward_throughput(
+            model.as_ref(),
+            b,
+            args.prompt_len,
+            args.decode_tokens,
+            args.repetitions,
+        )?;
+        println!(
+            "| {b} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.prefill_tok_s, r.decode_tok_s, r.prefill_sd, r.decode_sd
+        );
     }
     Ok(())
 }
