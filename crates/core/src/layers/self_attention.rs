@@ -80,10 +80,14 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let plain = self.clip_qkv.is_none() && matches!(self.qk_norm, QkNorm::None);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = if plain {
-            // Straight into the buffers rotary embedding and the cache take.
-            self.qkv.forward_f32(x)?.try_into().expect("three projections")
+        let [mut q, mut k, v]: [Vec<f32>; 3] = if self.clip_qkv.is_none() {
+            // Straight into the buffers rotary embedding and the cache take, the q/k norms
+            // (whose weights span a head, or the whole projection) applied row by row.
+            let [q, k, v] = self.qkv.forward_f32(x)?.try_into().expect("three projections");
+            match (&self.q_norm, &self.k_norm) {
+                (Some(qn), Some(kn)) => [qn.forward_rows_f32(&q), kn.forward_rows_f32(&k), v],
+                _ => [q, k, v],
+            }
         } else {
             self.projected_with_clip_and_norm(x)?
         };
