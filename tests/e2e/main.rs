@@ -1130,10 +1130,16 @@ async fn reasoning_content_is_split_from_the_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_request_deadline_ends_long_requests() {
-    let s = Server::start(&["--request-timeout-secs", "1"]).await;
+    // A twentieth of a second, and no stopping at the end-of-sequence token: the tiny
+    // model decodes ~4000 tokens/s on one stream here, so about 200 fit in the deadline,
+    // and 1900 would need a machine ten times as fast.
+    let s = Server::start(&["--request-timeout-secs", "0.05"]).await;
     let t = Instant::now();
     let v = s
-        .chat(chat_body("Go on and on", json!({"max_tokens": 1900})))
+        .chat(chat_body(
+            "Go on and on",
+            json!({"max_tokens": 1900, "ignore_eos": true}),
+        ))
         .await;
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(v["choices"][0]["finish_reason"], "length");
@@ -1143,7 +1149,10 @@ async fn the_request_deadline_ends_long_requests() {
     let chunks = s
         .stream(
             "/v1/chat/completions",
-            chat_body("Go on", json!({"max_tokens": 1900, "stream": true})),
+            chat_body(
+                "Go on",
+                json!({"max_tokens": 1900, "ignore_eos": true, "stream": true}),
+            ),
         )
         .await;
     assert_eq!(chunks.last().unwrap(), "[DONE]");

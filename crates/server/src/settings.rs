@@ -28,7 +28,7 @@ pub struct Settings {
     pub max_n: usize,
     pub reasoning_parser: String,
     pub max_body_bytes: usize,
-    pub request_timeout_secs: u64,
+    pub request_timeout_secs: f64,
     pub sse_keepalive_secs: u64,
     pub shutdown_timeout_secs: u64,
     pub log_format: String,
@@ -89,9 +89,9 @@ pub struct SettingsArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "MOESERVE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Per-request deadline in seconds (0: none).
+    /// Per-request deadline in seconds, fractions allowed (0: none).
     #[arg(long, env = "MOESERVE_REQUEST_TIMEOUT_SECS")]
-    pub request_timeout_secs: Option<u64>,
+    pub request_timeout_secs: Option<f64>,
     /// SSE keep-alive interval in seconds.
     #[arg(long, env = "MOESERVE_SSE_KEEPALIVE_SECS")]
     pub sse_keepalive_secs: Option<u64>,
@@ -150,7 +150,19 @@ impl Settings {
             log_format
         );
         s.api_keys.retain(|k| !k.is_empty());
+        anyhow::ensure!(
+            s.request_timeout_secs >= 0.0
+                && std::time::Duration::try_from_secs_f64(s.request_timeout_secs).is_ok(),
+            "request_timeout_secs must be a number of seconds, 0 or more; got {}",
+            s.request_timeout_secs
+        );
         Ok(s)
+    }
+
+    /// The per-request deadline, if any.
+    pub fn request_deadline(&self) -> Option<std::time::Duration> {
+        (self.request_timeout_secs > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(self.request_timeout_secs))
     }
 }
 
@@ -173,5 +185,38 @@ mod tests {
         std::fs::write(&path, "prot = 1\n").unwrap();
         let err = Settings::resolve(&args).unwrap_err().to_string();
         assert!(err.contains("unknown setting \"prot\""), "{err}");
+    }
+
+    /// The deadline takes fractions of a second, from a flag or as a whole number in the
+    /// config file; 0 is none, and a negative or unrepresentable one is refused.
+    #[test]
+    fn request_deadline_in_fractional_seconds() {
+        let flag = |v: f64| {
+            Settings::resolve(&SettingsArgs {
+                request_timeout_secs: Some(v),
+                ..SettingsArgs::default()
+            })
+        };
+        let ms = |v| flag(v).unwrap().request_deadline().map(|d| d.as_millis());
+        assert_eq!((ms(0.25), ms(0.0), ms(3.0)), (Some(250), None, Some(3000)));
+        for bad in [-1.0, f64::NAN, 1e30] {
+            let err = flag(bad).unwrap_err().to_string();
+            assert!(err.contains("request_timeout_secs"), "{err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "request_timeout_secs = 2\n").unwrap();
+        let s = Settings::resolve(&SettingsArgs {
+            config: Some(path),
+            ..SettingsArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.request_deadline(), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            Settings::resolve(&SettingsArgs::default())
+                .unwrap()
+                .request_deadline(),
+            None
+        );
     }
 }

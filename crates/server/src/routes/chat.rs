@@ -77,7 +77,7 @@ pub async fn chat_completions(
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();
     let handle = m.engine.submit(GenerateRequest { prompt, params })?;
-    let events = merge(vec![handle], state.settings.request_timeout_secs);
+    let events = merge(vec![handle], state.settings.request_deadline());
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
     let model = m.id.clone();

@@ -68,7 +68,7 @@ pub async fn completions(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let events = merge(handles, state.settings.request_timeout_secs);
+    let events = merge(handles, state.settings.request_deadline());
     let prompt_texts: Vec<String> = if echo {
         prompts
             .iter()

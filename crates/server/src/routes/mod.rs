@@ -23,7 +23,7 @@ pub const SYSTEM_FINGERPRINT: &str = concat!("moeserve-", env!("CARGO_PKG_VERSIO
 /// drops the handles (aborting the engine requests) and ends the choices with `length`.
 pub type Events = Pin<Box<dyn Stream<Item = (usize, EngineEvent)> + Send>>;
 
-pub fn merge(handles: Vec<RequestHandle>, deadline_secs: u64) -> Events {
+pub fn merge(handles: Vec<RequestHandle>, deadline: Option<Duration>) -> Events {
     let streams = handles.into_iter().enumerate().map(|(i, h)| {
         stream::unfold(Some(h), move |h| async move {
             let mut h = h?;
@@ -36,10 +36,10 @@ pub fn merge(handles: Vec<RequestHandle>, deadline_secs: u64) -> Events {
         .boxed()
     });
     let merged = stream::select_all(streams);
-    if deadline_secs == 0 {
+    let Some(deadline) = deadline else {
         return merged.boxed();
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(deadline_secs);
+    };
+    let deadline = tokio::time::Instant::now() + deadline;
     stream::unfold(Some(merged), move |s| async move {
         let mut s = s?;
         match tokio::time::timeout_at(deadline, s.next()).await {
