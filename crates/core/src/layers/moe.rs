@@ -29,12 +29,7 @@ impl Routing {
 /// data-dependent control flow, and it is the one round-trip the MoE layer needs.
 #[derive(Debug, Clone)]
 pub struct ExpertRouter {
-    /// The gate's weight, `[num_experts, hidden]` in f32, multiplied by [`gate_logits`]
-    /// rather than through a `Linear`: with a decode step's few tokens, candle's matmul
-    /// (a thread-pool GEMM) took ~50 us per layer for a 32x1024 gate at batch 1 and
-    /// ~110 us at batch 16, 15% and 6% of the medium MoE's decode steps.
-    gate: Vec<f32>,
-    hidden: usize,
+    gate: Linear,
     num_experts: usize,
     top_k: usize,
     norm_topk_prob: bool,
@@ -56,13 +51,8 @@ impl ExpertRouter {
             ),
             _ => None,
         };
-        let gate = store
-            .get_f32(&format!("{prefix}.weight"), &[cfg.num_experts, hidden])?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
         Ok(Self {
-            gate,
-            hidden,
+            gate: Linear::load(store, prefix, hidden, cfg.num_experts, false)?,
             num_experts: cfg.num_experts,
             top_k: cfg.top_k,
             norm_topk_prob: cfg.norm_topk_prob,
@@ -75,7 +65,7 @@ impl ExpertRouter {
 
     /// `x`: `[tokens, hidden]`.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let mut scores = with_f32(x, |xv| gate_logits(xv, &self.gate, self.hidden))?;
+        let mut scores = with_f32(&self.gate.forward(x)?, |v| v.to_vec())?;
         for p in scores.chunks_exact_mut(self.num_experts) {
             match self.scoring {
                 ScoringFunc::Softmax => {
@@ -141,92 +131,6 @@ impl ExpertRouter {
             .iter()
             .flat_map(|&g| g * size..(g + 1) * size)
             .collect()
-    }
-}
-
-/// `x W^T` for the router: `x` is `[tokens, hidden]`, `w` `[experts, hidden]`, both f32;
-/// the result is `[tokens, experts]`. Plain dot products (16 lanes, vectorised for the
-/// CPU at hand); tokens split over the pool only when there are many (a prompt).
-fn gate_logits(x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let experts = w.len() / hidden;
-    let mut out = vec![0f32; x.len() / hidden * experts];
-    let rows = |(x, out): (&[f32], &mut [f32])| {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { gate_rows_avx512(x, w, hidden, out) };
-        }
-        gate_rows(x, w, hidden, out)
-    };
-    // About 2 M multiply-adds per task (64 tokens of a 32x1024 gate).
-    let per_task = (1usize << 21).div_ceil(w.len()).max(1);
-    if x.len() / hidden > per_task {
-        x.par_chunks(per_task * hidden)
-            .zip(out.par_chunks_mut(per_task * experts))
-            .for_each(rows);
-    } else {
-        rows((x, &mut out));
-    }
-    out
-}
-
-/// [`gate_rows`] with AVX-512: four experts at a time, so that each 16 values of the
-/// token's input are loaded once for four rows of the gate and the four running sums
-/// are independent chains of fused multiply-adds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gate_rows_avx512(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let experts = w.len() / hidden;
-    let whole = hidden / 16 * 16;
-    assert!(x.len() / hidden * experts <= out.len() && w.len() == experts * hidden);
-    for (xr, or) in x.chunks_exact(hidden).zip(out.chunks_exact_mut(experts)) {
-        let four = experts / 4 * 4;
-        for e in (0..four).step_by(4) {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for c in (0..whole).step_by(16) {
-                // SAFETY: `c + 16 <= whole <= hidden`, inside the token's row and inside
-                // rows `e..e + 4` of the gate (`e + 4 <= experts`).
-                unsafe {
-                    let a = _mm512_loadu_ps(xr.as_ptr().add(c));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let b = _mm512_loadu_ps(w.as_ptr().add((e + r) * hidden + c));
-                        *acc = _mm512_fmadd_ps(a, b, *acc);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                let wr = &w[(e + r) * hidden..(e + r + 1) * hidden];
-                let tail: f32 = xr[whole..].iter().zip(&wr[whole..]).map(|(a, b)| a * b).sum();
-                or[e + r] = _mm512_reduce_add_ps(*acc) + tail;
-            }
-        }
-        gate_rows(xr, &w[four * hidden..], hidden, &mut or[four..]);
-    }
-}
-
-/// Plain dot products, 16 lanes so that they vectorise.
-#[inline(always)]
-fn gate_rows(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
-    let experts = w.len() / hidden;
-    for (xr, or) in x.chunks_exact(hidden).zip(out.chunks_exact_mut(experts.max(1))) {
-        for (wr, o) in w.chunks_exact(hidden).zip(or.iter_mut()) {
-            let mut lanes = [0f32; 16];
-            let (xc, wc) = (xr.chunks_exact(16), wr.chunks_exact(16));
-            let tail: f32 = xc
-                .remainder()
-                .iter()
-                .zip(wc.remainder())
-                .map(|(a, b)| a * b)
-                .sum();
-            for (a, b) in xc.zip(wc) {
-                for i in 0..16 {
-                    lanes[i] += a[i] * b[i];
-                }
-            }
-            *o = lanes.iter().sum::<f32>() + tail;
-        }
     }
 }
 
@@ -384,45 +288,5 @@ impl MoeBlock {
             y = y.broadcast_mul(&candle_nn::ops::sigmoid(&gate.forward(x)?)?)?;
         }
         Ok((routed + y)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The router's logits are `x W^T` within f32 rounding, for gate sizes with and
-    /// without a partial 16-lane chunk and expert counts with and without a partial
-    /// group of four, through the serial and the split-over-the-pool forms.
-    #[test]
-    fn gate_logits_match_a_plain_matmul() {
-        use rand::{rngs::StdRng, Rng, SeedableRng};
-        let mut rng = StdRng::seed_from_u64(7);
-        for (tokens, experts, hidden) in [(1, 32, 1024), (3, 7, 40), (5, 60, 33), (300, 8, 2048)] {
-            let x: Vec<f32> = (0..tokens * hidden)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let w: Vec<f32> = (0..experts * hidden)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            // The dispatched form (AVX-512 where the CPU has it) and the portable one.
-            let mut portable = vec![0f32; tokens * experts];
-            gate_rows(&x, &w, hidden, &mut portable);
-            for got in [gate_logits(&x, &w, hidden), portable] {
-                assert_eq!(got.len(), tokens * experts);
-                for t in 0..tokens {
-                    for e in 0..experts {
-                        let want: f64 = (0..hidden)
-                            .map(|k| x[t * hidden + k] as f64 * w[e * hidden + k] as f64)
-                            .sum();
-                        let g = got[t * experts + e] as f64;
-                        assert!(
-                            (g - want).abs() < 1e-4 * (hidden as f64).sqrt(),
-                            "{tokens}x{experts}x{hidden} [{t},{e}]: {g} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
     }
 }
