@@ -112,14 +112,17 @@ impl Linear {
             LinearWeight::Candle(w) => w.forward(x)?,
             LinearWeight::Blocks(w) => w.matmul(x)?.to_dtype(x.dtype())?,
             LinearWeight::SmallF32 { w, cols } => {
-                let (t, k) = x.dims2()?;
+                // `[.., in]` -> `[.., out]`, like candle's matmul.
+                let k = x.dim(candle_core::D::Minus1)?;
                 if k != *cols {
                     return Err(crate::error::Error::InvalidBatch(format!(
                         "matmul input has {k} features, the weight {cols}"
                     )));
                 }
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().expect("a last dimension") = w.len() / cols;
                 let y = with_f32(x, |xs| small_matmul_f32(xs, w, *cols))?;
-                Tensor::from_vec(y, (t, w.len() / cols), x.device())?.to_dtype(x.dtype())?
+                Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?
             }
         };
         Ok(match &self.bias {
@@ -195,8 +198,8 @@ impl Projections {
 }
 
 /// `x W^T` for a [`LinearWeight::SmallF32`] weight: `x` is `[tokens, hidden]`, `w`
-/// `[experts, hidden]` (named for the MoE router, the main user), both f32; the result
-/// is `[tokens, experts]`. Dot products vectorised for the CPU at hand; tokens split
+/// `[experts, hidden]` (named for the MoE router's gate, the main user), both f32; the
+/// result is `[tokens, experts]`. Dot products vectorised for the CPU at hand; tokens split
 /// over the pool only when there are many (a prompt).
 fn small_matmul_f32(x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
     use rayon::prelude::*;
@@ -206,9 +209,9 @@ fn small_matmul_f32(x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { gate_rows_avx512(x, w, hidden, out) };
+            return unsafe { small_matmul_rows_avx512(x, w, hidden, out) };
         }
-        gate_rows(x, w, hidden, out)
+        small_matmul_rows(x, w, hidden, out)
     };
     // About 2 M multiply-adds per task (64 tokens of a 32x1024 gate).
     let per_task = (1usize << 21).div_ceil(w.len()).max(1);
@@ -222,12 +225,12 @@ fn small_matmul_f32(x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
     out
 }
 
-/// [`gate_rows`] with AVX-512: four experts at a time, so that each 16 values of the
+/// [`small_matmul_rows`] with AVX-512: four experts at a time, so that each 16 values of the
 /// token's input are loaded once for four rows of the gate and the four running sums
 /// are independent chains of fused multiply-adds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gate_rows_avx512(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
+unsafe fn small_matmul_rows_avx512(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let experts = w.len() / hidden;
     let whole = hidden / 16 * 16;
@@ -253,13 +256,13 @@ unsafe fn gate_rows_avx512(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32])
                 or[e + r] = _mm512_reduce_add_ps(*acc) + tail;
             }
         }
-        gate_rows(xr, &w[four * hidden..], hidden, &mut or[four..]);
+        small_matmul_rows(xr, &w[four * hidden..], hidden, &mut or[four..]);
     }
 }
 
 /// Plain dot products, 16 lanes so that they vectorise.
 #[inline(always)]
-fn gate_rows(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
+fn small_matmul_rows(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
     let experts = w.len() / hidden;
     for (xr, or) in x.chunks_exact(hidden).zip(out.chunks_exact_mut(experts.max(1))) {
         for (wr, o) in w.chunks_exact(hidden).zip(or.iter_mut()) {
@@ -383,6 +386,41 @@ mod tests {
         }
     }
 
+    /// A small dense f32 weight takes the plain dot products, for inputs of any rank
+    /// (`[.., in]`), and a wrong input width is an error, not a panic.
+    #[test]
+    fn small_f32_weights_take_the_dot_products() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+        let l = Linear::new(QMatMul::Tensor(w.clone()), Some(b.clone())).unwrap();
+        assert!(matches!(l.weight, LinearWeight::SmallF32 { .. }));
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
+        let got = l.forward(&x).unwrap();
+        assert_eq!(got.dims(), &[2, 3, 8]);
+        let want = x
+            .reshape((6, 64))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .reshape((2, 3, 8))
+            .unwrap();
+        let err = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-4, "{err}");
+        assert!(l
+            .forward(&Tensor::zeros((2, 63), DType::F32, &dev).unwrap())
+            .is_err());
+    }
+
     /// The small f32 matmul is `x W^T` within f32 rounding, for gate sizes with and
     /// without a partial 16-lane chunk and expert counts with and without a partial
     /// group of four, through the serial and the split-over-the-pool forms.
@@ -399,7 +437,7 @@ mod tests {
                 .collect();
             // The dispatched form (AVX-512 where the CPU has it) and the portable one.
             let mut portable = vec![0f32; tokens * experts];
-            gate_rows(&x, &w, hidden, &mut portable);
+            small_matmul_rows(&x, &w, hidden, &mut portable);
             for got in [small_matmul_f32(&x, &w, hidden), portable] {
                 assert_eq!(got.len(), tokens * experts);
                 for t in 0..tokens {
