@@ -290,6 +290,18 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{DType, Device};
 
+    /// The largest absolute difference between two tensors of one shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// Fused projections give each part's output exactly as the separate layers do, and
     /// layers that cannot be fused (dense weights, ragged row groups) stay separate.
     #[test]
@@ -308,14 +320,7 @@ mod tests {
             let fused = Projections::new(parts, vec![32, 16]).unwrap();
             assert!(matches!(fused, Projections::Fused(..)));
             for (got, want) in fused.forward(&x).unwrap().iter().zip(&want) {
-                let err = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let err = max_diff(got, want);
                 assert!(err < 1e-5, "bias {bias}: {err}");
             }
         }
@@ -407,14 +412,7 @@ mod tests {
             .unwrap()
             .reshape((2, 3, 8))
             .unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_diff(&got, &want);
         assert!(err < 1e-4, "{err}");
         assert!(l
             .forward(&Tensor::zeros((2, 63), DType::F32, &dev).unwrap())
