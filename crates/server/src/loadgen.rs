@@ -75,14 +75,11 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> Reque
     // (A pooled keep-alive connection the server had closed is retried by the client
     // itself.)
     let resp = match send().await {
+        Err(e) if e.is_connect() => send().await,
+        first => first,
+    };
+    let resp = match resp {
         Ok(resp) => resp,
-        Err(e) if e.is_connect() => match send().await {
-            Ok(resp) => resp,
-            Err(e) => {
-                eprintln!("request {i} failed: {e}");
-                return r;
-            }
-        },
         Err(e) => {
             eprintln!("request {i} failed: {e}");
             return r;

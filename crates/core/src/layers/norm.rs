@@ -30,7 +30,8 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.dtype() == DType::F32 && x.rank() == 2 {
-            return Ok(self.rows(x, None)?.1);
+            let normed = with_f32(x, |v| self.forward_rows_f32(v))?;
+            return Ok(Tensor::from_vec(normed, x.dims2()?, x.device())?);
         }
         let dtype = x.dtype();
         let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
@@ -45,53 +46,42 @@ impl RmsNorm {
             && x.rank() == 2
             && x.dims() == residual.dims()
         {
-            let (sum, normed) = self.rows(x, Some(residual))?;
-            return Ok((sum.expect("a residual was given"), normed));
+            return self.add_and_norm_rows(x, residual);
         }
         let sum = (x + residual)?;
         let normed = self.forward(&sum)?;
         Ok((sum, normed))
     }
 
-    /// Each `size`-wide row of `x` (flat f32, `[rows, size]`) normed: attention's q/k
-    /// norms (per head, or over the whole projection) applied to the projections' f32
-    /// buffers, where a round trip through tensors and candle's `rms_norm` had been ~6 us
-    /// per layer at batch 1.
+    /// Each `size`-wide row of `x` (flat f32, `[rows, size]`) normed. Also attention's
+    /// q/k norms (per head, or over the whole projection), applied to the projections'
+    /// f32 buffers, where a round trip through tensors and candle's `rms_norm` had been
+    /// ~6 us per layer at batch 1.
     pub fn forward_rows_f32(&self, x: &[f32]) -> Vec<f32> {
         let (w, eps) = (&self.weight_f32, self.eps);
         let d = w.len();
         assert_eq!(x.len() % d, 0, "rows of {d}");
-        let min_rows = if x.len() >= 1 << 16 { 64 } else { x.len() / d + 1 };
         // SAFETY: every row of the output is written by `norm_row`.
         unsafe {
             filled_vec(x.len(), |out| {
                 out.par_chunks_mut(d)
                     .zip(x.par_chunks(d))
-                    .with_min_len(min_rows)
+                    .with_min_len(min_rows_per_task(x.len(), d))
                     .for_each(|(o, xr)| norm_row(xr, None, w, eps, o))
             })
         }
     }
 
-    /// The f32 row kernel over `[tokens, size]`.
-    fn rows(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<(Option<Tensor>, Tensor)> {
+    /// `(x + residual, norm(x + residual))` by the f32 row kernel over `[tokens, size]`.
+    fn add_and_norm_rows(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
         let (t, d) = x.dims2()?;
         let (w, eps) = (&self.weight_f32, self.eps);
-        // Rows are split over the pool only when there are many (a prompt chunk): a
-        // decode step's few rows take microseconds, less than handing them out would.
-        let min_rows = if t * d >= 1 << 16 { 16 } else { t.max(1) };
+        let min_rows = min_rows_per_task(t * d, d);
         // Both outputs are written in full, row by row, so neither is zeroed first.
         let mut normed: Vec<f32> = Vec::with_capacity(t * d);
-        let sum = with_f32(x, |x| -> Result<Option<Vec<f32>>> {
+        let sum = with_f32(x, |x| {
             assert_eq!(x.len(), t * d);
             let rows = &mut normed.spare_capacity_mut()[..t * d];
-            let Some(residual) = residual else {
-                rows.par_chunks_mut(d)
-                    .with_min_len(min_rows)
-                    .enumerate()
-                    .for_each(|(i, n)| norm_row(&x[i * d..][..d], None, w, eps, n));
-                return Ok(None);
-            };
             with_f32(residual, |r| {
                 assert_eq!(r.len(), t * d);
                 // SAFETY: every row of `sum` is written by `norm_row`.
@@ -107,16 +97,26 @@ impl RmsNorm {
                     })
                 }
             })
-            .map(Some)
         })??;
         // SAFETY: every row of `normed` was written by `norm_row` above (the closure
         // returned normally, so every row ran).
         unsafe { normed.set_len(t * d) };
         let dev = x.device();
         Ok((
-            sum.map(|s| Tensor::from_vec(s, (t, d), dev)).transpose()?,
+            Tensor::from_vec(sum, (t, d), dev)?,
             Tensor::from_vec(normed, (t, d), dev)?,
         ))
+    }
+}
+
+/// Rows per task when `len` values in rows of `d` are normed: all of them on the calling
+/// thread below 2^16 values (a decode step's few rows take microseconds, less than
+/// handing them out would), else tasks of about 2^13 values.
+fn min_rows_per_task(len: usize, d: usize) -> usize {
+    if len >= 1 << 16 {
+        (1usize << 13).div_ceil(d)
+    } else {
+        len / d.max(1) + 1
     }
 }
 
