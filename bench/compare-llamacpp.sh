@@ -81,4 +81,8 @@ if bounds:
     print(f"| batch-1 decode / memory bound | {span(m_tg, mb_)} | {span(l_tg, lb_)} | |")
     gbs = re.findall(r"bandwidth: ([\d.]+) GB/s", mem)
     print(f"\nMemory bandwidth probes (before llama-bench, between, after moeserve): {', '.join(gbs)} GB/s")
+    trips = re.findall(r"round trip: (\d+) ns before, (\d+) ns after", mem)
+    if trips:
+        # Hundreds of ns: the host had put the two CPUs far apart (see the README).
+        print(f"Thread round trips around each probe: {', '.join(f'{a}/{b}' for a, b in trips)} ns")
 PY

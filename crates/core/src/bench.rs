@@ -32,6 +32,60 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// The round trip of one cache line between two threads, in nanoseconds: one thread
+/// writes a counter and waits for the other to answer, `rounds` times; the median of five
+/// such runs. `None` with fewer than two CPUs.
+///
+/// On a shared host the two threads' CPUs may sit on one core complex or far apart (on
+/// another chiplet or socket), and the host can move them from one minute to the next.
+/// Far apart, the pair can draw on two memory paths (more bandwidth) but every hand-off
+/// between threads (each parallel section of a forward pass) costs several times more;
+/// this tells which placement a benchmark met.
+pub fn thread_round_trip_ns(rounds: u64) -> Option<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 || rounds == 0 {
+        return None;
+    }
+    // Spins until `flag` reads `value`; yields now and then, so that it still finishes
+    // if the OS puts both threads on one CPU.
+    let wait_for = |flag: &AtomicU64, value: u64| {
+        let mut spins = 0u32;
+        while flag.load(Ordering::Acquire) != value {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    };
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let flag = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for i in 0..=rounds {
+                        wait_for(&flag, 2 * i + 1);
+                        flag.store(2 * i + 2, Ordering::Release);
+                    }
+                });
+                // Round 0 is untimed: the other thread starting up.
+                let mut start = Instant::now();
+                for i in 0..=rounds {
+                    flag.store(2 * i + 1, Ordering::Release);
+                    wait_for(&flag, 2 * i + 2);
+                    if i == 0 {
+                        start = Instant::now();
+                    }
+                }
+                start.elapsed().as_nanos() as f64 / rounds as f64
+            })
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    Some(runs[2])
+}
+
 /// The value after flag `name` on the command line of a `cargo bench` target, or
 /// `default`.
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -253,6 +307,17 @@ pub fn engine_throughput(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The two threads answer each other to the end (the call returns) with a positive,
+    /// finite time per round trip; no rounds give no figure.
+    #[test]
+    fn thread_round_trip_completes() {
+        let Some(ns) = thread_round_trip_ns(2000) else {
+            return;
+        };
+        assert!(ns.is_finite() && ns > 0.0, "{ns}");
+        assert_eq!(thread_round_trip_ns(0), None);
+    }
 
     /// The spread is the sample standard deviation (as llama-bench's `stddev_ts`), and
     /// one measurement has none.

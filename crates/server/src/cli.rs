@@ -383,12 +383,21 @@ fn memory_bandwidth() -> f64 {
 }
 
 fn run_memory_bench(args: MemoryBenchArgs) -> anyhow::Result<()> {
+    // The host can move the CPUs between the two measurements; one on each side shows it.
+    let round_trip = || moeserve_core::bench::thread_round_trip_ns(100_000);
+    let before = round_trip();
     let bw = memory_bandwidth();
+    let after = round_trip();
     println!(
         "memory read bandwidth: {:.1} GB/s ({} threads)",
         bw / 1e9,
         rayon_threads()
     );
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "thread round trip: {before:.0} ns before, {after:.0} ns after (tens of ns: CPUs on one core complex; hundreds: far apart)"
+        );
+    }
     if let Some(path) = args.model {
         let bytes = if path.extension().is_some_and(|e| e == "gguf") {
             let ckpt = moeserve_core::gguf::GgufCheckpoint::open(&path)?;
