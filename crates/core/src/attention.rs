@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::kv::{KvBuf, KvLayer};
-use crate::vmath::{exp, fold16};
+use crate::vmath::softmax_rows;
 
 /// One sequence's part of a batch: its query tokens are rows
 /// `first_token..first_token + len` of `q`, at positions `start_pos..start_pos + len`.
@@ -323,21 +323,6 @@ impl KvElem for half::f16 {
         use std::arch::x86_64::*;
         // SAFETY: by the caller's contract.
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-}
-
-/// Each row of `scores` (rows of `n`) becomes its softmax.
-#[inline(always)]
-fn softmax_rows(scores: &mut [f32], n: usize) {
-    for s in scores.chunks_exact_mut(n) {
-        let max = fold16(s, f32::NEG_INFINITY, |v| v, f32::max);
-        for v in s.iter_mut() {
-            *v = exp(*v - max);
-        }
-        let inv = 1.0 / fold16(s, 0.0, |v| v, |a, b| a + b);
-        for v in s.iter_mut() {
-            *v *= inv;
-        }
     }
 }
 

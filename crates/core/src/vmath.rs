@@ -51,6 +51,22 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
+/// Each row of `scores` (rows of `n`) becomes its softmax: attention's scores, MoE
+/// routers' logits.
+#[inline(always)]
+pub(crate) fn softmax_rows(scores: &mut [f32], n: usize) {
+    for s in scores.chunks_exact_mut(n) {
+        let max = fold16(s, f32::NEG_INFINITY, |v| v, f32::max);
+        for v in s.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / fold16(s, 0.0, |v| v, |a, b| a + b);
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
 /// Reductions across 512-bit registers.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {

@@ -4,6 +4,7 @@ use super::{GatedMlp, Linear};
 use crate::config::{ExpertNaming, MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::host::with_f32;
+use crate::vmath::softmax_rows;
 use crate::weights::WeightStore;
 
 /// Which experts each token goes to, grouped by expert: the tokens routed to expert `e`
@@ -66,19 +67,9 @@ impl ExpertRouter {
     /// `x`: `[tokens, hidden]`.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let mut scores = with_f32(&self.gate.forward(x)?, |v| v.to_vec())?;
-        for p in scores.chunks_exact_mut(self.num_experts) {
-            match self.scoring {
-                ScoringFunc::Softmax => {
-                    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for v in p.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    p.iter_mut().for_each(|v| *v /= sum);
-                }
-                ScoringFunc::Sigmoid => p.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
-            }
+        match self.scoring {
+            ScoringFunc::Softmax => softmax_rows(&mut scores, self.num_experts),
+            ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
         }
         let mut routing = Routing {
             tokens: vec![Vec::new(); self.num_experts],
