@@ -879,10 +879,16 @@ async fn sixty_four_concurrent_streams_all_complete() {
     let steps = s.metric("moeserve_engine_steps_total").await;
     let step_s = s.metric("moeserve_engine_step_seconds_total").await;
     let forward_s = s.metric("moeserve_engine_forward_seconds_total").await;
+    let sample_s = s.metric("moeserve_engine_sample_seconds_total").await;
     assert!(steps >= 24.0, "{steps} steps");
     assert!(
         forward_s > 0.0 && forward_s <= step_s,
         "forward {forward_s} s of {step_s} s"
+    );
+    // Every step that ended a prompt or a decode chose tokens, outside the forward calls.
+    assert!(
+        sample_s > 0.0 && forward_s + sample_s <= step_s,
+        "sampling {sample_s} s, forward {forward_s} s of {step_s} s"
     );
 }
 

@@ -218,6 +218,55 @@ pub fn random_model(cfg: &crate::config::ModelConfig) -> Result<Box<dyn CausalLm
     crate::models::build_model(cfg, &store)
 }
 
+/// The sampling settings the benchmarks run at: what users send, not greedy alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplingSetting {
+    /// `temperature: 0`.
+    Greedy,
+    /// OpenAI's defaults, which every client that sends no sampling fields gets:
+    /// temperature 1, top_p 1.
+    Default,
+    /// A typical chat setting: temperature 0.7, top_p 0.9.
+    Chat,
+}
+
+impl SamplingSetting {
+    pub const ALL: [SamplingSetting; 3] = [Self::Greedy, Self::Default, Self::Chat];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Greedy => "greedy",
+            Self::Default => "default",
+            Self::Chat => "chat",
+        }
+    }
+
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| format!("unknown sampling setting {name:?} (greedy, default or chat)"))
+    }
+
+    /// `(temperature, top_p)`, sent explicitly: other servers' own defaults differ
+    /// (llama-server's are top_k 40, min_p 0.05, temperature 0.8).
+    pub fn temperature_top_p(self) -> (f32, f32) {
+        match self {
+            Self::Greedy => (0.0, 1.0),
+            Self::Default => (1.0, 1.0),
+            Self::Chat => (0.7, 0.9),
+        }
+    }
+
+    /// The OpenAI request fields, to merge into a request body. llama-server's own
+    /// filters (top_k 40, min_p 0.05) are switched off so that both servers sample
+    /// the same distribution.
+    pub fn request_fields(self) -> serde_json::Value {
+        let (temperature, top_p) = self.temperature_top_p();
+        serde_json::json!({"temperature": temperature, "top_p": top_p, "top_k": -1, "min_p": 0.0})
+    }
+}
+
 /// What one concurrency level of the engine benchmark measured.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineThroughput {
@@ -230,15 +279,21 @@ pub struct EngineThroughput {
     /// Share of the engine thread's time spent detokenizing and checking stops,
     /// relative to the forward calls.
     pub detokenize_share: f64,
+    /// Engine steps, and the mean time per step in forward calls and in sampling.
+    pub steps: u64,
+    pub forward_ms_per_step: f64,
+    pub sample_ms_per_step: f64,
 }
 
 /// Submits `concurrency` requests at once (prompts of `prompt_len` tokens, `max_tokens`
-/// greedy tokens each, ignoring EOS) and measures throughput and time to first token.
+/// tokens each at `sampling`, ignoring EOS; seeded, so runs repeat) and measures
+/// throughput, time to first token and where the engine's time goes.
 pub fn engine_throughput(
     engine: &crate::engine::Engine,
     concurrency: usize,
     prompt_len: usize,
     max_tokens: usize,
+    sampling: SamplingSetting,
     salt: usize,
 ) -> Result<EngineThroughput> {
     use crate::engine::{EngineEvent, GenerateRequest};
@@ -246,11 +301,18 @@ pub fn engine_throughput(
     use std::sync::atomic::Ordering;
     let vocab = engine.limits().vocab_size;
     let stats = engine.stats();
-    let (fwd0, detok0) = (
-        stats.forward_ns.load(Ordering::Relaxed),
-        stats.detokenize_ns.load(Ordering::Relaxed),
-    );
+    let counters = || {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        (
+            load(&stats.forward_ns),
+            load(&stats.detokenize_ns),
+            load(&stats.sample_ns),
+            load(&stats.steps),
+        )
+    };
+    let (fwd0, detok0, sample0, steps0) = counters();
     let start = Instant::now();
+    let (temperature, top_p) = sampling.temperature_top_p();
     let handles = (0..concurrency)
         .map(|c| {
             let prompt = (0..prompt_len)
@@ -258,6 +320,9 @@ pub fn engine_throughput(
                 .collect();
             let params = SamplingParams {
                 ignore_eos: true,
+                temperature,
+                top_p,
+                seed: Some((salt * 1000 + c) as u64),
                 ..SamplingParams::greedy(max_tokens)
             };
             engine
@@ -292,8 +357,9 @@ pub fn engine_throughput(
     });
     let wall_s = start.elapsed().as_secs_f64();
     let tokens: usize = results.iter().map(|r| r.1).sum();
-    let fwd = stats.forward_ns.load(Ordering::Relaxed) - fwd0;
-    let detok = stats.detokenize_ns.load(Ordering::Relaxed) - detok0;
+    let (fwd1, detok1, sample1, steps1) = counters();
+    let (fwd, detok, sample, steps) = (fwd1 - fwd0, detok1 - detok0, sample1 - sample0, steps1 - steps0);
+    let per_step_ms = |ns: u64| ns as f64 / 1e6 / steps.max(1) as f64;
     Ok(EngineThroughput {
         concurrency,
         output_tok_s: tokens as f64 / wall_s,
@@ -301,6 +367,9 @@ pub fn engine_throughput(
         max_ttft_s: results.iter().map(|r| r.0).fold(0.0, f64::max),
         wall_s,
         detokenize_share: detok as f64 / fwd.max(1) as f64,
+        steps,
+        forward_ms_per_step: per_step_ms(fwd),
+        sample_ms_per_step: per_step_ms(sample),
     })
 }
 

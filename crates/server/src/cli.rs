@@ -75,6 +75,10 @@ struct EngineBenchArgs {
     /// Step token budget.
     #[arg(long, default_value_t = 512)]
     max_num_batched_tokens: usize,
+    /// Sampling settings, each run at every level: greedy, default (OpenAI's:
+    /// temperature 1, top_p 1) and chat (temperature 0.7, top_p 0.9).
+    #[arg(long, value_delimiter = ',', default_value = "greedy,default,chat", value_parser = moeserve_core::bench::SamplingSetting::parse)]
+    sampling: Vec<moeserve_core::bench::SamplingSetting>,
 }
 
 #[derive(clap::Args)]
@@ -339,18 +343,27 @@ fn run_engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         args.prompt_len,
         args.max_tokens
     );
-    println!("| concurrent | output tok/s | mean TTFT ms | max TTFT ms | wall s | detokenize / forward |");
-    println!("|---:|---:|---:|---:|---:|---:|");
-    for (i, &c) in args.concurrency.iter().enumerate() {
-        let r = bench::engine_throughput(&engine, c, args.prompt_len, args.max_tokens, i)?;
-        println!(
-            "| {c} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2}% |",
-            r.output_tok_s,
-            r.mean_ttft_s * 1e3,
-            r.max_ttft_s * 1e3,
-            r.wall_s,
-            r.detokenize_share * 100.0
-        );
+    println!(
+        "| sampling | concurrent | output tok/s | mean TTFT ms | max TTFT ms | wall s | forward ms/step | sample ms/step | detokenize / forward |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut salt = 0;
+    for &sampling in &args.sampling {
+        for &c in &args.concurrency {
+            let r = bench::engine_throughput(&engine, c, args.prompt_len, args.max_tokens, sampling, salt)?;
+            salt += 1;
+            println!(
+                "| {} | {c} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.3} | {:.2}% |",
+                sampling.name(),
+                r.output_tok_s,
+                r.mean_ttft_s * 1e3,
+                r.max_ttft_s * 1e3,
+                r.wall_s,
+                r.forward_ms_per_step,
+                r.sample_ms_per_step,
+                r.detokenize_share * 100.0
+            );
+        }
     }
     Ok(())
 }

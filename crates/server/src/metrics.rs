@@ -27,6 +27,7 @@ pub struct Metrics {
     steps: IntCounter,
     step_seconds: Counter,
     forward_seconds: Counter,
+    sample_seconds: Counter,
     detokenize_seconds: Counter,
     /// Scrapes bring counters up to date one at a time (two at once would double-count).
     scrape: std::sync::Mutex<()>,
@@ -148,6 +149,10 @@ impl Metrics {
                 "moeserve_engine_forward_seconds_total",
                 "Time in the model's forward calls.",
             ),
+            sample_seconds: seconds(
+                "moeserve_engine_sample_seconds_total",
+                "Time in choosing the next tokens: logit processors, sampling and logprobs.",
+            ),
             detokenize_seconds: seconds(
                 "moeserve_engine_detokenize_seconds_total",
                 "Time in detokenization and stop-string checks.",
@@ -174,6 +179,7 @@ impl Metrics {
             catch_up(&self.steps, load(&s.steps));
             catch_up_seconds(&self.step_seconds, load(&s.step_ns));
             catch_up_seconds(&self.forward_seconds, load(&s.forward_ns));
+            catch_up_seconds(&self.sample_seconds, load(&s.sample_ns));
             catch_up_seconds(&self.detokenize_seconds, load(&s.detokenize_ns));
             for (layer, experts) in s.expert_tokens.iter().enumerate() {
                 for (e, c) in experts.iter().enumerate() {

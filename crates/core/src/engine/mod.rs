@@ -138,9 +138,11 @@ pub struct EngineStats {
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
     /// Time in whole scheduler steps (scheduling, forward, sampling, streaming), in the
-    /// model's forward calls, and in detokenization and stop checks.
+    /// model's forward calls, in choosing the next tokens (logit processing, sampling,
+    /// logprobs), and in detokenization and stop checks.
     pub step_ns: AtomicU64,
     pub forward_ns: AtomicU64,
+    pub sample_ns: AtomicU64,
     pub detokenize_ns: AtomicU64,
     /// Tokens routed to each expert, per layer (empty rows for dense layers).
     pub expert_tokens: Vec<Vec<AtomicU64>>,
