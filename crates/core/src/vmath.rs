@@ -27,6 +27,39 @@ pub(crate) fn fold16(
     rest.iter().fold(lanes[0], |a, &b| f(a, map(b)))
 }
 
+/// The largest value of `s` (NaN ignored; -inf when empty). `fold16` with `f32::max`
+/// keeps IEEE maxNum's NaN rule, which compiles to compares and blends on 128-bit lanes;
+/// a plain comparison is one `vmaxps` per 16 values.
+#[inline(always)]
+pub(crate) fn max(s: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = s.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(rest) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
+/// Whether any value of `s` is at least `t` (a whole chunk compared at once, no early
+/// exit: for skipping chunks of 64 or so that cannot matter).
+#[inline(always)]
+pub(crate) fn any_at_least(s: &[f32], t: f32) -> bool {
+    let mut hit = false;
+    for &v in s {
+        hit |= v >= t;
+    }
+    hit
+}
+
 /// `e^x` for the softmax (x <= 0 after subtracting the maximum), in plain arithmetic so
 /// that it vectorises where `f32::exp` is a libm call per value: `x = n ln2 + r` with
 /// `|r| <= ln2 / 2` (ln2 split in two for exactness), `e^r` by its Taylor series to r^7
@@ -162,6 +195,27 @@ mod tests {
             assert!((fold16(&s, 0.0, |v| v, |a, b| a + b) - sum).abs() <= 1e-4 * (1.0 + sum.abs()));
             assert!((fold16(&s, 0.0, |v| v * v, |a, b| a + b) - squares).abs() <= 1e-5 * (1.0 + squares));
             assert_eq!(fold16(&s, 0.0, f32::abs, f32::max), max);
+        }
+    }
+
+    /// The maximum and the threshold test agree with plain folds, NaN ignored, over
+    /// lengths below, at and past whole 16s.
+    #[test]
+    fn max_and_threshold_match_plain_folds() {
+        for n in [0usize, 1, 15, 16, 17, 64, 100] {
+            let mut s: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 / 10.0 - 5.0).collect();
+            if n > 3 {
+                s[3] = f32::NAN;
+            }
+            let want = s
+                .iter()
+                .copied()
+                .filter(|v| !v.is_nan())
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&s), want, "n = {n}");
+            for t in [-6.0, 0.0, want, want + 0.1] {
+                assert_eq!(any_at_least(&s, t), s.iter().any(|&v| v >= t), "n = {n}, t = {t}");
+            }
         }
     }
 

@@ -9,14 +9,16 @@
 //! 2. if nothing was preempted, waiting sequences are admitted first come, first served
 //!    while the budget, `max_num_seqs` and free blocks allow, reusing cached prefix blocks;
 //! 3. one forward call runs the mixed batch;
-//! 4. sequences whose tokens are all computed sample their next token, which is
-//!    detokenized, checked against the stop conditions and streamed.
+//! 4. sequences whose tokens are all computed sample their next token (in parallel on
+//!    the pool, each with its own generator), which is then detokenized, checked against
+//!    the stop conditions and streamed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detok::{Detokenizer, StopChecker};
@@ -434,7 +436,8 @@ impl EngineCore {
             }
         }
 
-        // 4. Bookkeeping, sampling, streaming.
+        // 4. Bookkeeping, then the next token of each sequence whose tokens are all
+        //    computed, then streaming.
         let mut to_sample = Vec::with_capacity(scheduled.len());
         for (k, &(sid, chunk)) in scheduled.iter().enumerate() {
             let rows = out.rows[k].clone();
@@ -451,21 +454,27 @@ impl EngineCore {
             }
             to_sample.push((sid, rows.end - 1));
         }
-        // Each sequence samples from its row of the logits read in place (a decode batch
-        // of 64 is 64 rows of 49k values; copying each out first cost more than the
-        // sampling).
+        for &(sid, _) in &to_sample {
+            self.fork_choices(sid);
+        }
         let vocab = out.logits.dims().last().copied().unwrap_or(0);
-        let sampled = crate::host::with_f32(&out.logits, |all| {
-            for &(sid, row) in &to_sample {
-                self.fork_choices(sid);
-                self.advance(sid, &all[row * vocab..(row + 1) * vocab]);
+        let started = Instant::now();
+        let chosen = crate::host::with_f32(&out.logits, |all| self.choose_tokens(&to_sample, all, vocab));
+        self.stats
+            .sample_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match chosen {
+            Ok(chosen) => {
+                for (&(sid, _), (token, logprob)) in to_sample.iter().zip(chosen) {
+                    self.advance(sid, token, logprob);
+                }
             }
-        });
-        if let Err(e) = sampled {
-            for (sid, _) in to_sample {
-                let rid = self.seqs[&sid].request;
-                let _ = self.requests[&rid].events.send(EngineEvent::Error(e.to_string()));
-                self.abort(rid);
+            Err(e) => {
+                for (sid, _) in to_sample {
+                    let rid = self.seqs[&sid].request;
+                    let _ = self.requests[&rid].events.send(EngineEvent::Error(e.to_string()));
+                    self.abort(rid);
+                }
             }
         }
         self.publish_gauges();
@@ -535,31 +544,80 @@ impl EngineCore {
         req.seqs.extend(new);
     }
 
-    /// Samples `sid`'s next token from `logits`, streams it, and ends the choice when a
-    /// stop condition holds.
-    fn advance(&mut self, sid: u64, logits: &[f32]) {
+    /// The next token of each `(sequence, logits row)`, with its log-probabilities when
+    /// asked. Each sequence reads its row of `all` in place (a decode batch of 64 is 64
+    /// rows of 49k values; copying each out first cost more than the sampling). They
+    /// sample in parallel on the pool; each has its own generator, so what a seeded
+    /// sequence draws depends neither on its batch nor on the threads.
+    fn choose_tokens(
+        &mut self,
+        to_sample: &[(u64, usize)],
+        all: &[f32],
+        vocab: usize,
+    ) -> Vec<(u32, Option<TokenLogprob>)> {
+        /// One sequence's choice and what it depends on.
+        struct Choice<'a> {
+            seq: &'a mut Sequence,
+            logits: &'a [f32],
+            /// EOS and stop ids before `min_tokens`.
+            banned: Vec<u32>,
+            /// The reasoning budget's end of thought, when the thought has had its budget.
+            forced: Option<u32>,
+            logprobs: Option<usize>,
+        }
+        let slot: HashMap<u64, usize> = to_sample
+            .iter()
+            .enumerate()
+            .map(|(j, &(sid, _))| (sid, j))
+            .collect();
+        let mut choices: Vec<Option<Choice>> = to_sample.iter().map(|_| None).collect();
+        for (sid, seq) in self.seqs.iter_mut() {
+            let Some(&j) = slot.get(sid) else { continue };
+            let row = to_sample[j].1;
+            let params = &self.requests[&seq.request].params;
+            let generated = seq.tokens.len() - seq.prompt_len;
+            let banned = if generated < params.min_tokens {
+                let eos = &self.requests[&seq.request].eos;
+                eos.iter().chain(&params.stop_token_ids).copied().collect()
+            } else {
+                Vec::new()
+            };
+            let forced = params
+                .reasoning_budget
+                .filter(|b| seq.thinking && seq.thought_tokens >= b.max_tokens)
+                .map(|b| b.end_token);
+            choices[j] = Some(Choice {
+                logits: &all[row * vocab..(row + 1) * vocab],
+                banned,
+                forced,
+                logprobs: params.logprobs,
+                seq,
+            });
+        }
+        let choose = |c: Option<Choice>| {
+            let c = c.expect("every sequence to sample is running");
+            match c.forced {
+                Some(t) => (t, c.logprobs.map(|k| token_logprob(c.logits, t, k))),
+                None => {
+                    let (prompt, output) = c.seq.tokens.split_at(c.seq.prompt_len);
+                    c.seq.sampler.sample(c.logits, prompt, output, &c.banned)
+                }
+            }
+        };
+        if choices.len() < 2 {
+            choices.into_iter().map(choose).collect()
+        } else {
+            choices.into_par_iter().map(choose).collect()
+        }
+    }
+
+    /// Appends `sid`'s chosen token, streams it, and ends the choice when a stop
+    /// condition holds.
+    fn advance(&mut self, sid: u64, token: u32, logprob: Option<TokenLogprob>) {
         let seq = self.seqs.get_mut(&sid).unwrap();
         let req = self.requests.get_mut(&seq.request).unwrap();
         let generated = seq.tokens.len() - seq.prompt_len;
-        let banned: Vec<u32> = if generated < req.params.min_tokens {
-            req.eos
-                .iter()
-                .chain(&req.params.stop_token_ids)
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
         let budget = req.params.reasoning_budget;
-        let (token, logprob) = match budget {
-            // The thought has had its budget: close it.
-            Some(b) if seq.thinking && seq.thought_tokens >= b.max_tokens => (
-                b.end_token,
-                req.params.logprobs.map(|k| token_logprob(logits, b.end_token, k)),
-            ),
-            _ => seq.sampler.sample(logits, prompt, output, &banned),
-        };
         if let Some(b) = budget {
             if token == b.start_token {
                 seq.thinking = true;
