@@ -1,5 +1,7 @@
 //! `moeserve bench serve`: drives any OpenAI-compatible server with concurrent streaming
-//! chat requests and reports vLLM's serving metrics per concurrency level.
+//! chat requests and reports vLLM's serving metrics per concurrency level, at the
+//! sampling settings users send (greedy alone is not what they see), and one level of
+//! short chat answers that end at end-of-sequence.
 //!
 //! Definitions (as vLLM's benchmark_serving and ../shared/loadgen.py):
 //! - TTFT: request sent -> first content chunk;
@@ -11,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use moeserve_core::bench::SamplingSetting;
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
@@ -30,6 +33,26 @@ pub struct ServeBenchArgs {
     /// Requests per level, as a multiple of the concurrency.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Sampling settings, each run at every level: greedy (temperature 0), default
+    /// (OpenAI's: temperature 1, top_p 1) and chat (temperature 0.7, top_p 0.9). Sent
+    /// explicitly with top_k and min_p off, so that servers whose own defaults differ
+    /// sample the same distribution.
+    #[arg(long, value_delimiter = ',', default_value = "greedy,default,chat", value_parser = SamplingSetting::parse)]
+    sampling: Vec<SamplingSetting>,
+    /// Concurrency of one more level as users run it: short chat questions answered until
+    /// end-of-sequence (no ignore_eos) at `--chat-sampling`; reports requests/s and
+    /// tok/s. 0 skips it.
+    #[arg(long, default_value_t = 16)]
+    chat_concurrency: usize,
+    /// Sampling of the chat level.
+    #[arg(long, default_value = "default", value_parser = SamplingSetting::parse)]
+    chat_sampling: SamplingSetting,
+    /// max_tokens of the chat level's requests.
+    #[arg(long, default_value_t = 256)]
+    chat_max_tokens: usize,
+    /// Requests of the chat level, as a multiple of its concurrency.
+    #[arg(long, default_value_t = 4)]
+    chat_rounds: usize,
     /// TTFT target for goodput, in milliseconds.
     #[arg(long, default_value_t = 2000.0)]
     ttft_slo_ms: f64,
@@ -44,22 +67,55 @@ pub struct ServeBenchArgs {
     json: bool,
 }
 
+/// What one level sends.
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    sampling: SamplingSetting,
+    /// `max_tokens` tokens each with `ignore_eos`, or short chat answers that end at EOS.
+    ignore_eos: bool,
+    max_tokens: usize,
+}
+
+/// Short questions a chat user asks; answers end at end-of-sequence.
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "What does a lighthouse keeper do?",
+    "Explain photosynthesis in two sentences.",
+    "Name four planets of the solar system.",
+    "How do I boil an egg?",
+    "What is the difference between weather and climate?",
+    "Write a haiku about autumn.",
+];
+
 #[derive(Debug, Default, Clone)]
 struct RequestResult {
     ok: bool,
     ttft: f64,
     e2e: f64,
+    /// Output tokens: the usage chunk's count where the server sends one, else the
+    /// chunks with content.
     tokens: usize,
+    /// Chunks with content (the ITL samples are the gaps between them).
+    chunks: usize,
     itl: Vec<f64>,
 }
 
-async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> RequestResult {
-    let prompt = format!(
-        "Request {i}: write a long story about a lighthouse keeper who finds a message in a bottle, \
-         with many details about the sea, the weather and the town."
-    );
-    let body = json!({"model": args.model, "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+async fn one(client: &reqwest::Client, args: &ServeBenchArgs, work: Workload, i: usize) -> RequestResult {
+    let prompt = if work.ignore_eos {
+        format!(
+            "Request {i}: write a long story about a lighthouse keeper who finds a message in a bottle, \
+             with many details about the sea, the weather and the town."
+        )
+    } else {
+        QUESTIONS[i % QUESTIONS.len()].to_string()
+    };
+    let mut body = json!({"model": args.model, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": work.max_tokens, "ignore_eos": work.ignore_eos, "stream": true,
+        "stream_options": {"include_usage": true}});
+    if let (Some(body), Some(fields)) = (body.as_object_mut(), work.sampling.request_fields().as_object()) {
+        body.extend(fields.clone());
+    }
     let start = Instant::now();
     let send = || {
         let mut req = client
@@ -97,6 +153,7 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> Reque
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     let mut last: Option<Instant> = None;
+    let mut usage: Option<usize> = None;
     while let Some(Ok(bytes)) = stream.next().await {
         buf.push_str(&String::from_utf8_lossy(&bytes));
         while let Some(end) = buf.find("\n\n") {
@@ -106,13 +163,17 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> Reque
                     continue;
                 };
                 if data == "[DONE]" {
-                    r.ok = r.tokens > 0;
+                    r.tokens = usage.unwrap_or(r.chunks);
+                    r.ok = r.chunks > 0;
                     r.e2e = start.elapsed().as_secs_f64();
                     return r;
                 }
                 let Ok(v) = serde_json::from_str::<Value>(data) else {
                     continue;
                 };
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    usage = Some(n as usize);
+                }
                 let has_content = v["choices"][0]["delta"]["content"]
                     .as_str()
                     .is_some_and(|t| !t.is_empty());
@@ -123,7 +184,7 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, i: usize) -> Reque
                         Some(t) => r.itl.push((now - t).as_secs_f64()),
                     }
                     last = Some(now);
-                    r.tokens += 1;
+                    r.chunks += 1;
                 }
             }
         }
@@ -145,69 +206,96 @@ fn mean(v: &[f64]) -> f64 {
 
 pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let fixed = |sampling| Workload {
+        sampling,
+        ignore_eos: true,
+        max_tokens: args.max_tokens,
+    };
     // One warm-up request (model load, caches).
-    let warm = one(&client, &args, usize::MAX).await;
+    let warm = one(&client, &args, fixed(SamplingSetting::Greedy), usize::MAX).await;
     anyhow::ensure!(warm.ok, "the warm-up request to {} failed", args.url);
     if !args.json {
         println!(
-            "| concurrent | req/s | output tok/s | TTFT mean / p50 / p99 ms | TPOT mean ms | ITL mean / p99 ms | E2E mean ms | goodput req/s | errors |"
+            "| sampling | concurrent | req/s | output tok/s | TTFT mean / p50 / p99 ms | TPOT mean ms | ITL mean / p99 ms | E2E mean ms | goodput req/s | errors |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
-    for &c in &args.concurrency {
-        let n = c * args.rounds.max(1);
+    let mut levels: Vec<(Workload, usize, usize)> = Vec::new();
+    for &sampling in &args.sampling {
+        for &c in &args.concurrency {
+            levels.push((fixed(sampling), c, c * args.rounds.max(1)));
+        }
+    }
+    if args.chat_concurrency > 0 {
+        let chat = Workload {
+            sampling: args.chat_sampling,
+            ignore_eos: false,
+            max_tokens: args.chat_max_tokens,
+        };
+        let c = args.chat_concurrency;
+        levels.push((chat, c, c * args.chat_rounds.max(1)));
+    }
+    for (work, c, n) in levels {
         let start = Instant::now();
         let results: Vec<RequestResult> = futures::stream::iter(0..n)
-            .map(|i| one(&client, &args, i))
+            .map(|i| one(&client, &args, work, i))
             .buffer_unordered(c)
             .collect()
             .await;
         let wall = start.elapsed().as_secs_f64();
-        let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
-        let mut ttft: Vec<f64> = ok.iter().map(|r| r.ttft * 1e3).collect();
-        let tpot: Vec<f64> = ok
-            .iter()
-            .filter(|r| r.tokens > 1)
-            .map(|r| (r.e2e - r.ttft) * 1e3 / (r.tokens - 1) as f64)
-            .collect();
-        let mut itl: Vec<f64> = ok.iter().flat_map(|r| r.itl.iter().map(|x| x * 1e3)).collect();
-        let e2e: Vec<f64> = ok.iter().map(|r| r.e2e * 1e3).collect();
-        let tokens: usize = ok.iter().map(|r| r.tokens).sum();
-        let good = ok
-            .iter()
-            .filter(|r| {
-                r.ttft * 1e3 <= args.ttft_slo_ms
-                    && (r.tokens <= 1 || (r.e2e - r.ttft) * 1e3 / (r.tokens - 1) as f64 <= args.tpot_slo_ms)
-            })
-            .count();
-        let row = json!({
-            "concurrency": c, "requests": n, "errors": n - ok.len(), "wall_s": wall,
-            "request_throughput": ok.len() as f64 / wall, "output_tok_s": tokens as f64 / wall,
-            "ttft_ms": {"mean": mean(&ttft), "p50": percentile(&mut ttft, 50.0), "p99": percentile(&mut ttft, 99.0)},
-            "tpot_ms_mean": mean(&tpot),
-            "itl_ms": {"mean": mean(&itl), "p99": percentile(&mut itl, 99.0)},
-            "e2e_ms_mean": mean(&e2e),
-            "goodput_req_s": good as f64 / wall,
-        });
+        let row = summarize(&args, work, c, &results, wall);
         if args.json {
             println!("{row}");
         } else {
+            let label = if work.ignore_eos {
+                work.sampling.name().to_string()
+            } else {
+                format!("{}, chat to EOS", work.sampling.name())
+            };
+            let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {c} | {:.2} | {:.1} | {:.0} / {:.0} / {:.0} | {:.1} | {:.1} / {:.1} | {:.0} | {:.2} | {} |",
-                row["request_throughput"].as_f64().unwrap(),
-                row["output_tok_s"].as_f64().unwrap(),
-                row["ttft_ms"]["mean"].as_f64().unwrap(),
-                row["ttft_ms"]["p50"].as_f64().unwrap(),
-                row["ttft_ms"]["p99"].as_f64().unwrap(),
-                row["tpot_ms_mean"].as_f64().unwrap(),
-                row["itl_ms"]["mean"].as_f64().unwrap(),
-                row["itl_ms"]["p99"].as_f64().unwrap(),
-                row["e2e_ms_mean"].as_f64().unwrap(),
-                row["goodput_req_s"].as_f64().unwrap(),
-                n - ok.len()
+                "| {label} | {c} | {:.2} | {:.1} | {:.0} / {:.0} / {:.0} | {:.1} | {:.1} / {:.1} | {:.0} | {:.2} | {} |",
+                f(&row["request_throughput"]),
+                f(&row["output_tok_s"]),
+                f(&row["ttft_ms"]["mean"]),
+                f(&row["ttft_ms"]["p50"]),
+                f(&row["ttft_ms"]["p99"]),
+                f(&row["tpot_ms_mean"]),
+                f(&row["itl_ms"]["mean"]),
+                f(&row["itl_ms"]["p99"]),
+                f(&row["e2e_ms_mean"]),
+                f(&row["goodput_req_s"]),
+                row["errors"]
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
+}
+
+/// One level's metrics as a JSON object.
+fn summarize(args: &ServeBenchArgs, work: Workload, c: usize, results: &[RequestResult], wall: f64) -> Value {
+    let n = results.len();
+    let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
+    let mut ttft: Vec<f64> = ok.iter().map(|r| r.ttft * 1e3).collect();
+    let tpot = |r: &RequestResult| (r.e2e - r.ttft) * 1e3 / (r.tokens - 1) as f64;
+    let tpots: Vec<f64> = ok.iter().filter(|r| r.tokens > 1).map(|r| tpot(r)).collect();
+    let mut itl: Vec<f64> = ok.iter().flat_map(|r| r.itl.iter().map(|x| x * 1e3)).collect();
+    let e2e: Vec<f64> = ok.iter().map(|r| r.e2e * 1e3).collect();
+    let tokens: usize = ok.iter().map(|r| r.tokens).sum();
+    let good = ok
+        .iter()
+        .filter(|r| r.ttft * 1e3 <= args.ttft_slo_ms && (r.tokens <= 1 || tpot(r) <= args.tpot_slo_ms))
+        .count();
+    json!({
+        "sampling": work.sampling.name(), "ignore_eos": work.ignore_eos, "max_tokens": work.max_tokens,
+        "concurrency": c, "requests": n, "errors": n - ok.len(), "wall_s": wall,
+        "request_throughput": ok.len() as f64 / wall, "output_tok_s": tokens as f64 / wall,
+        "mean_output_tokens": tokens as f64 / ok.len().max(1) as f64,
+        "ttft_ms": {"mean": mean(&ttft), "p50": percentile(&mut ttft, 50.0), "p99": percentile(&mut ttft, 99.0)},
+        "tpot_ms_mean": mean(&tpots),
+        "itl_ms": {"mean": mean(&itl), "p99": percentile(&mut itl, 99.0)},
+        "e2e_ms_mean": mean(&e2e),
+        "goodput_req_s": good as f64 / wall,
+    })
 }
