@@ -22,7 +22,15 @@ fi
 if ! command -v cmake >/dev/null; then
   python3 -m pip install --quiet cmake
 fi
+# On CPUs that report AMX, -march=native compiles llama.cpp's AMX matmul, whose tile
+# instructions need the kernel to grant the process tile state; where a VM does not
+# (llama-bench died of SIGILL in ldtilecfg here), they are left out.
+flags=""
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 cmake -S "$dest/src" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
 cmake --build "$dest/build" --config Release -j "$(nproc)" \
   --target llama-bench llama-batched-bench llama-server llama-tokenize llama-quantize

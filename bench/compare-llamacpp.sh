@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # moeserve side by side with llama.cpp on the same GGUF, the same threads, the same load.
 # Builds llama.cpp from the llama-cpp-python sdist (bench/build-llamacpp.sh, git-ignored),
-# then prints one table with ratios (moeserve / llama.cpp).
+# then prints one table with ratios (moeserve / llama.cpp). Serving runs each level at
+# three sampling settings (greedy; OpenAI's default, temperature 1 and top_p 1; chat,
+# temperature 0.7 and top_p 0.9; all sent explicitly with top_k and min_p off, since
+# llama-server's own defaults differ), then one level of short chat answers that end at
+# end-of-sequence.
 #
 #   bench/compare-llamacpp.sh [model.gguf] [threads]
+#   LEVELS=1,16,64 SAMPLING=greedy,default,chat CHAT_LEVEL=16 MAX_TOKENS=128 bench/compare-llamacpp.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${1:-$(scripts/fetch-default-model.sh)}"
 threads="${2:-$(nproc)}"
 levels="${LEVELS:-1,16,64}"
 tokens="${MAX_TOKENS:-128}"
+sampling="${SAMPLING:-greedy,default,chat}"
+chat_level="${CHAT_LEVEL:-16}"
 bin="$(bench/build-llamacpp.sh | tail -n1)"
 cargo build --release -q -p moeserve
 ms=target/release/moeserve
@@ -39,14 +46,16 @@ echo "== serving: llama-server -np 16"
 "$bin/llama-server" -m "$model" -t "$threads" -np 16 -c $((16 * 1024)) --port 18180 --host 127.0.0.1 >"$out/llama-server.log" 2>&1 &
 lpid=$!
 wait_ready http://127.0.0.1:18180/health
-$ms bench serve --url http://127.0.0.1:18180 --model "$name" --concurrency "$levels" --max-tokens "$tokens" --json | tee "$out/llama-serve.jsonl"
+serve_bench() { $ms bench serve --url "$1" --model "$name" --concurrency "$levels" --max-tokens "$tokens" \
+  --sampling "$sampling" --chat-concurrency "$chat_level" --json; }
+serve_bench http://127.0.0.1:18180 | tee "$out/llama-serve.jsonl"
 kill "$lpid"; wait "$lpid" 2>/dev/null || true
 
 echo "== serving: moeserve"
 RAYON_NUM_THREADS="$threads" $ms serve --model "$model" --port 18181 >"$out/moeserve.log" 2>&1 &
 mpid=$!
 wait_ready http://127.0.0.1:18181/ready
-$ms bench serve --url http://127.0.0.1:18181 --model "$name" --concurrency "$levels" --max-tokens "$tokens" --json | tee "$out/moeserve-serve.jsonl"
+serve_bench http://127.0.0.1:18181 | tee "$out/moeserve-serve.jsonl"
 kill -TERM "$mpid"; wait "$mpid" 2>/dev/null || true
 
 python3 - "$out" <<'PY'
@@ -61,17 +70,31 @@ m_pp, m_tg, m_pp_sd, m_tg_sd = map(float, row[2:6])
 print("\n| metric | moeserve | llama.cpp | ratio |\n|---|---:|---:|---:|")
 print(f"| prefill tok/s (512) | {m_pp:.1f} ± {m_pp_sd:.1f} | {l_pp:.1f} ± {l_pp_sd:.1f} | {m_pp / l_pp:.2f} |")
 print(f"| decode tok/s (batch 1) | {m_tg:.1f} ± {m_tg_sd:.1f} | {l_tg:.1f} ± {l_tg_sd:.1f} | {m_tg / l_tg:.2f} |")
-load = lambda f: {r["concurrency"]: r for r in map(json.loads, open(f))}
+# Rows keyed by (sampling, concurrency, ignore_eos).
+load = lambda f: {(r["sampling"], r["concurrency"], r["ignore_eos"]): r for r in map(json.loads, open(f))}
 m, l = load(f"{out}/moeserve-serve.jsonl"), load(f"{out}/llama-serve.jsonl")
 ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
 num = lambda v, f: format(v, f) if v is not None else "n/a"
-for c in sorted(m):
-    mo, lo = m[c]["output_tok_s"], l.get(c, {}).get("output_tok_s")
-    mt, lt = m[c]["ttft_ms"]["p99"], l.get(c, {}).get("ttft_ms", {}).get("p99")
-    errors = m[c]["errors"] + l.get(c, {}).get("errors", 0)
-    note = f" ({errors} failed requests)" if errors else ""
-    print(f"| output tok/s at {c} streams{note} | {num(mo, '.1f')} | {num(lo, '.1f')} | {ratio(mo, lo)} |")
-    print(f"| TTFT p99 ms at {c} streams | {num(mt, '.0f')} | {num(lt, '.0f')} | {ratio(mt, lt)} |")
+for key in m:
+    s, c, fixed = key
+    mr, lr = m[key], l.get(key, {})
+    errors = mr["errors"] + lr.get("errors", 0)
+    note = f", {errors} failed requests" if errors else ""
+    if fixed:
+        mo, lo = mr["output_tok_s"], lr.get("output_tok_s")
+        mt, lt = mr["ttft_ms"]["p99"], lr.get("ttft_ms", {}).get("p99")
+        print(f"| output tok/s, {c} streams, {s}{note} | {num(mo, '.1f')} | {num(lo, '.1f')} | {ratio(mo, lo)} |")
+        print(f"| TTFT p99 ms, {c} streams, {s} | {num(mt, '.0f')} | {num(lt, '.0f')} | {ratio(mt, lt)} |")
+    else:
+        for what, field, f in [("requests/s", "request_throughput", ".2f"), ("output tok/s", "output_tok_s", ".1f"),
+                               ("mean answer tokens", "mean_output_tokens", ".0f")]:
+            a, b = mr[field], lr.get(field)
+            print(f"| chat to EOS, {c} streams, {s}: {what}{note} | {num(a, f)} | {num(b, f)} | {ratio(a, b)} |")
+# Sampled against greedy at the same token counts (ignore_eos), moeserve alone.
+for (s, c, fixed), r in m.items():
+    g = m.get(("greedy", c, True))
+    if fixed and s != "greedy" and g:
+        print(f"| moeserve {s} / greedy output tok/s, {c} streams | {r['output_tok_s']:.1f} | {g['output_tok_s']:.1f} | {ratio(r['output_tok_s'], g['output_tok_s'])} |")
 mem = open(f"{out}/mem").read()
 bounds = [float(b) for b in re.findall(r"decode bound (\d+)", mem)]
 if bounds:

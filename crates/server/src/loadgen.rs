@@ -211,9 +211,27 @@ pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
         ignore_eos: true,
         max_tokens: args.max_tokens,
     };
-    // One warm-up request (model load, caches).
+    // One warm-up request (model load, caches), then one burst at the largest level
+    // with a few tokens each: the first full batch of a server pays for its first-touched
+    // buffers (seen as a 3x TTFT on whichever setting ran first).
     let warm = one(&client, &args, fixed(SamplingSetting::Greedy), usize::MAX).await;
     anyhow::ensure!(warm.ok, "the warm-up request to {} failed", args.url);
+    let burst = Workload {
+        max_tokens: args.max_tokens.min(16),
+        ..fixed(SamplingSetting::Greedy)
+    };
+    let widest = args
+        .concurrency
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(args.chat_concurrency);
+    futures::stream::iter(0..widest)
+        .map(|i| one(&client, &args, burst, i))
+        .buffer_unordered(widest)
+        .collect::<Vec<_>>()
+        .await;
     if !args.json {
         println!(
             "| sampling | concurrent | req/s | output tok/s | TTFT mean / p50 / p99 ms | TPOT mean ms | ITL mean / p99 ms | E2E mean ms | goodput req/s | errors |"

@@ -11,8 +11,10 @@
 //!   exponentials that also sums each block of [`BLOCK`] weights; the draw walks the block
 //!   sums, then one block;
 //! - top-k: one scan that keeps the k best in a heap, skipping chunks that cannot enter;
-//! - top-p: the tokens above a threshold that holds the nucleus' mass (a pass that skips
-//!   chunks below it), then a quickselect that descends by mass, never a sort of them all;
+//! - top-p: a draw from the whole distribution, kept when the mass ranked above the token
+//!   is below top_p (one masked sum), else drawn again; after a few misses, the nucleus is
+//!   built: the tokens above a threshold that holds its mass, then a quickselect that
+//!   descends by mass, never a sort of them all;
 //! - min-p: a threshold pass.
 //!
 //! The passes are written as plain loops that vectorise, compiled once for AVX-512 and once
@@ -69,10 +71,88 @@ pub(super) enum Support<'a> {
     Listed { ids: &'a [u32], weights: &'a [f32] },
 }
 
+/// Draws from the tempered distribution, then accepts the token only when it is in the
+/// nucleus (and passes min-p), before falling back to building the nucleus: this many
+/// tries. Each try is accepted with the nucleus' probability (at least top_p without
+/// min-p), so the fallback runs for fewer than 1 in 10^8 draws at top_p 0.9.
+const REJECTION_TRIES: usize = 8;
+
 avx512_or_portable! {
-    /// The distribution to draw from for logits `l` (after the logit processors: banned
-    /// tokens are -inf). `None` when no logit is finite.
-    pub(super) fn support<'s>(l: &[f32], f: &Filters, s: &'s mut Scratch) -> Option<Support<'s>> = support_impl
+    /// One token drawn from the distribution of logits `l` (after the logit processors:
+    /// banned tokens are -inf) under `f`, with uniform numbers in [0, 1) from `uniform`.
+    /// `None` when no logit is finite.
+    pub(super) fn draw(l: &[f32], f: &Filters, s: &mut Scratch, uniform: &mut dyn FnMut() -> f64) -> Option<u32> = draw_impl
+}
+
+#[inline(always)]
+fn draw_impl(l: &[f32], f: &Filters, s: &mut Scratch, uniform: &mut dyn FnMut() -> f64) -> Option<u32> {
+    if f.top_k.is_none() && f.top_p < 1.0 {
+        // Top-p by rejection: a draw from the whole distribution, restricted to the
+        // nucleus, is a draw from the nucleus. Whether a token is in it is one masked sum
+        // (the mass ranked above it), so no nucleus of thousands of tokens (a flat
+        // distribution: a random model's, or a high temperature) is ever built.
+        let max = max(l);
+        if max == f32::NEG_INFINITY {
+            return None;
+        }
+        let z = dense_weights(l, max, f.inv_t, &mut s.weights, &mut s.block_sums);
+        let need = f.top_p as f64 * z as f64;
+        let dense = Support::Dense {
+            weights: &s.weights,
+            block_sums: &s.block_sums,
+        };
+        for _ in 0..REJECTION_TRIES {
+            let x = dense.pick(uniform())? as usize;
+            if s.weights[x] >= f.min_p && mass_ranked_above(l, &s.weights, x) < need {
+                return Some(x as u32);
+            }
+        }
+    }
+    support_impl(l, f, s)?.pick(uniform())
+}
+
+/// The total weight of the tokens that rank above token `x` ([`rank`] order: a higher
+/// logit, or the same logit and a lower id).
+#[inline(always)]
+fn mass_ranked_above(l: &[f32], w: &[f32], x: usize) -> f64 {
+    let lx = l[x];
+    masked_sum(&l[..x], &w[..x], |v| v >= lx) + masked_sum(&l[x + 1..], &w[x + 1..], |v| v > lx)
+}
+
+/// The sum of `w` where `keep` holds for `l`: 16 lanes in f32 per block, blocks in f64.
+#[inline(always)]
+fn masked_sum(l: &[f32], w: &[f32], keep: impl Fn(f32) -> bool + Copy) -> f64 {
+    let mut total = 0f64;
+    for (l, w) in l.chunks(BLOCK).zip(w.chunks(BLOCK)) {
+        let mut lanes = [0f32; 16];
+        let (lc, wc) = (l.chunks_exact(16), w.chunks_exact(16));
+        let rest: f32 = lc
+            .remainder()
+            .iter()
+            .zip(wc.remainder())
+            .map(|(&v, &w)| if keep(v) { w } else { 0.0 })
+            .sum();
+        for (l, w) in lc.zip(wc) {
+            for i in 0..16 {
+                // Both loaded first: a load under the condition kept this loop scalar.
+                let (v, w) = (l[i], w[i]);
+                lanes[i] += if keep(v) { w } else { 0.0 };
+            }
+        }
+        let mut block = rest;
+        for v in lanes {
+            block += v;
+        }
+        total += block as f64;
+    }
+    total
+}
+
+/// The distribution to draw from for logits `l` under `f`, built in full (ordered as far
+/// as the filters need). `None` when no logit is finite.
+#[cfg(test)]
+pub(super) fn support<'s>(l: &[f32], f: &Filters, s: &'s mut Scratch) -> Option<Support<'s>> {
+    support_impl(l, f, s)
 }
 
 #[inline(always)]
@@ -442,9 +522,8 @@ pub(super) mod tests {
         grid
     }
 
-    /// The support built without sorting has the full sort's tokens and probabilities,
-    /// for every combination of filters, portable and as dispatched (AVX-512 where the CPU
-    /// has it).
+    /// The support built without sorting (the fallback of the draw) has the full sort's
+    /// tokens and probabilities, for every combination of filters.
     /// Tolerance: 1e-6 plus 1e-4 relative per token (f32 weights and vmath's `exp` against
     /// f64 and libm's).
     #[test]
@@ -457,23 +536,35 @@ pub(super) mod tests {
             for l in [&l, &flat] {
                 for f in filter_grid() {
                     let want = full_sort_reference(l, &f);
-                    let builds = [
-                        (
-                            "portable",
-                            support_impl(l, &f, &mut s).unwrap().probabilities(vocab),
-                        ),
-                        ("dispatched", support(l, &f, &mut s).unwrap().probabilities(vocab)),
-                    ];
-                    for (build, got) in builds {
-                        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                            assert!(
-                                (g - w).abs() <= 1e-6 + 1e-4 * w,
-                                "{build} vocab {vocab} {f:?}: token {i} has {g}, the full sort {w}"
-                            );
-                        }
+                    let got = support(l, &f, &mut s).unwrap().probabilities(vocab);
+                    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-6 + 1e-4 * w,
+                            "vocab {vocab} {f:?}: token {i} has {g}, the full sort {w}"
+                        );
                     }
                 }
             }
+        }
+    }
+
+    /// The mass ranked above a token is the sum of the weights before it in a full sort,
+    /// for a token of each kind: the top, in a run of ties, in the tail, banned.
+    #[test]
+    fn mass_ranked_above_is_the_sorted_prefix() {
+        let l = model_like_logits(3001, 4);
+        let w: Vec<f32> = l.iter().map(|&x| weight(x, 12.0, 0.8)).collect();
+        let mut sorted: Vec<u32> = (0..l.len() as u32).collect();
+        sorted.sort_by(|&a, &b| rank(&l, a, b));
+        let top = sorted[0] as usize;
+        for x in [top, 0, 11, 22, 2990, 13, 1500] {
+            let pos = sorted.iter().position(|&t| t as usize == x).unwrap();
+            let want: f64 = sorted[..pos].iter().map(|&t| w[t as usize] as f64).sum();
+            let got = mass_ranked_above(&l, &w, x);
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want),
+                "token {x}: {got} vs {want}"
+            );
         }
     }
 
@@ -489,6 +580,10 @@ pub(super) mod tests {
             min_p: 0.0,
         };
         assert!(support(&[f32::NEG_INFINITY; 40], &f, &mut s).is_none());
+        for top_p in [1.0, 0.5] {
+            let f = Filters { top_p, ..f };
+            assert_eq!(draw(&[f32::NEG_INFINITY; 40], &f, &mut s, &mut || 0.5), None);
+        }
         let mut l = vec![f32::NEG_INFINITY; 2000];
         l[1500] = 0.0;
         l[3] = -1000.0; // 1000 nats down: weighs 0

@@ -84,9 +84,8 @@ impl Sampler {
                     top_p: p.top_p,
                     min_p: p.min_p,
                 };
-                let u: f64 = self.rng.random();
-                distribution::support(l, &filters, &mut s.distribution)
-                    .and_then(|d| d.pick(u))
+                let rng = &mut self.rng;
+                distribution::draw(l, &filters, &mut s.distribution, &mut || rng.random())
                     .unwrap_or_else(|| argmax(l))
             })
         };
@@ -276,26 +275,29 @@ mod tests {
 
     /// Sampled tokens follow the full sort's distribution for every combination of
     /// temperature, top-k, top-p and min-p (every fifth of the grid, which varies each
-    /// filter): 20,000 draws from a fixed seed over a
+    /// filter), on peaked and on flat logits: 20,000 draws from a fixed seed over a
     /// 3,001-token vocabulary, never a token outside the support, and a chi-square
     /// statistic over the tokens expected at least 5 times (the rest pooled) within
     /// df + 6 sqrt(2 df), six standard deviations of the statistic under the null.
     #[test]
     fn draws_follow_the_distribution() {
         const DRAWS: usize = 20_000;
-        let logits = model_like_logits(3001, 7);
-        for (n, f) in filter_grid().into_iter().enumerate().filter(|(n, _)| n % 5 == 0) {
+        let peaked = model_like_logits(3001, 7);
+        // Flat: top-p's nucleus spans most tokens, and min-p rejects draws often.
+        let flat: Vec<f32> = (0..3001).map(|i| ((i * 31) % 17) as f32 * 0.1).collect();
+        let cases = filter_grid().into_iter().enumerate().filter(|(n, _)| n % 5 == 0);
+        for (n, (f, logits)) in cases.flat_map(|(n, f)| [(n, (f, &peaked)), (n + 1000, (f, &flat))]) {
             let p = params(|p| {
                 p.temperature = 1.0 / f.inv_t;
                 p.top_k = f.top_k.map_or(-1, |k| k as i32);
                 p.top_p = f.top_p;
                 p.min_p = f.min_p;
             });
-            let want = full_sort_reference(&logits, &f);
+            let want = full_sort_reference(logits, &f);
             let mut sampler = Sampler::from_params(&p, n as u64);
             let mut counts = vec![0usize; logits.len()];
             for _ in 0..DRAWS {
-                counts[sampler.sample(&logits, &[], &[], &[]).0 as usize] += 1;
+                counts[sampler.sample(logits, &[], &[], &[]).0 as usize] += 1;
             }
             let (mut chi2, mut df) = (0.0, 0usize);
             let (mut pooled_seen, mut pooled_want) = (0.0, 0.0);
