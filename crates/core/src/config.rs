@@ -55,11 +55,18 @@ impl Architecture {
     }
 }
 
-/// `rope_scaling` as it appears in `config.json` (`type` in older files, `rope_type` in newer).
+/// The rotary embedding's settings as `config.json` writes them: `rope_scaling` in
+/// transformers 4 (`type` in older files, `rope_type` in newer ones, both in files saved
+/// in between), or `rope_parameters` in transformers 5, which also holds `rope_theta`
+/// (and may hold `partial_rotary_factor`).
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct HfRopeScaling {
-    #[serde(alias = "type")]
     pub rope_type: Option<String>,
+    /// The older spelling of `rope_type`.
+    #[serde(rename = "type")]
+    pub legacy_type: Option<String>,
+    pub rope_theta: Option<f64>,
+    pub partial_rotary_factor: Option<f64>,
     pub factor: Option<f64>,
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
@@ -69,6 +76,18 @@ pub struct HfRopeScaling {
     pub beta_slow: Option<f64>,
     pub mscale: Option<f64>,
     pub mscale_all_dim: Option<f64>,
+}
+
+impl HfRopeScaling {
+    /// `rope_type`, or the older `type`; the two must agree where both are given.
+    fn kind(&self) -> std::result::Result<Option<&str>, String> {
+        match (self.rope_type.as_deref(), self.legacy_type.as_deref()) {
+            (Some(a), Some(b)) if a != b => {
+                Err(format!("rope scaling says both rope_type {a:?} and type {b:?}"))
+            }
+            (a, b) => Ok(a.or(b)),
+        }
+    }
 }
 
 /// `config.json`, field for field. Unknown fields are ignored.
@@ -88,6 +107,8 @@ pub struct HfConfig {
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<HfRopeScaling>,
+    /// transformers 5's replacement of `rope_scaling` and `rope_theta`.
+    pub rope_parameters: Option<HfRopeScaling>,
     pub partial_rotary_factor: Option<f64>,
     pub tie_word_embeddings: Option<bool>,
     pub attention_bias: Option<bool>,
@@ -374,15 +395,26 @@ impl ModelConfig {
         } else {
             hf.head_dim.unwrap_or(hf.hidden_size / num_heads)
         };
-        let rotary_dim = (head_dim as f64 * hf.partial_rotary_factor.unwrap_or(1.0)) as usize;
+        // transformers 5's `rope_parameters` first, then `rope_scaling`, then the
+        // top-level `rope_theta` and `partial_rotary_factor` of older files.
+        let rope_params = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
+        let rope_theta = rope_params
+            .and_then(|r| r.rope_theta)
+            .or(hf.rope_theta)
+            .unwrap_or(10_000.0);
+        let partial_rotary_factor = rope_params
+            .and_then(|r| r.partial_rotary_factor)
+            .or(hf.partial_rotary_factor)
+            .unwrap_or(1.0);
+        let rotary_dim = (head_dim as f64 * partial_rotary_factor) as usize;
         if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
             return Err(bad(format!(
                 "rotary dimension {rotary_dim} must be even and positive"
             )));
         }
-        let scaling = match &hf.rope_scaling {
+        let scaling = match rope_params {
             None => RopeScaling::None,
-            Some(s) => match s.rope_type.as_deref() {
+            Some(s) => match s.kind().map_err(bad)? {
                 None | Some("default") => RopeScaling::None,
                 Some("linear") => RopeScaling::Linear {
                     factor: s
@@ -604,7 +636,7 @@ impl ModelConfig {
             max_position_embeddings: hf.max_position_embeddings,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             rope: RopeConfig {
-                theta: hf.rope_theta.unwrap_or(10_000.0),
+                theta: rope_theta,
                 rotary_dim,
                 scaling,
                 // DeepSeek rotates adjacent pairs (its weights are laid out for that).
@@ -659,6 +691,51 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.sparse_layers, vec![false, true, false, false]);
         assert!(cfg.qkv_bias && !cfg.o_bias);
+    }
+
+    /// The same rotary settings in the three ways `config.json` has carried them: the
+    /// top-level `rope_theta` with `rope_scaling` (`type` or `rope_type`, or both, as
+    /// files saved by transformers 4.4x have them), and transformers 5's
+    /// `rope_parameters` (which holds the theta).
+    #[test]
+    fn rope_settings_in_every_style() {
+        let head = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":8,"hidden_size":64,
+            "num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":8,
+            "intermediate_size":16,"#;
+        let llama3 = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        let params = r#""factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64"#;
+        for style in [
+            format!(r#""rope_theta":500000.0,"rope_scaling":{{"type":"llama3",{params}}}}}"#),
+            format!(r#""rope_theta":500000.0,"rope_scaling":{{"rope_type":"llama3",{params}}}}}"#),
+            format!(
+                r#""rope_theta":500000.0,"rope_scaling":{{"rope_type":"llama3","type":"llama3",{params}}}}}"#
+            ),
+            format!(r#""rope_parameters":{{"rope_type":"llama3","rope_theta":500000.0,{params}}}}}"#),
+            // rope_parameters wins over a stale top-level theta.
+            format!(
+                r#""rope_theta":10000.0,"rope_parameters":{{"rope_type":"llama3","rope_theta":500000.0,{params}}}}}"#
+            ),
+        ] {
+            let cfg = parse(&format!("{head}{style}")).unwrap_or_else(|e| panic!("{style}: {e}"));
+            assert_eq!(cfg.rope.theta, 500000.0, "{style}");
+            assert_eq!(cfg.rope.scaling, llama3, "{style}");
+        }
+        let plain = parse(&format!(r#"{head}"rope_parameters":{{"rope_type":"default","rope_theta":1000000.0,"partial_rotary_factor":0.5}}}}"#)).unwrap();
+        assert_eq!(
+            (plain.rope.theta, plain.rope.scaling, plain.rope.rotary_dim),
+            (1e6, RopeScaling::None, 16)
+        );
+        let err = parse(&format!(
+            r#"{head}"rope_scaling":{{"rope_type":"llama3","type":"linear","factor":2.0}}}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rope_type") && err.contains("linear"), "{err}");
     }
 
     #[test]

@@ -234,7 +234,11 @@ reference_tests!(
     olmoe,
     deepseek_v2,
     deepseek_v3,
-    deepseek_v3_fp8
+    deepseek_v3_fp8,
+    // Saved by transformers 5: `rope_parameters` instead of `rope_scaling`/`rope_theta`.
+    llama_tf5,
+    mixtral_tf5,
+    deepseek_v3_tf5
 );
 
 /// Routing in the MoE fixtures is non-trivial: every expert of every sparse layer gets
