@@ -18,8 +18,9 @@ tokens="${MAX_TOKENS:-128}"
 sampling="${SAMPLING:-greedy,default,chat}"
 chat_level="${CHAT_LEVEL:-16}"
 bin="$(bench/build-llamacpp.sh | tail -n1)"
-cargo build --release -q -p moeserve
+cargo build --release -q -p moeserve -p moeserve-bench
 ms=target/release/moeserve
+mb=target/release/moeserve-bench
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The same malloc settings for both: moeserve asks glibc for transparent huge pages
 # (it re-executes itself with this unless GLIBC_TUNABLES is set); llama.cpp's buffers
@@ -31,12 +32,12 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 # The bandwidth probe runs before, between and after the two kernel benches: on a shared
 # host it can read twice as much from one minute to the next, so one reading does not
 # tell which state the decode runs met.
-probe() { RAYON_NUM_THREADS="$threads" $ms bench memory --model "$model" | tee -a "$out/mem"; }
-echo "== kernels: llama-bench -p 512 -n 128 vs moeserve bench kernel, memory bandwidth around them"
+probe() { RAYON_NUM_THREADS="$threads" $mb memory --model "$model" | tee -a "$out/mem"; }
+echo "== kernels: llama-bench -p 512 -n 128 vs moeserve-bench kernel, memory bandwidth around them"
 probe
 "$bin/llama-bench" -m "$model" -p 512 -n 128 -r 5 -t "$threads" -o json > "$out/llama-bench.json"
 probe
-RAYON_NUM_THREADS="$threads" $ms bench kernel --model "$model" --prompt-len 512 --decode-tokens 128 --repetitions 5 --batches 1 | tee "$out/kernel"
+RAYON_NUM_THREADS="$threads" $mb kernel --model "$model" --prompt-len 512 --decode-tokens 128 --repetitions 5 --batches 1 | tee "$out/kernel"
 probe
 
 wait_ready() { for _ in $(seq 1 600); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
@@ -46,7 +47,7 @@ echo "== serving: llama-server -np 16"
 "$bin/llama-server" -m "$model" -t "$threads" -np 16 -c $((16 * 1024)) --port 18180 --host 127.0.0.1 >"$out/llama-server.log" 2>&1 &
 lpid=$!
 wait_ready http://127.0.0.1:18180/health
-serve_bench() { $ms bench serve --url "$1" --model "$name" --concurrency "$levels" --max-tokens "$tokens" \
+serve_bench() { $mb serve --url "$1" --model "$name" --concurrency "$levels" --max-tokens "$tokens" \
   --sampling "$sampling" --chat-concurrency "$chat_level" --json; }
 serve_bench http://127.0.0.1:18180 | tee "$out/llama-serve.jsonl"
 kill "$lpid"; wait "$lpid" 2>/dev/null || true

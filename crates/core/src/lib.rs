@@ -3,7 +3,6 @@
 
 pub mod attention;
 pub mod batch;
-pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;

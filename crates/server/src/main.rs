@@ -2,7 +2,6 @@
 
 mod cli;
 mod error;
-mod loadgen;
 mod metrics;
 mod openai;
 mod routes;

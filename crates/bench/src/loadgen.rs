@@ -1,4 +1,4 @@
-//! `moeserve bench serve`: drives any OpenAI-compatible server with concurrent streaming
+//! `moeserve-bench serve`: drives any OpenAI-compatible server with concurrent streaming
 //! chat requests and reports vLLM's serving metrics per concurrency level, at the
 //! sampling settings users send (greedy alone is not what they see), and one level of
 //! short chat answers that end at end-of-sequence.
@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::measure::SamplingSetting;
 use futures::StreamExt;
-use moeserve_core::bench::SamplingSetting;
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]

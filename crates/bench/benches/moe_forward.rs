@@ -1,7 +1,7 @@
 //! Forward-pass throughput of a medium random Mixture-of-Experts model (Qwen3-MoE shape:
 //! hidden 1024, 16 layers, 32 experts top-4, expert width 512), built in memory.
 //!
-//!     cargo bench -p moeserve-core --bench moe_forward -- [--prompt-len 64] [--decode-steps 16] [--batches 1,8,32]
+//!     cargo bench -p moeserve-bench --bench moe_forward -- [--prompt-len 64] [--decode-steps 16] [--batches 1,8,32]
 //!
 //! Prints prefill and decode tokens/s at each batch size: prefill runs `batch` prompts
 //! of `prompt-len` tokens in one forward call, decode then runs `decode-steps` steps of
@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use moeserve_core::bench::{arg, forward_throughput, medium_moe_config, random_model};
+use moeserve_bench::measure::{arg, forward_throughput, medium_moe_config, random_model};
 
 fn main() -> moeserve_core::Result<()> {
     let prompt_len: usize = arg("--prompt-len", 64);

@@ -2,11 +2,11 @@
 //! language model's (a few likely tokens over a long tail) of the default model's
 //! vocabulary size.
 //!
-//!     cargo bench -p moeserve-core --bench sampling -- [--vocab 49152] [--draws 2000] [--only top_k]
+//!     cargo bench -p moeserve-bench --bench sampling -- [--vocab 49152] [--draws 2000] [--only top_k]
 
 use std::time::Instant;
 
-use moeserve_core::bench::arg;
+use moeserve_bench::measure::arg;
 use moeserve_core::sampling::{Sampler, SamplingParams};
 
 fn main() {

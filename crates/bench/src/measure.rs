@@ -1,11 +1,10 @@
-//! In-process forward-pass throughput, like `llama-bench -p N -n M`.
+//! In-process measurements: forward-pass throughput (like `llama-bench -p N -n M`),
+//! engine throughput at a sampling setting, a thread round trip, and the medium random
+//! models they run on.
 
 use std::time::Instant;
 
-use crate::batch::{ForwardBatch, SequenceInput};
-use crate::error::Result;
-use crate::kv::{BlockAllocator, BlockTable, KvCache};
-use crate::models::CausalLm;
+use moeserve_core::{BlockAllocator, BlockTable, CausalLm, ForwardBatch, KvCache, Result, SequenceInput};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardThroughput {
@@ -172,8 +171,8 @@ pub fn forward_throughput(
 
 /// The medium random Mixture-of-Experts model of the benchmarks: Qwen3-MoE shaped,
 /// hidden 1024, 16 layers, 32 experts top-4, expert width 512 (0.9 B parameters).
-pub fn medium_moe_config() -> crate::config::ModelConfig {
-    let hf: crate::config::HfConfig = serde_json::from_value(serde_json::json!({
+pub fn medium_moe_config() -> moeserve_core::config::ModelConfig {
+    let hf: moeserve_core::config::HfConfig = serde_json::from_value(serde_json::json!({
         "architectures": ["Qwen3MoeForCausalLM"],
         "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
         "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 4,
@@ -182,14 +181,14 @@ pub fn medium_moe_config() -> crate::config::ModelConfig {
         "norm_topk_prob": true, "decoder_sparse_step": 1
     }))
     .expect("valid config");
-    crate::config::ModelConfig::from_hf(&hf).expect("valid config")
+    moeserve_core::config::ModelConfig::from_hf(&hf).expect("valid config")
 }
 
 /// The medium random DeepSeek-V3-shaped model of the benchmarks: hidden 1024, 16 layers
 /// (the first dense), 64 routed experts top-6 in 8 groups, 1 shared expert, latent
 /// attention with kv_lora_rank 512 and rope dim 64.
-pub fn medium_deepseek_config() -> crate::config::ModelConfig {
-    let hf: crate::config::HfConfig = serde_json::from_value(serde_json::json!({
+pub fn medium_deepseek_config() -> moeserve_core::config::ModelConfig {
+    let hf: moeserve_core::config::HfConfig = serde_json::from_value(serde_json::json!({
         "architectures": ["DeepseekV3ForCausalLM"],
         "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
         "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
@@ -200,11 +199,11 @@ pub fn medium_deepseek_config() -> crate::config::ModelConfig {
         "routed_scaling_factor": 2.5, "norm_topk_prob": true
     }))
     .expect("valid config");
-    crate::config::ModelConfig::from_hf(&hf).expect("valid config")
+    moeserve_core::config::ModelConfig::from_hf(&hf).expect("valid config")
 }
 
 /// By name, for the bench commands: `random-moe` or `random-deepseek`.
-pub fn random_config(name: &str) -> Option<crate::config::ModelConfig> {
+pub fn random_config(name: &str) -> Option<moeserve_core::config::ModelConfig> {
     match name {
         "random-moe" => Some(medium_moe_config()),
         "random-deepseek" => Some(medium_deepseek_config()),
@@ -213,9 +212,10 @@ pub fn random_config(name: &str) -> Option<crate::config::ModelConfig> {
 }
 
 /// A model of `cfg`'s shape with random weights (N(0, 0.02)), built in memory.
-pub fn random_model(cfg: &crate::config::ModelConfig) -> Result<Box<dyn CausalLm>> {
-    let store = crate::weights::WeightStore::random(0.02, candle_core::DType::F32, &candle_core::Device::Cpu);
-    crate::models::build_model(cfg, &store)
+pub fn random_model(cfg: &moeserve_core::config::ModelConfig) -> Result<Box<dyn CausalLm>> {
+    let store =
+        moeserve_core::weights::WeightStore::random(0.02, candle_core::DType::F32, &candle_core::Device::Cpu);
+    moeserve_core::models::build_model(cfg, &store)
 }
 
 /// The sampling settings the benchmarks run at: what users send, not greedy alone.
@@ -289,15 +289,15 @@ pub struct EngineThroughput {
 /// tokens each at `sampling`, ignoring EOS; seeded, so runs repeat) and measures
 /// throughput, time to first token and where the engine's time goes.
 pub fn engine_throughput(
-    engine: &crate::engine::Engine,
+    engine: &moeserve_core::engine::Engine,
     concurrency: usize,
     prompt_len: usize,
     max_tokens: usize,
     sampling: SamplingSetting,
     salt: usize,
 ) -> Result<EngineThroughput> {
-    use crate::engine::{EngineEvent, GenerateRequest};
-    use crate::sampling::SamplingParams;
+    use moeserve_core::engine::{EngineEvent, GenerateRequest};
+    use moeserve_core::sampling::SamplingParams;
     use std::sync::atomic::Ordering;
     let vocab = engine.limits().vocab_size;
     let stats = engine.stats();
@@ -327,7 +327,7 @@ pub fn engine_throughput(
             };
             engine
                 .submit(GenerateRequest { prompt, params })
-                .map_err(|e| crate::Error::InvalidBatch(e.to_string()))
+                .map_err(|e| moeserve_core::Error::InvalidBatch(e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let results: Vec<(f64, usize)> = std::thread::scope(|s| {

@@ -1,7 +1,7 @@
 //! Throughput of the packed quantized matmul (`PackedQuantMatrix::matmul`, activation
 //! quantization included) per GGUF format and token count, in multiply-adds per second.
 //!
-//!     RAYON_NUM_THREADS=1 cargo bench -p moeserve-core --bench packed_matmul -- [--rows 4096] [--cols 1024]
+//!     RAYON_NUM_THREADS=1 cargo bench -p moeserve-bench --bench packed_matmul -- [--rows 4096] [--cols 1024]
 //!
 //! One thread gives the kernel's own rate; more threads show how row groups spread.
 //! Few tokens are batch-1 decode and the experts of a MoE layer at moderate batch.
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use moeserve_core::bench::arg;
+use moeserve_bench::measure::arg;
 use moeserve_core::quant::PackedQuantMatrix;
 
 fn main() -> candle_core::Result<()> {
