@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use moeserve_bench::measure::arg;
-use moeserve_core::quant::PackedQuantMatrix;
+use moeserve_core::backend::cpu::quant::PackedQuantMatrix;
 
 fn main() -> candle_core::Result<()> {
     let (rows, cols) = (arg("--rows", 4096), arg("--cols", 1024));
@@ -40,7 +40,9 @@ fn main() -> candle_core::Result<()> {
             .expect("a packed format");
         let mut row = format!("| {dtype:?} |");
         for &t in &tokens {
-            let x = Tensor::randn(0f32, 1.0, (t, cols), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (t, cols), &dev)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             // About 0.2 s of work per measurement at 100 GMAC/s; best of three.
             let reps = (20_000_000_000 / (rows * cols * t)).clamp(2, 2000);
             let mut best = f64::MAX;

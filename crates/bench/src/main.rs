@@ -101,11 +101,8 @@ impl From<DtypeArg> for DType {
 }
 
 fn main() -> ExitCode {
-    // As the server does: candle's own pool gets no extra spinning threads (see the
-    // server's main.rs).
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // As the server does: huge pages for the heap, no spinning threads in candle's pool.
+    moeserve_core::process::prepare();
     let result = match Command::parse() {
         Command::Kernel(args) => {
             init_logging();

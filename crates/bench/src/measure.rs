@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use moeserve_core::{BlockAllocator, BlockTable, CausalLm, ForwardBatch, KvCache, Result, SequenceInput};
+use moeserve_core::{BlockPool, BlockTable, CausalLm, ForwardBatch, KvStorage, Result, SequenceInput};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardThroughput {
@@ -113,8 +113,8 @@ pub fn forward_throughput(
     let vocab = model.config().vocab_size;
     let per_seq = prompt_len.max(decode_steps);
     let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
-    let mut kv = KvCache::new(model.kv_layout(), block_size, blocks)?;
-    let mut alloc = BlockAllocator::new(blocks);
+    let mut kv = KvStorage::new(model.kv_layout(), block_size, blocks)?;
+    let mut alloc = BlockPool::new(blocks);
     let mut tables = Vec::with_capacity(batch);
     for _ in 0..batch {
         let mut t = BlockTable::new();
@@ -125,7 +125,7 @@ pub fn forward_throughput(
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|s| (0..prompt_len).map(|i| token(s, i)).collect())
         .collect();
-    let step = |len: usize, start_pos: usize, kv: &mut KvCache| {
+    let step = |len: usize, start_pos: usize, kv: &mut KvStorage| {
         let seqs = (0..batch)
             .map(|s| SequenceInput {
                 tokens: &prompts[s][..len],

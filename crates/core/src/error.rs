@@ -48,6 +48,10 @@ pub enum Error {
     #[error("KV cache: {0}")]
     KvCache(String),
 
+    /// A kernel the backend of a tensor's device does not have.
+    #[error("backend: {0}")]
+    Backend(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

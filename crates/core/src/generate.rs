@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::batch::{ForwardBatch, SequenceInput};
 use crate::error::Result;
-use crate::kv::{BlockAllocator, BlockTable, KvCache};
+use crate::kv::{BlockPool, BlockTable, KvStorage};
 use crate::models::CausalLm;
 use crate::sampling::Sampler;
 
@@ -33,8 +33,8 @@ impl Generation {
 /// on any of `stop_ids`. The sequence's blocks are returned to `alloc` at the end.
 pub fn generate(
     model: &dyn CausalLm,
-    kv: &mut KvCache,
-    alloc: &mut BlockAllocator,
+    kv: &mut KvStorage,
+    alloc: &mut BlockPool,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,

@@ -1,7 +1,7 @@
 //! moeserve's model core: configs, weight loading, layers, attention over a paged KV
 //! cache, the MoE layer, sampling and tokenization. Nothing here knows about HTTP.
 
-pub mod attention;
+pub mod backend;
 pub mod batch;
 pub mod chat;
 pub mod config;
@@ -9,23 +9,20 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;
-mod host;
 pub mod kv;
 pub mod layers;
 pub mod models;
-mod pool;
-pub mod quant;
+pub mod process;
 pub mod reasoning;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
-mod vmath;
 pub mod weights;
 
 pub use batch::{ForwardBatch, ForwardOutput, SequenceInput};
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
-pub use kv::{BlockAllocator, BlockTable, KvCache, KvDtype, KvLayout};
+pub use kv::{BlockPool, BlockTable, KvDtype, KvLayout, KvStorage};
 pub use models::CausalLm;
 pub use source::ModelFiles;
 pub use tokenizer::TextCodec;

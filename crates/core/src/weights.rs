@@ -209,6 +209,69 @@ impl WeightStore {
         Ok(QMatMul::from_arc(std::sync::Arc::new(q))?)
     }
 
+    /// The routed experts' matrices of one projection, `names[e]` expert `e`'s canonical
+    /// name, as one stacked `[experts, out, in]` weight: GGUF's stacked tensor as it is
+    /// (`ffn_gate_exps`), per-expert GGUF tensors joined, safetensors' per-expert
+    /// matrices stacked.
+    pub fn get_stacked_matmul(
+        &self,
+        names: &[String],
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<QMatMul> {
+        let experts = names.len();
+        let want = [experts, out_features, in_features];
+        if !self.is_quantized() {
+            let parts = names
+                .iter()
+                .map(|n| self.get(n, &[out_features, in_features]))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(QMatMul::Tensor(Tensor::stack(&parts, 0)?));
+        }
+        let Source::Gguf {
+            ckpt,
+            stacked_experts,
+        } = &self.source
+        else {
+            unreachable!("quantized stores are GGUF")
+        };
+        let first = names.first().ok_or_else(|| Error::MissingTensor {
+            name: "stacked experts (none asked for)".into(),
+            files: self.files_description(),
+        })?;
+        let q = if *stacked_experts {
+            let g = crate::gguf::gguf_name(first, true).ok_or_else(|| Error::MissingTensor {
+                name: format!("{first} (no GGUF equivalent)"),
+                files: self.files_description(),
+            })?;
+            let (q, file) = ckpt.qtensor(&g.name, None, &self.device)?;
+            if q.shape().dims() != want {
+                return Err(self.mismatch(file, &g.name, &want, q.shape().dims()));
+            }
+            q
+        } else {
+            // One tensor per expert (older conversions): their bytes joined.
+            let mut bytes = Vec::new();
+            let mut dtype = None;
+            for n in names {
+                let (q, file, gguf) = self.gguf_qtensor(n)?;
+                if q.shape().dims() != [out_features, in_features] || dtype.is_some_and(|d| d != q.dtype()) {
+                    return Err(self.mismatch(file, &gguf, &[out_features, in_features], q.shape().dims()));
+                }
+                dtype = Some(q.dtype());
+                bytes.extend_from_slice(&q.data()?);
+            }
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &self.device,
+                dtype.expect("one expert or more"),
+            )?;
+            QTensor::new(storage, want.to_vec())?
+        };
+        self.report(q.storage_size_in_bytes());
+        Ok(QMatMul::from_arc(std::sync::Arc::new(q))?)
+    }
+
     fn mismatch(&self, file: String, name: &str, expected: &[usize], actual: &[usize]) -> Error {
         Error::ShapeMismatch {
             file,

@@ -14,7 +14,7 @@ use moeserve_core::chat::ChatTemplate;
 use moeserve_core::generate::generate;
 use moeserve_core::sampling::{argmax, log_softmax, Sampler};
 use moeserve_core::{
-    BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadOptions, LoadedModel, SequenceInput,
+    BlockPool, BlockTable, ForwardBatch, KvStorage, LoadOptions, LoadedModel, SequenceInput,
 };
 
 fn root() -> PathBuf {
@@ -83,8 +83,8 @@ fn teacher_forced_distributions_match_transformers() {
     assert_eq!(bin.len(), ids.len() * k * 8);
     let word = |i: usize| [bin[4 * i], bin[4 * i + 1], bin[4 * i + 2], bin[4 * i + 3]];
 
-    let mut kv = KvCache::new(m.model.kv_layout(), 16, 64).unwrap();
-    let mut alloc = BlockAllocator::new(64);
+    let mut kv = KvStorage::new(m.model.kv_layout(), 16, 64).unwrap();
+    let mut alloc = BlockPool::new(64);
     let mut table = BlockTable::new();
     table.reserve(&mut alloc, ids.len(), 16).unwrap();
     let mut ours: Vec<Vec<f32>> = Vec::new();
@@ -141,8 +141,8 @@ fn greedy_chat_answers() {
         None,
     )
     .unwrap();
-    let mut kv = KvCache::new(m.model.kv_layout(), 16, 64).unwrap();
-    let mut alloc = BlockAllocator::new(64);
+    let mut kv = KvStorage::new(m.model.kv_layout(), 16, 64).unwrap();
+    let mut alloc = BlockPool::new(64);
     for question in [
         "What is the capital of France?",
         "Write a haiku about the sea.",

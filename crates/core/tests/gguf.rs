@@ -11,7 +11,7 @@ mod common;
 use common::{fixture, prefill_logits};
 use moeserve_core::generate::generate;
 use moeserve_core::sampling::Sampler;
-use moeserve_core::{BlockAllocator, KvCache, LoadOptions, LoadedModel};
+use moeserve_core::{BlockPool, KvStorage, LoadOptions, LoadedModel};
 
 fn load(path: &Path) -> LoadedModel {
     moeserve_core::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()
@@ -42,8 +42,8 @@ fn prompts(name: &str) -> Vec<(String, Vec<u32>)> {
 }
 
 fn greedy(m: &LoadedModel, ids: &[u32]) -> Vec<u32> {
-    let mut kv = KvCache::new(m.model.kv_layout(), 16, 16).unwrap();
-    let mut alloc = BlockAllocator::new(16);
+    let mut kv = KvStorage::new(m.model.kv_layout(), 16, 16).unwrap();
+    let mut alloc = BlockPool::new(16);
     generate(
         m.model.as_ref(),
         &mut kv,

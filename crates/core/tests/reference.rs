@@ -6,9 +6,7 @@
 use std::path::PathBuf;
 
 use moeserve_core::sampling::{argmax, log_softmax};
-use moeserve_core::{
-    BlockAllocator, BlockTable, CausalLm, ForwardBatch, KvCache, LoadOptions, SequenceInput,
-};
+use moeserve_core::{BlockPool, BlockTable, CausalLm, ForwardBatch, KvStorage, LoadOptions, SequenceInput};
 use serde::Deserialize;
 
 const LOGIT_TOL: f32 = 1e-3;
@@ -46,8 +44,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// A model with its own cache, running sequences by hand.
 struct Runner {
     model: Box<dyn CausalLm>,
-    kv: KvCache,
-    alloc: BlockAllocator,
+    kv: KvStorage,
+    alloc: BlockPool,
 }
 
 impl Runner {
@@ -57,8 +55,8 @@ impl Runner {
     }
 
     fn with_model(model: Box<dyn CausalLm>) -> Self {
-        let kv = KvCache::new(model.kv_layout(), 16, 128).unwrap();
-        let alloc = BlockAllocator::new(kv.num_blocks());
+        let kv = KvStorage::new(model.kv_layout(), 16, 128).unwrap();
+        let alloc = BlockPool::new(kv.num_blocks());
         Runner { model, kv, alloc }
     }
 

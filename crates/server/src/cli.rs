@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use moeserve_core::generate::generate;
 use moeserve_core::sampling::Sampler;
-use moeserve_core::{BlockAllocator, DType, KvCache, LoadOptions};
+use moeserve_core::{BlockPool, DType, KvStorage, LoadOptions};
 
 #[derive(Parser)]
 #[command(
@@ -119,8 +119,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let loaded = moeserve_core::load(&args.model, &opts)?;
     let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
-    let mut kv = KvCache::with_memory_budget(loaded.model.kv_layout(), args.block_size, budget)?;
-    let mut alloc = BlockAllocator::new(kv.num_blocks());
+    let mut kv = KvStorage::with_memory_budget(loaded.model.kv_layout(), args.block_size, budget)?;
+    let mut alloc = BlockPool::new(kv.num_blocks());
     let prompt = loaded.codec.encode(&args.prompt)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");

@@ -9,51 +9,6 @@ mod server;
 mod settings;
 
 fn main() -> std::process::ExitCode {
-    reexec_with_huge_pages();
-    // candle runs large elementwise ops on a pool of its own whose idle threads spin
-    // (25k iterations) before parking; next to rayon's pool, which already has a thread
-    // per core for the matmuls and attention, that spinning takes a core away from them
-    // (measured: 13% of all cycles at 64 streams). Our elementwise ops are small, so
-    // candle's pool gets no extra threads unless the user asks for them. (Set before any
-    // other thread exists.)
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    moeserve_core::process::prepare();
     cli::run()
-}
-
-/// Runs this binary again (same process, same arguments) with glibc's malloc told to ask
-/// for transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), since glibc
-/// reads its tunables only at start. Where THP is in `madvise` mode (the default on
-/// Debian and many other distributions), weights, KV cache and activations would
-/// otherwise sit on 4 KiB pages, and streaming hundreds of megabytes of weights per step
-/// takes a TLB miss every 4 KiB (measured: batch-1 decode of the default model 259-282
-/// -> 309-367 tok/s). Skipped when `GLIBC_TUNABLES` is already set: set it, even empty,
-/// to opt out. At most once (`MOESERVE_REEXEC` marks the second run), and never for a
-/// privileged (setuid or file-capability) process, whose tunables glibc may drop.
-fn reexec_with_huge_pages() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::unix::process::CommandExt;
-        const MARK: &str = "MOESERVE_REEXEC";
-        // SAFETY: getauxval only reads the process's auxiliary vector.
-        let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
-        if secure || std::env::var_os("GLIBC_TUNABLES").is_some() || std::env::var_os(MARK).is_some() {
-            return;
-        }
-        // The binary's own path rather than /proc/self/exe, so the process keeps its
-        // name (`ps`, `top`) instead of becoming "exe".
-        let Ok(exe) = std::env::current_exe() else {
-            return;
-        };
-        let mut args = std::env::args_os();
-        let arg0 = args.next().unwrap_or_default();
-        // `exec` returns only if it failed; then carry on as we are.
-        let _ = std::process::Command::new(exe)
-            .arg0(arg0)
-            .args(args)
-            .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-            .env(MARK, "1")
-            .exec();
-    }
 }

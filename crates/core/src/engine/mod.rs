@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Result;
-use crate::kv::{KvCache, KvLayout};
+use crate::kv::{KvLayout, KvStorage};
 use crate::models::CausalLm;
 pub use crate::sampling::{ParamError, SamplingParams, TokenLogprob};
 use crate::tokenizer::TextCodec;
@@ -208,7 +208,7 @@ impl Engine {
     /// Allocates the KV pool and starts the step loop on its own thread.
     pub fn start(model: Box<dyn CausalLm>, codec: Arc<TextCodec>, config: EngineConfig) -> Result<Self> {
         let layout: KvLayout = model.kv_layout();
-        let kv = KvCache::with_memory_budget(layout, config.block_size, config.kv_cache_memory)?;
+        let kv = KvStorage::with_memory_budget(layout, config.block_size, config.kv_cache_memory)?;
         let cfg = model.config();
         let stats = Arc::new(EngineStats {
             expert_tokens: cfg

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::detok::{Detokenizer, StopChecker};
 use super::{Command, EngineConfig, EngineEvent, EngineStats, FinishReason, Usage};
 use crate::batch::{ForwardBatch, SequenceInput};
-use crate::kv::{block_hash, BlockAllocator, BlockTable, KvCache};
+use crate::kv::{block_hash, BlockPool, BlockTable, KvStorage};
 use crate::models::CausalLm;
 use crate::sampling::{token_logprob, Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::TextCodec;
@@ -77,8 +77,8 @@ struct Sequence {
 
 pub(super) struct EngineCore {
     model: Box<dyn CausalLm>,
-    kv: KvCache,
-    alloc: BlockAllocator,
+    kv: KvStorage,
+    alloc: BlockPool,
     codec: Arc<TextCodec>,
     cfg: EngineConfig,
     stats: Arc<EngineStats>,
@@ -93,12 +93,12 @@ pub(super) struct EngineCore {
 impl EngineCore {
     pub fn new(
         model: Box<dyn CausalLm>,
-        kv: KvCache,
+        kv: KvStorage,
         codec: Arc<TextCodec>,
         cfg: EngineConfig,
         stats: Arc<EngineStats>,
     ) -> Self {
-        let alloc = BlockAllocator::new(kv.num_blocks());
+        let alloc = BlockPool::new(kv.num_blocks());
         Self {
             model,
             kv,
@@ -459,7 +459,8 @@ impl EngineCore {
         }
         let vocab = out.logits.dims().last().copied().unwrap_or(0);
         let started = Instant::now();
-        let chosen = crate::host::with_f32(&out.logits, |all| self.choose_tokens(&to_sample, all, vocab));
+        let chosen =
+            crate::backend::with_host_f32(&out.logits, |all| self.choose_tokens(&to_sample, all, vocab));
         self.stats
             .sample_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);

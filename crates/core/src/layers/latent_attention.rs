@@ -1,7 +1,7 @@
 use candle_core::{DType, Tensor};
 
 use super::{Linear, RmsNorm, RotaryEmbedding};
-use crate::attention::{paged_attention, write_kv, AttnGeometry};
+use crate::backend::{self, AttnGeometry};
 use crate::config::{MlaConfig, ModelConfig};
 use crate::error::Result;
 use crate::kv::KvLayer;
@@ -128,11 +128,11 @@ impl LatentAttention {
         let ckv = self.kv_a.forward(x)?;
         let c = self.kv_norm.forward(&ckv.narrow(1, 0, lora)?)?;
         let k_pe = ckv.narrow(1, lora, rope_d)?;
-        let mut latent = Tensor::cat(&[&k_pe, &c], 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        rope.apply(&mut latent, 1, rope_d + lora, ctx.positions)?;
+        let latent = rope.apply(
+            &Tensor::cat(&[&k_pe, &c], 1)?.to_dtype(DType::F32)?,
+            1,
+            ctx.positions,
+        )?;
         // One latent vector per token serves as both key and value.
         let g = AttnGeometry {
             num_heads: nh,
@@ -142,7 +142,7 @@ impl LatentAttention {
             block_size: ctx.block_size,
             value_offset: Some(rope_d),
         };
-        write_kv(kv, &g, ctx.slots, &latent, &[]);
+        backend::write_kv(kv, &g, ctx.slots, &latent, None)?;
 
         let out = if m.absorb {
             // Query in latent space: [q_pe, W_uk^T q_nope] per head.
@@ -151,13 +151,12 @@ impl LatentAttention {
                 .contiguous()?
                 .matmul(&self.w_uk)?
                 .transpose(0, 1)?;
-            let mut q_full = Tensor::cat(&[&q_pe, &q_lat], 2)?
+            let q_full = Tensor::cat(&[&q_pe, &q_lat], 2)?
                 .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            rope.apply(&mut q_full, nh, rope_d + lora, ctx.positions)?;
-            let o = paged_attention(&q_full, kv, ctx.seqs, g, m.softmax_scale as f32);
-            let o = Tensor::from_vec(o, (t, nh, lora), x.device())?.to_dtype(x.dtype())?;
+                .reshape((t, nh * (rope_d + lora)))?;
+            let q_full = rope.apply(&q_full, nh, ctx.positions)?;
+            let o = backend::paged_attention(&q_full, kv, ctx.seqs, g, m.softmax_scale as f32)?;
+            let o = o.reshape((t, nh, lora))?.to_dtype(x.dtype())?;
             // Per head: W_uv times the attended latent.
             o.transpose(0, 1)?
                 .contiguous()?
@@ -185,21 +184,23 @@ impl LatentAttention {
         let width = rope_d + lora;
         let dev = q_nope.device();
         let dtype = q_nope.dtype();
-        let mut q_pe_rot = q_pe.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        rope.apply(&mut q_pe_rot, nh, rope_d, ctx.positions)?;
-        let q_pe = Tensor::from_vec(q_pe_rot, q_pe.shape(), dev)?.to_dtype(dtype)?;
+        let t = q_pe.dim(0)?;
+        let q_pe_rot = rope.apply(
+            &q_pe.to_dtype(DType::F32)?.reshape((t, nh * rope_d))?,
+            nh,
+            ctx.positions,
+        )?;
+        let q_pe = q_pe_rot.reshape(q_pe.shape())?.to_dtype(dtype)?;
         let q = Tensor::cat(&[q_nope, &q_pe], 2)?; // [T, H, nope + rope]
         let w_uk_t = self.w_uk.transpose(1, 2)?; // [H, lora, nope]
         let mut outs = Vec::with_capacity(ctx.seqs.len());
         for s in ctx.seqs {
             let n = s.start_pos + s.len;
-            // Gather this sequence's cached latents (positions 0..n) from its blocks.
-            let mut rows = Vec::with_capacity(n * width);
-            for p in 0..n {
-                let slot = s.block_table[p / ctx.block_size] as usize * ctx.block_size + p % ctx.block_size;
-                kv.keys.read_into(slot * width, width, &mut rows);
-            }
-            let cached = Tensor::from_vec(rows, (n, width), dev)?.to_dtype(dtype)?;
+            // This sequence's cached latents (positions 0..n), from its blocks.
+            let slots: Vec<usize> = (0..n)
+                .map(|p| s.block_table[p / ctx.block_size] as usize * ctx.block_size + p % ctx.block_size)
+                .collect();
+            let cached = backend::read_kv(kv, &slots, width, dev)?.to_dtype(dtype)?;
             let k_pe = cached.narrow(1, 0, rope_d)?; // [n, rope]
             let c = cached.narrow(1, rope_d, lora)?.contiguous()?; // [n, lora]
                                                                    // k_nope[h] = c W_uk[h]^T, v[h] = c W_uv[h]^T.

@@ -9,10 +9,11 @@ mod norm;
 mod rotary;
 mod self_attention;
 
+pub use crate::backend::Routing;
 pub use latent_attention::LatentAttention;
 pub use linear::{Linear, Projections};
 pub use mlp::GatedMlp;
-pub use moe::{ExpertRouter, MoeBlock, Routing};
+pub use moe::{ExpertRouter, MoeBlock};
 pub use norm::RmsNorm;
 pub use rotary::RotaryEmbedding;
 pub use self_attention::{Attention, AttentionContext};

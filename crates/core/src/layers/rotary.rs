@@ -1,24 +1,26 @@
 use std::f64::consts::PI;
 
+use candle_core::{Device, Tensor};
+
+use crate::backend;
 use crate::config::{RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 
 /// Rotary position embedding with precomputed cos/sin tables for every position up to
-/// the model's context length. Applied by hand to the f32 query and key rows on their
-/// way into the paged attention kernel, where each token has its own position (a batch
-/// mixes sequences at different offsets), which a table lookup handles directly.
+/// the model's context length. Applied to the query and key rows on their way into the
+/// paged attention kernel, where each token has its own position (a batch mixes
+/// sequences at different offsets), which a table lookup handles directly.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
-    /// `[max_positions, rotary_dim / 2]`
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
+    /// `[max_positions, rotary_dim / 2]`, f32.
+    cos: Tensor,
+    sin: Tensor,
     max_positions: usize,
     interleaved: bool,
 }
 
 impl RotaryEmbedding {
-    pub fn new(cfg: &RopeConfig, max_positions: usize) -> Self {
+    pub fn new(cfg: &RopeConfig, max_positions: usize, device: &Device) -> Result<Self> {
         let half = cfg.rotary_dim / 2;
         let mut inv_freq = inverse_frequencies(cfg);
         if let Some(factors) = &cfg.freq_factors {
@@ -37,50 +39,28 @@ impl RotaryEmbedding {
                 sin.push((angle.sin() * amp) as f32);
             }
         }
-        Self {
-            cos,
-            sin,
-            half,
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
             max_positions,
             interleaved: cfg.interleaved,
-        }
+        })
     }
 
     pub fn max_positions(&self) -> usize {
         self.max_positions
     }
 
-    /// Rotates `x` (`[tokens, num_heads, head_dim]`, row-major) in place; token `t` is at
-    /// position `positions[t]`. Only the first `rotary_dim` elements of each head rotate.
-    pub fn apply(&self, x: &mut [f32], num_heads: usize, head_dim: usize, positions: &[usize]) -> Result<()> {
-        let half = self.half;
-        for (t, &pos) in positions.iter().enumerate() {
-            if pos >= self.max_positions {
-                return Err(Error::InvalidBatch(format!(
-                    "position {pos} is beyond the model's {} positions",
-                    self.max_positions
-                )));
-            }
-            let cos = &self.cos[pos * half..(pos + 1) * half];
-            let sin = &self.sin[pos * half..(pos + 1) * half];
-            for h in 0..num_heads {
-                let head = &mut x[(t * num_heads + h) * head_dim..][..head_dim];
-                if self.interleaved {
-                    for i in 0..half {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * cos[i] - b * sin[i];
-                        head[2 * i + 1] = b * cos[i] + a * sin[i];
-                    }
-                } else {
-                    for i in 0..half {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos[i] - b * sin[i];
-                        head[i + half] = b * cos[i] + a * sin[i];
-                    }
-                }
-            }
+    /// `x` (`[tokens, num_heads * head_dim]`) with each head's first `rotary_dim` values
+    /// rotated by its token's position (`positions[t]`), in f32.
+    pub fn apply(&self, x: &Tensor, num_heads: usize, positions: &[usize]) -> Result<Tensor> {
+        if let Some(&pos) = positions.iter().find(|&&p| p >= self.max_positions) {
+            return Err(Error::InvalidBatch(format!(
+                "position {pos} is beyond the model's {} positions",
+                self.max_positions
+            )));
         }
-        Ok(())
+        backend::rotary(x, (&self.cos, &self.sin), num_heads, positions, self.interleaved)
     }
 }
 
@@ -162,14 +142,20 @@ mod tests {
             interleaved: false,
             freq_factors: None,
         };
-        let rope = RotaryEmbedding::new(&cfg, 16);
+        let rope = RotaryEmbedding::new(&cfg, 16, &Device::Cpu).unwrap();
         let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.25 - 1.0).collect();
-        let mut x = orig.clone();
-        rope.apply(&mut x, 2, 8, &[0]).unwrap();
-        assert_eq!(x, orig);
-        rope.apply(&mut x, 2, 8, &[5]).unwrap();
+        let x = Tensor::from_vec(orig.clone(), (1, 16), &Device::Cpu).unwrap();
+        let at = |p: usize| {
+            rope.apply(&x, 2, &[p])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(at(0), orig);
         let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
-        assert!((n(&x) - n(&orig)).abs() < 1e-4);
-        assert!(rope.apply(&mut x, 2, 8, &[16]).is_err());
+        assert!((n(&at(5)) - n(&orig)).abs() < 1e-4);
+        assert!(rope.apply(&x, 2, &[16]).is_err());
     }
 }

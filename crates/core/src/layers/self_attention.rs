@@ -1,7 +1,7 @@
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::{Linear, Projections, RmsNorm, RotaryEmbedding};
-use crate::attention::{paged_attention, write_kv, AttnGeometry, AttnSeq};
+use crate::backend::{self, AttnGeometry, AttnSeq};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::Result;
 use crate::kv::KvLayer;
@@ -80,37 +80,6 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = if self.clip_qkv.is_none() {
-            // Straight into the buffers rotary embedding and the cache take, the q/k norms
-            // (whose weights span a head, or the whole projection) applied row by row.
-            let [q, k, v] = self.qkv.forward_f32(x)?.try_into().expect("three projections");
-            match (&self.q_norm, &self.k_norm) {
-                (Some(qn), Some(kn)) => [qn.forward_rows_f32(&q), kn.forward_rows_f32(&k), v],
-                _ => [q, k, v],
-            }
-        } else {
-            self.projected_with_clip_and_norm(x)?
-        };
-        rope.apply(&mut q, nh, hd, ctx.positions)?;
-        rope.apply(&mut k, nkv, hd, ctx.positions)?;
-        let geometry = AttnGeometry {
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            value_dim: hd,
-            block_size: ctx.block_size,
-            value_offset: None,
-        };
-        write_kv(kv, &geometry, ctx.slots, &k, &v);
-        let out = paged_attention(&q, kv, ctx.seqs, geometry, self.scale);
-        let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
-        self.o_proj.forward(&out)
-    }
-
-    /// q, k, v through the optional clipping (`clip_qkv`) and q/k norms.
-    fn projected_with_clip_and_norm(&self, x: &Tensor) -> Result<[Vec<f32>; 3]> {
-        let t = x.dim(0)?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let [mut q, mut k, mut v]: [Tensor; 3] = self.qkv.forward(x)?.try_into().expect("three projections");
         if let Some(c) = self.clip_qkv {
             q = q.clamp(-c, c)?;
@@ -119,9 +88,10 @@ impl Attention {
         }
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             match self.qk_norm {
+                // Rows of one head each: the same data viewed `[tokens * heads, head_dim]`.
                 QkNorm::PerHead => {
-                    q = qn.forward(&q.reshape((t, nh, hd))?)?.reshape((t, nh * hd))?;
-                    k = kn.forward(&k.reshape((t, nkv, hd))?)?.reshape((t, nkv * hd))?;
+                    q = qn.forward(&q.reshape((t * nh, hd))?)?.reshape((t, nh * hd))?;
+                    k = kn.forward(&k.reshape((t * nkv, hd))?)?.reshape((t, nkv * hd))?;
                 }
                 QkNorm::Full => {
                     q = qn.forward(&q)?;
@@ -130,10 +100,18 @@ impl Attention {
                 QkNorm::None => {}
             }
         }
-        Ok([to_f32_vec(&q)?, to_f32_vec(&k)?, to_f32_vec(&v)?])
+        let q = rope.apply(&q, nh, ctx.positions)?;
+        let k = rope.apply(&k, nkv, ctx.positions)?;
+        let geometry = AttnGeometry {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            value_dim: hd,
+            block_size: ctx.block_size,
+            value_offset: None,
+        };
+        backend::write_kv(kv, &geometry, ctx.slots, &k, Some(&v))?;
+        let out = backend::paged_attention(&q, kv, ctx.seqs, geometry, self.scale)?;
+        self.o_proj.forward(&out.to_dtype(x.dtype())?)
     }
-}
-
-fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }

@@ -19,11 +19,11 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
 use super::CausalLm;
-use crate::attention::AttnSeq;
+use crate::backend::{self, AttnSeq};
 use crate::batch::{ForwardBatch, ForwardOutput};
 use crate::config::{ExpertNaming, ModelConfig};
 use crate::error::{Error, Result};
-use crate::kv::{KvCache, KvLayout};
+use crate::kv::{KvLayout, KvStorage};
 use crate::layers::{
     Attention, AttentionContext, GatedMlp, LatentAttention, Linear, MoeBlock, RmsNorm, RotaryEmbedding,
 };
@@ -124,7 +124,7 @@ impl DecoderModel {
             layers,
             norm,
             lm_head,
-            rope: RotaryEmbedding::new(&cfg.rope, cfg.max_position_embeddings),
+            rope: RotaryEmbedding::new(&cfg.rope, cfg.max_position_embeddings, store.device())?,
             device: store.device().clone(),
         })
     }
@@ -139,18 +139,15 @@ impl CausalLm for DecoderModel {
         super::kv_layout(&self.cfg)
     }
 
-    fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
-        // The whole pass runs on one of rayon's workers, so that the matmuls and attention
-        // it splits over the pool are shared with peers by work stealing, and the peers
-        // spin for work until it ends (see `pool`). Called from outside the pool, every
-        // parallel op would instead be injected into the pool and the caller put to sleep
-        // and woken again: ~200 wake-ups per decode step.
-        crate::pool::with_hot_workers(|| self.forward_in_pool(batch, kv))
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<ForwardOutput> {
+        // The backend's execution policy: on the CPU the whole pass runs on one of rayon's
+        // workers with the others spinning for work (see `backend::cpu::pool`).
+        backend::forward_pass(&self.device, || self.forward_in_pool(batch, kv))
     }
 }
 
 impl DecoderModel {
-    fn forward_in_pool(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput> {
+    fn forward_in_pool(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<ForwardOutput> {
         let plan = BatchPlan::new(batch, kv, &self.cfg)?;
         let ctx = AttentionContext {
             positions: &plan.positions,
@@ -213,7 +210,7 @@ struct BatchPlan<'a> {
 }
 
 impl<'a> BatchPlan<'a> {
-    fn new(batch: &ForwardBatch<'a>, kv: &KvCache, cfg: &ModelConfig) -> Result<Self> {
+    fn new(batch: &ForwardBatch<'a>, kv: &KvStorage, cfg: &ModelConfig) -> Result<Self> {
         if batch.seqs.is_empty() {
             return Err(Error::InvalidBatch("empty batch".into()));
         }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use crate::batch::{ForwardBatch, ForwardOutput};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::kv::{KvCache, KvLayout};
+use crate::kv::{KvLayout, KvStorage};
 use crate::weights::WeightStore;
 
 /// A causal language model that runs over the paged KV cache.
@@ -20,7 +20,7 @@ pub trait CausalLm: Send + Sync {
     fn kv_layout(&self) -> KvLayout;
 
     /// Runs the batch: writes the new tokens' keys and values into `kv` and returns logits.
-    fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<ForwardOutput>;
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<ForwardOutput>;
 }
 
 /// What the KV cache holds per token for `cfg`: per-head keys and values, or for latent
@@ -95,8 +95,11 @@ mod tests {
         };
         assert_eq!(full.bytes_per_token(), 27 * 16 * 320 * 4);
         let gib = 1 << 30;
-        let latent_tokens = KvCache::with_memory_budget(latent, 16, gib).unwrap().num_blocks() * 16;
-        let full_tokens = KvCache::with_memory_budget(full, 16, gib).unwrap().num_blocks() * 16;
+        let latent_tokens = KvStorage::with_memory_budget(latent, 16, gib)
+            .unwrap()
+            .num_blocks()
+            * 16;
+        let full_tokens = KvStorage::with_memory_budget(full, 16, gib).unwrap().num_blocks() * 16;
         let ratio = latent_tokens as f64 / full_tokens as f64;
         assert!(
             (ratio - 5120.0 / 576.0).abs() < 0.05,

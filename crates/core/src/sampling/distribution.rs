@@ -21,7 +21,7 @@
 //! portable ([`support`] picks at run time, as the model's kernels do).
 
 use super::select::{rank, top_k_into};
-use crate::vmath::{any_at_least, exp, fold16, max};
+use crate::backend::cpu::vmath::{any_at_least, exp, fold16, max};
 
 /// Weights per block of the dense distribution (sums kept for the draw).
 const BLOCK: usize = 512;

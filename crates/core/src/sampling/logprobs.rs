@@ -1,7 +1,7 @@
 //! Log-probabilities of the model's raw distribution, and the greedy choice.
 
 use super::select::top_k_into;
-use crate::vmath::{any_at_least, exp, fold16, max};
+use crate::backend::cpu::vmath::{any_at_least, exp, fold16, max};
 
 /// A token's log-probability and, when asked, the most likely alternatives.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use crate::vmath::any_at_least;
+use crate::backend::cpu::vmath::any_at_least;
 
 /// The order in which tokens rank everywhere in sampling: higher logit first (IEEE total
 /// order), lower id first among equals.

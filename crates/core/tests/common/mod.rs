@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use moeserve_core::{BlockAllocator, BlockTable, ForwardBatch, KvCache, LoadedModel, SequenceInput};
+use moeserve_core::{BlockPool, BlockTable, ForwardBatch, KvStorage, LoadedModel, SequenceInput};
 
 /// A committed fixture model (tests/fixtures/models/NAME).
 pub fn fixture(name: &str) -> PathBuf {
@@ -15,8 +15,8 @@ pub fn fixture(name: &str) -> PathBuf {
 /// The last-position logits of `prompt` prefilled in one piece on a fresh cache.
 pub fn prefill_logits(m: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
     let blocks = BlockTable::blocks_for(prompt.len(), 16);
-    let mut kv = KvCache::new(m.model.kv_layout(), 16, blocks).unwrap();
-    let mut alloc = BlockAllocator::new(blocks);
+    let mut kv = KvStorage::new(m.model.kv_layout(), 16, blocks).unwrap();
+    let mut alloc = BlockPool::new(blocks);
     let mut table = BlockTable::new();
     table.reserve(&mut alloc, prompt.len(), 16).unwrap();
     let batch = ForwardBatch::new(vec![SequenceInput {

@@ -40,11 +40,11 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+
 use rayon::prelude::*;
 
+use super::vmath::fold16;
 use crate::error::{Error, Result};
-use crate::vmath::fold16;
 
 /// Rows interleaved together: one 512-bit register of f32 per-row sums.
 const GROUP: usize = 16;
@@ -363,14 +363,18 @@ fn pack_group_block(storage: Storage, block: usize, q: &[&[i8]; GROUP], out: &mu
 }
 
 impl PackedQuantMatrix {
-    /// The packed matrix for `q` when its format has a kernel here.
+    /// The packed matrix for `q` when its format has a kernel here. A stacked
+    /// `[experts, out, in]` tensor becomes one matrix of `experts * out` rows.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         let Some(src) = source(q.dtype()) else {
             return Ok(None);
         };
-        let &[rows, cols] = q.shape().dims() else {
+        let dims = q.shape().dims();
+        if dims.len() < 2 {
             return Ok(None);
-        };
+        }
+        let (&cols, lead) = dims.split_last().expect("two or more dimensions");
+        let rows: usize = lead.iter().product();
         if cols % src.elems != 0 || !q.device().is_cpu() {
             return Ok(None);
         }
@@ -386,7 +390,7 @@ impl PackedQuantMatrix {
         let blocks = cols / src.block;
         let gbb = group_block_bytes(src.storage, src.block);
         let mut weights = vec![0u8; groups * blocks * gbb];
-        crate::host::advise_huge_pages(&mut weights);
+        crate::backend::cpu::host::advise_huge_pages(&mut weights);
         let per_outer = src.elems / src.block;
         let new_scales = || {
             if src.elems == 32 {
@@ -463,23 +467,47 @@ impl PackedQuantMatrix {
     /// The row-wise concatenation of `parts` (projections of one input, multiplied at
     /// once), when they are packed alike and each fills whole row groups.
     pub fn concat(parts: &[&PackedQuantMatrix]) -> Option<Self> {
-        let first = parts.first()?;
-        let alike = |m: &PackedQuantMatrix| {
+        let ranges: Vec<(&PackedQuantMatrix, std::ops::Range<usize>)> =
+            parts.iter().map(|&m| (m, 0..m.rows)).collect();
+        Self::concat_rows(&ranges)
+    }
+
+    /// Rows `range` of each of `parts`, one after another, when the parts are packed
+    /// alike and every range is whole row groups: how the gate and up projections of each
+    /// expert of a stacked pair come to sit side by side.
+    pub fn concat_rows(parts: &[(&PackedQuantMatrix, std::ops::Range<usize>)]) -> Option<Self> {
+        let (first, _) = parts.first()?;
+        let alike = |(m, rows): &(&PackedQuantMatrix, std::ops::Range<usize>)| {
             m.storage == first.storage
                 && m.block == first.block
                 && m.cols == first.cols
-                && m.rows.is_multiple_of(GROUP)
+                && rows.start.is_multiple_of(GROUP)
+                && rows.len().is_multiple_of(GROUP)
+                && rows.end <= m.rows
                 && std::mem::discriminant(&m.scales) == std::mem::discriminant(&first.scales)
                 && m.mins.is_some() == first.mins.is_some()
         };
-        if !parts.iter().all(|m| alike(m)) {
+        if !parts.iter().all(alike) {
             return None;
         }
+        let blocks = first.blocks();
+        let groups = |rows: &std::ops::Range<usize>| rows.start / GROUP..rows.end / GROUP;
+        // Each array holds `per_group` values per row group, groups in order.
+        fn cut<T: Copy>(v: &[T], per_group: usize, g: std::ops::Range<usize>, out: &mut Vec<T>) {
+            out.extend_from_slice(&v[g.start * per_group..g.end * per_group]);
+        }
         let cat = |get: &dyn Fn(&PackedQuantMatrix) -> &Scales| {
-            let mut out = get(first).clone();
-            for m in &parts[1..] {
+            let mut out = match get(first) {
+                Scales::F16(_) => Scales::F16(Vec::new()),
+                Scales::Factored { per_outer, .. } => Scales::Factored {
+                    sub: Vec::new(),
+                    outer: Vec::new(),
+                    per_outer: *per_outer,
+                },
+            };
+            for (m, rows) in parts {
                 match (&mut out, get(m)) {
-                    (Scales::F16(a), Scales::F16(b)) => a.extend_from_slice(b),
+                    (Scales::F16(a), Scales::F16(b)) => cut(b, blocks * GROUP, groups(rows), a),
                     (
                         Scales::Factored {
                             sub,
@@ -492,38 +520,42 @@ impl PackedQuantMatrix {
                             per_outer: per_outer_b,
                         },
                     ) if per_outer == per_outer_b => {
-                        sub.extend_from_slice(sub_b);
-                        outer.extend_from_slice(outer_b);
+                        cut(sub_b, blocks * GROUP, groups(rows), sub);
+                        cut(outer_b, blocks / *per_outer * GROUP, groups(rows), outer);
                     }
-                    _ => unreachable!("checked alike"),
+                    _ => return None,
                 }
             }
-            out
+            Some(out)
         };
+        let gbb = group_block_bytes(first.storage, first.block);
+        let rows: usize = parts.iter().map(|(_, r)| r.len()).sum();
+        let len = rows / GROUP * blocks * gbb;
+        let mut weights = Vec::with_capacity(len);
+        crate::backend::cpu::host::advise_huge_pages(&mut weights.spare_capacity_mut()[..len]);
+        for (m, r) in parts {
+            cut(&m.weights, blocks * gbb, groups(r), &mut weights);
+        }
         Some(Self {
             storage: first.storage,
             block: first.block,
-            rows: parts.iter().map(|m| m.rows).sum(),
+            rows,
             cols: first.cols,
-            weights: {
-                let len = parts.iter().map(|m| m.weights.len()).sum();
-                let mut w = Vec::with_capacity(len);
-                crate::host::advise_huge_pages(&mut w.spare_capacity_mut()[..len]);
-                for m in parts {
-                    w.extend_from_slice(&m.weights);
-                }
-                w
+            weights,
+            scales: cat(&|m| &m.scales)?,
+            mins: match first.mins {
+                Some(_) => Some(cat(&|m| m.mins.as_ref().expect("checked alike"))?),
+                None => None,
             },
-            scales: cat(&|m| &m.scales),
-            mins: first
-                .mins
-                .as_ref()
-                .map(|_| cat(&|m| m.mins.as_ref().expect("checked alike"))),
         })
     }
 
-    fn groups(&self) -> usize {
-        self.rows.div_ceil(GROUP)
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 
     fn blocks(&self) -> usize {
@@ -531,34 +563,57 @@ impl PackedQuantMatrix {
     }
 
     /// `x`: `[tokens, cols]` -> `[tokens, rows]`, in f32.
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, k) = x.dims2()?;
-        if k != self.cols {
-            return Err(Error::InvalidBatch(format!(
-                "matmul input has {k} features, the weight {}",
-                self.cols
-            )));
-        }
-        let acts = crate::host::with_f32(x, |xs| Activations::quantize(xs, t, self.cols, self.block))?;
-        let n = t * self.rows;
-        let mut out: Vec<f32> = Vec::with_capacity(n);
-        // SAFETY: `out` has room for `[t, rows]`, and the kernels write every element of
-        // it (each task all tokens of its row groups; the groups cover the rows), so
-        // nothing is read uninitialised; no zeroing pass over the output first.
-        unsafe {
-            self.matmul_into(&acts, out.as_mut_ptr());
-            out.set_len(n);
-        }
-        Ok(Tensor::from_vec(out, (t, self.rows), &Device::Cpu)?)
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.matmul_rows(x, 0..self.rows)
     }
 
-    /// `out` (`[tokens, rows]`) = activations x W^T, row groups spread over rayon's pool.
+    /// `x` (`[tokens, cols]`) times rows `rows` of the weights: `[tokens, rows.len()]`, in
+    /// f32. The range starts on a row group (a multiple of 16) and ends on one or at the
+    /// last row: one expert of a stacked matrix.
+    pub fn matmul_rows(&self, x: &[f32], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let k = self.cols;
+        if !x.len().is_multiple_of(k) {
+            return Err(Error::InvalidBatch(format!(
+                "matmul input of {} values is not rows of the weight's {k} features",
+                x.len()
+            )));
+        }
+        if !rows.start.is_multiple_of(GROUP)
+            || !(rows.end.is_multiple_of(GROUP) || rows.end == self.rows)
+            || rows.start > rows.end
+            || rows.end > self.rows
+        {
+            return Err(Error::InvalidBatch(format!(
+                "rows {rows:?} of a packed matrix of {} rows are not whole row groups",
+                self.rows
+            )));
+        }
+        let t = x.len() / k;
+        let acts = Activations::quantize(x, t, k, self.block);
+        let n = t * rows.len();
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        let target = Target {
+            ptr: out.as_mut_ptr(),
+            stride: rows.len(),
+            first_group: rows.start / GROUP,
+        };
+        // SAFETY: `out` has room for `[t, rows.len()]`, and the kernels write every
+        // element of it (each task all tokens of its row groups; the groups cover the
+        // rows), so nothing is read uninitialised; no zeroing pass over the output first.
+        unsafe {
+            self.matmul_into(&acts, target, rows.start / GROUP..rows.end.div_ceil(GROUP));
+            out.set_len(n);
+        }
+        Ok(out)
+    }
+
+    /// `out` = activations x W^T over row groups `groups`, spread over rayon's pool.
     ///
     /// # Safety
-    /// `out` is valid for writes of `[acts.tokens, rows]` f32.
-    unsafe fn matmul_into(&self, acts: &Activations, out: *mut f32) {
+    /// `out` is valid for writes of `[acts.tokens, stride]` f32 covering `groups`.
+    unsafe fn matmul_into(&self, acts: &Activations, out: Target, groups: std::ops::Range<usize>) {
         let kernel = kernel();
-        let groups = self.groups();
+        let n = groups.len();
         // A few tasks per thread: enough to balance, few enough that scheduling them costs
         // little next to the work (a decode step makes ~200 of these calls). With many
         // tokens a single row group is work enough for a task (a 16x1536 group against
@@ -567,31 +622,20 @@ impl PackedQuantMatrix {
         let per_task = if acts.tokens >= TOKEN_TILE {
             1
         } else {
-            groups.div_ceil(4 * rayon::current_num_threads()).max(1)
+            n.div_ceil(4 * rayon::current_num_threads()).max(1)
         };
-        let out = OutPtr(out);
-        (0..groups.div_ceil(per_task)).into_par_iter().for_each(|task| {
-            let gs = task * per_task..((task + 1) * per_task).min(groups);
+        (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+            let gs = groups.start + task * per_task..groups.start + ((task + 1) * per_task).min(n);
             for t0 in (0..acts.tokens).step_by(TOKEN_CHUNK) {
                 let tokens = t0..(t0 + TOKEN_CHUNK).min(acts.tokens);
                 for g in gs.clone() {
                     // SAFETY: each task writes only the columns of its own row groups.
-                    unsafe { kernel(self, g, acts, tokens.clone(), out.get()) };
+                    unsafe { kernel(self, g, acts, tokens.clone(), out) };
                 }
             }
         });
     }
 }
-
-struct OutPtr(*mut f32);
-impl OutPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint columns of the output (see `matmul_into`).
-unsafe impl Sync for OutPtr {}
-unsafe impl Send for OutPtr {}
 
 /// Activations quantized to 16 bits per value, one scale per weight block. The buffers
 /// may be longer than `tokens` rows (reused from an earlier matmul); only the first
@@ -696,7 +740,7 @@ type TokenRows<'a> = (&'a [f32], (&'a mut [i16], (&'a mut [f32], &'a mut [f32]))
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 unsafe fn quantize_avx512(x: &[f32], q: &mut [i16], scale: &mut [f32], sum: &mut [f32], block: usize) {
-    use crate::vmath::avx512::{fold_each16, Add, Max};
+    use crate::backend::cpu::vmath::avx512::{fold_each16, Add, Max};
     use std::arch::x86_64::*;
     let span = 16 * block;
     let whole = if block == 16 || block == 32 {
@@ -777,9 +821,35 @@ fn quantize_blocks(x: &[f32], q: &mut [i16], scale: &mut [f32], sum: &mut [f32],
     }
 }
 
-/// Writes `out[t, 16g..16g+16]` for the tokens in `tokens` (a raw pointer because tasks
-/// share the output).
-type GroupKernel = unsafe fn(&PackedQuantMatrix, usize, &Activations, std::ops::Range<usize>, *mut f32);
+/// Writes row group `g`'s 16 columns of `out` for the tokens in `tokens`.
+type GroupKernel = unsafe fn(&PackedQuantMatrix, usize, &Activations, std::ops::Range<usize>, Target);
+
+/// Where a matmul's output goes: `[tokens, stride]` f32 at `ptr`, whose column 0 is row
+/// `16 * first_group` of the weights (a whole matrix, or the row groups of one expert of a
+/// stacked one). A raw pointer because tasks share the output, each writing its own
+/// columns.
+#[derive(Clone, Copy)]
+struct Target {
+    ptr: *mut f32,
+    stride: usize,
+    first_group: usize,
+}
+
+impl Target {
+    /// Where token `t`'s outputs of row group `g` start.
+    ///
+    /// # Safety
+    /// `t` is a token of the output and `g` one of its row groups.
+    #[inline(always)]
+    unsafe fn at(self, t: usize, g: usize) -> *mut f32 {
+        // SAFETY: by the caller's contract the offset is inside the output.
+        unsafe { self.ptr.add(t * self.stride + (g - self.first_group) * GROUP) }
+    }
+}
+
+// SAFETY: tasks write disjoint columns of the output (see `matmul_into`).
+unsafe impl Sync for Target {}
+unsafe impl Send for Target {}
 
 fn kernel() -> GroupKernel {
     static KERNEL: OnceLock<GroupKernel> = OnceLock::new();
@@ -808,7 +878,7 @@ unsafe fn group_avx2(
     g: usize,
     a: &Activations,
     ts: std::ops::Range<usize>,
-    out: *mut f32,
+    out: Target,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe { group_impl(m, g, a, ts, out) }
@@ -819,7 +889,7 @@ unsafe fn group_portable(
     g: usize,
     a: &Activations,
     ts: std::ops::Range<usize>,
-    out: *mut f32,
+    out: Target,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe { group_impl(m, g, a, ts, out) }
@@ -833,7 +903,7 @@ unsafe fn group_impl(
     g: usize,
     a: &Activations,
     ts: std::ops::Range<usize>,
-    out: *mut f32,
+    out: Target,
 ) {
     let (blocks, bs) = (m.blocks(), m.block);
     let gbb = group_block_bytes(m.storage, bs);
@@ -870,9 +940,9 @@ unsafe fn group_impl(
     }
     for (ti, t) in ts.enumerate() {
         for (r, v) in acc[ti][..valid].iter().enumerate() {
-            // SAFETY: the caller passes an output of `[tokens, rows]`; `t < tokens` and
+            // SAFETY: the caller passes an output holding token `t` and group `g`;
             // `16g + r < rows`.
-            unsafe { *out.add(t * m.rows + g * GROUP + r) = *v };
+            unsafe { *out.at(t, g).add(r) = *v };
         }
     }
 }
@@ -884,7 +954,8 @@ mod avx512 {
     use std::ops::Range;
 
     use super::{
-        group_block_bytes, Activations, PackedQuantMatrix, Scales, Storage, GROUP, PREFETCH_AHEAD, TOKEN_TILE,
+        group_block_bytes, Activations, PackedQuantMatrix, Scales, Storage, Target, GROUP, PREFETCH_AHEAD,
+        TOKEN_TILE,
     };
 
     /// 16 lanes of `acc + w.lo * x.lo + w.hi * x.hi` over 16-bit pairs, `x` the pair of
@@ -1046,7 +1117,7 @@ mod avx512 {
                 g: usize,
                 a: &Activations,
                 ts: Range<usize>,
-                out: *mut f32,
+                out: Target,
             ) {
                 let factored = matches!(m.scales, Scales::Factored { .. });
                 // SAFETY (each arm): forwarded from the caller; the layout is `m`'s.
@@ -1072,7 +1143,7 @@ mod avx512 {
                 g: usize,
                 a: &Activations,
                 ts: Range<usize>,
-                out: *mut f32,
+                out: Target,
             ) {
                 let mut t = ts.start;
                 while t < ts.end {
@@ -1102,7 +1173,7 @@ mod avx512 {
                 g: usize,
                 a: &Activations,
                 t0: usize,
-                out: *mut f32,
+                out: Target,
             ) {
                 let blocks = m.blocks();
                 let in_layout = |s: &Scales| match s {
@@ -1215,9 +1286,9 @@ mod avx512 {
                     (1u16 << valid) - 1
                 };
                 for t in 0..T {
-                    // SAFETY: row `t0 + t` of the `[tokens, rows]` output, columns
-                    // `16g..16g + valid`.
-                    unsafe { _mm512_mask_storeu_ps(out.add((t0 + t) * m.rows + g * GROUP), mask, acc[t]) };
+                    // SAFETY: token `t0 + t` and row group `g` of the output, `valid`
+                    // columns.
+                    unsafe { _mm512_mask_storeu_ps(out.at(t0 + t, g), mask, acc[t]) };
                 }
             }
         };
@@ -1242,6 +1313,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
 
     fn packed(dtype: GgmlDType, w: &Tensor) -> (QTensor, PackedQuantMatrix) {
         let q = QTensor::quantize(w, dtype).unwrap();
@@ -1360,10 +1432,16 @@ mod tests {
                 let (_, m) = packed(dtype, &w);
                 let acts = Activations::quantize(&x, t, 512, m.block);
                 let (mut a, mut b) = (vec![0f32; t * 21], vec![0f32; t * 21]);
-                for g in 0..m.groups() {
+                let target = |out: &mut Vec<f32>| Target {
+                    ptr: out.as_mut_ptr(),
+                    stride: 21,
+                    first_group: 0,
+                };
+                for g in 0..21usize.div_ceil(GROUP) {
+                    // SAFETY: both outputs are `[t, 21]`; group `g` is one of the matrix's.
                     unsafe {
-                        group_portable(&m, g, &acts, 0..t, a.as_mut_ptr());
-                        kernel()(&m, g, &acts, 0..t, b.as_mut_ptr());
+                        group_portable(&m, g, &acts, 0..t, target(&mut a));
+                        kernel()(&m, g, &acts, 0..t, target(&mut b));
                     }
                 }
                 for (p, q) in a.iter().zip(&b) {
@@ -1387,7 +1465,8 @@ mod tests {
             for dtype in FORMATS {
                 let (q, m) = packed(dtype, &w);
                 let want = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
-                let got = m.matmul(&x).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = Tensor::from_vec(m.matmul(&xs).unwrap(), (t, 40), &dev).unwrap();
                 let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 let err = max_abs(&(got - &want).unwrap()) / max_abs(&want);
                 // 16-bit activations: a few 1e-5 of the largest output.
@@ -1398,6 +1477,58 @@ mod tests {
                     "{dtype:?} with {t} tokens: max error {err} of the largest output"
                 );
             }
+        }
+    }
+
+    /// The rows of one expert of a stacked matrix are those rows of the whole product, and
+    /// rows gathered from several matrices (gate and up of each expert, side by side) are
+    /// those rows of each; ranges that are not whole row groups are refused.
+    #[test]
+    fn row_ranges_and_gathered_rows_match_the_whole_product() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+            let (experts, per, cols) = (3usize, 32usize, 256usize);
+            let w = Tensor::randn(0f32, 1.0, (experts, per, cols), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let stacked = PackedQuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            assert_eq!((stacked.rows(), stacked.cols()), (experts * per, cols));
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (5, cols), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let whole = stacked.matmul(&x).unwrap();
+            let column = |out: &[f32], width: usize, t: usize, c: usize| out[t * width + c];
+            for e in 0..experts {
+                let part = stacked.matmul_rows(&x, e * per..(e + 1) * per).unwrap();
+                for t in 0..5 {
+                    for c in 0..per {
+                        assert_eq!(
+                            column(&part, per, t, c),
+                            column(&whole, experts * per, t, e * per + c)
+                        );
+                    }
+                }
+            }
+            assert!(stacked.matmul_rows(&x, 8..40).is_err());
+            // Expert 2's rows, then expert 0's.
+            let gathered =
+                PackedQuantMatrix::concat_rows(&[(&stacked, 2 * per..3 * per), (&stacked, 0..per)]).unwrap();
+            let out = gathered.matmul(&x).unwrap();
+            for t in 0..5 {
+                for c in 0..per {
+                    assert_eq!(
+                        column(&out, 2 * per, t, c),
+                        column(&whole, experts * per, t, 2 * per + c)
+                    );
+                    assert_eq!(
+                        column(&out, 2 * per, t, per + c),
+                        column(&whole, experts * per, t, c)
+                    );
+                }
+            }
+            assert!(PackedQuantMatrix::concat_rows(&[(&stacked, 0..20)]).is_none());
         }
     }
 }

@@ -8,10 +8,14 @@
 //! decodes. Work is split over (token, head) pairs on rayon's pool, which is also the pool
 //! candle's matmuls use, so the model never oversubscribes the cores.
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::kv::{KvBuf, KvLayer};
-use crate::vmath::softmax_rows;
+use super::host::with_f32;
+use super::kv_buffer::KvBuffer;
+use super::vmath::softmax_rows;
+use crate::error::{Error, Result};
+use crate::kv::KvLayer;
 
 /// One sequence's part of a batch: its query tokens are rows
 /// `first_token..first_token + len` of `q`, at positions `start_pos..start_pos + len`.
@@ -77,6 +81,71 @@ impl AttnGeometry {
             (self.offset(slot, kv_head, self.head_dim), 1)
         }
     }
+}
+
+/// [`write_kv`] for tensors (`[T, num_kv_heads * head_dim]` keys, values likewise or
+/// none), read in place.
+pub(crate) fn write_kv_tensors(
+    layer: &mut KvLayer,
+    g: &AttnGeometry,
+    slots: &[usize],
+    keys: &Tensor,
+    values: Option<&Tensor>,
+) -> Result<()> {
+    let rows = slots.len() * g.num_kv_heads;
+    if keys.elem_count() != rows * g.head_dim || values.is_some_and(|v| v.elem_count() != rows * g.value_dim)
+    {
+        return Err(Error::InvalidBatch(format!(
+            "keys/values of {} tokens do not fit the cache geometry {g:?}",
+            slots.len()
+        )));
+    }
+    with_f32(keys, |k| match values {
+        Some(v) => with_f32(v, |v| write_kv(layer, g, slots, k, v)),
+        None => {
+            write_kv(layer, g, slots, k, &[]);
+            Ok(())
+        }
+    })?
+}
+
+/// [`paged_attention`] for a query tensor `[T, num_heads * head_dim]`, read in place;
+/// `[T, num_heads * value_dim]` back.
+pub(crate) fn paged_attention_tensor(
+    q: &Tensor,
+    layer: &KvLayer,
+    seqs: &[AttnSeq],
+    g: AttnGeometry,
+    scale: f32,
+) -> Result<Tensor> {
+    let t: usize = seqs.iter().map(|s| s.len).sum();
+    if q.elem_count() != t * g.num_heads * g.head_dim {
+        return Err(Error::InvalidBatch(format!(
+            "a query of {} values for {t} tokens of geometry {g:?}",
+            q.elem_count()
+        )));
+    }
+    let out = with_f32(q, |q| paged_attention(q, layer, seqs, g, scale))?;
+    Ok(Tensor::from_vec(out, (t, g.num_heads * g.value_dim), q.device())?)
+}
+
+/// The cached key vectors (`width` values each, untransposed: latent attention's) at
+/// `slots`, as `[slots, width]`.
+pub(crate) fn read_keys(layer: &KvLayer, slots: &[usize], width: usize) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(slots.len() * width);
+    for &slot in slots {
+        if (slot + 1) * width > layer.keys.len() {
+            return Err(Error::InvalidBatch(format!(
+                "cache slot {slot} is outside the layer"
+            )));
+        }
+        layer.keys.read_into(slot * width, width, &mut rows);
+    }
+    Ok(Tensor::from_vec(
+        rows,
+        (slots.len(), width),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// Writes the keys `[T, num_kv_heads * head_dim]` and values (`[T, num_kv_heads *
@@ -168,7 +237,7 @@ pub fn paged_attention(
             });
     };
     match (&layer.keys, &layer.values) {
-        (KvBuf::F32(k), KvBuf::F32(v)) => {
+        (KvBuffer::F32(k), KvBuffer::F32(v)) => {
             let kernel = attend_kernel::<f32>();
             run(
                 // SAFETY: `attend_kernel` only returns kernels the CPU supports.
@@ -177,7 +246,7 @@ pub fn paged_attention(
                 &mut out,
             )
         }
-        (KvBuf::F16(k), KvBuf::F16(v)) => {
+        (KvBuffer::F16(k), KvBuffer::F16(v)) => {
             let kernel = attend_kernel::<half::f16>();
             run(
                 // SAFETY: as above.
@@ -364,7 +433,7 @@ unsafe fn attend_avx512<E: KvElem>(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
-    use crate::vmath::avx512::{fold_each16, Add};
+    use crate::backend::cpu::vmath::avx512::{fold_each16, Add};
     use std::arch::x86_64::*;
     let g = job.g;
     let heads = job.q.len() / g.head_dim;
@@ -764,7 +833,7 @@ fn axpy<E: KvElem>(w: f32, v: &[E], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{BlockAllocator, BlockTable, KvCache, KvDtype, KvLayout};
+    use crate::kv::{BlockPool, BlockTable, KvDtype, KvLayout, KvStorage};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// Plain causal attention over contiguous K/V, written the textbook way.
@@ -892,8 +961,8 @@ mod tests {
         let len_b = cached_b + chunk_b;
         let bs = g.block_size;
         let blocks = (len_a.div_ceil(bs) + len_b.div_ceil(bs)) * 2;
-        let mut kv = KvCache::new(layout, g.block_size, blocks).unwrap();
-        let mut alloc = BlockAllocator::new(blocks);
+        let mut kv = KvStorage::new(layout, g.block_size, blocks).unwrap();
+        let mut alloc = BlockPool::new(blocks);
         let mut rng = StdRng::seed_from_u64(7);
         let mut rand_vec = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
         let (ka, mut va) = (rand_vec(len_a * kvh * d), rand_vec(len_a * kvh * vd));

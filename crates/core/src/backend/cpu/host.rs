@@ -4,12 +4,19 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// Runs `f` on the values of `t` in row-major order as f32: in place when `t` is a
-/// contiguous f32 tensor in CPU memory (the common case: a layer's output), else through
-/// one conversion. Saves a copy of every activation a kernel reads.
+/// Runs `f` on the values of `t` (a tensor in CPU memory) in row-major order as f32: in
+/// place when `t` is contiguous f32 (the common case: a layer's output), else through one
+/// conversion (half precision, a strided view). Saves a copy of every activation a kernel
+/// reads. A tensor on another device is an error: a CPU kernel never copies one across.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if !t.device().is_cpu() {
+        return Err(Error::Backend(format!(
+            "a tensor on {:?} reached a CPU kernel",
+            t.device()
+        )));
+    }
     if t.dtype() == DType::F32 {
         let (storage, layout) = t.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =

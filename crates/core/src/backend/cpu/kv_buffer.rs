@@ -1,0 +1,113 @@
+//! Host memory for the KV cache.
+
+use crate::kv::KvDtype;
+
+/// One layer's cached keys (or values) in host memory, in the cache's element type: the
+/// physical storage the CPU attention kernel reads in place.
+pub enum KvBuffer {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl KvBuffer {
+    pub fn zeros(dtype: KvDtype, len: usize) -> Self {
+        // Fresh zeroed memory is not touched until written, so the huge-page hint still
+        // applies to all of it.
+        match dtype {
+            KvDtype::F32 => {
+                let mut v = vec![0.0; len];
+                super::host::advise_huge_pages(&mut v);
+                KvBuffer::F32(v)
+            }
+            KvDtype::F16 => {
+                // Zero bits, allocated as integers so that the allocator hands over
+                // fresh zeroed pages (a `vec![f16::ZERO; len]` writes every value).
+                use half::vec::HalfBitsVecExt;
+                let mut v = vec![0u16; len];
+                super::host::advise_huge_pages(&mut v);
+                KvBuffer::F16(v.reinterpret_into())
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            KvBuffer::F32(v) => v.len(),
+            KvBuffer::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores `src` at `at..at + src.len()`.
+    pub fn write(&mut self, at: usize, src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            KvBuffer::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvBuffer::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    /// Stores `src[i]` at `at + i * stride`.
+    pub fn write_strided(&mut self, at: usize, stride: usize, src: &[f32]) {
+        if stride == 1 {
+            return self.write(at, src);
+        }
+        match self {
+            KvBuffer::F32(v) => {
+                for (i, &x) in src.iter().enumerate() {
+                    v[at + i * stride] = x;
+                }
+            }
+            KvBuffer::F16(v) => {
+                // Converted as one slice first: that uses the CPU's F16C when it has
+                // it, where `f16::from_f32` per value is a software conversion.
+                use half::slice::HalfFloatSliceExt;
+                let mut halves = [half::f16::ZERO; 64];
+                for (c, chunk) in src.chunks(64).enumerate() {
+                    let h = &mut halves[..chunk.len()];
+                    h.convert_from_f32_slice(chunk);
+                    for (i, &x) in h.iter().enumerate() {
+                        v[at + (64 * c + i) * stride] = x;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends `len` values from `at`, widened to f32, to `out`.
+    pub fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
+        match self {
+            KvBuffer::F32(v) => out.extend_from_slice(&v[at..at + len]),
+            KvBuffer::F16(v) => out.extend(v[at..at + len].iter().map(|x| x.to_f32())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strided writes land every value (past a whole chunk of conversion) where it
+    /// belongs, and touch nothing between.
+    #[test]
+    fn strided_writes_place_each_value() {
+        let src: Vec<f32> = (0..130).map(|i| i as f32 * 0.5 - 20.0).collect();
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut buf = KvBuffer::zeros(dtype, 2 + 3 * src.len());
+            buf.write_strided(2, 3, &src);
+            let mut all = Vec::new();
+            buf.read_into(0, buf.len(), &mut all);
+            for (i, v) in all.iter().enumerate() {
+                let want = if i >= 2 && (i - 2) % 3 == 0 {
+                    src[(i - 2) / 3]
+                } else {
+                    0.0
+                };
+                assert_eq!(*v, want, "{dtype:?} at {i}");
+            }
+        }
+    }
+}

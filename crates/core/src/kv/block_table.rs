@@ -1,0 +1,79 @@
+//! A sequence's block table: the blocks that hold its positions, in order.
+
+use super::BlockPool;
+use crate::error::{Error, Result};
+
+/// The blocks that hold one sequence's positions, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    blocks: Vec<u32>,
+}
+
+impl BlockTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Blocks needed to hold `num_tokens` positions.
+    pub fn blocks_for(num_tokens: usize, block_size: usize) -> usize {
+        num_tokens.div_ceil(block_size)
+    }
+
+    /// Grows the table to hold `num_tokens` positions. All-or-nothing: when the pool runs
+    /// out, the blocks taken by this call are returned and an error says how many were
+    /// missing.
+    pub fn reserve(&mut self, pool: &mut BlockPool, num_tokens: usize, block_size: usize) -> Result<()> {
+        let need = Self::blocks_for(num_tokens, block_size).saturating_sub(self.blocks.len());
+        if need > pool.num_free() {
+            return Err(Error::KvCache(format!(
+                "out of blocks: need {need} more, {} free of {}",
+                pool.num_free(),
+                pool.num_blocks()
+            )));
+        }
+        for _ in 0..need {
+            self.blocks.push(pool.allocate().expect("checked free count"));
+        }
+        Ok(())
+    }
+
+    /// Appends an already allocated (shared) block.
+    pub fn push_shared(&mut self, pool: &mut BlockPool, block: u32) {
+        pool.share(block);
+        self.blocks.push(block);
+    }
+
+    /// Gives every block back.
+    pub fn release_all(&mut self, pool: &mut BlockPool) {
+        for b in self.blocks.drain(..) {
+            pool.release(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_is_all_or_nothing() {
+        let mut a = BlockPool::new(2);
+        let mut t = BlockTable::new();
+        let err = t.reserve(&mut a, 33, 16).unwrap_err();
+        assert!(err.to_string().contains("need 3 more"), "{err}");
+        assert_eq!(a.num_free(), 2);
+        assert!(t.is_empty());
+    }
+}
