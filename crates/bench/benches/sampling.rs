@@ -82,7 +82,7 @@ fn main() {
         for _ in 0..3 {
             let start = Instant::now();
             for _ in 0..draws {
-                std::hint::black_box(sampler.sample(&logits, &prompt, &output, &[]));
+                std::hint::black_box(sampler.sample(&logits, &prompt, &output, &Default::default()));
             }
             best = best.min(start.elapsed().as_secs_f64() / draws as f64);
         }

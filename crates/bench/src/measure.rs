@@ -4,7 +4,9 @@
 
 use std::time::Instant;
 
-use moeserve_core::{BlockPool, BlockTable, CausalLm, ForwardBatch, KvStorage, Result, SequenceInput};
+use moeserve_core::{
+    BlockPool, BlockTable, CausalLm, ForwardBatch, KvStorage, LogitRows, Result, SequenceInput,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardThroughput {
@@ -131,7 +133,7 @@ pub fn forward_throughput(
                 tokens: &prompts[s][..len],
                 start_pos,
                 block_table: tables[s].blocks(),
-                all_logits: false,
+                logits: LogitRows::Last,
             })
             .collect();
         model.forward(&ForwardBatch::new(seqs), kv).map(drop)
@@ -152,7 +154,7 @@ pub fn forward_throughput(
                     tokens: std::slice::from_ref(&prompts[s][pos % prompt_len.max(1)]),
                     start_pos: pos,
                     block_table: tables[s].blocks(),
-                    all_logits: false,
+                    logits: LogitRows::Last,
                 })
                 .collect();
             model.forward(&ForwardBatch::new(seqs), &mut kv)?;

@@ -7,14 +7,26 @@ use candle_core::Tensor;
 /// One sequence's part of a forward call: its new tokens, the position of the first of
 /// them (how many of its tokens the cache already holds), and its block table, which
 /// must cover every position up to `start_pos + tokens.len()`. A prompt chunk has many
-/// tokens, a decode step one; both mix freely in a batch.
+/// tokens, a decode step one or (checking several tokens at once) a few; all mix freely
+/// in a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct SequenceInput<'a> {
     pub tokens: &'a [u32],
     pub start_pos: usize,
     pub block_table: &'a [u32],
-    /// Return logits for every new token (prompt logprobs), not just the last.
-    pub all_logits: bool,
+    pub logits: LogitRows,
+}
+
+/// Which of a sequence's new tokens get a row of logits back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None: a prompt chunk that does not end the prompt (the output head is skipped).
+    None,
+    /// The last token's: the next token is sampled from it.
+    Last,
+    /// Every new token's: prompt logprobs, or a decoding sequence checking several
+    /// tokens in one step.
+    All,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -35,8 +47,7 @@ impl<'a> ForwardBatch<'a> {
 /// What a forward call returns.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
-    /// `[rows, vocab]` in f32: one row per sequence (its last token), or one per new
-    /// token for sequences that asked for all logits.
+    /// `[rows, vocab]` in f32: per sequence, the rows its [`LogitRows`] asked for.
     pub logits: Tensor,
     /// The rows of `logits` that belong to each sequence, in batch order.
     pub rows: Vec<Range<usize>>,
@@ -45,8 +56,12 @@ pub struct ForwardOutput {
 }
 
 impl ForwardOutput {
-    /// The logits of sequence `i`'s last token.
+    /// The last row of logits of sequence `i` (its last token's, when it asked for one).
     pub fn last_logits(&self, i: usize) -> candle_core::Result<Vec<f32>> {
-        self.logits.get(self.rows[i].end - 1)?.to_vec1::<f32>()
+        let r = &self.rows[i];
+        if r.is_empty() {
+            candle_core::bail!("sequence {i} asked for no logits");
+        }
+        self.logits.get(r.end - 1)?.to_vec1::<f32>()
     }
 }

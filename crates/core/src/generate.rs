@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::batch::{ForwardBatch, SequenceInput};
+use crate::batch::{ForwardBatch, LogitRows, SequenceInput};
 use crate::error::Result;
 use crate::kv::{BlockPool, BlockTable, KvStorage};
 use crate::models::CausalLm;
@@ -58,10 +58,12 @@ pub fn generate(
                 tokens: &input,
                 start_pos: pos,
                 block_table: table.blocks(),
-                all_logits: false,
+                logits: LogitRows::Last,
             }]);
             let out = model.forward(&batch, kv)?;
-            let next = sampler.sample(&out.last_logits(0)?, prompt, &gen.tokens, &[]).0;
+            let next = sampler
+                .sample(&out.last_logits(0)?, prompt, &gen.tokens, &Default::default())
+                .0;
             if pos == 0 {
                 gen.prefill_secs = start.elapsed().as_secs_f64();
             }

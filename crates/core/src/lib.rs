@@ -19,7 +19,7 @@ pub mod source;
 pub mod tokenizer;
 pub mod weights;
 
-pub use batch::{ForwardBatch, ForwardOutput, SequenceInput};
+pub use batch::{ForwardBatch, ForwardOutput, LogitRows, SequenceInput};
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use kv::{BlockPool, BlockTable, KvDtype, KvLayout, KvStorage};

@@ -14,7 +14,7 @@ use moeserve_core::chat::ChatTemplate;
 use moeserve_core::generate::generate;
 use moeserve_core::sampling::{argmax, log_softmax, Sampler};
 use moeserve_core::{
-    BlockPool, BlockTable, ForwardBatch, KvStorage, LoadOptions, LoadedModel, SequenceInput,
+    BlockPool, BlockTable, ForwardBatch, KvStorage, LoadOptions, LoadedModel, LogitRows, SequenceInput,
 };
 
 fn root() -> PathBuf {
@@ -94,7 +94,7 @@ fn teacher_forced_distributions_match_transformers() {
             tokens: chunk,
             start_pos: start,
             block_table: table.blocks(),
-            all_logits: true,
+            logits: LogitRows::All,
         }]);
         let out = m.model.forward(&batch, &mut kv).unwrap();
         let rows = out.logits.to_vec2::<f32>().unwrap();

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 
 use moeserve_core::sampling::{argmax, log_softmax};
-use moeserve_core::{BlockPool, BlockTable, CausalLm, ForwardBatch, KvStorage, LoadOptions, SequenceInput};
+use moeserve_core::{
+    BlockPool, BlockTable, CausalLm, ForwardBatch, KvStorage, LoadOptions, LogitRows, SequenceInput,
+};
 use serde::Deserialize;
 
 const LOGIT_TOL: f32 = 1e-3;
@@ -80,7 +82,7 @@ impl Runner {
                         tokens: &inputs[i],
                         start_pos: pos[i],
                         block_table: tables[i].blocks(),
-                        all_logits: false,
+                        logits: LogitRows::Last,
                     })
                     .collect(),
             );
@@ -101,7 +103,7 @@ impl Runner {
     }
 
     /// Prefills `prompt` in chunks of the given sizes; returns the last chunk's logits for
-    /// every token (`all_logits`).
+    /// every token (`LogitRows::All`).
     fn chunked_prefill(&mut self, prompt: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
         let mut table = self.table(prompt.len());
         let mut start = 0;
@@ -112,7 +114,7 @@ impl Runner {
                 tokens: &prompt[start..end],
                 start_pos: start,
                 block_table: table.blocks(),
-                all_logits: true,
+                logits: LogitRows::All,
             }]);
             let out = self.model.forward(&batch, &mut self.kv).unwrap();
             assert_eq!(out.rows[0].len(), end - start);
@@ -261,7 +263,7 @@ fn moe_fixtures_use_every_expert() {
             tokens: long,
             start_pos: 0,
             block_table: table.blocks(),
-            all_logits: false,
+            logits: LogitRows::Last,
         }]);
         let out = runner.model.forward(&batch, &mut runner.kv).unwrap();
         table.release_all(&mut runner.alloc);

@@ -140,17 +140,35 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<moeserve_core::engine::SubmitError> for ApiError {
-    fn from(e: moeserve_core::engine::SubmitError) -> Self {
+impl ApiError {
+    /// Why the engine refused a request, in OpenAI's terms: `prompt_param` names the field
+    /// the prompt came from (`messages` for chat, `prompt` for completions).
+    pub fn from_submit(e: moeserve_core::engine::SubmitError, prompt_param: &str) -> Self {
         use moeserve_core::engine::SubmitError;
+        let message = e.to_string();
         match e {
-            SubmitError::Invalid(p) => ApiError::InvalidRequest {
-                message: p.message,
-                param: Some(p.param.to_string()),
-                code: (p.param == "messages" || p.param == "max_tokens").then_some("context_length_exceeded"),
+            SubmitError::InvalidParameter(p) => ApiError::invalid_param(p.param, p.message),
+            SubmitError::InvalidPrompt(_) => ApiError::invalid_param(prompt_param, message),
+            SubmitError::ContextLengthExceeded { max_tokens, .. } => ApiError::InvalidRequest {
+                message,
+                param: Some(
+                    if max_tokens.is_some() {
+                        "max_tokens"
+                    } else {
+                        prompt_param
+                    }
+                    .to_string(),
+                ),
+                code: Some("context_length_exceeded"),
             },
-            SubmitError::QueueFull => ApiError::QueueFull,
+            SubmitError::QueueFull { .. } => ApiError::QueueFull,
             SubmitError::Stopped => ApiError::Unavailable("The server is shutting down."),
         }
+    }
+}
+
+impl From<moeserve_core::engine::EngineFailure> for ApiError {
+    fn from(e: moeserve_core::engine::EngineFailure) -> Self {
+        ApiError::Internal(e.to_string())
     }
 }

@@ -1,12 +1,16 @@
 //! The engine: many concurrent requests turned into one forward call per step.
 //!
 //! [`Engine::start`] moves the model and its KV cache onto a dedicated OS thread that
-//! runs the step loop ([`scheduler`]); model compute never runs on the caller's (async)
-//! threads. [`Engine::submit`] validates a request, queues it and returns a
+//! runs the step loop ([`core`]): each step planned by the [`scheduler`], executed by the
+//! [`runner`], applied by the [`output`] stage. Model compute never runs on the caller's
+//! (async) threads. [`Engine::submit`] validates a request, queues it and returns a
 //! [`RequestHandle`] that yields [`EngineEvent`]s; dropping the handle aborts the request
 //! and its KV blocks are freed at the next step.
 
+mod core;
 pub mod detok;
+mod output;
+mod runner;
 mod scheduler;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -100,28 +104,79 @@ pub enum EngineEvent {
     Finished { index: usize, reason: FinishReason },
     /// Every choice ended; the last event of a request.
     Done(Usage),
-    /// The engine failed this request (a model error); the last event.
-    Error(String),
+    /// The engine failed this request; the last event.
+    Error(EngineFailure),
+}
+
+/// A request the engine took but could not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct EngineFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// Where a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The model's forward call.
+    Forward,
+    /// Reading the logits back and choosing tokens.
+    Sampling,
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailureKind::Forward => "the forward pass failed",
+            FailureKind::Sampling => "sampling failed",
+        })
+    }
 }
 
 /// Why `submit` refused a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    /// A parameter is out of range, or the prompt cannot fit.
-    Invalid(ParamError),
-    /// `max_waiting_requests` are already waiting.
-    QueueFull,
+    /// A sampling parameter is out of range (named as in the OpenAI API).
+    #[error("{0}")]
+    InvalidParameter(ParamError),
+    /// The prompt itself is unusable: empty, or a token outside the vocabulary.
+    #[error("{0}")]
+    InvalidPrompt(String),
+    /// The prompt, or the prompt plus `max_tokens`, does not fit the context (or the KV
+    /// pool, when that is smaller).
+    #[error("{}", context_message(*.prompt_tokens, *.max_tokens, *.limit, *.by_kv_pool))]
+    ContextLengthExceeded {
+        prompt_tokens: usize,
+        /// The request's `max_tokens`, when it is what does not fit (else the prompt
+        /// alone leaves no room to generate).
+        max_tokens: Option<usize>,
+        limit: usize,
+        /// The KV pool, not the model's context, sets the limit.
+        by_kv_pool: bool,
+    },
+    /// `limit` requests are already waiting.
+    #[error("the request queue is full ({waiting} waiting, at most {limit})")]
+    QueueFull { waiting: usize, limit: usize },
     /// The engine has stopped.
+    #[error("the engine has stopped")]
     Stopped,
 }
 
-impl std::fmt::Display for SubmitError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SubmitError::Invalid(e) => write!(f, "{e}"),
-            SubmitError::QueueFull => f.write_str("the request queue is full"),
-            SubmitError::Stopped => f.write_str("the engine has stopped"),
-        }
+fn context_message(
+    prompt_tokens: usize,
+    max_tokens: Option<usize>,
+    limit: usize,
+    by_kv_pool: bool,
+) -> String {
+    let what = if by_kv_pool { "KV cache" } else { "context" };
+    match max_tokens {
+        None => format!(
+            "the prompt has {prompt_tokens} tokens, but the model's {what} holds {limit} (leaving no room to generate)"
+        ),
+        Some(m) => format!(
+            "the prompt ({prompt_tokens} tokens) plus max_tokens ({m}) exceeds the model's {what} of {limit} tokens"
+        ),
     }
 }
 
@@ -137,7 +192,7 @@ pub struct EngineStats {
     pub prefix_cache_hit_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
-    /// Time in whole scheduler steps (scheduling, forward, sampling, streaming), in the
+    /// Time in whole engine steps (scheduling, forward, sampling, streaming), in the
     /// model's forward calls, in choosing the next tokens (logit processing, sampling,
     /// logprobs), and in detokenization and stop checks.
     pub step_ns: AtomicU64,
@@ -149,7 +204,7 @@ pub struct EngineStats {
 }
 
 enum Command {
-    Submit(Box<scheduler::NewRequest>),
+    Submit(Box<core::NewRequest>),
     Abort(u64),
     AbortAll,
     Shutdown,
@@ -241,7 +296,7 @@ impl Engine {
             layout.bytes_per_token()
         );
         let (tx, rx) = mpsc::channel();
-        let mut core = scheduler::EngineCore::new(model, kv, codec.clone(), config, stats.clone());
+        let mut core = core::EngineCore::new(model, kv, codec.clone(), config, stats.clone());
         let thread = std::thread::Builder::new()
             .name("moeserve-engine".into())
             .spawn(move || core.run(rx))
@@ -270,9 +325,13 @@ impl Engine {
 
     /// Validates and queues a request. Refuses at once when the waiting queue is full.
     pub fn submit(&self, request: GenerateRequest) -> std::result::Result<RequestHandle, SubmitError> {
-        let max_tokens = self.check(&request).map_err(SubmitError::Invalid)?;
-        if self.stats.waiting.load(Ordering::Relaxed) >= self.limits.max_waiting_requests {
-            return Err(SubmitError::QueueFull);
+        let max_tokens = self.check(&request)?;
+        let waiting = self.stats.waiting.load(Ordering::Relaxed);
+        if waiting >= self.limits.max_waiting_requests {
+            return Err(SubmitError::QueueFull {
+                waiting,
+                limit: self.limits.max_waiting_requests,
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx): (UnboundedSender<EngineEvent>, _) = tokio::sync::mpsc::unbounded_channel();
@@ -282,7 +341,7 @@ impl Engine {
         } else {
             self.codec.eos_token_ids().to_vec()
         };
-        let new = scheduler::NewRequest {
+        let new = core::NewRequest {
             id,
             prompt: request.prompt,
             params: request.params,
@@ -312,40 +371,34 @@ impl Engine {
     }
 
     /// Returns the request's effective `max_tokens`.
-    fn check(&self, r: &GenerateRequest) -> std::result::Result<usize, ParamError> {
+    fn check(&self, r: &GenerateRequest) -> std::result::Result<usize, SubmitError> {
         let l = self.limits;
-        let bad = |param: &'static str, message: String| ParamError { param, message };
-        r.params.validate(l.vocab_size)?;
+        r.params
+            .validate(l.vocab_size)
+            .map_err(SubmitError::InvalidParameter)?;
         if r.prompt.is_empty() {
-            return Err(bad("prompt", "the prompt is empty".into()));
+            return Err(SubmitError::InvalidPrompt("the prompt is empty".into()));
         }
         if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
-            return Err(bad(
-                "prompt",
-                format!("token id {t} is outside the vocabulary of {}", l.vocab_size),
-            ));
+            return Err(SubmitError::InvalidPrompt(format!(
+                "token id {t} is outside the vocabulary of {}",
+                l.vocab_size
+            )));
         }
         let limit = l.context_length.min(l.pool_tokens);
-        let what = if l.pool_tokens < l.context_length {
-            "KV cache"
-        } else {
-            "context"
+        let exceeded = |max_tokens| SubmitError::ContextLengthExceeded {
+            prompt_tokens: r.prompt.len(),
+            max_tokens,
+            limit,
+            by_kv_pool: l.pool_tokens < l.context_length,
         };
         let n = r.prompt.len();
         if n >= limit {
-            return Err(bad(
-                "messages",
-                format!("the prompt has {n} tokens, but the model's {what} holds {limit} (leaving no room to generate)"),
-            ));
+            return Err(exceeded(None));
         }
         let max_tokens = r.params.max_tokens.unwrap_or(limit - n);
         if n + max_tokens > limit {
-            return Err(bad(
-                "max_tokens",
-                format!(
-                    "the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's {what} of {limit} tokens"
-                ),
-            ));
+            return Err(exceeded(Some(max_tokens)));
         }
         Ok(max_tokens)
     }

@@ -445,31 +445,54 @@ fn invalid_requests_are_refused_at_submit_naming_the_parameter() {
     let e = start("llama", EngineConfig::default());
     let submit = |prompt: Vec<u32>, params: SamplingParams| match e.submit(GenerateRequest { prompt, params })
     {
-        Err(SubmitError::Invalid(p)) => p,
-        other => panic!("accepted: {:?}", other.map(|h| h.id())),
+        Err(err) => err,
+        Ok(h) => panic!("accepted: {}", h.id()),
     };
-    assert_eq!(
-        submit(
-            vec![1],
-            SamplingParams {
-                temperature: 5.0,
-                ..greedy(4)
-            }
-        )
-        .param,
-        "temperature"
+    let bad = submit(
+        vec![1],
+        SamplingParams {
+            temperature: 5.0,
+            ..greedy(4)
+        },
     );
-    assert_eq!(submit(vec![], greedy(4)).param, "prompt");
-    assert_eq!(submit(vec![100_000], greedy(4)).param, "prompt");
-    let long = submit(filler(2048, 0), greedy(4));
-    assert_eq!(long.param, "messages");
-    assert!(long.message.contains("2048"), "{}", long.message);
-    let too_many = submit(filler(2000, 0), greedy(100));
-    assert_eq!(too_many.param, "max_tokens");
     assert!(
-        too_many.message.contains("2000") && too_many.message.contains("100"),
-        "{}",
-        too_many.message
+        matches!(bad, SubmitError::InvalidParameter(ref p) if p.param == "temperature"),
+        "{bad:?}"
+    );
+    assert!(matches!(submit(vec![], greedy(4)), SubmitError::InvalidPrompt(_)));
+    let outside = submit(vec![100_000], greedy(4));
+    assert!(
+        matches!(outside, SubmitError::InvalidPrompt(ref m) if m.contains("100000")),
+        "{outside:?}"
+    );
+    // The numbers come with the error: a prompt that fills the context, and a prompt
+    // plus max_tokens past it.
+    let long = submit(filler(2048, 0), greedy(4));
+    assert_eq!(
+        long,
+        SubmitError::ContextLengthExceeded {
+            prompt_tokens: 2048,
+            max_tokens: None,
+            limit: 2048,
+            by_kv_pool: false,
+        }
+    );
+    assert!(long.to_string().contains("2048"), "{long}");
+    let too_many = submit(filler(2000, 0), greedy(100));
+    assert!(
+        matches!(
+            too_many,
+            SubmitError::ContextLengthExceeded {
+                prompt_tokens: 2000,
+                max_tokens: Some(100),
+                ..
+            }
+        ),
+        "{too_many:?}"
+    );
+    assert!(
+        too_many.to_string().contains("2000") && too_many.to_string().contains("100"),
+        "{too_many}"
     );
 }
 
@@ -559,7 +582,10 @@ fn a_full_queue_refuses_at_once() {
     });
     held.push(e.submit(long()).unwrap());
     held.push(e.submit(long()).unwrap());
-    assert_eq!(e.submit(long()).err(), Some(SubmitError::QueueFull));
+    assert_eq!(
+        e.submit(long()).err(),
+        Some(SubmitError::QueueFull { waiting: 2, limit: 2 })
+    );
     drop(held);
     wait_until("the queue to drain", || {
         e.stats().waiting.load(Ordering::Relaxed) == 0

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::CausalLm;
 use crate::backend::{self, AttnSeq};
-use crate::batch::{ForwardBatch, ForwardOutput};
+use crate::batch::{ForwardBatch, ForwardOutput, LogitRows};
 use crate::config::{ExpertNaming, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv::{KvLayout, KvStorage};
@@ -253,11 +253,12 @@ impl<'a> BatchPlan<'a> {
                 block_table: s.block_table,
             });
             let first_row = plan.logit_rows.len();
-            if s.all_logits {
-                plan.logit_rows
-                    .extend(first_token as u32..(first_token + s.tokens.len()) as u32);
-            } else {
-                plan.logit_rows.push((first_token + s.tokens.len() - 1) as u32);
+            match s.logits {
+                LogitRows::None => {}
+                LogitRows::Last => plan.logit_rows.push((first_token + s.tokens.len() - 1) as u32),
+                LogitRows::All => plan
+                    .logit_rows
+                    .extend(first_token as u32..(first_token + s.tokens.len()) as u32),
             }
             plan.row_ranges.push(first_row..plan.logit_rows.len());
         }

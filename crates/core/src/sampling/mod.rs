@@ -1,6 +1,6 @@
 //! Choosing the next token: sampling parameters (OpenAI's, plus vLLM's extensions) and
-//! their validation, the logit processors, and the draw from the filtered distribution,
-//! which never sorts the vocabulary.
+//! their validation, the logit processor chain, and the draw from the filtered
+//! distribution, which never sorts the vocabulary.
 
 /// `$vis fn $name(..) -> $ret` running `$body_fn`, an `#[inline(always)]` function of
 /// plain loops, compiled for AVX-512 (with FMA) when the CPU has it and portable
@@ -26,9 +26,11 @@ macro_rules! avx512_or_portable {
 mod distribution;
 mod logprobs;
 mod params;
+mod processors;
 mod sampler;
 mod select;
 
 pub use logprobs::{argmax, argmax_excluding, log_softmax, token_logprob, TokenLogprob};
 pub use params::{ParamError, ReasoningBudget, SamplingParams, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
+pub use processors::{LogitsProcessors, StepConstraints, TokenMask};
 pub use sampler::Sampler;

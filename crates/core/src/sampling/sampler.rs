@@ -1,7 +1,8 @@
-//! A per-sequence sampler: the logit processors (bias, penalties, banned tokens), then
-//! greedy choice or one draw from the filtered distribution with the sequence's own
-//! random generator, so that a seeded request samples the same tokens whatever else
-//! shares its batch and whichever thread samples it.
+//! A per-sequence sampler: the logit processor chain ([`LogitsProcessors`] and the
+//! step's [`StepConstraints`]), then greedy choice or one draw from the filtered
+//! distribution with the sequence's own random generator, so that a seeded request
+//! samples the same tokens whatever else shares its batch and whichever thread samples
+//! it.
 
 use std::cell::RefCell;
 
@@ -10,6 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use super::distribution::{self, Filters};
 use super::logprobs::{argmax, argmax_excluding, token_logprob, TokenLogprob};
 use super::params::SamplingParams;
+use super::processors::{LogitsProcessors, StepConstraints};
 
 /// Buffers of a vocabulary's size, one set per thread, reused from token to token
 /// (allocating 200 KB per sampled token costs page faults).
@@ -30,6 +32,7 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
+    processors: LogitsProcessors,
     rng: StdRng,
 }
 
@@ -46,103 +49,61 @@ impl Sampler {
     pub fn from_params(params: &SamplingParams, seed: u64) -> Self {
         Self {
             params: params.clone(),
+            processors: LogitsProcessors::from_params(params),
             rng: StdRng::seed_from_u64(seed),
         }
     }
 
-    /// Chooses the next token from `logits` given the sequence so far. `banned` tokens
-    /// (EOS and stop ids before `min_tokens`) are never chosen. Log-probabilities are
-    /// those of the model's raw distribution.
+    /// Chooses the next token from `logits` given the sequence so far and the step's
+    /// constraints (banned tokens, a mask, a forced token). Log-probabilities are those
+    /// of the model's raw distribution.
     pub fn sample(
         &mut self,
         logits: &[f32],
         prompt: &[u32],
         output: &[u32],
-        banned: &[u32],
+        step: &StepConstraints,
     ) -> (u32, Option<TokenLogprob>) {
         let p = &self.params;
         let greedy = p.temperature == 0.0 || p.top_k == 1;
-        let adjusted = !p.logit_bias.is_empty() || self.penalised();
-        let token = if greedy && !adjusted {
-            // Nothing to change in the logits: pick from them as they are.
-            argmax_excluding(logits, banned)
+        let token = if let Some(t) = step.forced {
+            t
+        } else if greedy && self.processors.is_identity() && step.mask.is_none() {
+            // Greedy with at most some bans: the model's row as it is, bans skipped.
+            argmax_excluding(logits, step.banned)
+        } else if !self.processors.changes_logits(step) {
+            // Nothing changes the logits: draw from the model's row as it is.
+            SCRATCH.with_borrow_mut(|s| self.draw(logits, &mut s.distribution))
         } else {
             SCRATCH.with_borrow_mut(|s| {
-                let l = if adjusted || !banned.is_empty() {
-                    self.process(logits, prompt, output, banned, s);
-                    &s.logits[..]
-                } else {
-                    logits
-                };
+                let Scratch {
+                    logits: l,
+                    marks,
+                    distribution,
+                } = s;
+                self.processors.apply(logits, prompt, output, step, l, marks);
                 if greedy {
-                    return argmax(l);
+                    argmax(l)
+                } else {
+                    self.draw(l, distribution)
                 }
-                let p = &self.params;
-                let filters = Filters {
-                    inv_t: 1.0 / p.temperature,
-                    top_k: (p.top_k > 0).then_some(p.top_k as usize),
-                    top_p: p.top_p,
-                    min_p: p.min_p,
-                };
-                let rng = &mut self.rng;
-                distribution::draw(l, &filters, &mut s.distribution, &mut || rng.random())
-                    .unwrap_or_else(|| argmax(l))
             })
         };
         let logprob = self.params.logprobs.map(|k| token_logprob(logits, token, k));
         (token, logprob)
     }
 
-    /// Whether repetition, presence or frequency penalties change the logits.
-    fn penalised(&self) -> bool {
+    /// One draw from `l` (temperature, top-k, top-p, min-p) with the sequence's generator.
+    fn draw(&mut self, l: &[f32], scratch: &mut distribution::Scratch) -> u32 {
         let p = &self.params;
-        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
-    }
-
-    /// `s.logits` = `logits` with the bias, the penalties and the bans applied.
-    fn process(&self, logits: &[f32], prompt: &[u32], output: &[u32], banned: &[u32], s: &mut Scratch) {
-        let p = &self.params;
-        let l = &mut s.logits;
-        l.clear();
-        l.extend_from_slice(logits);
-        for &(t, b) in &p.logit_bias {
-            l[t as usize] += b;
-        }
-        let marks = &mut s.marks;
-        if marks.len() < l.len() {
-            marks.resize(l.len(), 0);
-        }
-        if p.repetition_penalty != 1.0 {
-            // Once per distinct token of the prompt and the output (Hugging Face's
-            // definition); the marks are cleared again after.
-            let all = || prompt.iter().chain(output).map(|&t| t as usize);
-            for t in all() {
-                if std::mem::replace(&mut marks[t], 1) == 0 {
-                    l[t] = if l[t] > 0.0 {
-                        l[t] / p.repetition_penalty
-                    } else {
-                        l[t] * p.repetition_penalty
-                    };
-                }
-            }
-            all().for_each(|t| marks[t] = 0);
-        }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            // Counts of the output's tokens, applied at each token's first occurrence and
-            // cleared as they are applied.
-            for &t in output {
-                marks[t as usize] += 1;
-            }
-            for &t in output {
-                let c = std::mem::take(&mut marks[t as usize]);
-                if c > 0 {
-                    l[t as usize] -= p.presence_penalty + p.frequency_penalty * c as f32;
-                }
-            }
-        }
-        for &t in banned {
-            l[t as usize] = f32::NEG_INFINITY;
-        }
+        let filters = Filters {
+            inv_t: 1.0 / p.temperature,
+            top_k: (p.top_k > 0).then_some(p.top_k as usize),
+            top_p: p.top_p,
+            min_p: p.min_p,
+        };
+        let rng = &mut self.rng;
+        distribution::draw(l, &filters, scratch, &mut || rng.random()).unwrap_or_else(|| argmax(l))
     }
 }
 
@@ -161,11 +122,16 @@ mod tests {
     #[test]
     fn greedy_and_seeded_sampling() {
         let logits = [0.1, 2.0, -1.0, 2.0];
-        assert_eq!(Sampler::new(0.0, 0).sample(&logits, &[], &[], &[]).0, 1);
+        assert_eq!(
+            Sampler::new(0.0, 0)
+                .sample(&logits, &[], &[], &StepConstraints::default())
+                .0,
+            1
+        );
         let draw = |seed| {
             let mut s = Sampler::new(1.0, seed);
             (0..20)
-                .map(|_| s.sample(&logits, &[], &[], &[]).0)
+                .map(|_| s.sample(&logits, &[], &[], &StepConstraints::default()).0)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
@@ -181,7 +147,7 @@ mod tests {
         let run = |p: SamplingParams| {
             let mut s = Sampler::from_params(&p, 1);
             (0..200)
-                .map(|_| s.sample(&logits, &[], &[], &[]).0)
+                .map(|_| s.sample(&logits, &[], &[], &StepConstraints::default()).0)
                 .collect::<std::collections::HashSet<_>>()
         };
         let top_k = run(params(|p| p.top_k = 3));
@@ -192,7 +158,16 @@ mod tests {
         assert!(min_p.iter().all(|&t| t == 99), "{min_p:?}");
         let banned = {
             let mut s = Sampler::new(0.0, 0);
-            s.sample(&logits, &[], &[], &[99]).0
+            s.sample(
+                &logits,
+                &[],
+                &[],
+                &StepConstraints {
+                    banned: &[99],
+                    ..Default::default()
+                },
+            )
+            .0
         };
         assert_eq!(banned, 98);
     }
@@ -207,7 +182,7 @@ mod tests {
             }),
             0,
         );
-        assert_eq!(s.sample(&logits, &[], &[0], &[]).0, 1);
+        assert_eq!(s.sample(&logits, &[], &[0], &StepConstraints::default()).0, 1);
         let mut s = Sampler::from_params(
             &params(|p| {
                 p.temperature = 0.0;
@@ -215,7 +190,7 @@ mod tests {
             }),
             0,
         );
-        assert_eq!(s.sample(&logits, &[0], &[], &[]).0, 1);
+        assert_eq!(s.sample(&logits, &[0], &[], &StepConstraints::default()).0, 1);
         let mut s = Sampler::from_params(
             &params(|p| {
                 p.temperature = 0.0;
@@ -223,54 +198,7 @@ mod tests {
             }),
             0,
         );
-        assert_eq!(s.sample(&logits, &[], &[], &[]).0, 2);
-    }
-
-    /// The processors give the logits their definitions give, computed plainly: bias,
-    /// then the repetition penalty once per distinct prompt or output token, then
-    /// presence and frequency over the output's counts, then bans; and the per-thread
-    /// marks are left cleared (a second call gives the same).
-    #[test]
-    fn processors_follow_their_definitions() {
-        let vocab = 50;
-        let logits: Vec<f32> = (0..vocab).map(|i| (i as f32 - 20.0) * 0.3).collect();
-        let prompt = [3u32, 7, 7, 30, 3];
-        let output = [7u32, 41, 41, 41, 2, 30];
-        let banned = [41u32, 0];
-        let p = params(|p| {
-            p.logit_bias = vec![(2, 1.5), (30, -4.0)];
-            p.repetition_penalty = 1.3;
-            p.presence_penalty = 0.4;
-            p.frequency_penalty = 0.25;
-        });
-        let mut want = logits.clone();
-        want[2] += 1.5;
-        want[30] -= 4.0;
-        for t in [3usize, 7, 30, 41, 2] {
-            want[t] = if want[t] > 0.0 {
-                want[t] / 1.3
-            } else {
-                want[t] * 1.3
-            };
-        }
-        for (t, c) in [(7usize, 1.0f32), (41, 3.0), (2, 1.0), (30, 1.0)] {
-            want[t] -= 0.4 + 0.25 * c;
-        }
-        for t in banned {
-            want[t as usize] = f32::NEG_INFINITY;
-        }
-        let sampler = Sampler::from_params(&p, 0);
-        for _ in 0..2 {
-            let mut s = Scratch::default();
-            sampler.process(&logits, &prompt, &output, &banned, &mut s);
-            assert_eq!(s.logits, want);
-            assert!(s.marks.iter().all(|&m| m == 0));
-            SCRATCH.with_borrow_mut(|s| {
-                sampler.process(&logits, &prompt, &output, &banned, s);
-                assert_eq!(s.logits, want);
-                assert!(s.marks.iter().all(|&m| m == 0));
-            });
-        }
+        assert_eq!(s.sample(&logits, &[], &[], &StepConstraints::default()).0, 2);
     }
 
     /// Sampled tokens follow the full sort's distribution for every combination of
@@ -297,7 +225,7 @@ mod tests {
             let mut sampler = Sampler::from_params(&p, n as u64);
             let mut counts = vec![0usize; logits.len()];
             for _ in 0..DRAWS {
-                counts[sampler.sample(logits, &[], &[], &[]).0 as usize] += 1;
+                counts[sampler.sample(logits, &[], &[], &StepConstraints::default()).0 as usize] += 1;
             }
             let (mut chi2, mut df) = (0.0, 0usize);
             let (mut pooled_seen, mut pooled_want) = (0.0, 0.0);

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use moeserve_core::{BlockPool, BlockTable, ForwardBatch, KvStorage, LoadedModel, SequenceInput};
+use moeserve_core::{BlockPool, BlockTable, ForwardBatch, KvStorage, LoadedModel, LogitRows, SequenceInput};
 
 /// A committed fixture model (tests/fixtures/models/NAME).
 pub fn fixture(name: &str) -> PathBuf {
@@ -23,7 +23,7 @@ pub fn prefill_logits(m: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
         tokens: prompt,
         start_pos: 0,
         block_table: table.blocks(),
-        all_logits: false,
+        logits: LogitRows::Last,
     }]);
     m.model.forward(&batch, &mut kv).unwrap().last_logits(0).unwrap()
 }

@@ -76,7 +76,10 @@ pub async fn chat_completions(
     let prompt_tokens = prompt.len();
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();
-    let handle = m.engine.submit(GenerateRequest { prompt, params })?;
+    let handle = m
+        .engine
+        .submit(GenerateRequest { prompt, params })
+        .map_err(|e| ApiError::from_submit(e, "messages"))?;
     let events = merge(vec![handle], state.settings.request_deadline());
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
@@ -159,7 +162,7 @@ pub async fn chat_completions(
                 }
                 EngineEvent::Done(u) => usage = u,
                 EngineEvent::Error(e) => {
-                    yield ApiError::Internal(e).body();
+                    yield ApiError::from(e).body();
                     break;
                 }
                 EngineEvent::PromptLogprobs(_) => {}
@@ -219,7 +222,7 @@ pub async fn collect(
                 }
             }
             EngineEvent::Done(u) => usage = Some(u),
-            EngineEvent::Error(e) => return Err(ApiError::Internal(e)),
+            EngineEvent::Error(e) => return Err(ApiError::from(e)),
             EngineEvent::PromptLogprobs(_) => {}
         }
     }

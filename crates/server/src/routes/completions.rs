@@ -67,7 +67,8 @@ pub async fn completions(
                 params: params.clone(),
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::from_submit(e, "prompt"))?;
     let events = merge(handles, state.settings.request_deadline());
     let prompt_texts: Vec<String> = if echo {
         prompts
@@ -115,7 +116,7 @@ pub async fn completions(
                     add_usage(&mut usage, &u);
                     done[r] = true;
                 }
-                EngineEvent::Error(e) => return Err(ApiError::Internal(e)),
+                EngineEvent::Error(e) => return Err(ApiError::from(e)),
             }
         }
         timing.done(&state);
@@ -216,7 +217,7 @@ pub async fn completions(
                     done[r] = true;
                 }
                 EngineEvent::Error(e) => {
-                    yield ApiError::Internal(e).body();
+                    yield ApiError::from(e).body();
                     break;
                 }
             }

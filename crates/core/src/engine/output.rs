@@ -1,0 +1,267 @@
+//! The output stage: a step's forward output applied to its sequences. Computed tokens
+//! are counted and full blocks registered in the prefix cache; prompt logprobs are
+//! collected; every sequence whose input is all computed chooses its next token (in
+//! parallel), which then goes through the reasoning budget, the detokenizer and the stop
+//! conditions and is streamed.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::core::{EngineCore, Sequence};
+use super::scheduler::StepPlan;
+use super::{EngineEvent, EngineFailure, FailureKind, FinishReason};
+use crate::batch::ForwardOutput;
+use crate::kv::block_hash;
+use crate::sampling::{token_logprob, StepConstraints, TokenLogprob};
+
+impl EngineCore {
+    /// Applies `out`, the forward output of `plan`.
+    pub(super) fn apply(&mut self, plan: &StepPlan, out: ForwardOutput) {
+        for (layer, load) in out.expert_load.iter().enumerate() {
+            for (e, &n) in load.iter().enumerate() {
+                if let Some(c) = self.stats.expert_tokens.get(layer).and_then(|l| l.get(e)) {
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut to_sample = Vec::with_capacity(plan.seqs.len());
+        for (k, p) in plan.seqs.iter().enumerate() {
+            let rows = out.rows[k].clone();
+            self.seqs.get_mut(&p.seq).unwrap().computed += p.len;
+            self.register_full_blocks(p.seq);
+            let rid = self.seqs[&p.seq].request;
+            if self.requests[&rid].prompt_logprobs.is_some() {
+                self.collect_prompt_logprobs(p.seq, p.start, &out.logits, rows.clone());
+            }
+            let seq = &self.seqs[&p.seq];
+            if seq.computed < seq.tokens.len() || rows.is_empty() {
+                continue; // more input to compute
+            }
+            to_sample.push((p.seq, rows.end - 1));
+        }
+        for &(sid, _) in &to_sample {
+            self.fork_choices(sid);
+        }
+        let vocab = out.logits.dims().last().copied().unwrap_or(0);
+        let started = Instant::now();
+        let chosen =
+            crate::backend::with_host_f32(&out.logits, |all| self.choose_tokens(&to_sample, all, vocab));
+        self.stats
+            .sample_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match chosen {
+            Ok(chosen) => {
+                for (&(sid, _), (token, logprob)) in to_sample.iter().zip(chosen) {
+                    self.advance(sid, token, logprob);
+                }
+            }
+            Err(e) => {
+                let failure = EngineFailure {
+                    kind: FailureKind::Sampling,
+                    message: e.to_string(),
+                };
+                for (sid, _) in to_sample {
+                    let rid = self.seqs[&sid].request;
+                    let _ = self.requests[&rid]
+                        .events
+                        .send(EngineEvent::Error(failure.clone()));
+                    self.abort(rid);
+                }
+            }
+        }
+    }
+
+    /// Registers the blocks that became full and computed, so later requests can share them.
+    fn register_full_blocks(&mut self, sid: u64) {
+        let bs = self.kv.block_size();
+        let seq = self.seqs.get_mut(&sid).unwrap();
+        while (seq.hashes.len() + 1) * bs <= seq.computed {
+            let b = seq.hashes.len();
+            let toks = &seq.tokens[b * bs..(b + 1) * bs];
+            let h = block_hash(seq.hashes.last().copied().unwrap_or(0), toks);
+            self.pool.register(seq.table.blocks()[b], h, toks);
+            seq.hashes.push(h);
+        }
+    }
+
+    /// Prompt logprobs for the rows of a prefill chunk starting at position `start`.
+    fn collect_prompt_logprobs(
+        &mut self,
+        sid: u64,
+        start: usize,
+        logits: &candle_core::Tensor,
+        rows: std::ops::Range<usize>,
+    ) {
+        let seq = &self.seqs[&sid];
+        let req = self.requests.get_mut(&seq.request).unwrap();
+        let (Some(k), Some(acc)) = (req.params.prompt_logprobs, req.prompt_logprobs.as_mut()) else {
+            return;
+        };
+        for (j, row) in rows.enumerate() {
+            let pos = start + j;
+            if pos + 1 >= seq.prompt_len {
+                break;
+            }
+            if let Ok(l) = logits.get(row).and_then(|r| r.to_vec1::<f32>()) {
+                acc.push(Some(token_logprob(&l, seq.tokens[pos + 1], k)));
+            }
+        }
+        if acc.len() == seq.prompt_len {
+            let lp = req.prompt_logprobs.take().unwrap();
+            let _ = req.events.send(EngineEvent::PromptLogprobs(lp));
+        }
+    }
+
+    /// When the first choice of an `n > 1` request has its prompt computed, the other
+    /// choices start: they share its full prompt blocks through the prefix cache and
+    /// recompute only the partial last block.
+    fn fork_choices(&mut self, sid: u64) {
+        let rid = self.seqs[&sid].request;
+        let req = &self.requests[&rid];
+        if req.forked || req.params.n == 1 {
+            return;
+        }
+        let (n, params) = (req.params.n, req.params.clone());
+        let prompt = self.seqs[&sid].tokens[..self.seqs[&sid].prompt_len].to_vec();
+        let mut new = Vec::new();
+        for index in 1..n {
+            new.push(self.new_sequence(rid, index, prompt.clone(), &params));
+        }
+        for &s in new.iter().rev() {
+            self.waiting.push_front(s);
+        }
+        let req = self.requests.get_mut(&rid).unwrap();
+        req.forked = true;
+        req.seqs.extend(new);
+    }
+
+    /// The next token of each `(sequence, logits row)`, with its log-probabilities when
+    /// asked, through the sequence's sampler and the step's constraints: EOS and stop ids
+    /// banned before `min_tokens`, the sequence's token mask, the reasoning budget's
+    /// forced end of thought. Each sequence reads its row of `all` in place (a decode
+    /// batch of 64 is 64 rows of 49k values; copying each out first cost more than the
+    /// sampling). They sample in parallel on the pool; each has its own generator, so
+    /// what a seeded sequence draws depends neither on its batch nor on the threads.
+    fn choose_tokens(
+        &mut self,
+        to_sample: &[(u64, usize)],
+        all: &[f32],
+        vocab: usize,
+    ) -> Vec<(u32, Option<TokenLogprob>)> {
+        /// One sequence's choice and what it depends on.
+        struct Choice<'a> {
+            seq: &'a mut Sequence,
+            logits: &'a [f32],
+            banned: Vec<u32>,
+            forced: Option<u32>,
+        }
+        let slot: HashMap<u64, usize> = to_sample
+            .iter()
+            .enumerate()
+            .map(|(j, &(sid, _))| (sid, j))
+            .collect();
+        let mut choices: Vec<Option<Choice>> = to_sample.iter().map(|_| None).collect();
+        for (sid, seq) in self.seqs.iter_mut() {
+            let Some(&j) = slot.get(sid) else { continue };
+            let row = to_sample[j].1;
+            let req = &self.requests[&seq.request];
+            let params = &req.params;
+            let generated = seq.tokens.len() - seq.prompt_len;
+            let banned = if generated < params.min_tokens {
+                req.eos.iter().chain(&params.stop_token_ids).copied().collect()
+            } else {
+                Vec::new()
+            };
+            let forced = params
+                .reasoning_budget
+                .filter(|b| seq.thinking && seq.thought_tokens >= b.max_tokens)
+                .map(|b| b.end_token);
+            choices[j] = Some(Choice {
+                logits: &all[row * vocab..(row + 1) * vocab],
+                banned,
+                forced,
+                seq,
+            });
+        }
+        let choose = |c: Option<Choice>| {
+            let c = c.expect("every sequence to sample is running");
+            let step = StepConstraints {
+                banned: &c.banned,
+                mask: c.seq.mask.as_ref(),
+                forced: c.forced,
+            };
+            let (prompt, output) = c.seq.tokens.split_at(c.seq.prompt_len);
+            c.seq.sampler.sample(c.logits, prompt, output, &step)
+        };
+        if choices.len() < 2 {
+            choices.into_iter().map(choose).collect()
+        } else {
+            choices.into_par_iter().map(choose).collect()
+        }
+    }
+
+    /// Appends `sid`'s chosen token, streams it, and ends the choice when a stop
+    /// condition holds.
+    fn advance(&mut self, sid: u64, token: u32, logprob: Option<TokenLogprob>) {
+        let seq = self.seqs.get_mut(&sid).unwrap();
+        let req = self.requests.get_mut(&seq.request).unwrap();
+        let generated = seq.tokens.len() - seq.prompt_len;
+        let budget = req.params.reasoning_budget;
+        if let Some(b) = budget {
+            if token == b.start_token {
+                seq.thinking = true;
+            } else if token == b.end_token {
+                seq.thinking = false;
+            } else if seq.thinking {
+                seq.thought_tokens += 1;
+            }
+        }
+        seq.tokens.push(token);
+        req.usage.completion_tokens += 1;
+        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+
+        let started = Instant::now();
+        let mut finish = None;
+        let mut text = String::new();
+        if req.eos.contains(&token) || req.params.stop_token_ids.contains(&token) {
+            // The stop token itself is not part of the text.
+            finish = Some(FinishReason::Stop);
+        } else {
+            let delta = seq.detok.push(&self.codec, token);
+            let (emit, stopped) = seq.stop.push(&delta);
+            text = emit;
+            if stopped.is_some() {
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        let generated = generated + 1;
+        if finish.is_none()
+            && (generated >= req.max_tokens
+                || seq.tokens.len() >= self.model.config().max_position_embeddings)
+        {
+            finish = Some(FinishReason::Length);
+        }
+        if finish.is_some() && !seq.stop.stopped() {
+            // Whatever the detokenizer and the stop checker held back is final now.
+            let rest = seq.detok.flush(&self.codec);
+            let (emit, _) = seq.stop.push(&rest);
+            text.push_str(&emit);
+            text.push_str(&seq.stop.flush());
+        }
+        self.stats
+            .detokenize_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let _ = req.events.send(EngineEvent::Delta {
+            index: seq.index,
+            token_ids: vec![token],
+            text,
+            logprobs: logprob.into_iter().collect(),
+        });
+        if let Some(reason) = finish {
+            self.finish(sid, reason);
+        }
+    }
+}
