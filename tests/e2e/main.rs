@@ -163,6 +163,37 @@ fn parse_sse(text: &str) -> Vec<Value> {
     out
 }
 
+/// A validator for the OpenAPI document's schema `name`, with every object schema closed
+/// to the properties it lists: a field the server sends that the document does not
+/// describe fails, as does one it describes differently.
+fn schema(doc: &Value, name: &str) -> jsonschema::Validator {
+    fn close_objects(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+                    m.insert("additionalProperties".into(), Value::Bool(false));
+                }
+                m.values_mut().for_each(close_objects);
+            }
+            Value::Array(a) => a.iter_mut().for_each(close_objects),
+            _ => {}
+        }
+    }
+    let mut components = doc["components"].clone();
+    close_objects(&mut components);
+    let root = json!({"$ref": format!("#/components/schemas/{name}"), "components": components});
+    jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("schema {name}: {e}"))
+}
+
+/// `v` is valid against `validator` (the schema `name`).
+fn assert_valid(validator: &jsonschema::Validator, name: &str, v: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(v)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{name}: {errors:?}\n{v}");
+}
+
 fn chat_body(content: &str, extra: Value) -> Value {
     let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 12,
                        "temperature": 0, "ignore_eos": true});
@@ -1108,12 +1139,26 @@ async fn reasoning_content_is_split_from_the_answer() {
     assert!(!reasoning.is_empty() && !content.is_empty(), "{m}");
     assert!(!reasoning.contains("</think>") && !content.contains("</think>"));
 
+    // The reasoning field is in the OpenAPI document too.
+    let doc: Value = s
+        .http
+        .get(s.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_valid(&schema(&doc, "ChatCompletion"), "ChatCompletion", &v);
+
     // Streamed, the deltas add up to the same split.
     let mut sb = body;
     sb["stream"] = true.into();
     let chunks = s.stream("/v1/chat/completions", sb).await;
+    let chunk_schema = schema(&doc, "ChatCompletionChunk");
     let (mut r, mut c) = (String::new(), String::new());
     for ch in &chunks[..chunks.len() - 1] {
+        assert_valid(&chunk_schema, "ChatCompletionChunk", ch);
         let d = &ch["choices"][0]["delta"];
         r.push_str(d["reasoning_content"].as_str().unwrap_or(""));
         c.push_str(d["content"].as_str().unwrap_or(""));
@@ -1165,4 +1210,99 @@ async fn the_request_deadline_ends_long_requests() {
     assert!(chunks
         .iter()
         .any(|c| c["choices"][0]["finish_reason"] == "length"));
+}
+
+/// Real responses of every route and shape are valid against the OpenAPI document the
+/// server serves (generated from the types), with no field left undescribed: chat and
+/// completions, streamed and not, with logprobs, `n`, echo, several prompts and usage
+/// chunks; models, health, readiness; errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn responses_match_the_openapi_document() {
+    let s = Server::start(&[]).await;
+    let doc: Value = s
+        .http
+        .get(s.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let check = |name: &str, v: &Value| assert_valid(&schema(&doc, name), name, v);
+
+    let v = s
+        .chat(chat_body(
+            "Hello",
+            json!({"n": 2, "logprobs": true, "top_logprobs": 3, "temperature": 0.7, "seed": 1}),
+        ))
+        .await;
+    check("ChatCompletion", &v);
+    // The check can fail: an undescribed field, or a described one of the wrong type.
+    let chat_schema = schema(&doc, "ChatCompletion");
+    let mut extra = v.clone();
+    extra["choices"][0]["message"]["surprise"] = json!(1);
+    assert!(!chat_schema.is_valid(&extra));
+    let mut wrong = v.clone();
+    wrong["usage"]["prompt_tokens"] = json!("many");
+    assert!(!chat_schema.is_valid(&wrong));
+    let chunks = s
+        .stream(
+            "/v1/chat/completions",
+            chat_body("Hello", json!({"stream": true, "logprobs": true, "top_logprobs": 2, "stream_options": {"include_usage": true}})),
+        )
+        .await;
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    for c in &chunks[..chunks.len() - 1] {
+        check("ChatCompletionChunk", c);
+    }
+    let body = json!({"model": MODEL, "prompt": ["Once upon", "A time"], "max_tokens": 5, "echo": true,
+                      "logprobs": 2, "ignore_eos": true});
+    let (st, v) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    check("Completion", &v);
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = s.stream("/v1/completions", streamed).await;
+    for c in &chunks[..chunks.len() - 1] {
+        check("CompletionChunk", c);
+    }
+    let get = |path: &'static str| {
+        let http = s.http.clone();
+        let url = s.url(path);
+        async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    check("ModelList", &get("/v1/models").await);
+    check("ModelCard", &get("/v1/models/qwen3_moe").await);
+    check("Health", &get("/health").await);
+    check("Ready", &get("/ready").await);
+    for (path, body) in [
+        ("/v1/chat/completions", chat_body("x", json!({"temperature": 9}))),
+        (
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "x", "max_tokens": 100000}),
+        ),
+    ] {
+        let (st, v) = s.post(path, body).await;
+        assert!(st >= 400, "{v}");
+        check("ErrorResponse", &v);
+    }
+    // Every route the server has is in the document.
+    for p in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/models/{id}",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
 }

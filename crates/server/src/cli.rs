@@ -96,7 +96,7 @@ pub fn run() -> ExitCode {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(crate::server::serve(settings))
+                .block_on(crate::serve(settings))
         }),
         Command::Generate(args) => {
             init_logging(false);

@@ -3,7 +3,8 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use crate::api::responses::{ErrorDetail, ErrorResponse};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -118,16 +119,28 @@ impl ApiError {
         }
     }
 
-    /// The JSON body (also sent inside an SSE stream when a stream fails).
-    pub fn body(&self) -> serde_json::Value {
+    /// The body ([`ErrorResponse`]).
+    pub fn response(&self) -> ErrorResponse {
         let (message, kind, param, code) = self.parts();
-        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+        ErrorResponse {
+            error: ErrorDetail {
+                message,
+                kind: kind.into(),
+                param,
+                code: code.map(Into::into),
+            },
+        }
+    }
+
+    /// The body as JSON (also sent inside an SSE stream when a stream fails).
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(self.response()).expect("error bodies serialize")
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        let mut resp = (self.status(), axum::Json(self.response())).into_response();
         if matches!(self, ApiError::QueueFull) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

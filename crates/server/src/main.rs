@@ -1,14 +1,6 @@
-//! The `moeserve` command line.
-
-mod cli;
-mod error;
-mod metrics;
-mod openai;
-mod routes;
-mod server;
-mod settings;
+//! The `moeserve` command line (the server itself is the library).
 
 fn main() -> std::process::ExitCode {
     moeserve_core::process::prepare();
-    cli::run()
+    moeserve::cli::run()
 }

@@ -55,6 +55,12 @@ fn latency_buckets() -> Vec<f64> {
     ]
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();

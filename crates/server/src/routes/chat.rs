@@ -5,43 +5,149 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use moeserve_core::engine::{EngineEvent, FinishReason, GenerateRequest, TokenLogprob, Usage};
-use moeserve_core::reasoning::{ReasoningSplitter, SplitDelta};
+use moeserve_core::engine::{GenerateRequest, TokenLogprob};
+use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::sampling::ReasoningBudget;
 use moeserve_core::TextCodec;
-use serde_json::{json, Value};
 
 use super::{
-    chunk_builder, encode, envelope, finish_reason, include_usage, merge, sse_response, token_text,
-    usage_json, ChoiceState, Timing,
+    encode, include_usage, run_to_end, sse_response, to_json, token_text, Timing, SYSTEM_FINGERPRINT,
 };
+use crate::api::requests::ChatCompletionRequest;
+use crate::api::responses::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionChunkObject, ChatCompletionObject, ChatDelta, ChatLogprobs, ChatTokenLogprob,
+    ErrorResponse, FinishReason, Role, TopLogprob, UsageSlot,
+};
+use crate::api::unix_now;
 use crate::error::ApiError;
-use crate::openai::{unix_now, ChatCompletionRequest};
-use crate::server::{ApiJson, SharedState};
+use crate::extract::ApiJson;
+use crate::generation::{merge, Fold, Update};
+use crate::state::SharedState;
 
 /// OpenAI's chat `logprobs` object.
-fn logprobs_json(codec: &TextCodec, lps: &[TokenLogprob]) -> Value {
-    let entry = |id: u32, lp: f32| {
-        let t = token_text(codec, id);
-        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+fn logprobs(codec: &TextCodec, lps: &[TokenLogprob]) -> ChatLogprobs {
+    let top = |id: u32, logprob: f32| {
+        let token = token_text(codec, id);
+        TopLogprob {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob,
+        }
     };
-    let content: Vec<Value> = lps
-        .iter()
-        .map(|l| {
-            let mut e = entry(l.token, l.logprob);
-            e["top_logprobs"] = l.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
-            e
-        })
-        .collect();
-    json!({"content": content})
+    ChatLogprobs {
+        content: lps
+            .iter()
+            .map(|l| {
+                let t = top(l.token, l.logprob);
+                ChatTokenLogprob {
+                    token: t.token,
+                    logprob: t.logprob,
+                    bytes: t.bytes,
+                    top_logprobs: l.top.iter().map(|&(id, lp)| top(id, lp)).collect(),
+                }
+            })
+            .collect(),
+    }
 }
 
+/// Builds a chat response's chunks.
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Chunks {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: UsageSlot) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: ChatCompletionChunkObject::ChatCompletionChunk,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: SYSTEM_FINGERPRINT.into(),
+            choices,
+            usage: if self.include_usage && usage.is_absent() {
+                UsageSlot::Null
+            } else {
+                usage
+            },
+        }
+    }
+
+    /// The chunk for a delta or a finish, if it says anything.
+    fn update(&self, u: &Update, codec: &TextCodec, want_logprobs: bool) -> Option<serde_json::Value> {
+        match u {
+            Update::Delta {
+                index,
+                content,
+                reasoning,
+                logprobs: lps,
+                ..
+            } => {
+                let lp = want_logprobs
+                    .then(|| logprobs(codec, lps))
+                    .filter(|l| !l.content.is_empty());
+                let delta = ChatDelta {
+                    role: None,
+                    content: (!content.is_empty()).then(|| content.clone()),
+                    reasoning_content: (!reasoning.is_empty()).then(|| reasoning.clone()),
+                };
+                (delta.content.is_some() || delta.reasoning_content.is_some() || lp.is_some())
+                    .then(|| self.one(*index, delta, lp, None))
+            }
+            Update::Finished { index, reason } => {
+                Some(self.one(*index, ChatDelta::default(), None, Some((*reason).into())))
+            }
+            Update::PromptLogprobs { .. } | Update::Failed(_) => None,
+        }
+    }
+
+    fn one(
+        &self,
+        index: usize,
+        delta: ChatDelta,
+        logprobs: Option<ChatLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> serde_json::Value {
+        to_json(&self.chunk(
+            vec![ChatChunkChoice {
+                index,
+                delta,
+                logprobs,
+                finish_reason: finish,
+            }],
+            UsageSlot::Absent,
+        ))
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "generation",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, Server-Sent Events whose `data` are chat completion chunks, then `[DONE]`.",
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "Malformed JSON, a wrong type, a value out of range, a prompt too long for the context.", body = ErrorResponse),
+        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
+        (status = 404, description = "An unknown model.", body = ErrorResponse),
+        (status = 413, description = "A body over `max_body_bytes`.", body = ErrorResponse),
+        (status = 415, description = "Not `application/json`.", body = ErrorResponse),
+        (status = 429, description = "`max_waiting_requests` are waiting; `Retry-After` says when to retry.", body = ErrorResponse),
+        (status = 500, description = "The engine failed the request.", body = ErrorResponse),
+        (status = 503, description = "The model is loading, or the server is shutting down.", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn chat_completions(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let m = state.engine_for(&req.model)?;
-    let params = req.to_params(state.settings.max_n)?;
+    let mut params = req.to_params(state.settings.max_n)?;
     let messages = req.template_messages()?;
     let template = m
         .template
@@ -51,7 +157,6 @@ pub async fn chat_completions(
         .render(&messages, true, req.tools.as_ref(), req.tool_choice.as_ref())
         .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
     let codec: Arc<TextCodec> = m.engine.codec().clone();
-    let mut params = params;
     // Reasoning models: a splitter per choice, and the optional thinking budget.
     let opened = m.reasoning.as_ref().is_some_and(|t| t.opened_in(&prompt_text));
     let splitter = m
@@ -73,166 +178,83 @@ pub async fn chat_completions(
         });
     }
     let prompt = encode(codec.clone(), prompt_text).await?;
-    let prompt_tokens = prompt.len();
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();
+    let mut fold = Fold::new(vec![prompt.len()], n, splitter);
     let handle = m
         .engine
         .submit(GenerateRequest { prompt, params })
         .map_err(|e| ApiError::from_submit(e, "messages"))?;
     let events = merge(vec![handle], state.settings.request_deadline());
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = unix_now();
-    let model = m.id.clone();
+    let chunks = Chunks {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: m.id.clone(),
+        include_usage: include_usage(&req.stream_options),
+    };
     let mut timing = Timing::new("/v1/chat/completions");
 
     if !req.stream {
-        let (choices, usage) = collect(&state, events, n, prompt_tokens, &mut timing).await?;
-        timing.done(&state);
-        let choices: Vec<Value> = choices
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut message = json!({"role": "assistant", "content": c.text});
-                if let Some(mut s) = splitter.clone() {
-                    let mut d = s.push(&c.text);
-                    let rest = s.finish();
-                    d.reasoning.push_str(&rest.reasoning);
-                    d.content.push_str(&rest.content);
-                    message =
-                        json!({"role": "assistant", "content": d.content, "reasoning_content": d.reasoning});
-                }
-                json!({
-                    "index": i,
-                    "message": message,
-                    "logprobs": if want_logprobs { logprobs_json(&codec, &c.logprobs) } else { Value::Null },
-                    "finish_reason": c.finish.map(finish_reason),
+        run_to_end(&state, events, &mut fold, &mut timing).await?;
+        let reasons = fold.reasons();
+        let body = ChatCompletion {
+            id: chunks.id,
+            object: ChatCompletionObject::ChatCompletion,
+            created: chunks.created,
+            model: chunks.model,
+            system_fingerprint: SYSTEM_FINGERPRINT.into(),
+            choices: fold
+                .choices()
+                .iter()
+                .enumerate()
+                .map(|(index, c)| ChatChoice {
+                    index,
+                    message: AssistantMessage {
+                        role: Role::Assistant,
+                        content: c.content.clone(),
+                        reasoning_content: reasons.then(|| c.reasoning.clone()),
+                    },
+                    logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
+                    finish_reason: c.finish.map(Into::into),
                 })
-            })
-            .collect();
-        let mut body = envelope(&id, "chat.completion", created, &model, Value::Array(choices));
-        body["usage"] = usage_json(&usage);
+                .collect(),
+            usage: fold.usage().into(),
+        };
         return Ok(axum::Json(body).into_response());
     }
 
-    let include_usage = include_usage(&req.stream_options);
-    let chunk = chunk_builder(id, "chat.completion.chunk", created, model, include_usage);
     let keepalive = state.settings.sse_keepalive_secs;
-    let st = state.clone();
     let stream = async_stream::stream! {
-        let state = st;
         let mut events = events;
-        let mut usage = Usage { prompt_tokens, ..Usage::default() };
-        let mut finished = vec![false; n];
-        let mut splitters = vec![splitter; n];
         for i in 0..n {
-            yield chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]));
+            let delta = ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
+            yield chunks.one(i, delta, None, None);
         }
-        while let Some((_, ev)) = events.next().await {
-            match ev {
-                EngineEvent::Delta { index, token_ids, text, logprobs } => {
-                    timing.token(&state);
-                    usage.completion_tokens += token_ids.len();
-                    if text.is_empty() && logprobs.is_empty() {
-                        continue;
-                    }
-                    let lp = if want_logprobs { logprobs_json(&codec, &logprobs) } else { Value::Null };
-                    let delta = match splitters[index].as_mut() {
-                        Some(s) => split_delta(s.push(&text)),
-                        None => json!({"content": text}),
-                    };
-                    if delta.as_object().is_some_and(|d| d.is_empty()) && lp.is_null() {
-                        continue;
-                    }
-                    yield chunk(json!([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}]));
-                }
-                EngineEvent::Finished { index, reason } => {
-                    let which: Vec<usize> = if index == usize::MAX { (0..n).collect() } else { vec![index] };
-                    for i in which {
-                        if !std::mem::replace(&mut finished[i], true) {
-                            if let Some(s) = splitters[i].as_mut() {
-                                let rest = split_delta(s.finish());
-                                if !rest.as_object().is_some_and(|d| d.is_empty()) {
-                                    yield chunk(json!([{"index": i, "delta": rest, "logprobs": null, "finish_reason": null}]));
-                                }
-                            }
-                            yield chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)}]));
-                        }
-                    }
-                }
-                EngineEvent::Done(u) => usage = u,
-                EngineEvent::Error(e) => {
+        let mut failed = false;
+        'events: while let Some(event) = events.next().await {
+            for u in fold.apply(event) {
+                timing.observe(&state, &u);
+                if let Update::Failed(e) = u {
                     yield ApiError::from(e).body();
-                    break;
+                    failed = true;
+                    break 'events;
                 }
-                EngineEvent::PromptLogprobs(_) => {}
+                if let Some(c) = chunks.update(&u, &codec, want_logprobs) {
+                    yield c;
+                }
+            }
+        }
+        if !failed {
+            for u in fold.close() {
+                if let Some(c) = chunks.update(&u, &codec, want_logprobs) {
+                    yield c;
+                }
             }
         }
         timing.done(&state);
-        if include_usage {
-            let mut c = chunk(json!([]));
-            c["usage"] = usage_json(&usage);
-            yield c;
+        if chunks.include_usage {
+            yield to_json(&chunks.chunk(vec![], UsageSlot::Present(fold.usage().into())));
         }
     };
     Ok(sse_response(stream, keepalive))
-}
-
-/// A stream delta with the non-empty parts of a reasoning split.
-fn split_delta(d: SplitDelta) -> Value {
-    let mut v = serde_json::Map::new();
-    if !d.reasoning.is_empty() {
-        v.insert("reasoning_content".into(), d.reasoning.into());
-    }
-    if !d.content.is_empty() {
-        v.insert("content".into(), d.content.into());
-    }
-    Value::Object(v)
-}
-
-/// Runs a request to the end: each choice's text, tokens, logprobs, finish reason.
-pub async fn collect(
-    state: &SharedState,
-    mut events: super::Events,
-    n: usize,
-    prompt_tokens: usize,
-    timing: &mut Timing,
-) -> Result<(Vec<ChoiceState>, Usage), ApiError> {
-    let mut choices = vec![ChoiceState::default(); n];
-    let mut usage = None;
-    while let Some((_, ev)) = events.next().await {
-        match ev {
-            EngineEvent::Delta {
-                index,
-                token_ids,
-                text,
-                logprobs,
-            } => {
-                timing.token(state);
-                let c = &mut choices[index];
-                c.text.push_str(&text);
-                c.tokens += token_ids.len();
-                c.logprobs.extend(logprobs);
-            }
-            EngineEvent::Finished { index, reason } => {
-                for (i, c) in choices.iter_mut().enumerate() {
-                    if (index == usize::MAX || i == index) && c.finish.is_none() {
-                        c.finish = Some(reason);
-                    }
-                }
-            }
-            EngineEvent::Done(u) => usage = Some(u),
-            EngineEvent::Error(e) => return Err(ApiError::from(e)),
-            EngineEvent::PromptLogprobs(_) => {}
-        }
-    }
-    for c in &mut choices {
-        c.finish.get_or_insert(FinishReason::Length);
-    }
-    let usage = usage.unwrap_or(Usage {
-        prompt_tokens,
-        completion_tokens: choices.iter().map(|c| c.tokens).sum(),
-        cached_tokens: 0,
-    });
-    Ok((choices, usage))
 }

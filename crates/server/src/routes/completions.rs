@@ -1,46 +1,121 @@
 //! `POST /v1/completions`: a string, a list of strings, token ids or lists of token ids;
 //! `echo`; integer `logprobs`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use moeserve_core::engine::{EngineEvent, FinishReason, GenerateRequest, TokenLogprob, Usage};
+use moeserve_core::engine::{GenerateRequest, TokenLogprob};
 use moeserve_core::TextCodec;
-use serde_json::{json, Map, Value};
 
 use super::{
-    add_usage, chunk_builder, encode, envelope, finish_reason, include_usage, merge, sse_response,
-    token_text, usage_json, ChoiceState, Timing,
+    encode, include_usage, run_to_end, sse_response, to_json, token_text, Timing, SYSTEM_FINGERPRINT,
 };
+use crate::api::requests::{CompletionRequest, Prompt};
+use crate::api::responses::{
+    Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, ErrorResponse, FinishReason,
+    TextCompletionObject, UsageSlot,
+};
+use crate::api::unix_now;
 use crate::error::ApiError;
-use crate::openai::{unix_now, CompletionRequest, Prompt};
-use crate::server::{ApiJson, SharedState};
+use crate::extract::ApiJson;
+use crate::generation::{merge, Fold, Update};
+use crate::state::SharedState;
 
-/// The legacy completions `logprobs` object, for `entries` of (token, logprob, top).
-/// The first prompt token of an echoed prompt has no logprob (`None`).
-fn logprobs_json(codec: &TextCodec, entries: &[(u32, Option<&TokenLogprob>)], text_start: usize) -> Value {
-    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-    let mut offset = text_start;
+/// The legacy completions `logprobs` object for `entries` of (token, its logprob and
+/// alternatives); the first token of an echoed prompt has none.
+fn logprobs(codec: &TextCodec, entries: &[(u32, Option<&TokenLogprob>)]) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut offset = 0;
     for &(id, lp) in entries {
         let t = token_text(codec, id);
-        offsets.push(offset);
+        out.text_offset.push(offset);
         offset += t.len();
-        tokens.push(Value::from(t));
-        lps.push(lp.map_or(Value::Null, |l| l.logprob.into()));
-        tops.push(lp.map_or(Value::Null, |l| {
-            let m: Map<String, Value> = l
-                .top
+        out.tokens.push(t);
+        out.token_logprobs.push(lp.map(|l| l.logprob));
+        out.top_logprobs.push(lp.map(|l| {
+            l.top
                 .iter()
-                .map(|&(t, p)| (token_text(codec, t), p.into()))
-                .collect();
-            Value::Object(m)
+                .map(|&(t, p)| (token_text(codec, t), p))
+                .collect::<BTreeMap<String, f32>>()
         }));
     }
-    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    out
 }
 
+/// A prompt's tokens with their logprobs (none for the first), for `echo`.
+fn prompt_entries<'a>(
+    prompt: &[u32],
+    lps: &'a [Option<TokenLogprob>],
+) -> Vec<(u32, Option<&'a TokenLogprob>)> {
+    prompt.iter().zip(lps).map(|(&t, l)| (t, l.as_ref())).collect()
+}
+
+/// Builds a completion response's chunks.
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Chunks {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: UsageSlot) -> serde_json::Value {
+        to_json(&CompletionChunk {
+            id: self.id.clone(),
+            object: TextCompletionObject::TextCompletion,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: SYSTEM_FINGERPRINT.into(),
+            choices,
+            usage: if self.include_usage && usage.is_absent() {
+                UsageSlot::Null
+            } else {
+                usage
+            },
+        })
+    }
+
+    fn one(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> serde_json::Value {
+        self.chunk(
+            vec![CompletionChoice {
+                index,
+                text,
+                logprobs,
+                finish_reason,
+            }],
+            UsageSlot::Absent,
+        )
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "generation",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, one choice per prompt and `n`; with `stream: true`, Server-Sent Events whose `data` are completion chunks, then `[DONE]`.",
+            content((Completion = "application/json"), (CompletionChunk = "text/event-stream"))),
+        (status = 400, description = "Malformed JSON, a wrong type, a value out of range, a prompt too long for the context, a non-empty `suffix`.", body = ErrorResponse),
+        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
+        (status = 404, description = "An unknown model.", body = ErrorResponse),
+        (status = 413, description = "A body over `max_body_bytes`.", body = ErrorResponse),
+        (status = 415, description = "Not `application/json`.", body = ErrorResponse),
+        (status = 429, description = "`max_waiting_requests` are waiting.", body = ErrorResponse),
+        (status = 500, description = "The engine failed the request.", body = ErrorResponse),
+        (status = 503, description = "The model is loading, or the server is shutting down.", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn completions(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CompletionRequest>,
@@ -70,6 +145,7 @@ pub async fn completions(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::from_submit(e, "prompt"))?;
     let events = merge(handles, state.settings.request_deadline());
+    let mut fold = Fold::new(prompts.iter().map(Vec::len).collect(), n, None);
     let prompt_texts: Vec<String> = if echo {
         prompts
             .iter()
@@ -78,161 +154,103 @@ pub async fn completions(
     } else {
         vec![String::new(); prompts.len()]
     };
-    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = unix_now();
-    let model = m.id.clone();
+    let chunks = Chunks {
+        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: m.id.clone(),
+        include_usage: include_usage(&req.stream_options),
+    };
     let mut timing = Timing::new("/v1/completions");
-    let total = prompts.len() * n;
 
     if !req.stream {
-        let mut choices = vec![ChoiceState::default(); total];
-        let mut prompt_lps: Vec<Vec<Option<TokenLogprob>>> = vec![vec![]; prompts.len()];
-        let mut usage = Usage::default();
-        let mut done = vec![false; prompts.len()];
-        let mut events = events;
-        while let Some((r, ev)) = events.next().await {
-            match ev {
-                EngineEvent::PromptLogprobs(lp) => prompt_lps[r] = lp,
-                EngineEvent::Delta {
-                    index,
-                    token_ids,
-                    text,
-                    logprobs,
-                } => {
-                    timing.token(&state);
-                    let c = &mut choices[r * n + index];
-                    c.text.push_str(&text);
-                    c.tokens += token_ids.len();
-                    c.logprobs.extend(logprobs);
-                }
-                EngineEvent::Finished { index, reason } => {
-                    for (i, c) in choices.iter_mut().enumerate() {
-                        if (r == usize::MAX || i == r * n + index) && c.finish.is_none() {
-                            c.finish = Some(reason);
-                        }
-                    }
-                }
-                EngineEvent::Done(u) => {
-                    add_usage(&mut usage, &u);
-                    done[r] = true;
-                }
-                EngineEvent::Error(e) => return Err(ApiError::from(e)),
-            }
-        }
-        timing.done(&state);
-        // Requests cut by the deadline sent no usage: count what they produced.
-        for (r, d) in done.iter().enumerate() {
-            if !d {
-                usage.prompt_tokens += prompts[r].len();
-                usage.completion_tokens += choices[r * n..(r + 1) * n]
-                    .iter()
-                    .map(|c| c.tokens)
-                    .sum::<usize>();
-            }
-        }
-        let choices: Vec<Value> = choices
+        run_to_end(&state, events, &mut fold, &mut timing).await?;
+        let choices = fold
+            .choices()
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let r = i / n;
-                let logprobs = if want_logprobs {
-                    let mut entries: Vec<(u32, Option<&TokenLogprob>)> = Vec::new();
+                let logprobs = want_logprobs.then(|| {
+                    let mut entries = Vec::new();
                     if echo {
-                        entries.extend(
-                            prompts[r]
-                                .iter()
-                                .zip(&prompt_lps[r])
-                                .map(|(&t, lp)| (t, lp.as_ref())),
-                        );
+                        entries = prompt_entries(&prompts[r], fold.prompt_logprobs(r).unwrap_or(&[]));
                     }
                     entries.extend(c.logprobs.iter().map(|l| (l.token, Some(l))));
-                    logprobs_json(&codec, &entries, 0)
-                } else {
-                    Value::Null
-                };
-                json!({
-                    "index": i,
-                    "text": format!("{}{}", prompt_texts[r], c.text),
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason(c.finish.unwrap_or(FinishReason::Length)),
-                })
+                    logprobs(&codec, &entries)
+                });
+                CompletionChoice {
+                    index: i,
+                    text: format!("{}{}", prompt_texts[r], c.content),
+                    logprobs,
+                    finish_reason: c.finish.map(Into::into),
+                }
             })
             .collect();
-        let mut body = envelope(&id, "text_completion", created, &model, Value::Array(choices));
-        body["usage"] = usage_json(&usage);
+        let body = Completion {
+            id: chunks.id,
+            object: TextCompletionObject::TextCompletion,
+            created: chunks.created,
+            model: chunks.model,
+            system_fingerprint: SYSTEM_FINGERPRINT.into(),
+            choices,
+            usage: fold.usage().into(),
+        };
         return Ok(axum::Json(body).into_response());
     }
 
-    let include_usage = include_usage(&req.stream_options);
-    let chunk = chunk_builder(id, "text_completion", created, model, include_usage);
-    let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let keepalive = state.settings.sse_keepalive_secs;
-    let st = state.clone();
+    let total = prompts.len() * n;
     let stream = async_stream::stream! {
-        let state = st;
         let mut events = events;
-        let mut usage = Usage::default();
-        let mut finished = vec![false; total];
-        let mut done = vec![false; prompt_lens.len()];
-        let mut produced = vec![0usize; total];
         if echo && !want_logprobs {
             for i in 0..total {
-                yield chunk(json!([{"index": i, "text": prompt_texts[i / n], "logprobs": null, "finish_reason": null}]));
+                yield chunks.one(i, prompt_texts[i / n].clone(), None, None);
             }
         }
-        while let Some((r, ev)) = events.next().await {
-            match ev {
-                EngineEvent::PromptLogprobs(lp) => {
-                    for j in 0..n {
-                        let entries: Vec<(u32, Option<&TokenLogprob>)> =
-                            prompts[r].iter().zip(&lp).map(|(&t, l)| (t, l.as_ref())).collect();
-                        yield chunk(json!([{"index": r * n + j, "text": prompt_texts[r],
-                            "logprobs": logprobs_json(&codec, &entries, 0), "finish_reason": null}]));
-                    }
-                }
-                EngineEvent::Delta { index, token_ids, text, logprobs } => {
-                    timing.token(&state);
-                    produced[r * n + index] += token_ids.len();
-                    if text.is_empty() && logprobs.is_empty() {
-                        continue;
-                    }
-                    let lp = if want_logprobs {
-                        let entries: Vec<(u32, Option<&TokenLogprob>)> = logprobs.iter().map(|l| (l.token, Some(l))).collect();
-                        logprobs_json(&codec, &entries, 0)
-                    } else {
-                        Value::Null
-                    };
-                    yield chunk(json!([{"index": r * n + index, "text": text, "logprobs": lp, "finish_reason": null}]));
-                }
-                EngineEvent::Finished { index, reason } => {
-                    let which: Vec<usize> = if r == usize::MAX { (0..total).collect() } else { vec![r * n + index] };
-                    for i in which {
-                        if !std::mem::replace(&mut finished[i], true) {
-                            yield chunk(json!([{"index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(reason)}]));
+        let mut failed = false;
+        'events: while let Some(event) = events.next().await {
+            let updates = fold.apply(event);
+            for u in updates {
+                timing.observe(&state, &u);
+                match u {
+                    Update::PromptLogprobs { prompt } => {
+                        let entries = prompt_entries(&prompts[prompt], fold.prompt_logprobs(prompt).unwrap_or(&[]));
+                        for j in 0..n {
+                            let lp = logprobs(&codec, &entries);
+                            yield chunks.one(prompt * n + j, prompt_texts[prompt].clone(), Some(lp), None);
                         }
                     }
+                    Update::Delta { index, content, logprobs: lps, .. } => {
+                        if content.is_empty() && lps.is_empty() {
+                            continue;
+                        }
+                        let lp = want_logprobs.then(|| {
+                            let entries: Vec<_> = lps.iter().map(|l| (l.token, Some(l))).collect();
+                            logprobs(&codec, &entries)
+                        });
+                        yield chunks.one(index, content, lp, None);
+                    }
+                    Update::Finished { index, reason } => {
+                        yield chunks.one(index, String::new(), None, Some(reason.into()));
+                    }
+                    Update::Failed(e) => {
+                        yield ApiError::from(e).body();
+                        failed = true;
+                        break 'events;
+                    }
                 }
-                EngineEvent::Done(u) => {
-                    add_usage(&mut usage, &u);
-                    done[r] = true;
-                }
-                EngineEvent::Error(e) => {
-                    yield ApiError::from(e).body();
-                    break;
+            }
+        }
+        if !failed {
+            for u in fold.close() {
+                if let Update::Finished { index, reason } = u {
+                    yield chunks.one(index, String::new(), None, Some(reason.into()));
                 }
             }
         }
         timing.done(&state);
-        for (r, d) in done.iter().enumerate() {
-            if !d {
-                usage.prompt_tokens += prompt_lens[r];
-                usage.completion_tokens += produced[r * n..(r + 1) * n].iter().sum::<usize>();
-            }
-        }
-        if include_usage {
-            let mut c = chunk(json!([]));
-            c["usage"] = usage_json(&usage);
-            yield c;
+        if chunks.include_usage {
+            yield chunks.chunk(vec![], UsageSlot::Present(fold.usage().into()));
         }
     };
     Ok(sse_response(stream, keepalive))

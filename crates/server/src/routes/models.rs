@@ -2,26 +2,48 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde_json::{json, Value};
 
+use crate::api::responses::{ErrorResponse, ListObject, ModelCard, ModelList, ModelObject};
 use crate::error::ApiError;
-use crate::server::SharedState;
+use crate::state::SharedState;
 
-fn model_json(id: &str, created: u64) -> Value {
-    json!({"id": id, "object": "model", "created": created, "owned_by": "moeserve"})
+fn card(id: &str, created: u64) -> ModelCard {
+    ModelCard {
+        id: id.into(),
+        object: ModelObject::Model,
+        created,
+        owned_by: "moeserve".into(),
+    }
 }
 
-pub async fn list(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses(
+        (status = 200, description = "The served model.", body = ModelList),
+        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
+        (status = 503, description = "The model is loading, or the server is shutting down.", body = ErrorResponse),
+    ),
+    security(("api_key" = [])))]
+pub async fn list(State(state): State<SharedState>) -> Result<Json<ModelList>, ApiError> {
     let m = state.engine()?;
-    Ok(Json(
-        json!({"object": "list", "data": [model_json(&m.id, state.started)]}),
-    ))
+    Ok(Json(ModelList {
+        object: ListObject::List,
+        data: vec![card(&m.id, state.started)],
+    }))
 }
 
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "models",
+    params(("id" = String, Path, description = "The model id (it may contain `/`).")),
+    responses(
+        (status = 200, description = "The model.", body = ModelCard),
+        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
+        (status = 404, description = "Not the served model.", body = ErrorResponse),
+        (status = 503, description = "The model is loading, or the server is shutting down.", body = ErrorResponse),
+    ),
+    security(("api_key" = [])))]
 pub async fn retrieve(
     State(state): State<SharedState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ModelCard>, ApiError> {
     let m = state.engine_for(&id)?;
-    Ok(Json(model_json(&m.id, state.started)))
+    Ok(Json(card(&m.id, state.started)))
 }

@@ -1,22 +1,24 @@
 //! OpenAI's request types (with vLLM's common extensions) and their translation into the
-//! engine's sampling parameters. Responses are built in the route modules.
+//! engine's sampling parameters.
 
 use std::collections::HashMap;
 
 use moeserve_core::engine::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, Deserialize)]
+/// One stop string or several (up to 4).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
@@ -48,7 +50,7 @@ pub struct SamplingFields {
 macro_rules! request_with_sampling {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Deserialize)]
+        #[derive(Debug, Clone, Deserialize, ToSchema)]
         pub struct $name {
             pub temperature: Option<f32>,
             pub top_p: Option<f32>,
@@ -139,14 +141,15 @@ impl SamplingFields {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A message's content: a string, or a list of text parts.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -154,7 +157,7 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -162,6 +165,7 @@ pub struct ChatMessage {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tool_calls: Option<Value>,
     #[serde(default)]
     pub tool_call_id: Option<String>,
@@ -179,7 +183,9 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<usize>,
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Value>,
+    #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
     /// Extension: close a reasoning model's thought after this many tokens.
     pub max_reasoning_tokens: Option<usize>,
@@ -279,7 +285,8 @@ impl ChatCompletionRequest {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A prompt as a string, strings, token ids or lists of token ids.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptSpec {
     Text(String),
@@ -371,12 +378,4 @@ impl CompletionRequest {
 pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -1,0 +1,306 @@
+//! Every body the server sends, as types: serialized for the wire and described in the
+//! OpenAPI document (`/openapi.json`) from the same definitions.
+
+use std::collections::BTreeMap;
+
+use serde::{Serialize, Serializer};
+use utoipa::ToSchema;
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+impl From<moeserve_core::engine::Usage> for Usage {
+    fn from(u: moeserve_core::engine::Usage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+        }
+    }
+}
+
+/// Why a choice ended: at a stop condition (EOS, a stop string or id), or at
+/// `max_tokens`, the context, the request deadline or a shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl From<moeserve_core::engine::FinishReason> for FinishReason {
+    fn from(r: moeserve_core::engine::FinishReason) -> Self {
+        use moeserve_core::engine::FinishReason as F;
+        match r {
+            F::Stop => FinishReason::Stop,
+            // An engine abort (shutdown after the drain timeout) ends like a length cut.
+            F::Length | F::Abort => FinishReason::Length,
+        }
+    }
+}
+
+/// A stream chunk's `usage`: absent unless `stream_options.include_usage`, then `null` on
+/// every chunk but the last, which carries the request's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum UsageSlot {
+    #[default]
+    Absent,
+    Null,
+    Present(Usage),
+}
+
+impl UsageSlot {
+    pub fn is_absent(&self) -> bool {
+        matches!(self, UsageSlot::Absent)
+    }
+}
+
+impl Serialize for UsageSlot {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UsageSlot::Present(u) => u.serialize(s),
+            UsageSlot::Absent | UsageSlot::Null => s.serialize_none(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Assistant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ChatCompletionObject {
+    #[serde(rename = "chat.completion")]
+    ChatCompletion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ChatCompletionChunkObject {
+    #[serde(rename = "chat.completion.chunk")]
+    ChatCompletionChunk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum TextCompletionObject {
+    #[serde(rename = "text_completion")]
+    TextCompletion,
+}
+
+/// `POST /v1/chat/completions`, not streamed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: ChatCompletionObject,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    /// Present when `logprobs` was asked for.
+    #[schema(required = true)]
+    pub logprobs: Option<ChatLogprobs>,
+    #[schema(required = true)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: Role,
+    pub content: String,
+    /// A reasoning model's thought, apart from the answer (DeepSeek-R1's convention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+}
+
+/// One event of a streamed chat completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: ChatCompletionChunkObject,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "UsageSlot::is_absent")]
+    #[schema(value_type = Option<Usage>)]
+    pub usage: UsageSlot,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    #[schema(required = true)]
+    pub logprobs: Option<ChatLogprobs>,
+    #[schema(required = true)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What a chunk adds to a choice's message.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+}
+
+/// Chat's `logprobs`: each generated token with its alternatives.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// `POST /v1/completions`, not streamed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    pub object: TextCompletionObject,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+/// One event of a streamed completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChunk {
+    pub id: String,
+    pub object: TextCompletionObject,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "UsageSlot::is_absent")]
+    #[schema(value_type = Option<Usage>)]
+    pub usage: UsageSlot,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    #[schema(required = true)]
+    pub logprobs: Option<CompletionLogprobs>,
+    #[schema(required = true)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// The legacy completions `logprobs` object; an echoed prompt's first token has no
+/// logprob (`null`).
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Each token's offset in the choice's text, in bytes.
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ListObject {
+    #[serde(rename = "list")]
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ModelObject {
+    #[serde(rename = "model")]
+    Model,
+}
+
+/// `GET /v1/models`
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: ListObject,
+    pub data: Vec<ModelCard>,
+}
+
+/// `GET /v1/models/{id}`
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: ModelObject,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// `GET /health`
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`
+    pub status: String,
+}
+
+/// `GET /ready` when the model is loaded.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Ready {
+    /// `ready`
+    pub status: String,
+    /// The served model's id.
+    pub model: String,
+}
+
+/// Every error: OpenAI's shape.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, `rate_limit_error` or
+    /// `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, when one is.
+    #[schema(required = true)]
+    pub param: Option<String>,
+    /// A machine-readable reason (`context_length_exceeded`, `model_not_found`, ...).
+    #[schema(required = true)]
+    pub code: Option<String>,
+}

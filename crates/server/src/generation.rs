@@ -1,0 +1,297 @@
+//! What the generation endpoints share: one request's engine requests merged into one
+//! event stream (the deadline an event of its own), and [`Fold`], the accumulator that
+//! takes those events one at a time. The streamed chunks are built from the [`Update`]s
+//! it returns, the final body from its state at the end: one fold for both response
+//! shapes of chat and completions, so streamed and non-streamed outputs cannot drift.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::stream::{self, Stream, StreamExt};
+use moeserve_core::engine::{EngineEvent, EngineFailure, FinishReason, RequestHandle, TokenLogprob, Usage};
+use moeserve_core::reasoning::ReasoningSplitter;
+
+/// An event of a request's merged stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An engine event of the request's `prompt`-th engine request (several for a
+    /// multi-prompt completion).
+    Engine { prompt: usize, event: EngineEvent },
+    /// The request's deadline passed: its engine requests were aborted (their handles
+    /// dropped) and the stream ends here.
+    Deadline,
+}
+
+/// A request's events.
+pub type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// Every event of `handles`' engine requests, tagged with their position, ending when
+/// all have sent their last; with a deadline, [`Event::Deadline`] and the end at that
+/// time, the handles dropped (which aborts the engine requests).
+pub fn merge(handles: Vec<RequestHandle>, deadline: Option<Duration>) -> Events {
+    let streams = handles.into_iter().enumerate().map(|(prompt, h)| {
+        stream::unfold(Some(h), move |h| async move {
+            let mut h = h?;
+            let event = h.next().await?;
+            let last = matches!(event, EngineEvent::Done(_) | EngineEvent::Error(_));
+            Some((Event::Engine { prompt, event }, (!last).then_some(h)))
+        })
+        .boxed()
+    });
+    let merged = stream::select_all(streams);
+    let Some(deadline) = deadline else {
+        return merged.boxed();
+    };
+    let deadline = tokio::time::Instant::now() + deadline;
+    stream::unfold(Some(merged), move |s| async move {
+        let mut s = s?;
+        match tokio::time::timeout_at(deadline, s.next()).await {
+            Ok(Some(item)) => Some((item, Some(s))),
+            Ok(None) => None,
+            Err(_) => Some((Event::Deadline, None)),
+        }
+    })
+    .boxed()
+}
+
+/// The output of one choice so far.
+#[derive(Debug, Clone, Default)]
+pub struct Choice {
+    /// The answer (all the text, for a model without reasoning).
+    pub content: String,
+    /// A reasoning model's thought.
+    pub reasoning: String,
+    pub tokens: usize,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: Option<FinishReason>,
+    splitter: Option<ReasoningSplitter>,
+}
+
+/// What one event changed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// New output of choice `index`: `tokens` new tokens (counted even before their text
+    /// is whole), their text as content and reasoning, their logprobs.
+    Delta {
+        index: usize,
+        tokens: usize,
+        content: String,
+        reasoning: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The prompt logprobs of prompt `prompt` arrived.
+    PromptLogprobs { prompt: usize },
+    /// Choice `index` ended.
+    Finished { index: usize, reason: FinishReason },
+    /// The engine failed the request.
+    Failed(EngineFailure),
+}
+
+/// The choices of one request (`n` per prompt; choice `prompt * n + i`), folded from its
+/// events.
+#[derive(Debug, Clone)]
+pub struct Fold {
+    n: usize,
+    choices: Vec<Choice>,
+    prompt_lens: Vec<usize>,
+    prompt_logprobs: Vec<Option<Vec<Option<TokenLogprob>>>>,
+    /// Each engine request's usage, once it sent it.
+    usage: Vec<Option<Usage>>,
+}
+
+impl Fold {
+    /// For prompts of `prompt_lens` tokens with `n` choices each; every choice's text
+    /// split into reasoning and content by a copy of `splitter` when the model reasons.
+    pub fn new(prompt_lens: Vec<usize>, n: usize, splitter: Option<ReasoningSplitter>) -> Self {
+        let prompts = prompt_lens.len();
+        Self {
+            n,
+            choices: (0..prompts * n)
+                .map(|_| Choice {
+                    splitter: splitter.clone(),
+                    ..Choice::default()
+                })
+                .collect(),
+            prompt_lens,
+            prompt_logprobs: vec![None; prompts],
+            usage: vec![None; prompts],
+        }
+    }
+
+    pub fn choices(&self) -> &[Choice] {
+        &self.choices
+    }
+
+    pub fn prompt_logprobs(&self, prompt: usize) -> Option<&[Option<TokenLogprob>]> {
+        self.prompt_logprobs[prompt].as_deref()
+    }
+
+    /// Takes one event; returns what it changed.
+    pub fn apply(&mut self, event: Event) -> Vec<Update> {
+        let (prompt, event) = match event {
+            Event::Engine { prompt, event } => (prompt, event),
+            Event::Deadline => return self.close(),
+        };
+        match event {
+            EngineEvent::PromptLogprobs(lp) => {
+                self.prompt_logprobs[prompt] = Some(lp);
+                vec![Update::PromptLogprobs { prompt }]
+            }
+            EngineEvent::Delta {
+                index,
+                token_ids,
+                text,
+                logprobs,
+            } => {
+                let index = prompt * self.n + index;
+                let c = &mut self.choices[index];
+                c.tokens += token_ids.len();
+                c.logprobs.extend(logprobs.iter().cloned());
+                let (content, reasoning) = match c.splitter.as_mut() {
+                    Some(s) => {
+                        let d = s.push(&text);
+                        (d.content, d.reasoning)
+                    }
+                    None => (text, String::new()),
+                };
+                c.content.push_str(&content);
+                c.reasoning.push_str(&reasoning);
+                vec![Update::Delta {
+                    index,
+                    tokens: token_ids.len(),
+                    content,
+                    reasoning,
+                    logprobs,
+                }]
+            }
+            EngineEvent::Finished { index, reason } => self.finish(prompt * self.n + index, reason),
+            EngineEvent::Done(u) => {
+                self.usage[prompt] = Some(u);
+                Vec::new()
+            }
+            EngineEvent::Error(e) => vec![Update::Failed(e)],
+        }
+    }
+
+    /// The end of the events: every choice still open ends with `length` (the deadline
+    /// passed, or the stream broke off).
+    pub fn close(&mut self) -> Vec<Update> {
+        (0..self.choices.len())
+            .flat_map(|i| self.finish(i, FinishReason::Length))
+            .collect()
+    }
+
+    /// Ends choice `index` (once): whatever its splitter held back, then the finish.
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Update> {
+        let c = &mut self.choices[index];
+        if c.finish.is_some() {
+            return Vec::new();
+        }
+        c.finish = Some(reason);
+        let mut updates = Vec::new();
+        if let Some(rest) = c.splitter.as_mut().map(|s| s.finish()) {
+            if !rest.content.is_empty() || !rest.reasoning.is_empty() {
+                c.content.push_str(&rest.content);
+                c.reasoning.push_str(&rest.reasoning);
+                updates.push(Update::Delta {
+                    index,
+                    tokens: 0,
+                    content: rest.content,
+                    reasoning: rest.reasoning,
+                    logprobs: Vec::new(),
+                });
+            }
+        }
+        updates.push(Update::Finished { index, reason });
+        updates
+    }
+
+    /// The request's token counts: each engine request's own, or for one cut short by
+    /// the deadline, its prompt and what its choices produced.
+    pub fn usage(&self) -> Usage {
+        let mut total = Usage::default();
+        for (p, u) in self.usage.iter().enumerate() {
+            let u = u.unwrap_or_else(|| Usage {
+                prompt_tokens: self.prompt_lens[p],
+                completion_tokens: self.choices[p * self.n..(p + 1) * self.n]
+                    .iter()
+                    .map(|c| c.tokens)
+                    .sum(),
+                cached_tokens: 0,
+            });
+            total.prompt_tokens += u.prompt_tokens;
+            total.completion_tokens += u.completion_tokens;
+            total.cached_tokens += u.cached_tokens;
+        }
+        total
+    }
+
+    /// Whether the model splits reasoning from content.
+    pub fn reasons(&self) -> bool {
+        self.choices.first().is_some_and(|c| c.splitter.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(prompt: usize, index: usize, text: &str) -> Event {
+        Event::Engine {
+            prompt,
+            event: EngineEvent::Delta {
+                index,
+                token_ids: vec![7],
+                text: text.into(),
+                logprobs: vec![],
+            },
+        }
+    }
+
+    /// Two prompts of two choices: deltas land on `prompt * n + index`, finishes once,
+    /// usage adds up; a deadline ends the open choices with `length` and counts what
+    /// the cut request produced.
+    #[test]
+    fn choices_usage_and_the_deadline() {
+        let mut f = Fold::new(vec![5, 9], 2, None);
+        f.apply(delta(0, 1, "a"));
+        f.apply(delta(1, 0, "b"));
+        f.apply(delta(1, 0, "c"));
+        let fin = |prompt, index| Event::Engine {
+            prompt,
+            event: EngineEvent::Finished {
+                index,
+                reason: FinishReason::Stop,
+            },
+        };
+        assert_eq!(
+            f.apply(fin(0, 1)),
+            vec![Update::Finished {
+                index: 1,
+                reason: FinishReason::Stop
+            }]
+        );
+        assert!(f.apply(fin(0, 1)).is_empty());
+        f.apply(Event::Engine {
+            prompt: 0,
+            event: EngineEvent::Done(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 1,
+                cached_tokens: 3,
+            }),
+        });
+        let closed = f.apply(Event::Deadline);
+        assert_eq!(closed.len(), 3, "{closed:?}");
+        let texts: Vec<&str> = f.choices().iter().map(|c| c.content.as_str()).collect();
+        assert_eq!(texts, ["", "a", "bc", ""]);
+        assert!(f.choices().iter().all(|c| c.finish.is_some()));
+        assert_eq!(
+            f.usage(),
+            Usage {
+                prompt_tokens: 14,
+                completion_tokens: 3,
+                cached_tokens: 3
+            }
+        );
+    }
+}

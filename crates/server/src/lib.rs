@@ -1,0 +1,148 @@
+//! moeserve's HTTP server: OpenAI-compatible routes over the engine of `moeserve-core`.
+//! [`router`] builds the axum app around a [`SharedState`]; [`serve`] listens, loads the
+//! model, serves until SIGTERM/SIGINT and drains. The `moeserve` binary is a thin
+//! command line over this.
+
+pub mod api;
+pub mod cli;
+pub mod error;
+mod extract;
+pub mod generation;
+pub mod metrics;
+mod middleware;
+pub mod openapi;
+mod routes;
+pub mod settings;
+pub mod state;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::middleware as mw;
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use state::{AppState, LoadedEngine, SharedState};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// The app: every route, behind the API-key check where it applies, counted and traced.
+pub fn router(state: SharedState) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(routes::chat::chat_completions))
+        .route("/v1/completions", post(routes::completions::completions))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{*id}", get(routes::models::retrieve))
+        .route("/metrics", get(routes::health::metrics))
+        .route("/openapi.json", get(routes::openapi::openapi))
+        .route_layer(mw::from_fn_with_state(state.clone(), middleware::auth));
+    Router::new()
+        .merge(protected)
+        .route("/health", get(routes::health::health))
+        .route("/ready", get(routes::health::ready))
+        .fallback(middleware::not_found)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(mw::from_fn_with_state(state.clone(), middleware::count))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.settings.max_body_bytes,
+        ))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .with_state(state)
+}
+
+/// Listens at once (so /health answers while the model loads), loads the model, serves
+/// until SIGTERM/SIGINT, drains, exits.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    state::parse_dtype(&settings.dtype)?;
+    state::parse_kv_dtype(&settings.kv_cache_dtype)?;
+    let addr = format!("{}:{}", settings.host, settings.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    let state = Arc::new(AppState {
+        settings: settings.clone(),
+        model: OnceLock::new(),
+        metrics: Metrics::new(),
+        draining: AtomicBool::new(false),
+        started: crate::api::unix_now(),
+    });
+    let loader = state.clone();
+    tokio::task::spawn_blocking(move || match state::load(&loader.settings) {
+        Ok(m) => {
+            tracing::info!(
+                "serving {} at http://{}:{}",
+                m.id,
+                loader.settings.host,
+                loader.settings.port
+            );
+            let _ = loader.model.set(m);
+        }
+        Err(e) => {
+            tracing::error!("cannot load the model: {e:#}");
+            std::process::exit(1);
+        }
+    });
+    let app = router(state.clone());
+    let shutdown_state = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            drain(shutdown_state);
+        })
+        .await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Stops taking requests; in-flight ones get `shutdown_timeout_secs`, then are aborted.
+fn drain(state: SharedState) {
+    state.draining.store(true, Ordering::Relaxed);
+    let timeout = Duration::from_secs(state.settings.shutdown_timeout_secs);
+    tracing::info!(
+        "draining: in-flight requests have {}s to finish",
+        timeout.as_secs()
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        if let Some(m) = state.model.get() {
+            tracing::warn!("shutdown timeout: aborting the remaining requests");
+            m.engine.abort_all();
+        }
+        // Streams end once aborted; give them a moment to flush, then go regardless.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        std::process::exit(0);
+    });
+}

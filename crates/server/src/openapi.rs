@@ -1,0 +1,68 @@
+//! The OpenAPI document, generated from the request and response types and the routes'
+//! annotations (never kept by hand), served at `/openapi.json`.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::api::{requests, responses};
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "moeserve",
+        description = "An OpenAI-compatible inference server for Mixture-of-Experts language models. \
+            Errors come in OpenAI's shape (`ErrorResponse`) with the status named on each route.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        routes::chat::chat_completions,
+        routes::completions::completions,
+        routes::models::list,
+        routes::models::retrieve,
+        routes::health::health,
+        routes::health::ready,
+        routes::health::metrics,
+        routes::openapi::openapi,
+    ),
+    components(schemas(
+        requests::ChatCompletionRequest,
+        requests::CompletionRequest,
+        requests::ChatMessage,
+        requests::MessageContent,
+        requests::ContentPart,
+        requests::StopSpec,
+        requests::StreamOptions,
+        requests::PromptSpec,
+        responses::ChatCompletion,
+        responses::ChatCompletionChunk,
+        responses::Completion,
+        responses::CompletionChunk,
+        responses::ModelList,
+        responses::ModelCard,
+        responses::Health,
+        responses::Ready,
+        responses::ErrorResponse,
+    )),
+    modifiers(&ApiKey),
+    tags(
+        (name = "generation", description = "Chat and text completions, streamed or not."),
+        (name = "models", description = "The served model."),
+        (name = "operations", description = "Health, readiness, metrics, this document."),
+    )
+)]
+pub struct ApiDoc;
+
+/// The bearer scheme the `api_key` security requirement names (enforced only when the
+/// server has API keys).
+struct ApiKey;
+
+impl Modify for ApiKey {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

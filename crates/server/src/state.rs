@@ -1,0 +1,142 @@
+//! What the handlers share: the settings, the loaded engine (once loading is done),
+//! metrics and the draining flag; and how the model is loaded into an engine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use moeserve_core::chat::ChatTemplate;
+use moeserve_core::engine::{Engine, EngineConfig};
+use moeserve_core::reasoning::ReasoningTags;
+use moeserve_core::{DType, KvDtype, LoadOptions};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// What the handlers share.
+pub struct AppState {
+    pub settings: Settings,
+    /// Set once the model is loaded and the engine runs.
+    pub model: OnceLock<LoadedEngine>,
+    pub metrics: Metrics,
+    /// Set on SIGTERM/SIGINT: /ready answers 503 and new requests are refused.
+    pub draining: AtomicBool,
+    pub started: u64,
+}
+
+pub struct LoadedEngine {
+    pub engine: Engine,
+    /// The id clients use.
+    pub id: String,
+    pub template: Option<ChatTemplate>,
+    /// Set when chat output is split into reasoning and content.
+    pub reasoning: Option<ReasoningTags>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// The engine, or 503 while loading or draining.
+    pub fn engine(&self) -> Result<&LoadedEngine, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::Unavailable("The server is shutting down."));
+        }
+        self.model
+            .get()
+            .ok_or(ApiError::Unavailable("The model is still loading."))
+    }
+
+    /// Checks the request's `model` against the served one.
+    pub fn engine_for(&self, model: &str) -> Result<&LoadedEngine, ApiError> {
+        let m = self.engine()?;
+        if model != m.id {
+            return Err(ApiError::ModelNotFound(model.to_string()));
+        }
+        Ok(m)
+    }
+}
+
+pub(crate) fn parse_dtype(s: &str) -> anyhow::Result<Option<DType>> {
+    Ok(match s {
+        "" | "auto" => None,
+        "f32" => Some(DType::F32),
+        "bf16" => Some(DType::BF16),
+        "f16" => Some(DType::F16),
+        other => anyhow::bail!("unknown dtype {other:?} (f32, bf16 or f16)"),
+    })
+}
+
+/// `auto` (or empty): the loader's choice; else `f32` or `f16`.
+pub fn parse_kv_dtype(s: &str) -> anyhow::Result<Option<KvDtype>> {
+    Ok(match s {
+        "" | "auto" => None,
+        other => Some(other.parse().map_err(|e: String| anyhow::anyhow!(e))?),
+    })
+}
+
+pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
+    let opts = LoadOptions {
+        dtype: parse_dtype(&settings.dtype)?,
+        kv_cache_dtype: parse_kv_dtype(&settings.kv_cache_dtype)?,
+        ..LoadOptions::default()
+    };
+    let loaded = moeserve_core::load(&settings.model, &opts)?;
+    let template = match loaded.codec.chat_template() {
+        Some(src) => {
+            let tok = |id: Option<u32>| id.and_then(|i| loaded.codec.tokenizer().id_to_token(i));
+            Some(ChatTemplate::new(
+                src,
+                tok(loaded.codec.bos_token_id()),
+                tok(loaded.codec.eos_token_ids().first().copied()),
+            )?)
+        }
+        None => {
+            tracing::warn!("the model has no chat template: /v1/chat/completions will refuse requests");
+            None
+        }
+    };
+    let config = EngineConfig {
+        block_size: settings.block_size,
+        kv_cache_memory: moeserve_core::parse_memory_size(&settings.kv_cache_memory)
+            .map_err(anyhow::Error::msg)?,
+        max_num_seqs: settings.max_num_seqs,
+        max_num_batched_tokens: settings.max_num_batched_tokens,
+        max_waiting_requests: settings.max_waiting_requests,
+        enable_prefix_caching: settings.enable_prefix_caching,
+    };
+    let id = if settings.served_model_name.is_empty() {
+        loaded.name.clone()
+    } else {
+        settings.served_model_name.clone()
+    };
+    let tags = ReasoningTags::from_codec(&loaded.codec);
+    let reasoning = match settings.reasoning_parser.as_str() {
+        "none" => None,
+        "deepseek-r1" => Some(tags.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--reasoning-parser deepseek-r1: the model's vocabulary has no <think> and </think> tokens"
+            )
+        })?),
+        "auto" => tags.filter(|t| {
+            loaded
+                .codec
+                .chat_template()
+                .is_some_and(|tpl| tpl.contains(&t.start))
+        }),
+        other => anyhow::bail!("unknown reasoning parser {other:?} (auto, deepseek-r1 or none)"),
+    };
+    if let Some(t) = &reasoning {
+        tracing::info!(
+            "reasoning output: text between {} and {} goes to reasoning_content",
+            t.start,
+            t.end
+        );
+    }
+    let engine = Engine::start(loaded.model, Arc::new(loaded.codec), config)?;
+    Ok(LoadedEngine {
+        engine,
+        id,
+        template,
+        reasoning,
+    })
+}
