@@ -3,9 +3,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use moeserve_bench::{loadgen, measure};
-use moeserve_core::{DType, KvDtype, LoadOptions};
+use moeserve_core::{DType, LoadOptions};
 
 #[derive(Parser)]
 #[command(name = "moeserve-bench", version, about = "Benchmarks of moeserve")]
@@ -76,28 +76,11 @@ struct KernelBenchArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     repetitions: usize,
     /// Compute dtype (default: f32 on CPU).
-    #[arg(long, value_enum)]
-    dtype: Option<DtypeArg>,
+    #[arg(long, value_parser = moeserve_core::parse_compute_dtype)]
+    dtype: Option<DType>,
     /// KV cache element type: auto (f16 for quantized GGUF models, else f32), f32 or f16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<DtypeArg> for DType {
-    fn from(d: DtypeArg) -> DType {
-        match d {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::Bf16 => DType::BF16,
-            DtypeArg::F16 => DType::F16,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -136,18 +119,11 @@ fn init_logging() {
         .init();
 }
 
-/// `auto` (or empty): the loader's choice; else `f32` or `f16`.
-fn parse_kv_dtype(s: &str) -> anyhow::Result<Option<KvDtype>> {
-    Ok(match s {
-        "" | "auto" => None,
-        other => Some(other.parse().map_err(|e: String| anyhow::anyhow!(e))?),
-    })
-}
-
 fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
-        dtype: args.dtype.map(Into::into),
-        kv_cache_dtype: parse_kv_dtype(&args.kv_cache_dtype)?,
+        dtype: args.dtype,
+        kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&args.kv_cache_dtype)
+            .map_err(anyhow::Error::msg)?,
         ..LoadOptions::default()
     };
     let (model, name, dtype) = match measure::random_config(&args.model) {

@@ -29,6 +29,33 @@ pub use tokenizer::TextCodec;
 
 pub use candle_core::{DType, Device};
 
+/// A compute dtype by name: `f32`, `bf16` or `f16` (for command lines and settings).
+pub fn parse_compute_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(format!("unknown dtype {other:?} (f32, bf16 or f16)")),
+    }
+}
+
+/// A dtype setting: `auto` (or empty) leaves the choice to the loader.
+pub fn parse_dtype_setting(s: &str) -> std::result::Result<Option<DType>, String> {
+    match s {
+        "" | "auto" => Ok(None),
+        other => parse_compute_dtype(other).map(Some),
+    }
+}
+
+/// A KV cache dtype setting: `auto` (or empty) leaves the choice to the loader (f16 for
+/// quantized GGUF models, else f32); else `f32` or `f16`.
+pub fn parse_kv_dtype_setting(s: &str) -> std::result::Result<Option<KvDtype>, String> {
+    match s {
+        "" | "auto" => Ok(None),
+        other => other.parse().map(Some),
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

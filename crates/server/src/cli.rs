@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use moeserve_core::generate::generate;
 use moeserve_core::sampling::Sampler;
 use moeserve_core::{BlockPool, DType, KvStorage, LoadOptions};
@@ -28,23 +28,6 @@ enum Command {
     Generate(GenerateArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<DtypeArg> for DType {
-    fn from(d: DtypeArg) -> DType {
-        match d {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::Bf16 => DType::BF16,
-            DtypeArg::F16 => DType::F16,
-        }
-    }
-}
-
 #[derive(clap::Args)]
 struct GenerateArgs {
     /// A checkpoint directory or a Hugging Face repo id (owner/name[@revision]).
@@ -63,8 +46,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Compute dtype (default: f32 on CPU).
-    #[arg(long, value_enum, env = "MOESERVE_DTYPE")]
-    dtype: Option<DtypeArg>,
+    #[arg(long, value_parser = moeserve_core::parse_compute_dtype, env = "MOESERVE_DTYPE")]
+    dtype: Option<DType>,
     /// KV cache memory budget: bytes, or with a unit (512MiB, 2GiB).
     #[arg(long, default_value = "256MiB", env = "MOESERVE_KV_CACHE_MEMORY")]
     kv_cache_memory: String,
@@ -114,7 +97,7 @@ pub fn run() -> ExitCode {
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
-        dtype: args.dtype.map(Into::into),
+        dtype: args.dtype,
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&args.model, &opts)?;

@@ -67,8 +67,8 @@ pub fn router(state: SharedState) -> Router {
 /// Listens at once (so /health answers while the model loads), loads the model, serves
 /// until SIGTERM/SIGINT, drains, exits.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    state::parse_dtype(&settings.dtype)?;
-    state::parse_kv_dtype(&settings.kv_cache_dtype)?;
+    moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?;
+    moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype).map_err(anyhow::Error::msg)?;
     let addr = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

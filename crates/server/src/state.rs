@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use moeserve_core::chat::ChatTemplate;
 use moeserve_core::engine::{Engine, EngineConfig};
 use moeserve_core::reasoning::ReasoningTags;
-use moeserve_core::{DType, KvDtype, LoadOptions};
+use moeserve_core::LoadOptions;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -56,28 +56,11 @@ impl AppState {
     }
 }
 
-pub(crate) fn parse_dtype(s: &str) -> anyhow::Result<Option<DType>> {
-    Ok(match s {
-        "" | "auto" => None,
-        "f32" => Some(DType::F32),
-        "bf16" => Some(DType::BF16),
-        "f16" => Some(DType::F16),
-        other => anyhow::bail!("unknown dtype {other:?} (f32, bf16 or f16)"),
-    })
-}
-
-/// `auto` (or empty): the loader's choice; else `f32` or `f16`.
-pub fn parse_kv_dtype(s: &str) -> anyhow::Result<Option<KvDtype>> {
-    Ok(match s {
-        "" | "auto" => None,
-        other => Some(other.parse().map_err(|e: String| anyhow::anyhow!(e))?),
-    })
-}
-
 pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
     let opts = LoadOptions {
-        dtype: parse_dtype(&settings.dtype)?,
-        kv_cache_dtype: parse_kv_dtype(&settings.kv_cache_dtype)?,
+        dtype: moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?,
+        kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype)
+            .map_err(anyhow::Error::msg)?,
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&settings.model, &opts)?;

@@ -113,11 +113,10 @@ pub fn write_kv(
     layer: &mut KvLayer,
     g: &AttnGeometry,
     slots: &[usize],
-    keys: &Tensor,
-    values: Option<&Tensor>,
+    kv: (&Tensor, Option<&Tensor>),
 ) -> Result<()> {
-    match keys.device() {
-        Device::Cpu => cpu::attention::write_kv_tensors(layer, g, slots, keys, values),
+    match kv.0.device() {
+        Device::Cpu => cpu::attention::write_kv_tensors(layer, g, slots, kv),
         other => Err(no_kernel("write_kv", other)),
     }
 }
@@ -125,15 +124,9 @@ pub fn write_kv(
 /// Causal attention of every query token (`q`: `[tokens, heads * head_dim]`) over its
 /// sequence's cached positions, reading the cache in place through the block tables.
 /// Returns `[tokens, heads * value_dim]` in f32.
-pub fn paged_attention(
-    q: &Tensor,
-    layer: &KvLayer,
-    seqs: &[AttnSeq],
-    g: AttnGeometry,
-    scale: f32,
-) -> Result<Tensor> {
+pub fn paged_attention(q: &Tensor, layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeometry) -> Result<Tensor> {
     match q.device() {
-        Device::Cpu => cpu::attention::paged_attention_tensor(q, layer, seqs, g, scale),
+        Device::Cpu => cpu::attention::attend_tensor(q, layer, seqs, g),
         other => Err(no_kernel("paged_attention", other)),
     }
 }

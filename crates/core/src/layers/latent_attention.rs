@@ -141,8 +141,9 @@ impl LatentAttention {
             value_dim: lora,
             block_size: ctx.block_size,
             value_offset: Some(rope_d),
+            scale: m.softmax_scale as f32,
         };
-        backend::write_kv(kv, &g, ctx.slots, &latent, None)?;
+        backend::write_kv(kv, &g, ctx.slots, (&latent, None))?;
 
         let out = if m.absorb {
             // Query in latent space: [q_pe, W_uk^T q_nope] per head.
@@ -155,7 +156,7 @@ impl LatentAttention {
                 .to_dtype(DType::F32)?
                 .reshape((t, nh * (rope_d + lora)))?;
             let q_full = rope.apply(&q_full, nh, ctx.positions)?;
-            let o = backend::paged_attention(&q_full, kv, ctx.seqs, g, m.softmax_scale as f32)?;
+            let o = backend::paged_attention(&q_full, kv, ctx.seqs, g)?;
             let o = o.reshape((t, nh, lora))?.to_dtype(x.dtype())?;
             // Per head: W_uv times the attended latent.
             o.transpose(0, 1)?

@@ -109,9 +109,10 @@ impl Attention {
             value_dim: hd,
             block_size: ctx.block_size,
             value_offset: None,
+            scale: self.scale,
         };
-        backend::write_kv(kv, &geometry, ctx.slots, &k, Some(&v))?;
-        let out = backend::paged_attention(&q, kv, ctx.seqs, geometry, self.scale)?;
+        backend::write_kv(kv, &geometry, ctx.slots, (&k, Some(&v)))?;
+        let out = backend::paged_attention(&q, kv, ctx.seqs, geometry)?;
         self.o_proj.forward(&out.to_dtype(x.dtype())?)
     }
 }

@@ -91,6 +91,14 @@ impl std::fmt::Display for ParamError {
 }
 
 impl SamplingParams {
+    /// The defaults changed by `f` (tests).
+    #[cfg(test)]
+    pub(crate) fn with(f: impl FnOnce(&mut Self)) -> Self {
+        let mut p = Self::default();
+        f(&mut p);
+        p
+    }
+
     /// Greedy decoding of at most `max_tokens` tokens.
     pub fn greedy(max_tokens: usize) -> Self {
         Self {
@@ -199,35 +207,47 @@ impl SamplingParams {
 mod tests {
     use super::*;
 
-    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams::default();
-        f(&mut p);
-        p
-    }
-
     #[test]
     fn validation_names_the_parameter() {
         let bad = [
-            (params(|p| p.temperature = 3.0), "temperature"),
-            (params(|p| p.top_p = 0.0), "top_p"),
-            (params(|p| p.n = 0), "n"),
-            (params(|p| p.max_tokens = Some(0)), "max_tokens"),
-            (params(|p| p.presence_penalty = -2.5), "presence_penalty"),
-            (params(|p| p.frequency_penalty = f32::NAN), "frequency_penalty"),
-            (params(|p| p.repetition_penalty = 0.0), "repetition_penalty"),
-            (params(|p| p.logit_bias = vec![(1000, 1.0)]), "logit_bias"),
-            (params(|p| p.logit_bias = vec![(1, 101.0)]), "logit_bias"),
-            (params(|p| p.logprobs = Some(21)), "top_logprobs"),
-            (params(|p| p.stop = vec!["a".into(); 5]), "stop"),
-            (params(|p| p.min_p = 1.5), "min_p"),
+            (SamplingParams::with(|p| p.temperature = 3.0), "temperature"),
+            (SamplingParams::with(|p| p.top_p = 0.0), "top_p"),
+            (SamplingParams::with(|p| p.n = 0), "n"),
+            (SamplingParams::with(|p| p.max_tokens = Some(0)), "max_tokens"),
             (
-                params(|p| {
+                SamplingParams::with(|p| p.presence_penalty = -2.5),
+                "presence_penalty",
+            ),
+            (
+                SamplingParams::with(|p| p.frequency_penalty = f32::NAN),
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams::with(|p| p.repetition_penalty = 0.0),
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams::with(|p| p.logit_bias = vec![(1000, 1.0)]),
+                "logit_bias",
+            ),
+            (
+                SamplingParams::with(|p| p.logit_bias = vec![(1, 101.0)]),
+                "logit_bias",
+            ),
+            (SamplingParams::with(|p| p.logprobs = Some(21)), "top_logprobs"),
+            (SamplingParams::with(|p| p.stop = vec!["a".into(); 5]), "stop"),
+            (SamplingParams::with(|p| p.min_p = 1.5), "min_p"),
+            (
+                SamplingParams::with(|p| {
                     p.max_tokens = Some(2);
                     p.min_tokens = 3
                 }),
                 "min_tokens",
             ),
-            (params(|p| p.stop_token_ids = vec![100]), "stop_token_ids"),
+            (
+                SamplingParams::with(|p| p.stop_token_ids = vec![100]),
+                "stop_token_ids",
+            ),
         ];
         for (p, name) in bad {
             assert_eq!(p.validate(100).unwrap_err().param, name);

@@ -158,12 +158,6 @@ impl LogitsProcessors {
 mod tests {
     use super::*;
 
-    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams::default();
-        f(&mut p);
-        p
-    }
-
     /// The processors give the logits their definitions give, computed plainly: bias,
     /// then the repetition penalty once per distinct prompt or output token, then
     /// presence and frequency over the output's counts, then bans; and the per-thread
@@ -175,7 +169,7 @@ mod tests {
         let prompt = [3u32, 7, 7, 30, 3];
         let output = [7u32, 41, 41, 41, 2, 30];
         let banned = [41u32, 0];
-        let p = params(|p| {
+        let p = SamplingParams::with(|p| {
             p.logit_bias = vec![(2, 1.5), (30, -4.0)];
             p.repetition_penalty = 1.3;
             p.presence_penalty = 0.4;

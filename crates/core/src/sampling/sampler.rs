@@ -113,12 +113,6 @@ mod tests {
     use crate::sampling::distribution::tests::{filter_grid, full_sort_reference, model_like_logits};
     use crate::sampling::log_softmax;
 
-    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams::default();
-        f(&mut p);
-        p
-    }
-
     #[test]
     fn greedy_and_seeded_sampling() {
         let logits = [0.1, 2.0, -1.0, 2.0];
@@ -150,11 +144,11 @@ mod tests {
                 .map(|_| s.sample(&logits, &[], &[], &StepConstraints::default()).0)
                 .collect::<std::collections::HashSet<_>>()
         };
-        let top_k = run(params(|p| p.top_k = 3));
+        let top_k = run(SamplingParams::with(|p| p.top_k = 3));
         assert!(top_k.iter().all(|&t| t >= 97), "{top_k:?}");
-        let top_p = run(params(|p| p.top_p = 0.05));
+        let top_p = run(SamplingParams::with(|p| p.top_p = 0.05));
         assert!(top_p.iter().all(|&t| t >= 95), "{top_p:?}");
-        let min_p = run(params(|p| p.min_p = 0.95)); // exp(-0.1) = 0.905 < 0.95
+        let min_p = run(SamplingParams::with(|p| p.min_p = 0.95)); // exp(-0.1) = 0.905 < 0.95
         assert!(min_p.iter().all(|&t| t == 99), "{min_p:?}");
         let banned = {
             let mut s = Sampler::new(0.0, 0);
@@ -176,7 +170,7 @@ mod tests {
     fn penalties_and_bias_change_greedy_choice() {
         let logits = [1.0, 0.9, 0.0];
         let mut s = Sampler::from_params(
-            &params(|p| {
+            &SamplingParams::with(|p| {
                 p.temperature = 0.0;
                 p.frequency_penalty = 0.5;
             }),
@@ -184,7 +178,7 @@ mod tests {
         );
         assert_eq!(s.sample(&logits, &[], &[0], &StepConstraints::default()).0, 1);
         let mut s = Sampler::from_params(
-            &params(|p| {
+            &SamplingParams::with(|p| {
                 p.temperature = 0.0;
                 p.repetition_penalty = 1.5;
             }),
@@ -192,7 +186,7 @@ mod tests {
         );
         assert_eq!(s.sample(&logits, &[0], &[], &StepConstraints::default()).0, 1);
         let mut s = Sampler::from_params(
-            &params(|p| {
+            &SamplingParams::with(|p| {
                 p.temperature = 0.0;
                 p.logit_bias = vec![(2, 5.0)];
             }),
@@ -215,7 +209,7 @@ mod tests {
         let flat: Vec<f32> = (0..3001).map(|i| ((i * 31) % 17) as f32 * 0.1).collect();
         let cases = filter_grid().into_iter().enumerate().filter(|(n, _)| n % 5 == 0);
         for (n, (f, logits)) in cases.flat_map(|(n, f)| [(n, (f, &peaked)), (n + 1000, (f, &flat))]) {
-            let p = params(|p| {
+            let p = SamplingParams::with(|p| {
                 p.temperature = 1.0 / f.inv_t;
                 p.top_k = f.top_k.map_or(-1, |k| k as i32);
                 p.top_p = f.top_p;

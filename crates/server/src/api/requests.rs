@@ -24,29 +24,9 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default)]
-pub struct SamplingFields {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub n: Option<usize>,
-    pub stop: Option<StopSpec>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    pub seed: Option<i64>,
-    // vLLM's extensions.
-    pub top_k: Option<i32>,
-    pub min_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub min_tokens: Option<usize>,
-    pub ignore_eos: Option<bool>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub skip_special_tokens: Option<bool>,
-}
-
 /// Declares a request type with the sampling fields inline (not `#[serde(flatten)]`,
-/// which would hide the failing field's name from error messages) plus its own fields.
+/// which would hide the failing field's name from error messages) plus its own fields,
+/// and their translation into the engine's parameters.
 macro_rules! request_with_sampling {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
         $(#[$meta])*
@@ -60,6 +40,7 @@ macro_rules! request_with_sampling {
             pub frequency_penalty: Option<f32>,
             pub logit_bias: Option<HashMap<String, f32>>,
             pub seed: Option<i64>,
+            // vLLM's extensions.
             pub top_k: Option<i32>,
             pub min_p: Option<f32>,
             pub repetition_penalty: Option<f32>,
@@ -71,74 +52,53 @@ macro_rules! request_with_sampling {
         }
 
         impl $name {
-            pub fn sampling(&self) -> SamplingFields {
-                SamplingFields {
-                    temperature: self.temperature,
-                    top_p: self.top_p,
-                    n: self.n,
-                    stop: self.stop.clone(),
-                    presence_penalty: self.presence_penalty,
-                    frequency_penalty: self.frequency_penalty,
-                    logit_bias: self.logit_bias.clone(),
-                    seed: self.seed,
-                    top_k: self.top_k,
-                    min_p: self.min_p,
-                    repetition_penalty: self.repetition_penalty,
-                    min_tokens: self.min_tokens,
-                    ignore_eos: self.ignore_eos,
-                    stop_token_ids: self.stop_token_ids.clone(),
-                    skip_special_tokens: self.skip_special_tokens,
+            /// The engine's parameters from the sampling fields; their ranges are checked by
+            /// the engine at submit.
+            pub fn sampling_params(&self, max_tokens: Option<usize>, max_n: usize) -> Result<SamplingParams, ApiError> {
+                let n = self.n.unwrap_or(1);
+                if n == 0 || n > max_n {
+                    return Err(ApiError::invalid_param(
+                        "n",
+                        format!("n must be between 1 and {max_n}, got {n}"),
+                    ));
                 }
+                let mut logit_bias = Vec::new();
+                for (k, &v) in self.logit_bias.iter().flatten() {
+                    let id: u32 = k.parse().map_err(|_| {
+                        ApiError::invalid_param("logit_bias", format!("logit_bias key {k:?} is not a token id"))
+                    })?;
+                    logit_bias.push((id, v));
+                }
+                logit_bias.sort_by_key(|x| x.0);
+                let d = SamplingParams::default();
+                Ok(SamplingParams {
+                    n,
+                    max_tokens,
+                    min_tokens: self.min_tokens.unwrap_or(0),
+                    temperature: self.temperature.unwrap_or(d.temperature),
+                    top_p: self.top_p.unwrap_or(d.top_p),
+                    top_k: self.top_k.unwrap_or(d.top_k),
+                    min_p: self.min_p.unwrap_or(d.min_p),
+                    presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                    frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                    repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+                    logit_bias,
+                    seed: self.seed.map(|s| s as u64),
+                    logprobs: None,
+                    prompt_logprobs: None,
+                    stop: match &self.stop {
+                        None => vec![],
+                        Some(StopSpec::One(s)) => vec![s.clone()],
+                        Some(StopSpec::Many(v)) => v.clone(),
+                    },
+                    stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+                    ignore_eos: self.ignore_eos.unwrap_or(false),
+                    skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+                    reasoning_budget: None,
+                })
             }
         }
     };
-}
-
-impl SamplingFields {
-    /// The engine's parameters; ranges are checked by the engine at submit.
-    pub fn to_params(&self, max_tokens: Option<usize>, max_n: usize) -> Result<SamplingParams, ApiError> {
-        let n = self.n.unwrap_or(1);
-        if n == 0 || n > max_n {
-            return Err(ApiError::invalid_param(
-                "n",
-                format!("n must be between 1 and {max_n}, got {n}"),
-            ));
-        }
-        let mut logit_bias = Vec::new();
-        for (k, &v) in self.logit_bias.iter().flatten() {
-            let id: u32 = k.parse().map_err(|_| {
-                ApiError::invalid_param("logit_bias", format!("logit_bias key {k:?} is not a token id"))
-            })?;
-            logit_bias.push((id, v));
-        }
-        logit_bias.sort_by_key(|x| x.0);
-        let d = SamplingParams::default();
-        Ok(SamplingParams {
-            n,
-            max_tokens,
-            min_tokens: self.min_tokens.unwrap_or(0),
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            min_p: self.min_p.unwrap_or(d.min_p),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
-            logit_bias,
-            seed: self.seed.map(|s| s as u64),
-            logprobs: None,
-            prompt_logprobs: None,
-            stop: match &self.stop {
-                None => vec![],
-                Some(StopSpec::One(s)) => vec![s.clone()],
-                Some(StopSpec::Many(v)) => v.clone(),
-            },
-            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
-            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
-            reasoning_budget: None,
-        })
-    }
 }
 
 /// A message's content: a string, or a list of text parts.
@@ -263,9 +223,7 @@ impl ChatCompletionRequest {
     }
 
     pub fn to_params(&self, max_n: usize) -> Result<SamplingParams, ApiError> {
-        let mut p = self
-            .sampling()
-            .to_params(self.max_completion_tokens.or(self.max_tokens), max_n)?;
+        let mut p = self.sampling_params(self.max_completion_tokens.or(self.max_tokens), max_n)?;
         if self.top_logprobs.is_some() && !self.logprobs {
             return Err(ApiError::invalid_param(
                 "top_logprobs",
@@ -349,9 +307,7 @@ impl CompletionRequest {
                 "stream_options is only allowed with stream: true",
             ));
         }
-        let mut p = self
-            .sampling()
-            .to_params(Some(self.max_tokens.unwrap_or(Self::DEFAULT_MAX_TOKENS)), max_n)?;
+        let mut p = self.sampling_params(Some(self.max_tokens.unwrap_or(Self::DEFAULT_MAX_TOKENS)), max_n)?;
         p.logprobs = self.logprobs;
         if self.echo && self.logprobs.is_some() {
             p.prompt_logprobs = self.logprobs;

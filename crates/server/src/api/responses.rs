@@ -103,18 +103,72 @@ pub enum TextCompletionObject {
     TextCompletion,
 }
 
-/// `POST /v1/chat/completions`, not streamed.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ChatCompletion {
+/// `system_fingerprint` of every response: the server's version.
+pub const SYSTEM_FINGERPRINT: &str = concat!("moeserve-", env!("CARGO_PKG_VERSION"));
+
+/// What every response and chunk of one generation request shares.
+#[derive(Debug, Clone)]
+pub struct Meta {
     pub id: String,
-    pub object: ChatCompletionObject,
     /// Unix seconds.
     pub created: u64,
     pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
 }
+
+/// A generation body: the fields every response and chunk starts with (`id`, `object`,
+/// `created`, `model`, `system_fingerprint`), then its choices and usage.
+macro_rules! generation_body {
+    ($(#[$doc:meta])* $name:ident, $object:ident :: $variant:ident, $choice:ty, $usage:ty $(, #[$usage_attr:meta])*) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Serialize, ToSchema)]
+        pub struct $name {
+            pub id: String,
+            pub object: $object,
+            /// Unix seconds.
+            pub created: u64,
+            pub model: String,
+            pub system_fingerprint: String,
+            pub choices: Vec<$choice>,
+            $(#[$usage_attr])*
+            pub usage: $usage,
+        }
+
+        impl $name {
+            pub fn new(meta: &Meta, choices: Vec<$choice>, usage: $usage) -> Self {
+                Self {
+                    id: meta.id.clone(),
+                    object: $object::$variant,
+                    created: meta.created,
+                    model: meta.model.clone(),
+                    system_fingerprint: SYSTEM_FINGERPRINT.into(),
+                    choices,
+                    usage,
+                }
+            }
+        }
+    };
+}
+
+generation_body!(
+    /// `POST /v1/chat/completions`, not streamed.
+    ChatCompletion, ChatCompletionObject::ChatCompletion, ChatChoice, Usage
+);
+generation_body!(
+    /// One event of a streamed chat completion.
+    ChatCompletionChunk, ChatCompletionChunkObject::ChatCompletionChunk, ChatChunkChoice, UsageSlot,
+    #[serde(skip_serializing_if = "UsageSlot::is_absent")],
+    #[schema(value_type = Option<Usage>)]
+);
+generation_body!(
+    /// `POST /v1/completions`, not streamed.
+    Completion, TextCompletionObject::TextCompletion, CompletionChoice, Usage
+);
+generation_body!(
+    /// One event of a streamed completion.
+    CompletionChunk, TextCompletionObject::TextCompletion, CompletionChoice, UsageSlot,
+    #[serde(skip_serializing_if = "UsageSlot::is_absent")],
+    #[schema(value_type = Option<Usage>)]
+);
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChoice {
@@ -134,20 +188,6 @@ pub struct AssistantMessage {
     /// A reasoning model's thought, apart from the answer (DeepSeek-R1's convention).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
-}
-
-/// One event of a streamed chat completion.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ChatCompletionChunk {
-    pub id: String,
-    pub object: ChatCompletionChunkObject,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChatChunkChoice>,
-    #[serde(skip_serializing_if = "UsageSlot::is_absent")]
-    #[schema(value_type = Option<Usage>)]
-    pub usage: UsageSlot,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -191,32 +231,6 @@ pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
-}
-
-/// `POST /v1/completions`, not streamed.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Completion {
-    pub id: String,
-    pub object: TextCompletionObject,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<CompletionChoice>,
-    pub usage: Usage,
-}
-
-/// One event of a streamed completion.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct CompletionChunk {
-    pub id: String,
-    pub object: TextCompletionObject,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<CompletionChoice>,
-    #[serde(skip_serializing_if = "UsageSlot::is_absent")]
-    #[schema(value_type = Option<Usage>)]
-    pub usage: UsageSlot,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

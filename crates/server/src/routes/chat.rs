@@ -11,15 +11,14 @@ use moeserve_core::sampling::ReasoningBudget;
 use moeserve_core::TextCodec;
 
 use super::{
-    encode, include_usage, run_to_end, sse_response, to_json, token_text, Timing, SYSTEM_FINGERPRINT,
+    encode, include_usage, run_to_end, sse_response, to_json, token_text, GenerationErrors, ResponseMeta,
+    Timing,
 };
 use crate::api::requests::ChatCompletionRequest;
 use crate::api::responses::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionChunkObject, ChatCompletionObject, ChatDelta, ChatLogprobs, ChatTokenLogprob,
-    ErrorResponse, FinishReason, Role, TopLogprob, UsageSlot,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+    ChatLogprobs, ChatTokenLogprob, FinishReason, Role, TopLogprob, UsageSlot,
 };
-use crate::api::unix_now;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{merge, Fold, Update};
@@ -51,97 +50,69 @@ fn logprobs(codec: &TextCodec, lps: &[TokenLogprob]) -> ChatLogprobs {
     }
 }
 
-/// Builds a chat response's chunks.
-struct Chunks {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+/// The chunk of one choice of a streamed chat completion.
+fn chunk(
+    meta: &ResponseMeta,
+    index: usize,
+    delta: ChatDelta,
+    logprobs: Option<ChatLogprobs>,
+    finish_reason: Option<FinishReason>,
+) -> serde_json::Value {
+    let choice = ChatChunkChoice {
+        index,
+        delta,
+        logprobs,
+        finish_reason,
+    };
+    to_json(&ChatCompletionChunk::new(
+        &meta.meta,
+        vec![choice],
+        meta.no_usage(),
+    ))
 }
 
-impl Chunks {
-    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: UsageSlot) -> ChatCompletionChunk {
-        ChatCompletionChunk {
-            id: self.id.clone(),
-            object: ChatCompletionChunkObject::ChatCompletionChunk,
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: SYSTEM_FINGERPRINT.into(),
-            choices,
-            usage: if self.include_usage && usage.is_absent() {
-                UsageSlot::Null
-            } else {
-                usage
-            },
+/// The chunk for a delta or a finish, if it says anything.
+fn update_chunk(
+    meta: &ResponseMeta,
+    u: &Update,
+    codec: &TextCodec,
+    want_logprobs: bool,
+) -> Option<serde_json::Value> {
+    match u {
+        Update::Delta {
+            index,
+            content,
+            reasoning,
+            logprobs: lps,
+            ..
+        } => {
+            let lp = want_logprobs
+                .then(|| logprobs(codec, lps))
+                .filter(|l| !l.content.is_empty());
+            let delta = ChatDelta {
+                role: None,
+                content: (!content.is_empty()).then(|| content.clone()),
+                reasoning_content: (!reasoning.is_empty()).then(|| reasoning.clone()),
+            };
+            (delta.content.is_some() || delta.reasoning_content.is_some() || lp.is_some())
+                .then(|| chunk(meta, *index, delta, lp, None))
         }
-    }
-
-    /// The chunk for a delta or a finish, if it says anything.
-    fn update(&self, u: &Update, codec: &TextCodec, want_logprobs: bool) -> Option<serde_json::Value> {
-        match u {
-            Update::Delta {
-                index,
-                content,
-                reasoning,
-                logprobs: lps,
-                ..
-            } => {
-                let lp = want_logprobs
-                    .then(|| logprobs(codec, lps))
-                    .filter(|l| !l.content.is_empty());
-                let delta = ChatDelta {
-                    role: None,
-                    content: (!content.is_empty()).then(|| content.clone()),
-                    reasoning_content: (!reasoning.is_empty()).then(|| reasoning.clone()),
-                };
-                (delta.content.is_some() || delta.reasoning_content.is_some() || lp.is_some())
-                    .then(|| self.one(*index, delta, lp, None))
-            }
-            Update::Finished { index, reason } => {
-                Some(self.one(*index, ChatDelta::default(), None, Some((*reason).into())))
-            }
-            Update::PromptLogprobs { .. } | Update::Failed(_) => None,
-        }
-    }
-
-    fn one(
-        &self,
-        index: usize,
-        delta: ChatDelta,
-        logprobs: Option<ChatLogprobs>,
-        finish: Option<FinishReason>,
-    ) -> serde_json::Value {
-        to_json(&self.chunk(
-            vec![ChatChunkChoice {
-                index,
-                delta,
-                logprobs,
-                finish_reason: finish,
-            }],
-            UsageSlot::Absent,
-        ))
+        Update::Finished { index, reason } => Some(chunk(
+            meta,
+            *index,
+            ChatDelta::default(),
+            None,
+            Some((*reason).into()),
+        )),
+        Update::PromptLogprobs { .. } | Update::Failed(_) => None,
     }
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/chat/completions",
-    tag = "generation",
-    request_body = ChatCompletionRequest,
-    responses(
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "generation", request_body = ChatCompletionRequest,
+    security(("api_key" = [])), responses(
         (status = 200, description = "The completion; with `stream: true`, Server-Sent Events whose `data` are chat completion chunks, then `[DONE]`.",
             content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
-        (status = 400, description = "Malformed JSON, a wrong type, a value out of range, a prompt too long for the context.", body = ErrorResponse),
-        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
-        (status = 404, description = "An unknown model.", body = ErrorResponse),
-        (status = 413, description = "A body over `max_body_bytes`.", body = ErrorResponse),
-        (status = 415, description = "Not `application/json`.", body = ErrorResponse),
-        (status = 429, description = "`max_waiting_requests` are waiting; `Retry-After` says when to retry.", body = ErrorResponse),
-        (status = 500, description = "The engine failed the request.", body = ErrorResponse),
-        (status = 503, description = "The model is loading, or the server is shutting down.", body = ErrorResponse),
-    ),
-    security(("api_key" = []))
-)]
+        GenerationErrors))]
 pub async fn chat_completions(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
@@ -186,40 +157,28 @@ pub async fn chat_completions(
         .submit(GenerateRequest { prompt, params })
         .map_err(|e| ApiError::from_submit(e, "messages"))?;
     let events = merge(vec![handle], state.settings.request_deadline());
-    let chunks = Chunks {
-        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: unix_now(),
-        model: m.id.clone(),
-        include_usage: include_usage(&req.stream_options),
-    };
+    let meta = ResponseMeta::new("chatcmpl", &m.id, include_usage(&req.stream_options));
     let mut timing = Timing::new("/v1/chat/completions");
 
     if !req.stream {
         run_to_end(&state, events, &mut fold, &mut timing).await?;
         let reasons = fold.reasons();
-        let body = ChatCompletion {
-            id: chunks.id,
-            object: ChatCompletionObject::ChatCompletion,
-            created: chunks.created,
-            model: chunks.model,
-            system_fingerprint: SYSTEM_FINGERPRINT.into(),
-            choices: fold
-                .choices()
-                .iter()
-                .enumerate()
-                .map(|(index, c)| ChatChoice {
-                    index,
-                    message: AssistantMessage {
-                        role: Role::Assistant,
-                        content: c.content.clone(),
-                        reasoning_content: reasons.then(|| c.reasoning.clone()),
-                    },
-                    logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
-                    finish_reason: c.finish.map(Into::into),
-                })
-                .collect(),
-            usage: fold.usage().into(),
-        };
+        let choices = fold
+            .choices()
+            .iter()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: Role::Assistant,
+                    content: c.content.clone(),
+                    reasoning_content: reasons.then(|| c.reasoning.clone()),
+                },
+                logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
+                finish_reason: c.finish.map(Into::into),
+            })
+            .collect();
+        let body = ChatCompletion::new(&meta.meta, choices, fold.usage().into());
         return Ok(axum::Json(body).into_response());
     }
 
@@ -228,7 +187,7 @@ pub async fn chat_completions(
         let mut events = events;
         for i in 0..n {
             let delta = ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
-            yield chunks.one(i, delta, None, None);
+            yield chunk(&meta, i, delta, None, None);
         }
         let mut failed = false;
         'events: while let Some(event) = events.next().await {
@@ -239,21 +198,21 @@ pub async fn chat_completions(
                     failed = true;
                     break 'events;
                 }
-                if let Some(c) = chunks.update(&u, &codec, want_logprobs) {
+                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs) {
                     yield c;
                 }
             }
         }
         if !failed {
             for u in fold.close() {
-                if let Some(c) = chunks.update(&u, &codec, want_logprobs) {
+                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs) {
                     yield c;
                 }
             }
         }
         timing.done(&state);
-        if chunks.include_usage {
-            yield to_json(&chunks.chunk(vec![], UsageSlot::Present(fold.usage().into())));
+        if meta.include_usage {
+            yield to_json(&ChatCompletionChunk::new(&meta.meta, vec![], UsageSlot::Present(fold.usage().into())));
         }
     };
     Ok(sse_response(stream, keepalive))

@@ -11,14 +11,13 @@ use moeserve_core::engine::{GenerateRequest, TokenLogprob};
 use moeserve_core::TextCodec;
 
 use super::{
-    encode, include_usage, run_to_end, sse_response, to_json, token_text, Timing, SYSTEM_FINGERPRINT,
+    encode, include_usage, run_to_end, sse_response, to_json, token_text, GenerationErrors, ResponseMeta,
+    Timing,
 };
 use crate::api::requests::{CompletionRequest, Prompt};
 use crate::api::responses::{
-    Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, ErrorResponse, FinishReason,
-    TextCompletionObject, UsageSlot,
+    Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, FinishReason, UsageSlot,
 };
-use crate::api::unix_now;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{merge, Fold, Update};
@@ -53,69 +52,28 @@ fn prompt_entries<'a>(
     prompt.iter().zip(lps).map(|(&t, l)| (t, l.as_ref())).collect()
 }
 
-/// Builds a completion response's chunks.
-struct Chunks {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+/// The chunk of one choice of a streamed completion.
+fn chunk(
+    meta: &ResponseMeta,
+    index: usize,
+    text: String,
+    logprobs: Option<CompletionLogprobs>,
+    finish_reason: Option<FinishReason>,
+) -> serde_json::Value {
+    let choice = CompletionChoice {
+        index,
+        text,
+        logprobs,
+        finish_reason,
+    };
+    to_json(&CompletionChunk::new(&meta.meta, vec![choice], meta.no_usage()))
 }
 
-impl Chunks {
-    fn chunk(&self, choices: Vec<CompletionChoice>, usage: UsageSlot) -> serde_json::Value {
-        to_json(&CompletionChunk {
-            id: self.id.clone(),
-            object: TextCompletionObject::TextCompletion,
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: SYSTEM_FINGERPRINT.into(),
-            choices,
-            usage: if self.include_usage && usage.is_absent() {
-                UsageSlot::Null
-            } else {
-                usage
-            },
-        })
-    }
-
-    fn one(
-        &self,
-        index: usize,
-        text: String,
-        logprobs: Option<CompletionLogprobs>,
-        finish_reason: Option<FinishReason>,
-    ) -> serde_json::Value {
-        self.chunk(
-            vec![CompletionChoice {
-                index,
-                text,
-                logprobs,
-                finish_reason,
-            }],
-            UsageSlot::Absent,
-        )
-    }
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/completions",
-    tag = "generation",
-    request_body = CompletionRequest,
-    responses(
-        (status = 200, description = "The completion, one choice per prompt and `n`; with `stream: true`, Server-Sent Events whose `data` are completion chunks, then `[DONE]`.",
+#[utoipa::path(post, path = "/v1/completions", tag = "generation", request_body = CompletionRequest,
+    security(("api_key" = [])), responses(
+        (status = 200, description = "The completion, one choice per prompt and `n`; with `stream: true`, Server-Sent Events whose `data` are completion chunks, then `[DONE]`. A non-empty `suffix` is refused with 400.",
             content((Completion = "application/json"), (CompletionChunk = "text/event-stream"))),
-        (status = 400, description = "Malformed JSON, a wrong type, a value out of range, a prompt too long for the context, a non-empty `suffix`.", body = ErrorResponse),
-        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
-        (status = 404, description = "An unknown model.", body = ErrorResponse),
-        (status = 413, description = "A body over `max_body_bytes`.", body = ErrorResponse),
-        (status = 415, description = "Not `application/json`.", body = ErrorResponse),
-        (status = 429, description = "`max_waiting_requests` are waiting.", body = ErrorResponse),
-        (status = 500, description = "The engine failed the request.", body = ErrorResponse),
-        (status = 503, description = "The model is loading, or the server is shutting down.", body = ErrorResponse),
-    ),
-    security(("api_key" = []))
-)]
+        GenerationErrors))]
 pub async fn completions(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CompletionRequest>,
@@ -154,12 +112,7 @@ pub async fn completions(
     } else {
         vec![String::new(); prompts.len()]
     };
-    let chunks = Chunks {
-        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: unix_now(),
-        model: m.id.clone(),
-        include_usage: include_usage(&req.stream_options),
-    };
+    let meta = ResponseMeta::new("cmpl", &m.id, include_usage(&req.stream_options));
     let mut timing = Timing::new("/v1/completions");
 
     if !req.stream {
@@ -186,15 +139,7 @@ pub async fn completions(
                 }
             })
             .collect();
-        let body = Completion {
-            id: chunks.id,
-            object: TextCompletionObject::TextCompletion,
-            created: chunks.created,
-            model: chunks.model,
-            system_fingerprint: SYSTEM_FINGERPRINT.into(),
-            choices,
-            usage: fold.usage().into(),
-        };
+        let body = Completion::new(&meta.meta, choices, fold.usage().into());
         return Ok(axum::Json(body).into_response());
     }
 
@@ -204,7 +149,7 @@ pub async fn completions(
         let mut events = events;
         if echo && !want_logprobs {
             for i in 0..total {
-                yield chunks.one(i, prompt_texts[i / n].clone(), None, None);
+                yield chunk(&meta, i, prompt_texts[i / n].clone(), None, None);
             }
         }
         let mut failed = false;
@@ -217,7 +162,7 @@ pub async fn completions(
                         let entries = prompt_entries(&prompts[prompt], fold.prompt_logprobs(prompt).unwrap_or(&[]));
                         for j in 0..n {
                             let lp = logprobs(&codec, &entries);
-                            yield chunks.one(prompt * n + j, prompt_texts[prompt].clone(), Some(lp), None);
+                            yield chunk(&meta, prompt * n + j, prompt_texts[prompt].clone(), Some(lp), None);
                         }
                     }
                     Update::Delta { index, content, logprobs: lps, .. } => {
@@ -228,10 +173,10 @@ pub async fn completions(
                             let entries: Vec<_> = lps.iter().map(|l| (l.token, Some(l))).collect();
                             logprobs(&codec, &entries)
                         });
-                        yield chunks.one(index, content, lp, None);
+                        yield chunk(&meta, index, content, lp, None);
                     }
                     Update::Finished { index, reason } => {
-                        yield chunks.one(index, String::new(), None, Some(reason.into()));
+                        yield chunk(&meta, index, String::new(), None, Some(reason.into()));
                     }
                     Update::Failed(e) => {
                         yield ApiError::from(e).body();
@@ -244,13 +189,13 @@ pub async fn completions(
         if !failed {
             for u in fold.close() {
                 if let Update::Finished { index, reason } = u {
-                    yield chunks.one(index, String::new(), None, Some(reason.into()));
+                    yield chunk(&meta, index, String::new(), None, Some(reason.into()));
                 }
             }
         }
         timing.done(&state);
-        if chunks.include_usage {
-            yield chunks.chunk(vec![], UsageSlot::Present(fold.usage().into()));
+        if meta.include_usage {
+            yield to_json(&CompletionChunk::new(&meta.meta, vec![], UsageSlot::Present(fold.usage().into())));
         }
     };
     Ok(sse_response(stream, keepalive))

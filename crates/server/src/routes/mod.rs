@@ -12,11 +12,71 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, Stream, StreamExt};
 use moeserve_core::TextCodec;
 
+use crate::api::responses::{ErrorResponse, Meta, UsageSlot};
 use crate::error::ApiError;
 use crate::generation::{Events, Fold, Update};
 use crate::state::AppState;
 
-pub const SYSTEM_FINGERPRINT: &str = concat!("moeserve-", env!("CARGO_PKG_VERSION"));
+/// The errors a generation route answers with, as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its derived description is used
+pub enum GenerationErrors {
+    /// Malformed JSON, a wrong type, a value out of range, a prompt too long for the
+    /// context (`context_length_exceeded`).
+    #[response(status = 400)]
+    BadRequest(ErrorResponse),
+    /// A missing or wrong API key.
+    #[response(status = 401)]
+    Unauthorized(ErrorResponse),
+    /// An unknown model.
+    #[response(status = 404)]
+    NotFound(ErrorResponse),
+    /// A body over `max_body_bytes`.
+    #[response(status = 413)]
+    TooLarge(ErrorResponse),
+    /// Not `application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorResponse),
+    /// `max_waiting_requests` are waiting; `Retry-After` says when to retry.
+    #[response(status = 429)]
+    QueueFull(ErrorResponse),
+    /// The engine failed the request.
+    #[response(status = 500)]
+    Internal(ErrorResponse),
+    /// The model is loading, or the server is shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorResponse),
+}
+
+/// A generation response's shared fields, and whether its stream ends with a usage
+/// chunk.
+pub struct ResponseMeta {
+    pub meta: Meta,
+    pub include_usage: bool,
+}
+
+impl ResponseMeta {
+    pub fn new(prefix: &str, model: &str, include_usage: bool) -> Self {
+        Self {
+            meta: Meta {
+                id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+                created: crate::api::unix_now(),
+                model: model.to_string(),
+            },
+            include_usage,
+        }
+    }
+
+    /// The `usage` of a chunk that is not the last: `null` when the stream ends with
+    /// usage, else absent.
+    pub fn no_usage(&self) -> UsageSlot {
+        if self.include_usage {
+            UsageSlot::Null
+        } else {
+            UsageSlot::Absent
+        }
+    }
+}
 
 /// Latency bookkeeping for the metrics.
 pub struct Timing {

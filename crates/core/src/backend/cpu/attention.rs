@@ -39,6 +39,8 @@ pub struct AttnGeometry {
     /// Values are not stored separately but read from each cached key vector at this
     /// offset (latent attention: the latent is both key and value).
     pub value_offset: Option<usize>,
+    /// The scores' factor before the softmax (`1/sqrt(head_dim)` for plain attention).
+    pub scale: f32,
 }
 
 impl AttnGeometry {
@@ -89,8 +91,7 @@ pub(crate) fn write_kv_tensors(
     layer: &mut KvLayer,
     g: &AttnGeometry,
     slots: &[usize],
-    keys: &Tensor,
-    values: Option<&Tensor>,
+    (keys, values): (&Tensor, Option<&Tensor>),
 ) -> Result<()> {
     let rows = slots.len() * g.num_kv_heads;
     if keys.elem_count() != rows * g.head_dim || values.is_some_and(|v| v.elem_count() != rows * g.value_dim)
@@ -111,12 +112,11 @@ pub(crate) fn write_kv_tensors(
 
 /// [`paged_attention`] for a query tensor `[T, num_heads * head_dim]`, read in place;
 /// `[T, num_heads * value_dim]` back.
-pub(crate) fn paged_attention_tensor(
+pub(crate) fn attend_tensor(
     q: &Tensor,
     layer: &KvLayer,
     seqs: &[AttnSeq],
     g: AttnGeometry,
-    scale: f32,
 ) -> Result<Tensor> {
     let t: usize = seqs.iter().map(|s| s.len).sum();
     if q.elem_count() != t * g.num_heads * g.head_dim {
@@ -125,7 +125,7 @@ pub(crate) fn paged_attention_tensor(
             q.elem_count()
         )));
     }
-    let out = with_f32(q, |q| paged_attention(q, layer, seqs, g, scale))?;
+    let out = with_f32(q, |q| paged_attention(q, layer, seqs, g))?;
     Ok(Tensor::from_vec(out, (t, g.num_heads * g.value_dim), q.device())?)
 }
 
@@ -171,13 +171,7 @@ pub fn write_kv(layer: &mut KvLayer, g: &AttnGeometry, slots: &[usize], keys: &[
 /// Causal attention of every query token over its sequence's cached positions
 /// `0..=pos`. `q` is `[T, num_heads, head_dim]`; returns `[T, num_heads, value_dim]`.
 /// The cache must already hold this batch's keys and values (see [`write_kv`]).
-pub fn paged_attention(
-    q: &[f32],
-    layer: &KvLayer,
-    seqs: &[AttnSeq],
-    g: AttnGeometry,
-    scale: f32,
-) -> Vec<f32> {
+pub fn paged_attention(q: &[f32], layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeometry) -> Vec<f32> {
     let num_tokens: usize = seqs.iter().map(|s| s.len).sum();
     debug_assert_eq!(q.len(), num_tokens * g.num_heads * g.head_dim);
     // token index -> (sequence, position)
@@ -230,7 +224,7 @@ pub fn paged_attention(
                     kv_head,
                     len: pos + 1,
                     g: &g,
-                    scale,
+                    scale: g.scale,
                 };
                 scratch.locate(&job);
                 attend(&job, scratch, out);
@@ -898,6 +892,7 @@ mod tests {
                     value_dim: vd,
                     block_size,
                     value_offset: None,
+                    scale: 0.3,
                 };
                 on_pools(|| {
                     mixed_prefill_and_decode(KvDtype::F32, g, lens, 1e-5);
@@ -932,6 +927,7 @@ mod tests {
                 value_dim: 32,
                 block_size,
                 value_offset: Some(16),
+                scale: 0.3,
             };
             assert!(!g.keys_transposed());
             on_pools(|| {
@@ -1007,8 +1003,8 @@ mod tests {
                 block_table: tb.blocks(),
             },
         ];
-        let scale = 0.3;
-        let out = paged_attention(&q, kv.layer(0), &seqs, g, scale);
+        let scale = g.scale;
+        let out = paged_attention(&q, kv.layer(0), &seqs, g);
         let want_a = naive(&qa, &ka, &va, len_a - 1, g, scale);
         let want_b = naive(&qb, &kb, &vb, cached_b, g, scale);
         let want: Vec<f32> = want_a.into_iter().chain(want_b).collect();
