@@ -6,11 +6,10 @@
 pub fn prepare() {
     reexec_with_huge_pages();
     // candle runs large elementwise ops on a pool of its own whose idle threads spin
-    // (25k iterations) before parking; next to rayon's pool, which already has a thread
-    // per core for the matmuls and attention, that spinning takes a core away from them
-    // (measured: 13% of all cycles at 64 streams). Our elementwise ops are small, so
-    // candle's pool gets no extra threads unless the user asks for them. (Set before any
-    // other thread exists.)
+    // before parking; next to rayon's pool, which already has a thread per core for the
+    // matmuls and attention, that spinning takes a core away from them
+    // (docs/MEASUREMENTS.md). Our elementwise ops are small, so candle's pool gets no
+    // extra threads unless the user asks for them. (Set before any other thread exists.)
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
@@ -21,8 +20,8 @@ pub fn prepare() {
 /// reads its tunables only at start. Where THP is in `madvise` mode (the default on
 /// Debian and many other distributions), weights, KV cache and activations would
 /// otherwise sit on 4 KiB pages, and streaming hundreds of megabytes of weights per step
-/// takes a TLB miss every 4 KiB (measured: batch-1 decode of the default model 259-282
-/// -> 309-367 tok/s). Skipped when `GLIBC_TUNABLES` is already set: set it, even empty,
+/// takes a TLB miss every 4 KiB (docs/MEASUREMENTS.md). Skipped when `GLIBC_TUNABLES` is
+/// already set: set it, even empty,
 /// to opt out. At most once (`MOESERVE_REEXEC` marks the second run), and never for a
 /// privileged (setuid or file-capability) process, whose tunables glibc may drop.
 pub fn reexec_with_huge_pages() {

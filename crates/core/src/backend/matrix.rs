@@ -15,9 +15,8 @@ use crate::error::{Error, Result};
 pub enum Matrix {
     Packed(Box<PackedQuantMatrix>),
     /// A dense f32 weight of at most [`SMALL_ROWS`] rows (`[rows, cols]` row-major):
-    /// multiplied by the CPU backend's small GEMM, not by candle's thread-pool GEMM, which
-    /// for a decode step's few tokens took ~50 us per layer on a 32x1024 router gate at
-    /// batch 1 and ~110 us at batch 16, 15% and 6% of the medium MoE's decode steps.
+    /// multiplied by the CPU backend's small GEMM, not by candle's thread-pool GEMM, whose
+    /// setup dominates at a decode step's few tokens (a router's gate in every MoE layer).
     SmallF32 {
         w: Vec<f32>,
         cols: usize,

@@ -205,8 +205,7 @@ pub fn paged_attention(q: &[f32], layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeom
             .for_each_init(Scratch::default, |scratch: &mut Scratch, (task, out)| {
                 // A thread mostly runs consecutive tasks: start the next one's first
                 // cache blocks on their way (blocks are scattered, so the hardware
-                // prefetchers cannot see them coming; measured ~10% faster attention
-                // with the cache out of L3, together with the kernels' own prefetches).
+                // prefetchers cannot see them coming).
                 if task + 1 < tasks {
                     let (_, si, pos, kv_head) = task_at(task + 1);
                     let blocks = (pos + 1).div_ceil(g.block_size).min(2);
@@ -667,8 +666,7 @@ mod avx512 {
         let elem = std::mem::size_of::<E>();
         for (j, &at) in values_at.iter().enumerate() {
             // Prefetch the values a block ahead: cache blocks are scattered, so the
-            // hardware prefetchers cannot see the next one coming (measured: with the
-            // cache out of L3, the pass ran at a third of the memory bandwidth).
+            // hardware prefetchers cannot see the next one coming.
             if let Some(&ahead) = values_at.get(j + VALUE_PREFETCH) {
                 let p = src.as_ptr().wrapping_add(ahead + 16 * c0) as *const i8;
                 for line in (0..16 * W * elem).step_by(64) {

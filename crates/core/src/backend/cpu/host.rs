@@ -30,8 +30,8 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
 }
 
 /// A vector of `n` values written by `fill` into uninitialized memory: no zeroing pass
-/// first. (A decode step makes several fresh activation buffers per layer; calloc's
-/// zeroing of them was 2-3% of a step at batch 64.)
+/// first: a decode step makes several fresh activation buffers per layer, and zeroing
+/// them is a pass over memory for nothing.
 ///
 /// # Safety
 /// `fill` writes every one of the `n` elements.

@@ -4,9 +4,9 @@
 //! attention of each layer, the experts of each MoE layer) separated by short serial
 //! stretches (norms, rotary embeddings, residual adds). Between sections rayon's idle
 //! workers yield, then go to sleep, and each section then waits for them to be woken
-//! (futex calls and a trip through the scheduler): measured here, a 576x1536 matmul at
-//! batch 1 took 24 us back to back and 40 us with 100 us of serial work before it.
-//! llama.cpp's thread pool spins for the same reason. So for the duration of the pass,
+//! (futex calls and a trip through the scheduler), which at batch 1 costs as much as a
+//! small matmul itself (docs/MEASUREMENTS.md). llama.cpp's thread pool spins for the same
+//! reason. So for the duration of the pass,
 //! every other worker runs a job that polls rayon for work and spins when there is none;
 //! the work itself still goes through rayon (work stealing, nested parallelism), only
 //! the idle threads stay hot.

@@ -5,12 +5,10 @@
 //! - candle's (and llama.cpp's) quantized matmul quantizes the activations to 8 bits per
 //!   value before its integer dot products. Over the 200-odd matmuls of a forward pass
 //!   that drifts far enough from the float reference to flip near-tied greedy choices
-//!   (measured on the default model: 97.8% argmax agreement with transformers
-//!   teacher-forced). Here activations are quantized to 16 bits per value with one scale
-//!   per weight block (error about 1/65000 of the block's largest value, below f32
-//!   rounding of a 32-term sum in practice), and the model agrees with the reference at
-//!   every position. (Measured again with 8-bit activations emulated in this kernel:
-//!   90.4% agreement, mean KL 0.013 nats; the 16-bit form: 100%, KL < 0.00001.)
+//!   (docs/MEASUREMENTS.md). Here activations are quantized to 16 bits per value with
+//!   one scale per weight block (error about 1/65000 of the block's largest value, below
+//!   f32 rounding of a 32-term sum in practice), and the model agrees with the reference
+//!   at every position.
 //! - Dequantizing every weight to f32 in registers (the previous kernel) spent about 30
 //!   instructions per 32 weights per token; batch-1 decode was bound by that, not by
 //!   memory.
@@ -655,8 +653,7 @@ impl Activations {
     fn quantize(x: &[f32], tokens: usize, cols: usize, block: usize) -> Self {
         let blocks = cols / block;
         // This thread's buffers from its last matmul, when it has them: every value is
-        // overwritten below, so there is no zeroing pass (that had been ~1% of a decode
-        // step at batch 64).
+        // overwritten below, so there is no zeroing pass.
         let (mut q, mut scale, mut sum) = SPARE_ACTIVATIONS.take().unwrap_or_default();
         let (values, scales) = (tokens * cols, tokens * blocks);
         for (v, n) in [(&mut scale, scales), (&mut sum, scales)] {
@@ -1220,8 +1217,7 @@ mod avx512 {
                     let w = unsafe { w0.add(b * L::BYTES) };
                     // Software prefetch a fixed distance ahead in the weights: a task
                     // streams one stretch of row groups, and the hardware prefetchers
-                    // alone left batch-1 decode well short of the memory bandwidth
-                    // (measured: ~25% more throughput over the matmuls of a layer).
+                    // alone left batch-1 decode well short of the memory bandwidth.
                     for line in 0..L::BYTES / 64 {
                         _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_AHEAD + 64 * line) as *const i8);
                     }
