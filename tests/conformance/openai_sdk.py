@@ -3,14 +3,20 @@
 
     MOESERVE_URL=http://127.0.0.1:8080 MOESERVE_API_KEY=... python tests/conformance/openai_sdk.py
 
-Checks chat (plain and streamed with usage), completions, the models list, and that
-errors surface as the SDK's typed exceptions. Prints one line per check and a summary.
+Checks chat (plain and streamed with usage), completions, the models list, that errors
+surface as the SDK's typed exceptions, and structured outputs (json_object, json_schema
+validated with the `jsonschema` package, `chat.completions.parse` with a pydantic model).
+Prints one line per check and a summary.
 """
 
+import json
 import os
 import sys
+from typing import Literal, Optional
 
+import jsonschema
 import openai
+import pydantic
 
 base = os.environ.get("MOESERVE_URL", "http://127.0.0.1:8080").rstrip("/") + "/v1"
 client = openai.OpenAI(base_url=base, api_key=os.environ.get("MOESERVE_API_KEY", "none"), max_retries=0)
@@ -99,10 +105,127 @@ def error_is_typed():
     raise AssertionError("an unknown model was accepted")
 
 
+def ask(response_format, stream=False, seed=5):
+    args = dict(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=200,
+        temperature=0.7,
+        seed=seed,
+        response_format=response_format,
+    )
+    if not stream:
+        c = client.chat.completions.create(**args).choices[0]
+        return c.message.content, c.finish_reason
+    text, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **args):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+SCHEMAS = {
+    "nested object": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "address": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    },
+    "array with bounds": {
+        "type": "object",
+        "properties": {"scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "minItems": 2, "maxItems": 4}},
+        "required": ["scores"],
+        "additionalProperties": False,
+    },
+    "enum and anyOf with null": {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "nickname": {"anyOf": [{"type": "string", "maxLength": 12}, {"type": "null"}]},
+        },
+        "required": ["color", "nickname"],
+        "additionalProperties": False,
+    },
+    "$ref": {
+        "type": "object",
+        "properties": {"home": {"$ref": "#/$defs/place"}, "work": {"$ref": "#/$defs/place"}},
+        "required": ["home", "work"],
+        "additionalProperties": False,
+        "$defs": {"place": {"type": "object", "properties": {"floor": {"type": "integer", "minimum": 0, "maximum": 50}},
+                            "required": ["floor"], "additionalProperties": False}},
+    },
+}
+
+
+def json_schemas():
+    done = []
+    for name, schema in SCHEMAS.items():
+        fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+        text, finish = ask(fmt)
+        assert finish == "stop", (name, finish, text)
+        jsonschema.validate(json.loads(text), schema)
+        streamed, _ = ask(fmt, stream=True)
+        assert streamed == text, (name, streamed, text)
+        done.append(name)
+    return ", ".join(done) + ": valid, streamed == non-streamed"
+
+
+def json_object():
+    text, finish = ask({"type": "json_object"}, seed=1)
+    if finish == "stop":
+        assert isinstance(json.loads(text), dict), text
+    else:
+        assert text.startswith("{"), text
+    return f"{finish}: {text[:60]!r}"
+
+
+class Person(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str = pydantic.Field(max_length=16)
+    age: int = pydantic.Field(ge=0, le=120)
+    role: Literal["admin", "user"]
+    manager: Optional[str] = pydantic.Field(max_length=16)
+
+
+def parse():
+    r = client.chat.completions.parse(
+        model=model,
+        messages=[{"role": "user", "content": "Invent a user of a web site."}],
+        response_format=Person,
+        max_tokens=200,
+        temperature=0,
+    )
+    p = r.choices[0].message.parsed
+    assert isinstance(p, Person), r
+    return repr(p)
+
+
+def bad_schema_is_400():
+    try:
+        ask({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format.json_schema.schema", e.body
+        return e.body["message"][:80]
+    raise AssertionError("an invalid schema was accepted")
+
+
 check("models.list/retrieve", lambda: model)
 check("chat.completions.create", chat)
 check("chat.completions.create(stream=True, include_usage)", chat_stream)
 check("completions.create(logprobs=2)", completion)
 check("errors", error_is_typed)
+check("response_format json_schema", json_schemas)
+check("response_format json_object", json_object)
+check("chat.completions.parse(pydantic)", parse)
+check("invalid schema", bad_schema_is_400)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -1256,3 +1256,172 @@ async fn responses_match_the_openapi_document() {
         check("ErrorResponse", &v);
     }
 }
+
+/// Structured outputs over HTTP: `response_format` (json_schema, json_object, text) on
+/// chat and `structured_outputs` (json, regex, choice, grammar) on chat and completions
+/// give outputs in their language, streamed equal to non-streamed for the same seed;
+/// bad constraints are 400s naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn structured_outputs_over_http() {
+    let s = Server::start(&[]).await;
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 1, "maxItems": 3},
+        "mood": {"anyOf": [{"enum": ["happy", "sad"]}, {"type": "null"}]},
+        "pet": {"$ref": "#/$defs/pet"}},
+        "required": ["name", "scores", "mood", "pet"], "additionalProperties": false,
+        "$defs": {"pet": {"type": "object", "properties": {"legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+                          "required": ["legs"], "additionalProperties": false}}});
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}});
+    let body = |extra: Value| {
+        let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "Describe someone."}],
+                           "max_tokens": 120, "temperature": 0.9, "seed": 11});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let v = s.chat(body(json!({"response_format": format}))).await;
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let parsed: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    assert!(validator.is_valid(&parsed), "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let chunks = s
+        .stream(
+            "/v1/chat/completions",
+            body(json!({"response_format": format, "stream": true})),
+        )
+        .await;
+    let streamed: String = chunks[..chunks.len() - 1]
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text, "streamed equals non-streamed");
+
+    // json_object, and text (no constraint).
+    let v = s
+        .chat(body(json!({"response_format": {"type": "json_object"}, "n": 2})))
+        .await;
+    for c in v["choices"].as_array().unwrap() {
+        // A random model may write one endless key: a complete output is an object, a
+        // cut one at least starts as one.
+        let t = c["message"]["content"].as_str().unwrap();
+        match c["finish_reason"].as_str() {
+            Some("stop") => assert!(
+                serde_json::from_str::<Value>(t).is_ok_and(|v| v.is_object()),
+                "{t:?}"
+            ),
+            _ => assert!(t.starts_with('{'), "{t:?}"),
+        }
+    }
+    let v = s
+        .chat(body(
+            json!({"response_format": {"type": "text"}, "max_tokens": 5}),
+        ))
+        .await;
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    // structured_outputs on completions: regex, choice, grammar.
+    let complete = |so: Value| json!({"model": MODEL, "prompt": "The answer is", "max_tokens": 30, "structured_outputs": so});
+    let (status, v) = s
+        .post(
+            "/v1/completions",
+            complete(json!({"regex": "[0-9]{3}-[a-z]{2,4}"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let t = v["choices"][0]["text"].as_str().unwrap();
+    let (digits, letters) = t.split_once('-').unwrap_or_else(|| panic!("{t:?}"));
+    assert!(
+        digits.len() == 3 && digits.bytes().all(|b| b.is_ascii_digit()),
+        "{t:?}"
+    );
+    assert!(
+        (2..=4).contains(&letters.len()) && letters.bytes().all(|b| b.is_ascii_lowercase()),
+        "{t:?}"
+    );
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            complete(json!({"choice": ["yes", "no", "maybe not"]})),
+        )
+        .await;
+    assert!(
+        ["yes", "no", "maybe not"].contains(&v["choices"][0]["text"].as_str().unwrap()),
+        "{v}"
+    );
+    let grammar = "start: \"(\" num (\"+\" num)* \")\"\nnum: /[1-9][0-9]?/";
+    let (_, v) = s
+        .post("/v1/completions", complete(json!({"grammar": grammar})))
+        .await;
+    let t = v["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        t.starts_with('(') && (t.ends_with(')') || v["choices"][0]["finish_reason"] == "length"),
+        "{t:?}"
+    );
+    let (_, v) = s
+        .post(
+            "/v1/chat/completions",
+            body(json!({"structured_outputs": {"json": {"type": "array", "items": {"type": "boolean"}, "maxItems": 4}}})),
+        )
+        .await;
+    let t = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Vec<bool>>(t).is_ok(), "{t:?}");
+
+    // Bad constraints: 400 naming the parameter.
+    let bad = [
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema"}}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such-format"}}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "(a"}}),
+            "structured_outputs.regex",
+        ),
+        (
+            json!({"structured_outputs": {"grammar": "start: nothing_here"}}),
+            "structured_outputs.grammar",
+        ),
+        (
+            json!({"structured_outputs": {"choice": []}}),
+            "structured_outputs.choice",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "a", "choice": ["b"]}}),
+            "structured_outputs",
+        ),
+        (json!({"structured_outputs": {}}), "structured_outputs"),
+    ];
+    for (extra, param) in bad {
+        let (status, v) = s.post("/v1/chat/completions", body(extra.clone())).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    // A constraint that cannot finish within max_tokens ends with "length".
+    let v = s
+        .chat(body(json!({"response_format": format, "max_tokens": 3})))
+        .await;
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}

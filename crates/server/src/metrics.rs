@@ -29,6 +29,7 @@ pub struct Metrics {
     forward_seconds: Counter,
     sample_seconds: Counter,
     detokenize_seconds: Counter,
+    constraint_seconds: Counter,
     /// Scrapes bring counters up to date one at a time (two at once would double-count).
     scrape: std::sync::Mutex<()>,
 }
@@ -163,6 +164,10 @@ impl Metrics {
                 "moeserve_engine_detokenize_seconds_total",
                 "Time in detokenization and stop-string checks.",
             ),
+            constraint_seconds: seconds(
+                "moeserve_engine_constraint_seconds_total",
+                "Time in structured-output grammars (token masks, checks, forced tokens), summed over sampling threads.",
+            ),
             scrape: std::sync::Mutex::new(()),
             registry,
         }
@@ -187,6 +192,7 @@ impl Metrics {
             catch_up_seconds(&self.forward_seconds, load(&s.forward_ns));
             catch_up_seconds(&self.sample_seconds, load(&s.sample_ns));
             catch_up_seconds(&self.detokenize_seconds, load(&s.detokenize_ns));
+            catch_up_seconds(&self.constraint_seconds, load(&s.constraint_ns));
             for (layer, experts) in s.expert_tokens.iter().enumerate() {
                 for (e, c) in experts.iter().enumerate() {
                     let counter = self

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use moeserve_core::chat::ChatTemplate;
 use moeserve_core::engine::{Engine, EngineConfig};
+use moeserve_core::grammar::GrammarCompiler;
 use moeserve_core::reasoning::ReasoningTags;
 use moeserve_core::LoadOptions;
 
@@ -31,6 +32,8 @@ pub struct LoadedEngine {
     pub template: Option<ChatTemplate>,
     /// Set when chat output is split into reasoning and content.
     pub reasoning: Option<ReasoningTags>,
+    /// Compiles structured-output constraints against the model's vocabulary.
+    pub grammars: GrammarCompiler,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -115,11 +118,18 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
             t.end
         );
     }
+    let started = std::time::Instant::now();
+    let grammars = GrammarCompiler::new(&loaded.codec, loaded.model.config().vocab_size)?;
+    tracing::info!(
+        "structured outputs: vocabulary indexed in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let engine = Engine::start(loaded.model, Arc::new(loaded.codec), config)?;
     Ok(LoadedEngine {
         engine,
         id,
         template,
         reasoning,
+        grammars,
     })
 }

@@ -16,9 +16,10 @@ use super::scheduler::StepPlan;
 use super::{
     Command, EngineConfig, EngineEvent, EngineFailure, EngineStats, FailureKind, FinishReason, Usage,
 };
+use crate::grammar::Constraint;
 use crate::kv::{BlockPool, BlockTable, KvStorage};
 use crate::models::CausalLm;
-use crate::sampling::{Sampler, SamplingParams, TokenLogprob, TokenMask};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::TextCodec;
 
 pub(super) struct NewRequest {
@@ -59,12 +60,12 @@ pub(super) struct Sequence {
     /// Chained hashes of the full blocks registered in the prefix cache so far.
     pub(super) hashes: Vec<u64>,
     pub(super) sampler: Sampler,
-    /// The tokens this sequence may choose next (structured outputs); `None`: any.
-    pub(super) mask: Option<TokenMask>,
+    /// Where this choice stands in its structured-output grammar; `None`: unconstrained.
+    pub(super) constraint: Option<Constraint>,
     pub(super) detok: Detokenizer,
     pub(super) stop: StopChecker,
     /// Inside a reasoning model's thought, and how many tokens it has had (for
-    /// `reasoning_budget`).
+    /// `reasoning`).
     pub(super) thinking: bool,
     pub(super) thought_tokens: usize,
 }
@@ -202,10 +203,10 @@ impl EngineCore {
                 table: BlockTable::new(),
                 hashes: Vec::new(),
                 sampler: Sampler::from_params(params, seed),
-                mask: None,
+                constraint: params.constraint.as_deref().cloned(),
                 detok: Detokenizer::new(params.skip_special_tokens),
                 stop: StopChecker::new(params.stop.clone()),
-                thinking: params.reasoning_budget.is_some_and(|b| b.starts_open),
+                thinking: params.reasoning.is_some_and(|b| b.starts_open),
                 thought_tokens: 0,
             },
         );

@@ -199,6 +199,9 @@ pub struct EngineStats {
     pub forward_ns: AtomicU64,
     pub sample_ns: AtomicU64,
     pub detokenize_ns: AtomicU64,
+    /// Time in structured-output grammars (masks, checks, forced tokens), summed over
+    /// the threads that sample.
+    pub constraint_ns: AtomicU64,
     /// Tokens routed to each expert, per layer (empty rows for dense layers).
     pub expert_tokens: Vec<Vec<AtomicU64>>,
 }

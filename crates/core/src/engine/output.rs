@@ -54,23 +54,60 @@ impl EngineCore {
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match chosen {
             Ok(chosen) => {
-                for (&(sid, _), (token, logprob)) in to_sample.iter().zip(chosen) {
-                    self.advance(sid, token, logprob);
+                for (&(sid, _), choice) in to_sample.iter().zip(chosen) {
+                    match choice {
+                        Ok((token, logprob)) => {
+                            self.advance(sid, token, logprob);
+                            self.append_forced_tokens(sid);
+                        }
+                        Err(message) => self.fail_sequence(sid, message),
+                    }
                 }
             }
             Err(e) => {
-                let failure = EngineFailure {
-                    kind: FailureKind::Sampling,
-                    message: e.to_string(),
-                };
                 for (sid, _) in to_sample {
-                    let rid = self.seqs[&sid].request;
-                    let _ = self.requests[&rid]
-                        .events
-                        .send(EngineEvent::Error(failure.clone()));
-                    self.abort(rid);
+                    self.fail_sequence(sid, e.to_string());
                 }
             }
+        }
+    }
+
+    /// Choosing `sid`'s next token failed: its request gets the error and ends.
+    fn fail_sequence(&mut self, sid: u64, message: String) {
+        let Some(seq) = self.seqs.get(&sid) else { return };
+        let rid = seq.request;
+        let failure = EngineFailure {
+            kind: FailureKind::Sampling,
+            message,
+        };
+        let _ = self.requests[&rid].events.send(EngineEvent::Error(failure));
+        self.abort(rid);
+    }
+
+    /// Tokens a structured-output grammar forces after `sid`'s last token (the rest of a
+    /// fixed key, the closing brackets) are appended at once, without a choice; the next
+    /// step computes them together and yields one logits row for the token after them.
+    /// Not with logprobs, which every token must have from a forward.
+    fn append_forced_tokens(&mut self, sid: u64) {
+        let Some(seq) = self.seqs.get_mut(&sid) else {
+            return;
+        };
+        if seq.thinking || self.requests[&seq.request].params.logprobs.is_some() {
+            return;
+        }
+        let Some(constraint) = seq.constraint.as_mut() else {
+            return;
+        };
+        let started = Instant::now();
+        let forced = constraint.forced_tokens();
+        self.stats
+            .constraint_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        for token in forced {
+            if !self.seqs.contains_key(&sid) {
+                break; // a stop condition ended it
+            }
+            self.advance(sid, token, None);
         }
     }
 
@@ -140,8 +177,8 @@ impl EngineCore {
 
     /// The next token of each `(sequence, logits row)`, with its log-probabilities when
     /// asked, through the sequence's sampler and the step's constraints: EOS and stop ids
-    /// banned before `min_tokens`, the sequence's token mask, the reasoning budget's
-    /// forced end of thought. Each sequence reads its row of `all` in place (a decode
+    /// banned before `min_tokens`, the mask of the sequence's grammar (outside a
+    /// thought), the reasoning budget's forced end of thought. Each sequence reads its row of `all` in place (a decode
     /// batch of 64 is 64 rows of 49k values; copying each out first cost more than the
     /// sampling). They sample in parallel on the pool; each has its own generator, so
     /// what a seeded sequence draws depends neither on its batch nor on the threads.
@@ -150,7 +187,7 @@ impl EngineCore {
         to_sample: &[(u64, usize)],
         all: &[f32],
         vocab: usize,
-    ) -> Vec<(u32, Option<TokenLogprob>)> {
+    ) -> Vec<Result<(u32, Option<TokenLogprob>), String>> {
         /// One sequence's choice and what it depends on.
         struct Choice<'a> {
             seq: &'a mut Sequence,
@@ -176,8 +213,8 @@ impl EngineCore {
                 Vec::new()
             };
             let forced = params
-                .reasoning_budget
-                .filter(|b| seq.thinking && seq.thought_tokens >= b.max_tokens)
+                .reasoning
+                .filter(|b| seq.thinking && b.max_tokens.is_some_and(|m| seq.thought_tokens >= m))
                 .map(|b| b.end_token);
             choices[j] = Some(Choice {
                 logits: &all[row * vocab..(row + 1) * vocab],
@@ -186,15 +223,49 @@ impl EngineCore {
                 seq,
             });
         }
+        let constraint_ns = &self.stats.constraint_ns;
         let choose = |c: Option<Choice>| {
             let c = c.expect("every sequence to sample is running");
-            let step = StepConstraints {
+            let Sequence {
+                tokens,
+                prompt_len,
+                sampler,
+                constraint,
+                thinking,
+                ..
+            } = c.seq;
+            let (prompt, output) = tokens.split_at(*prompt_len);
+            let mut step = StepConstraints {
                 banned: &c.banned,
-                mask: c.seq.mask.as_ref(),
+                mask: None,
                 forced: c.forced,
             };
-            let (prompt, output) = c.seq.tokens.split_at(c.seq.prompt_len);
-            c.seq.sampler.sample(c.logits, prompt, output, &step)
+            let grammar = constraint.as_mut().filter(|_| !*thinking && c.forced.is_none());
+            let Some(grammar) = grammar else {
+                return Ok(sampler.sample(c.logits, prompt, output, &step));
+            };
+            let started = Instant::now();
+            // The fast path: choose freely and keep the token when the grammar allows it
+            // (most tokens of a JSON string or number), else mask and choose again. Exact
+            // for greedy and plain temperature sampling: a draw from p kept when allowed,
+            // else redrawn from p restricted, has p restricted's distribution. Top-k,
+            // top-p and min-p cut the distribution before the mask would, and logprobs
+            // are of the masked distribution: those always mask first.
+            if sampler.masks_by_rejection() {
+                let (token, logprob) = sampler.sample(c.logits, prompt, output, &step);
+                if grammar.allows(token) {
+                    constraint_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    return Ok((token, logprob));
+                }
+            }
+            let mask = grammar.mask();
+            constraint_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let mask = mask.map_err(|e| format!("structured output: {e}"))?;
+            if mask.is_empty() {
+                return Err("structured output: the grammar allows no token here".into());
+            }
+            step.mask = Some(&mask);
+            Ok(sampler.sample(c.logits, prompt, output, &step))
         };
         if choices.len() < 2 {
             choices.into_iter().map(choose).collect()
@@ -209,8 +280,8 @@ impl EngineCore {
         let seq = self.seqs.get_mut(&sid).unwrap();
         let req = self.requests.get_mut(&seq.request).unwrap();
         let generated = seq.tokens.len() - seq.prompt_len;
-        let budget = req.params.reasoning_budget;
-        if let Some(b) = budget {
+        let was_thinking = seq.thinking;
+        if let Some(b) = req.params.reasoning {
             if token == b.start_token {
                 seq.thinking = true;
             } else if token == b.end_token {
@@ -219,6 +290,18 @@ impl EngineCore {
                 seq.thought_tokens += 1;
             }
         }
+        let is_stop_token = req.eos.contains(&token) || req.params.stop_token_ids.contains(&token);
+        let mut grammar_done = false;
+        if let (Some(g), false, false) = (seq.constraint.as_mut(), was_thinking, is_stop_token) {
+            if let Err(e) = g.consume(token) {
+                let message = format!("structured output: {e}");
+                self.fail_sequence(sid, message);
+                return;
+            }
+            grammar_done = g.is_finished();
+        }
+        let seq = self.seqs.get_mut(&sid).unwrap();
+        let req = self.requests.get_mut(&seq.request).unwrap();
         seq.tokens.push(token);
         req.usage.completion_tokens += 1;
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
@@ -226,14 +309,15 @@ impl EngineCore {
         let started = Instant::now();
         let mut finish = None;
         let mut text = String::new();
-        if req.eos.contains(&token) || req.params.stop_token_ids.contains(&token) {
+        if is_stop_token {
             // The stop token itself is not part of the text.
             finish = Some(FinishReason::Stop);
         } else {
             let delta = seq.detok.push(&self.codec, token);
             let (emit, stopped) = seq.stop.push(&delta);
             text = emit;
-            if stopped.is_some() {
+            if stopped.is_some() || grammar_done {
+                // A complete grammar allows nothing but EOS: no forward to choose it.
                 finish = Some(FinishReason::Stop);
             }
         }

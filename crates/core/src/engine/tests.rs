@@ -601,8 +601,8 @@ fn a_reasoning_budget_closes_the_thought_after_that_many_tokens() {
     let free = run(&e, &prompt, greedy(30));
     let (start_token, end_token) = (300, 301);
     assert!(!free.choices[0].tokens[..12].contains(&end_token));
-    let budget = crate::sampling::ReasoningBudget {
-        max_tokens: 7,
+    let budget = crate::sampling::Reasoning {
+        max_tokens: Some(7),
         start_token,
         end_token,
         starts_open: true,
@@ -611,7 +611,7 @@ fn a_reasoning_budget_closes_the_thought_after_that_many_tokens() {
         &e,
         &prompt,
         SamplingParams {
-            reasoning_budget: Some(budget),
+            reasoning: Some(budget),
             ..greedy(30)
         },
     );
@@ -623,4 +623,137 @@ fn a_reasoning_budget_closes_the_thought_after_that_many_tokens() {
     );
     assert_eq!(t[7], end_token, "then it is closed");
     assert_eq!(t.len(), 30, "and the answer follows");
+}
+
+fn constraint(e: &Engine, spec: crate::grammar::ConstraintSpec) -> Option<Arc<crate::grammar::Constraint>> {
+    let compiler = crate::grammar::GrammarCompiler::new(e.codec(), e.limits().vocab_size).unwrap();
+    Some(Arc::new(compiler.compile(&spec).unwrap()))
+}
+
+/// Structured outputs end to end in the engine, on a random model that left to itself
+/// writes no JSON: greedy and sampled choices (n = 3) all follow the schema and stop when
+/// it is complete; tokens the grammar forces (the keys) come without a forward each;
+/// the same seed gives the same output; logprobs are of the masked distribution.
+#[test]
+fn constrained_outputs_follow_their_grammar() {
+    use crate::grammar::ConstraintSpec;
+    let e = start("llama", EngineConfig::default());
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "count": {"type": "integer", "minimum": 0, "maximum": 999},
+        "kind": {"enum": ["red", "green"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2}},
+        "required": ["count", "kind", "tags"], "additionalProperties": false});
+    let c = constraint(&e, ConstraintSpec::JsonSchema(schema));
+    let valid = |text: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(text).unwrap_or_else(|err| panic!("{text:?} is not JSON: {err}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 3, "{text}");
+        assert!(o["count"].as_u64().is_some_and(|n| n <= 999), "{text}");
+        assert!(["red", "green"].contains(&o["kind"].as_str().unwrap()), "{text}");
+        let tags = o["tags"].as_array().unwrap();
+        assert!(
+            tags.len() <= 2 && tags.iter().all(|t| t.as_str().unwrap().chars().count() <= 4),
+            "{text}"
+        );
+    };
+    let prompt = filler(12, 1);
+    let steps = e.stats().steps.load(Ordering::Relaxed);
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            constraint: c.clone(),
+            ..SamplingParams::greedy(120)
+        },
+    );
+    let steps = e.stats().steps.load(Ordering::Relaxed) - steps;
+    let g = &o.choices[0];
+    valid(&g.text);
+    assert_eq!(g.finish, Some(FinishReason::Stop));
+    assert!(
+        (steps as usize) < g.tokens.len(),
+        "{steps} steps for {} tokens: forced tokens need no forward",
+        g.tokens.len()
+    );
+    assert!(e.stats().constraint_ns.load(Ordering::Relaxed) > 0);
+
+    let sampled = |seed| {
+        run(
+            &e,
+            &prompt,
+            SamplingParams {
+                n: 3,
+                temperature: 1.0,
+                seed: Some(seed),
+                max_tokens: Some(120),
+                constraint: c.clone(),
+                ..SamplingParams::default()
+            },
+        )
+    };
+    let a = sampled(7);
+    for ch in &a.choices {
+        valid(&ch.text);
+        assert_eq!(ch.finish, Some(FinishReason::Stop));
+    }
+    assert_eq!(a.choices, sampled(7).choices, "the same seed, the same choices");
+
+    // Logprobs come from the masked distribution: every alternative continues a choice.
+    let words = ["alpha", "beta gamma"];
+    let c = constraint(&e, ConstraintSpec::Choice(words.map(String::from).to_vec()));
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            logprobs: Some(5),
+            top_p: 0.9,
+            seed: Some(3),
+            constraint: c,
+            ..SamplingParams::greedy(20)
+        },
+    );
+    let ch = &o.choices[0];
+    assert!(words.contains(&ch.text.as_str()), "{:?}", ch.text);
+    let first = &ch.logprobs[0];
+    assert!(!first.top.is_empty());
+    for &(t, lp) in &first.top {
+        let s = e.codec().decode(&[t], false).unwrap();
+        assert!(lp.is_finite() && words.iter().any(|w| w.starts_with(&s)), "{s:?}");
+    }
+    let total: f32 = first.top.iter().map(|&(_, lp)| lp.exp()).sum();
+    assert!(total <= 1.0 + 1e-4, "{total}");
+}
+
+/// Inside a reasoning model's thought the grammar does not apply; it starts after the
+/// thought's end token.
+#[test]
+fn the_grammar_starts_after_the_thought() {
+    use crate::grammar::ConstraintSpec;
+    let e = start("llama", EngineConfig::default());
+    let prompt = filler(10, 4);
+    let (start_token, end_token) = (300, 301);
+    let free = run(&e, &prompt, greedy(6));
+    let o = run(
+        &e,
+        &prompt,
+        SamplingParams {
+            reasoning: Some(crate::sampling::Reasoning {
+                max_tokens: Some(6),
+                start_token,
+                end_token,
+                starts_open: true,
+            }),
+            constraint: constraint(&e, ConstraintSpec::Regex("[0-9]{2,4}".into())),
+            ..SamplingParams::greedy(40)
+        },
+    );
+    let t = &o.choices[0].tokens;
+    assert_eq!(t[..6], free.choices[0].tokens[..6], "the thought is free");
+    assert_eq!(t[6], end_token);
+    let answer = e.codec().decode(&t[7..], false).unwrap();
+    assert!(
+        (2..=4).contains(&answer.len()) && answer.bytes().all(|b| b.is_ascii_digit()),
+        "{answer:?}"
+    );
 }

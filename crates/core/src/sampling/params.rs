@@ -1,5 +1,9 @@
 //! Sampling parameters (OpenAI's, plus vLLM's extensions) and their validation.
 
+use std::sync::Arc;
+
+use crate::grammar::Constraint;
+
 /// Largest `top_logprobs` (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Most `stop` strings per request (OpenAI's limit).
@@ -36,15 +40,20 @@ pub struct SamplingParams {
     /// Keep generating past EOS (vLLM's extension; benchmarks rely on it).
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
-    /// Caps a reasoning model's thought: after this many thinking tokens the thought is
-    /// closed by forcing its end token, and the answer follows.
-    pub reasoning_budget: Option<ReasoningBudget>,
+    /// A reasoning model's thought markers: inside the thought no output constraint
+    /// applies, and its length may be capped.
+    pub reasoning: Option<Reasoning>,
+    /// Structured outputs: what the answer must be (outside the thought). Each choice
+    /// starts from its own copy.
+    pub constraint: Option<Arc<Constraint>>,
 }
 
-/// `max_reasoning_tokens` in the model's terms.
+/// A reasoning model's thought, in the model's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReasoningBudget {
-    pub max_tokens: usize,
+pub struct Reasoning {
+    /// `max_reasoning_tokens`: after this many thinking tokens the thought is closed by
+    /// forcing its end token, and the answer follows.
+    pub max_tokens: Option<usize>,
     pub start_token: u32,
     pub end_token: u32,
     /// The prompt already opened the thought.
@@ -72,7 +81,8 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             skip_special_tokens: true,
-            reasoning_budget: None,
+            reasoning: None,
+            constraint: None,
         }
     }
 }

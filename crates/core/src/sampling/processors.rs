@@ -23,6 +23,21 @@ impl TokenMask {
         }
     }
 
+    /// From 32-bit words, token `i` at bit `i % 32` of word `i / 32` (llguidance's
+    /// layout), for a vocabulary of `vocab` tokens.
+    pub fn from_words32(words: &[u32], vocab: usize) -> Self {
+        let mut mask = Self::none(vocab);
+        for (w, pair) in mask.words.iter_mut().zip(words.chunks(2)) {
+            *w = pair[0] as u64 | pair.get(1).map_or(0, |&hi| (hi as u64) << 32);
+        }
+        if !vocab.is_multiple_of(64) {
+            if let Some(last) = mask.words.last_mut() {
+                *last &= (1u64 << (vocab % 64)) - 1;
+            }
+        }
+        mask
+    }
+
     pub fn allow(&mut self, token: u32) {
         if (token as usize) < self.vocab {
             self.words[token as usize / 64] |= 1 << (token % 64);
@@ -33,8 +48,13 @@ impl TokenMask {
         (token as usize) < self.vocab && self.words[token as usize / 64] & (1 << (token % 64)) != 0
     }
 
+    /// Whether it allows no token at all.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
     /// -inf for every token the mask does not allow.
-    fn apply(&self, logits: &mut [f32]) {
+    pub(crate) fn apply(&self, logits: &mut [f32]) {
         for (w, chunk) in self.words.iter().zip(logits.chunks_mut(64)) {
             if *w == u64::MAX {
                 continue;

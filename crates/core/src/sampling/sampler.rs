@@ -54,9 +54,19 @@ impl Sampler {
         }
     }
 
+    /// Whether choosing freely and redrawing with the mask when the choice is not allowed
+    /// gives the masked distribution: greedy, or temperature sampling without top-k,
+    /// top-p or min-p (which cut the distribution before the mask would), and no
+    /// logprobs (which are of the masked distribution).
+    pub fn masks_by_rejection(&self) -> bool {
+        let p = &self.params;
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        p.logprobs.is_none() && (greedy || (p.top_k <= 0 && p.top_p >= 1.0 && p.min_p == 0.0))
+    }
+
     /// Chooses the next token from `logits` given the sequence so far and the step's
     /// constraints (banned tokens, a mask, a forced token). Log-probabilities are those
-    /// of the model's raw distribution.
+    /// of the model's raw distribution, restricted to the mask when there is one.
     pub fn sample(
         &mut self,
         logits: &[f32],
@@ -89,7 +99,16 @@ impl Sampler {
                 }
             })
         };
-        let logprob = self.params.logprobs.map(|k| token_logprob(logits, token, k));
+        let logprob = self.params.logprobs.map(|k| match step.mask {
+            None => token_logprob(logits, token, k),
+            Some(mask) => {
+                let mut masked = logits.to_vec();
+                mask.apply(&mut masked);
+                let mut lp = token_logprob(&masked, token, k);
+                lp.top.retain(|&(_, l)| l.is_finite());
+                lp
+            }
+        });
         (token, logprob)
     }
 

@@ -3,6 +3,7 @@
 
 pub mod requests;
 pub mod responses;
+pub mod structured;
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {

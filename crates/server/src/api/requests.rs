@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use crate::api::structured::{ResponseFormat, StructuredOutputs};
 use crate::error::ApiError;
 
 /// One stop string or several (up to 4).
@@ -94,7 +95,8 @@ macro_rules! request_with_sampling {
                     stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
                     ignore_eos: self.ignore_eos.unwrap_or(false),
                     skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
-                    reasoning_budget: None,
+                    reasoning: None,
+                    constraint: None,
                 })
             }
         }
@@ -149,6 +151,9 @@ pub struct ChatCompletionRequest {
     pub tool_choice: Option<Value>,
     /// Extension: close a reasoning model's thought after this many tokens.
     pub max_reasoning_tokens: Option<usize>,
+    pub response_format: Option<ResponseFormat>,
+    /// Extension (vLLM's): a JSON schema, regex, choice or grammar for the output.
+    pub structured_outputs: Option<StructuredOutputs>,
 }
 }
 // `user` and other unknown fields are accepted and ignored.
@@ -267,6 +272,8 @@ pub struct CompletionRequest {
     pub echo: bool,
     pub suffix: Option<String>,
     pub best_of: Option<usize>,
+    /// Extension (vLLM's): a JSON schema, regex, choice or grammar for the output.
+    pub structured_outputs: Option<StructuredOutputs>,
 }
 }
 

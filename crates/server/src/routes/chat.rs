@@ -7,18 +7,19 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use moeserve_core::engine::{GenerateRequest, TokenLogprob};
 use moeserve_core::reasoning::ReasoningSplitter;
-use moeserve_core::sampling::ReasoningBudget;
+use moeserve_core::sampling::Reasoning;
 use moeserve_core::TextCodec;
 
 use super::{
-    encode, include_usage, run_to_end, sse_response, to_json, token_text, GenerationErrors, ResponseMeta,
-    Timing,
+    compile_constraint, encode, include_usage, run_to_end, sse_response, to_json, token_text,
+    GenerationErrors, ResponseMeta, Timing,
 };
 use crate::api::requests::ChatCompletionRequest;
 use crate::api::responses::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprobs, ChatTokenLogprob, FinishReason, Role, TopLogprob, UsageSlot,
 };
+use crate::api::structured::constraint_spec;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{merge, Fold, Update};
@@ -134,20 +135,20 @@ pub async fn chat_completions(
         .reasoning
         .as_ref()
         .map(|t| ReasoningSplitter::new(t.clone(), opened));
-    if let Some(max_tokens) = req.max_reasoning_tokens {
-        let t = m.reasoning.as_ref().ok_or_else(|| {
-            ApiError::invalid_param(
-                "max_reasoning_tokens",
-                "this model does not produce reasoning output",
-            )
-        })?;
-        params.reasoning_budget = Some(ReasoningBudget {
-            max_tokens,
-            start_token: t.start_token,
-            end_token: t.end_token,
-            starts_open: opened,
-        });
+    if req.max_reasoning_tokens.is_some() && m.reasoning.is_none() {
+        return Err(ApiError::invalid_param(
+            "max_reasoning_tokens",
+            "this model does not produce reasoning output",
+        ));
     }
+    params.reasoning = m.reasoning.as_ref().map(|t| Reasoning {
+        max_tokens: req.max_reasoning_tokens,
+        start_token: t.start_token,
+        end_token: t.end_token,
+        starts_open: opened,
+    });
+    let spec = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    params.constraint = compile_constraint(&state, spec).await?;
     let prompt = encode(codec.clone(), prompt_text).await?;
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();

@@ -11,13 +11,14 @@ use moeserve_core::engine::{GenerateRequest, TokenLogprob};
 use moeserve_core::TextCodec;
 
 use super::{
-    encode, include_usage, run_to_end, sse_response, to_json, token_text, GenerationErrors, ResponseMeta,
-    Timing,
+    compile_constraint, encode, include_usage, run_to_end, sse_response, to_json, token_text,
+    GenerationErrors, ResponseMeta, Timing,
 };
 use crate::api::requests::{CompletionRequest, Prompt};
 use crate::api::responses::{
     Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, FinishReason, UsageSlot,
 };
+use crate::api::structured::constraint_spec;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{merge, Fold, Update};
@@ -79,7 +80,9 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let m = state.engine_for(&req.model)?;
-    let params = req.to_params(state.settings.max_n)?;
+    let mut params = req.to_params(state.settings.max_n)?;
+    let spec = constraint_spec(None, req.structured_outputs.as_ref())?;
+    params.constraint = compile_constraint(&state, spec).await?;
     let codec: Arc<TextCodec> = m.engine.codec().clone();
     let mut prompts = Vec::new();
     for p in req.prompts()? {

@@ -189,3 +189,25 @@ pub fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
 pub fn include_usage(o: &Option<crate::api::requests::StreamOptions>) -> bool {
     o.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
 }
+
+/// Compiles a request's structured-output constraint (off the async threads: a large
+/// schema takes milliseconds); a constraint that does not compile is a 400 naming the
+/// parameter it came from.
+pub async fn compile_constraint(
+    state: &crate::state::SharedState,
+    spec: Option<(moeserve_core::grammar::ConstraintSpec, &'static str)>,
+) -> Result<Option<std::sync::Arc<moeserve_core::grammar::Constraint>>, ApiError> {
+    let Some((spec, param)) = spec else {
+        return Ok(None);
+    };
+    let state = state.clone();
+    let compiled = tokio::task::spawn_blocking(move || {
+        let m = state.engine()?;
+        m.grammars
+            .compile(&spec)
+            .map_err(|e| ApiError::invalid_param(param, format!("the constraint does not compile: {e}")))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("compiling the constraint: {e}")))??;
+    Ok(Some(std::sync::Arc::new(compiled)))
+}
