@@ -1236,6 +1236,25 @@ async fn responses_match_the_openapi_document() {
     for c in &chunks[..chunks.len() - 1] {
         check("CompletionChunk", c);
     }
+    // Tool calls, whole and streamed.
+    let tools = json!({"tools": [{"type": "function", "function": {"name": "f", "parameters":
+        {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}],
+        "tool_choice": "required", "max_tokens": 200});
+    check(
+        "ChatCompletion",
+        &s.chat(chat_body("Call f", tools.clone())).await,
+    );
+    let mut streamed = tools;
+    streamed["stream"] = json!(true);
+    for c in s
+        .stream("/v1/chat/completions", chat_body("Call f", streamed))
+        .await
+        .iter()
+        .rev()
+        .skip(1)
+    {
+        check("ChatCompletionChunk", c);
+    }
     check("ModelList", &s.get("/v1/models").await);
     check("ModelCard", &s.get("/v1/models/qwen3_moe").await);
     check("Health", &s.get("/health").await);
@@ -1424,4 +1443,172 @@ async fn structured_outputs_over_http() {
         .chat(body(json!({"response_format": format, "max_tokens": 3})))
         .await;
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+            "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}, "required": ["zone"],
+            "additionalProperties": false}}}
+    ])
+}
+
+/// Tool calling over HTTP on a model that left to itself calls nothing: a named or
+/// required choice gives well-formed calls of offered functions with valid arguments
+/// (`content` null, `finish_reason` "tool_calls"), streamed as an id/type/name delta and
+/// argument pieces that add up to the non-streamed arguments byte for byte; `none`
+/// calls nothing; a tool result round trip renders; bad tool requests are 400s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tool_calls_over_http() {
+    let s = Server::start(&[]).await;
+    let tools = weather_tools();
+    let validator = |name: &str| {
+        let f = tools
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["function"]["name"] == name)
+            .unwrap();
+        jsonschema::validator_for(&f["function"]["parameters"]).unwrap()
+    };
+    let body = |extra: Value| {
+        let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "Weather in Rome?"}],
+                           "tools": tools, "max_tokens": 250, "temperature": 0.8, "seed": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let named = json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let v = s.chat(body(named.clone())).await;
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    assert!(c["message"]["content"].is_null(), "{v}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(
+        (call["type"].as_str(), call["function"]["name"].as_str()),
+        (Some("function"), Some("get_weather"))
+    );
+    let arguments = call["function"]["arguments"].as_str().unwrap().to_string();
+    let parsed: Value = serde_json::from_str(&arguments).unwrap();
+    assert!(validator("get_weather").is_valid(&parsed), "{arguments}");
+
+    // Streamed: the first piece has the id, type and name; the pieces add up.
+    let mut streamed = body(named);
+    streamed["stream"] = json!(true);
+    let chunks = s.stream("/v1/chat/completions", streamed).await;
+    let (mut args, mut first, mut finish) = (String::new(), None, None);
+    for ch in &chunks[..chunks.len() - 1] {
+        let choice = &ch["choices"][0];
+        for d in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(d["index"], 0);
+            if first.is_none() {
+                first = Some(d.clone());
+            } else {
+                assert!(
+                    d.get("id").is_none() && d["function"].get("name").is_none(),
+                    "{d}"
+                );
+            }
+            args.push_str(d["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        assert!(
+            choice["delta"]["content"].as_str().is_none_or(str::is_empty),
+            "{ch}"
+        );
+        if !choice["finish_reason"].is_null() {
+            finish = Some(choice["finish_reason"].clone());
+        }
+    }
+    let first = first.expect("a tool call delta");
+    assert!(first["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(
+        (first["type"].as_str(), first["function"]["name"].as_str()),
+        (Some("function"), Some("get_weather"))
+    );
+    assert_eq!(args, arguments, "streamed arguments equal the non-streamed ones");
+    assert_eq!(finish, Some(json!("tool_calls")));
+
+    // Required, one call: one of the offered functions, valid arguments.
+    for seed in [1, 2, 3] {
+        let v = s
+            .chat(body(
+                json!({"tool_choice": "required", "parallel_tool_calls": false, "seed": seed}),
+            ))
+            .await;
+        let calls = v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(calls.len(), 1, "{v}");
+        let name = calls[0]["function"]["name"].as_str().unwrap();
+        let parsed: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(validator(name).is_valid(&parsed), "{v}");
+    }
+    // None: no calls.
+    let v = s
+        .chat(body(json!({"tool_choice": "none", "max_tokens": 10})))
+        .await;
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    assert_ne!(v["choices"][0]["finish_reason"], "tool_calls");
+
+    // A tool result round trip renders and answers.
+    let v = s
+        .chat(
+            json!({"model": MODEL, "tools": tools, "max_tokens": 8, "messages": [
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"}]}),
+        )
+        .await;
+    assert!(v["choices"][0]["message"].is_object(), "{v}");
+
+    // Bad tool requests: 400 naming the parameter.
+    let msgs = json!([{"role": "user", "content": "x"}]);
+    let bad = [
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (json!({"tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tools": null, "tool_choice": "auto"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"messages": [{"role": "tool", "content": "3"}]}),
+            "messages[0].tool_call_id",
+        ),
+        (
+            json!({"tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
+    ];
+    for (extra, param) in bad {
+        let mut b = body(extra.clone());
+        if b["messages"].as_array().unwrap().len() > 1 {
+            b["messages"] = msgs.clone();
+        }
+        let (status, v) = s.post("/v1/chat/completions", b).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+    }
 }

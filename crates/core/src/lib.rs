@@ -18,6 +18,7 @@ pub mod reasoning;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 pub use batch::{ForwardBatch, ForwardOutput, LogitRows, SequenceInput};

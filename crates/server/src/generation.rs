@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::stream::{self, Stream, StreamExt};
 use moeserve_core::engine::{EngineEvent, EngineFailure, FinishReason, RequestHandle, TokenLogprob, Usage};
 use moeserve_core::reasoning::ReasoningSplitter;
+use moeserve_core::tools::{ToolCall, ToolCallParser, ToolEvent, ToolFormat};
 
 /// An event of a request's merged stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,20 +65,73 @@ pub struct Choice {
     pub tokens: usize,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
+    /// Tool calls read out of the answer (when the request offered tools).
+    pub calls: Vec<ToolCall>,
     splitter: Option<ReasoningSplitter>,
+    tool_parser: Option<ToolCallParser>,
+}
+
+impl Choice {
+    /// Splits `text` into reasoning, content and tool-call events, and adds them up.
+    fn take(&mut self, text: &str, end: bool) -> (String, String, Vec<ToolEvent>) {
+        let (mut content, reasoning) = match self.splitter.as_mut() {
+            Some(s) => {
+                let mut d = s.push(text);
+                if end {
+                    let rest = s.finish();
+                    d.content.push_str(&rest.content);
+                    d.reasoning.push_str(&rest.reasoning);
+                }
+                (d.content, d.reasoning)
+            }
+            None => (text.to_string(), String::new()),
+        };
+        let mut calls = Vec::new();
+        if let Some(p) = self.tool_parser.as_mut() {
+            let mut events = p.push(&content);
+            if end {
+                events.extend(p.finish());
+            }
+            content.clear();
+            for e in events {
+                match e {
+                    ToolEvent::Content(t) => content.push_str(&t),
+                    ToolEvent::CallStart { name, .. } => {
+                        self.calls.push(ToolCall {
+                            name: name.clone(),
+                            arguments: String::new(),
+                        });
+                        calls.push(ToolEvent::CallStart {
+                            index: self.calls.len() - 1,
+                            name,
+                        });
+                    }
+                    ToolEvent::Arguments { index, text } => {
+                        self.calls[index].arguments.push_str(&text);
+                        calls.push(ToolEvent::Arguments { index, text });
+                    }
+                }
+            }
+        }
+        self.content.push_str(&content);
+        self.reasoning.push_str(&reasoning);
+        (content, reasoning, calls)
+    }
 }
 
 /// What one event changed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
     /// New output of choice `index`: `tokens` new tokens (counted even before their text
-    /// is whole), their text as content and reasoning, their logprobs.
+    /// is whole), their text as content and reasoning, their logprobs, and the tool
+    /// calls' starts and argument pieces found in it.
     Delta {
         index: usize,
         tokens: usize,
         content: String,
         reasoning: String,
         logprobs: Vec<TokenLogprob>,
+        calls: Vec<ToolEvent>,
     },
     /// The prompt logprobs of prompt `prompt` arrived.
     PromptLogprobs { prompt: usize },
@@ -118,6 +172,14 @@ impl Fold {
         }
     }
 
+    /// Reads tool calls in `format` out of every choice's answer.
+    pub fn with_tool_calls(mut self, format: ToolFormat) -> Self {
+        for c in &mut self.choices {
+            c.tool_parser = Some(ToolCallParser::new(format));
+        }
+        self
+    }
+
     pub fn choices(&self) -> &[Choice] {
         &self.choices
     }
@@ -147,21 +209,14 @@ impl Fold {
                 let c = &mut self.choices[index];
                 c.tokens += token_ids.len();
                 c.logprobs.extend(logprobs.iter().cloned());
-                let (content, reasoning) = match c.splitter.as_mut() {
-                    Some(s) => {
-                        let d = s.push(&text);
-                        (d.content, d.reasoning)
-                    }
-                    None => (text, String::new()),
-                };
-                c.content.push_str(&content);
-                c.reasoning.push_str(&reasoning);
+                let (content, reasoning, calls) = c.take(&text, false);
                 vec![Update::Delta {
                     index,
                     tokens: token_ids.len(),
                     content,
                     reasoning,
                     logprobs,
+                    calls,
                 }]
             }
             EngineEvent::Finished { index, reason } => self.finish(prompt * self.n + index, reason),
@@ -181,7 +236,8 @@ impl Fold {
             .collect()
     }
 
-    /// Ends choice `index` (once): whatever its splitter held back, then the finish.
+    /// Ends choice `index` (once): whatever its splitter and tool parser held back, then
+    /// the finish.
     fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Update> {
         let c = &mut self.choices[index];
         if c.finish.is_some() {
@@ -189,18 +245,16 @@ impl Fold {
         }
         c.finish = Some(reason);
         let mut updates = Vec::new();
-        if let Some(rest) = c.splitter.as_mut().map(|s| s.finish()) {
-            if !rest.content.is_empty() || !rest.reasoning.is_empty() {
-                c.content.push_str(&rest.content);
-                c.reasoning.push_str(&rest.reasoning);
-                updates.push(Update::Delta {
-                    index,
-                    tokens: 0,
-                    content: rest.content,
-                    reasoning: rest.reasoning,
-                    logprobs: Vec::new(),
-                });
-            }
+        let (content, reasoning, calls) = c.take("", true);
+        if !content.is_empty() || !reasoning.is_empty() || !calls.is_empty() {
+            updates.push(Update::Delta {
+                index,
+                tokens: 0,
+                content,
+                reasoning,
+                logprobs: Vec::new(),
+                calls,
+            });
         }
         updates.push(Update::Finished { index, reason });
         updates

@@ -8,6 +8,7 @@ use moeserve_core::chat::ChatTemplate;
 use moeserve_core::engine::{Engine, EngineConfig};
 use moeserve_core::grammar::GrammarCompiler;
 use moeserve_core::reasoning::ReasoningTags;
+use moeserve_core::tools::ToolFormat;
 use moeserve_core::LoadOptions;
 
 use crate::error::ApiError;
@@ -34,6 +35,8 @@ pub struct LoadedEngine {
     pub reasoning: Option<ReasoningTags>,
     /// Compiles structured-output constraints against the model's vocabulary.
     pub grammars: GrammarCompiler,
+    /// How the model writes tool calls.
+    pub tool_format: ToolFormat,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -124,6 +127,8 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         "structured outputs: vocabulary indexed in {:.0} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
+    let tool_format = ToolFormat::detect(&loaded.codec);
+    tracing::info!("tool calls: the {} format", tool_format.name());
     let engine = Engine::start(loaded.model, Arc::new(loaded.codec), config)?;
     Ok(LoadedEngine {
         engine,
@@ -131,5 +136,6 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         template,
         reasoning,
         grammars,
+        tool_format,
     })
 }

@@ -4,6 +4,7 @@
 pub mod requests;
 pub mod responses;
 pub mod structured;
+pub mod tools;
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {

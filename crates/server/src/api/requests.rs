@@ -9,6 +9,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::api::structured::{ResponseFormat, StructuredOutputs};
+use crate::api::tools::ToolDef;
 use crate::error::ApiError;
 
 /// One stop string or several (up to 4).
@@ -145,10 +146,11 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<usize>,
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub tools: Option<Value>,
+    pub tools: Option<Vec<ToolDef>>,
+    /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ..}}`.
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     /// Extension: close a reasoning model's thought after this many tokens.
     pub max_reasoning_tokens: Option<usize>,
     pub response_format: Option<ResponseFormat>,
@@ -221,6 +223,11 @@ impl ChatCompletionRequest {
             }
             if let Some(id) = &m.tool_call_id {
                 msg["tool_call_id"] = id.clone().into();
+            } else if m.role == "tool" {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].tool_call_id"),
+                    "a tool message needs the tool_call_id it answers",
+                ));
             }
             out.push(msg);
         }

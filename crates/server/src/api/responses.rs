@@ -41,6 +41,8 @@ impl From<moeserve_core::engine::Usage> for Usage {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The answer called tools.
+    ToolCalls,
 }
 
 impl From<moeserve_core::engine::FinishReason> for FinishReason {
@@ -184,7 +186,12 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: Role,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    #[schema(required = true)]
+    pub content: Option<String>,
+    /// The calls the answer made, when the request offered tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
     /// A reasoning model's thought, apart from the answer (DeepSeek-R1's convention).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -209,6 +216,58 @@ pub struct ChatDelta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// Tool calls: the first piece of each carries its id, type and name, later ones
+    /// more of its arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A tool call of a complete answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallOut {
+    /// `call_` and 24 hex digits.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: ToolType,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolType {
+    Function,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as the model wrote them: a JSON text.
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ToolType>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// A new tool call id: `call_` and 24 random hex digits.
+pub fn tool_call_id() -> String {
+    let hex = uuid::Uuid::new_v4().simple().to_string();
+    format!("call_{}", &hex[..24])
 }
 
 /// Chat's `logprobs`: each generated token with its alternatives.

@@ -5,10 +5,14 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use moeserve_core::engine::{GenerateRequest, TokenLogprob};
+use moeserve_core::engine::{FinishReason as EngineFinish, GenerateRequest, TokenLogprob};
 use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::sampling::Reasoning;
+use moeserve_core::tools::{
+    generic_system_message, prepare_messages, required_call_grammar, ToolEvent, ToolFormat,
+};
 use moeserve_core::TextCodec;
+use serde_json::Value;
 
 use super::{
     compile_constraint, encode, include_usage, run_to_end, sse_response, to_json, token_text,
@@ -16,13 +20,15 @@ use super::{
 };
 use crate::api::requests::ChatCompletionRequest;
 use crate::api::responses::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-    ChatLogprobs, ChatTokenLogprob, FinishReason, Role, TopLogprob, UsageSlot,
+    tool_call_id, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatDelta, ChatLogprobs, ChatTokenLogprob, FinishReason, FunctionCall, FunctionCallDelta, Role,
+    ToolCallDelta, ToolCallOut, ToolType, TopLogprob, UsageSlot,
 };
 use crate::api::structured::constraint_spec;
+use crate::api::tools::tool_plan;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::generation::{merge, Fold, Update};
+use crate::generation::{merge, Choice, Fold, Update};
 use crate::state::SharedState;
 
 /// OpenAI's chat `logprobs` object.
@@ -78,6 +84,7 @@ fn update_chunk(
     u: &Update,
     codec: &TextCodec,
     want_logprobs: bool,
+    fold: &Fold,
 ) -> Option<serde_json::Value> {
     match u {
         Update::Delta {
@@ -85,6 +92,7 @@ fn update_chunk(
             content,
             reasoning,
             logprobs: lps,
+            calls,
             ..
         } => {
             let lp = want_logprobs
@@ -94,19 +102,69 @@ fn update_chunk(
                 role: None,
                 content: (!content.is_empty()).then(|| content.clone()),
                 reasoning_content: (!reasoning.is_empty()).then(|| reasoning.clone()),
+                tool_calls: (!calls.is_empty()).then(|| tool_call_deltas(calls)),
             };
-            (delta.content.is_some() || delta.reasoning_content.is_some() || lp.is_some())
-                .then(|| chunk(meta, *index, delta, lp, None))
+            (delta.content.is_some()
+                || delta.reasoning_content.is_some()
+                || delta.tool_calls.is_some()
+                || lp.is_some())
+            .then(|| chunk(meta, *index, delta, lp, None))
         }
         Update::Finished { index, reason } => Some(chunk(
             meta,
             *index,
             ChatDelta::default(),
             None,
-            Some((*reason).into()),
+            Some(finish_reason(*reason, &fold.choices()[*index])),
         )),
         Update::PromptLogprobs { .. } | Update::Failed(_) => None,
     }
+}
+
+/// `tool_calls` when the answer called tools and ended by itself.
+fn finish_reason(reason: EngineFinish, c: &Choice) -> FinishReason {
+    match reason {
+        EngineFinish::Stop if !c.calls.is_empty() => FinishReason::ToolCalls,
+        r => r.into(),
+    }
+}
+
+/// The streamed pieces of tool calls: a call's first piece carries a new id, its type
+/// and name; the pieces of one call in one update are joined.
+fn tool_call_deltas(events: &[ToolEvent]) -> Vec<ToolCallDelta> {
+    let mut out: Vec<ToolCallDelta> = Vec::new();
+    for e in events {
+        match e {
+            ToolEvent::CallStart { index, name } => out.push(ToolCallDelta {
+                index: *index,
+                id: Some(tool_call_id()),
+                kind: Some(ToolType::Function),
+                function: FunctionCallDelta {
+                    name: Some(name.clone()),
+                    arguments: Some(String::new()),
+                },
+            }),
+            ToolEvent::Arguments { index, text } => match out.last_mut() {
+                Some(d) if d.index == *index => {
+                    d.function
+                        .arguments
+                        .get_or_insert_with(String::new)
+                        .push_str(text);
+                }
+                _ => out.push(ToolCallDelta {
+                    index: *index,
+                    id: None,
+                    kind: None,
+                    function: FunctionCallDelta {
+                        name: None,
+                        arguments: Some(text.clone()),
+                    },
+                }),
+            },
+            ToolEvent::Content(_) => {}
+        }
+    }
+    out
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "generation", request_body = ChatCompletionRequest,
@@ -120,13 +178,42 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let m = state.engine_for(&req.model)?;
     let mut params = req.to_params(state.settings.max_n)?;
-    let messages = req.template_messages()?;
+    let mut messages = req.template_messages()?;
+    let tools = tool_plan(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let offered = tools.as_ref().filter(|t| t.offers_tools());
+    let format = m.tool_format;
+    // The conversation in the template's terms (calls' arguments as mappings; for the
+    // generic format, calls and results as text and the tools in the system prompt).
+    if let Value::Array(list) = &mut messages {
+        let functions = offered.map_or(&[][..], |t| &t.functions[..]);
+        prepare_messages(format, list, functions);
+        if format == ToolFormat::Generic {
+            if let Some(system) = generic_system_message(list, functions) {
+                list.insert(0, system);
+            }
+        }
+    }
+    let template_tools: Option<Value> = offered.filter(|_| format.template_renders_tools()).map(|t| {
+        t.functions
+            .iter()
+            .map(|f| serde_json::json!({"type": "function", "function": f.definition()}))
+            .collect()
+    });
     let template = m
         .template
         .as_ref()
         .ok_or_else(|| ApiError::invalid("this model has no chat template; use /v1/completions", None))?;
     let prompt_text = template
-        .render(&messages, true, req.tools.as_ref(), req.tool_choice.as_ref())
+        .render(
+            &messages,
+            true,
+            template_tools.as_ref(),
+            template_tools.as_ref().and(req.tool_choice.as_ref()),
+        )
         .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
     let codec: Arc<TextCodec> = m.engine.codec().clone();
     // Reasoning models: a splitter per choice, and the optional thinking budget.
@@ -147,12 +234,30 @@ pub async fn chat_completions(
         end_token: t.end_token,
         starts_open: opened,
     });
-    let spec = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    let mut spec = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    // A required call is constrained to the format's well-formed calls of the offered
+    // functions.
+    if let Some(functions) = tools.as_ref().and_then(|t| t.required_functions()) {
+        if spec.is_some() {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "a required tool call cannot be combined with response_format or structured_outputs",
+            ));
+        }
+        let parallel = tools.as_ref().is_some_and(|t| t.parallel);
+        spec = Some((
+            required_call_grammar(&codec, format, &functions, parallel),
+            "tools",
+        ));
+    }
     params.constraint = compile_constraint(&state, spec).await?;
     let prompt = encode(codec.clone(), prompt_text).await?;
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();
     let mut fold = Fold::new(vec![prompt.len()], n, splitter);
+    if offered.is_some() {
+        fold = fold.with_tool_calls(format);
+    }
     let handle = m
         .engine
         .submit(GenerateRequest { prompt, params })
@@ -172,11 +277,25 @@ pub async fn chat_completions(
                 index,
                 message: AssistantMessage {
                     role: Role::Assistant,
-                    content: c.content.clone(),
+                    // Only calls: no content (whitespace around them is not an answer).
+                    content: (c.calls.is_empty() || !c.content.trim().is_empty()).then(|| c.content.clone()),
+                    tool_calls: (!c.calls.is_empty()).then(|| {
+                        c.calls
+                            .iter()
+                            .map(|call| ToolCallOut {
+                                id: tool_call_id(),
+                                kind: ToolType::Function,
+                                function: FunctionCall {
+                                    name: call.name.clone(),
+                                    arguments: call.arguments.clone(),
+                                },
+                            })
+                            .collect()
+                    }),
                     reasoning_content: reasons.then(|| c.reasoning.clone()),
                 },
                 logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
-                finish_reason: c.finish.map(Into::into),
+                finish_reason: c.finish.map(|r| finish_reason(r, c)),
             })
             .collect();
         let body = ChatCompletion::new(&meta.meta, choices, fold.usage().into());
@@ -199,14 +318,14 @@ pub async fn chat_completions(
                     failed = true;
                     break 'events;
                 }
-                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs) {
+                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
                     yield c;
                 }
             }
         }
         if !failed {
             for u in fold.close() {
-                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs) {
+                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
                     yield c;
                 }
             }

@@ -1,0 +1,276 @@
+//! Tool calling: the format a model writes calls in ([`ToolFormat`], detected from its
+//! vocabulary and chat template), the conversation prepared for its template, the
+//! grammar that makes a required call well-formed, and the parser that reads calls back
+//! out of the answer ([`parser`]).
+//!
+//! Models whose template has no tool format (the default SmolLM2 model's) get the
+//! [`ToolFormat::Generic`] format: the tool definitions go into the system prompt with
+//! instructions to answer `<tool_call>{"name": .., "arguments": {..}}</tool_call>`, and
+//! the same is parsed back, so tools work on every model.
+
+pub mod parser;
+
+use serde_json::{json, Value};
+
+pub use parser::{collect, ToolCall, ToolCallParser, ToolEvent};
+
+use crate::grammar::ConstraintSpec;
+use crate::tokenizer::TextCodec;
+
+/// How a model writes tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// Hermes, Qwen2.5, Qwen3: `<tool_call>\n{"name": .., "arguments": {..}}\n</tool_call>`.
+    Hermes,
+    /// Llama 3.1-3.3: `<|python_tag|>` or a bare `{"name": .., "parameters": {..}}`,
+    /// several separated by `;`.
+    Llama3Json,
+    /// Mistral: `[TOOL_CALLS][{"name": .., "arguments": {..}}]` (v3), or
+    /// `[TOOL_CALLS]name[ARGS]{..}` (v11).
+    Mistral,
+    /// DeepSeek-V3/R1: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>name`,
+    /// the arguments in a ```json block, `<｜tool▁call▁end｜><｜tool▁calls▁end｜>` (V3.1:
+    /// `name<｜tool▁sep｜>{..}`).
+    DeepSeekV3,
+    /// Ours, for templates without a tool format: Hermes' markers as plain text.
+    Generic,
+}
+
+impl ToolFormat {
+    /// The format of the model's chat template: by the markers it writes, checked
+    /// against the vocabulary where they are single tokens.
+    pub fn detect(codec: &TextCodec) -> Self {
+        let template = codec.chat_template().unwrap_or("");
+        let token = |t: &str| codec.tokenizer().token_to_id(t).is_some();
+        if token("<｜tool▁calls▁begin｜>") && template.contains("tool▁calls▁begin") {
+            ToolFormat::DeepSeekV3
+        } else if token("[TOOL_CALLS]") && template.contains("[TOOL_CALLS]") {
+            ToolFormat::Mistral
+        } else if token("<|python_tag|>") && template.contains("tools") {
+            ToolFormat::Llama3Json
+        } else if template.contains("<tool_call>") {
+            ToolFormat::Hermes
+        } else {
+            ToolFormat::Generic
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolFormat::Hermes => "hermes",
+            ToolFormat::Llama3Json => "llama3_json",
+            ToolFormat::Mistral => "mistral",
+            ToolFormat::DeepSeekV3 => "deepseek_v3",
+            ToolFormat::Generic => "generic",
+        }
+    }
+
+    /// Whether the chat template renders tool definitions and calls itself.
+    pub fn template_renders_tools(self) -> bool {
+        self != ToolFormat::Generic
+    }
+
+    /// The key of a call's arguments in the format's JSON.
+    fn arguments_key(self) -> &'static str {
+        match self {
+            ToolFormat::Llama3Json => "parameters",
+            _ => "arguments",
+        }
+    }
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object.
+    pub parameters: Value,
+}
+
+impl FunctionSpec {
+    /// `{"name", "description", "parameters"}`, as OpenAI's `function` object.
+    pub fn definition(&self) -> Value {
+        let mut d = json!({"name": self.name, "parameters": self.parameters});
+        if let Some(desc) = &self.description {
+            d["description"] = desc.clone().into();
+        }
+        d
+    }
+}
+
+/// The system prompt's part that offers `functions` in the generic format.
+pub fn generic_system_prompt(functions: &[FunctionSpec]) -> String {
+    let mut s = String::from(
+        "You can call functions. These are the available functions, as JSON schemas of their arguments:\n",
+    );
+    for f in functions {
+        s.push_str(&f.definition().to_string());
+        s.push('\n');
+    }
+    s.push_str(
+        "\nTo call a function, answer with one line per call and nothing else:\n\
+         <tool_call>{\"name\": \"<function name>\", \"arguments\": {<the arguments as JSON>}}</tool_call>\n\
+         Function results come back in <tool_response></tool_response> tags. \
+         If no function is needed, answer normally.",
+    );
+    s
+}
+
+/// Prepares a conversation (`{role, content, tool_calls, tool_call_id}` objects) for the
+/// template: for a template with its own tool format, each call's `arguments` becomes a
+/// mapping (what Jinja templates index and `tojson`); for the generic format, calls are
+/// written into the assistant's text and tool results become user turns in
+/// `<tool_response>` tags, and the definitions go into the system prompt.
+pub fn prepare_messages(format: ToolFormat, messages: &mut [Value], functions: &[FunctionSpec]) {
+    for m in messages.iter_mut() {
+        let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in calls.iter_mut() {
+            if let Some(f) = c.get_mut("function") {
+                if let Some(Value::String(args)) = f.get("arguments") {
+                    if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(args) {
+                        f["arguments"] = v;
+                    }
+                }
+            }
+        }
+    }
+    if format != ToolFormat::Generic {
+        return;
+    }
+    for m in messages.iter_mut() {
+        let role = m["role"].as_str().unwrap_or("").to_string();
+        if role == "assistant" {
+            if let Some(calls) = m.get("tool_calls").and_then(Value::as_array).cloned() {
+                let mut text = m["content"].as_str().unwrap_or("").to_string();
+                for c in calls {
+                    let f = &c["function"];
+                    let call = json!({"name": f["name"], "arguments": f["arguments"]});
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!("<tool_call>{call}</tool_call>"));
+                }
+                m["content"] = text.into();
+                m.as_object_mut().unwrap().remove("tool_calls");
+            }
+        } else if role == "tool" {
+            let content = m["content"].as_str().unwrap_or("").to_string();
+            *m = json!({"role": "user", "content": format!("<tool_response>\n{content}\n</tool_response>")});
+        }
+    }
+    if functions.is_empty() {
+        return;
+    }
+    let prompt = generic_system_prompt(functions);
+    match messages.first_mut() {
+        Some(first) if first["role"] == "system" => {
+            let own = first["content"].as_str().unwrap_or("").to_string();
+            first["content"] = format!("{own}\n\n{prompt}").trim_start().to_string().into();
+        }
+        _ => {}
+    }
+}
+
+/// Whether `messages` (prepared) need a system message to carry the generic tool prompt
+/// (there is none to extend), and that message.
+pub fn generic_system_message(messages: &[Value], functions: &[FunctionSpec]) -> Option<Value> {
+    let has_system = messages.first().is_some_and(|m| m["role"] == "system");
+    (!has_system && !functions.is_empty())
+        .then(|| json!({"role": "system", "content": generic_system_prompt(functions)}))
+}
+
+/// A grammar piece for `marker`: its token when the vocabulary has it as one (a special
+/// token is only ever allowed by naming it), else its text.
+fn marker(codec: &TextCodec, text: &str) -> String {
+    match codec.tokenizer().token_to_id(text) {
+        Some(id) => format!("<[{id}]>"),
+        None => serde_json::to_string(text).expect("a string serialises"),
+    }
+}
+
+/// The grammar of a required call: one (or with `parallel`, one or more) well-formed
+/// calls in the model's format, each naming one of `functions` with arguments valid
+/// against its schema, and nothing else.
+pub fn required_call_grammar(
+    codec: &TextCodec,
+    format: ToolFormat,
+    functions: &[FunctionSpec],
+    parallel: bool,
+) -> ConstraintSpec {
+    let options = json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+    let call_schema = |f: &FunctionSpec| {
+        let mut props = serde_json::Map::new();
+        props.insert("name".into(), json!({"const": f.name}));
+        props.insert(format.arguments_key().into(), f.parameters.clone());
+        json!({"type": "object", "properties": props,
+               "required": ["name", format.arguments_key()], "additionalProperties": false})
+    };
+    let any_call = || {
+        let mut s = json!({"anyOf": functions.iter().map(call_schema).collect::<Vec<_>>()});
+        s["x-guidance"] = options.clone();
+        s
+    };
+    let repeat = if parallel { "+" } else { "" };
+    let lark = match format {
+        ToolFormat::Hermes | ToolFormat::Generic => {
+            let (open, close) = (marker(codec, "<tool_call>"), marker(codec, "</tool_call>"));
+            // Qwen's template puts the object on its own line; ours does not.
+            let nl = if format == ToolFormat::Hermes {
+                "\"\\n\" "
+            } else {
+                ""
+            };
+            let more = if parallel { " (\"\\n\" call)*" } else { "" };
+            format!(
+                "start: call{more}\ncall: {open} {nl}%json {} {nl}{close}\n",
+                any_call()
+            )
+        }
+        ToolFormat::Llama3Json => {
+            let more = if parallel { " (\"; \" call)*" } else { "" };
+            format!("start: call{more}\ncall: %json {}\n", any_call())
+        }
+        ToolFormat::Mistral => {
+            let mut array = json!({"type": "array", "items": {"anyOf": functions.iter().map(call_schema).collect::<Vec<_>>()},
+                                   "minItems": 1});
+            if !parallel {
+                array["maxItems"] = 1.into();
+            }
+            array["x-guidance"] = options.clone();
+            format!("start: {} %json {}\n", marker(codec, "[TOOL_CALLS]"), array)
+        }
+        ToolFormat::DeepSeekV3 => {
+            let m = |t| marker(codec, t);
+            let calls: Vec<String> = functions
+                .iter()
+                .map(|f| {
+                    let mut schema = f.parameters.clone();
+                    if let Value::Object(o) = &mut schema {
+                        o.insert("x-guidance".into(), options.clone());
+                    }
+                    format!(
+                        "{} \"function\" {} {} \"\\n```json\\n\" %json {} \"\\n```\" {}",
+                        m("<｜tool▁call▁begin｜>"),
+                        m("<｜tool▁sep｜>"),
+                        serde_json::to_string(&f.name).unwrap(),
+                        schema,
+                        m("<｜tool▁call▁end｜>")
+                    )
+                })
+                .collect();
+            format!(
+                "start: {} call{repeat} {}\ncall: {}\n",
+                m("<｜tool▁calls▁begin｜>"),
+                m("<｜tool▁calls▁end｜>"),
+                calls.join("\n    | ")
+            )
+        }
+    };
+    ConstraintSpec::Lark(lark)
+}
+
+#[cfg(test)]
+mod tests;
