@@ -218,6 +218,106 @@ def bad_schema_is_400():
     raise AssertionError("an invalid schema was accepted")
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+        },
+    },
+]
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def call_tools(tool_choice, stream=False, **extra):
+    args = dict(model=model, messages=WEATHER_Q, tools=TOOLS, tool_choice=tool_choice, max_tokens=120, temperature=0, **extra)
+    if not stream:
+        return client.chat.completions.create(**args).choices[0]
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(stream=True, **args):
+        for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            c = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+            c["arguments"] += d.function.arguments or ""
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    return calls, finish
+
+
+def check_call(call):
+    tool = next(t for t in TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    assert call.id.startswith("call_") and call.type == "function", call
+
+
+def tool_required():
+    c = call_tools("required", parallel_tool_calls=False)
+    assert c.finish_reason == "tool_calls" and c.message.content is None, c
+    assert len(c.message.tool_calls) == 1, c.message.tool_calls
+    check_call(c.message.tool_calls[0])
+    return f"{c.message.tool_calls[0].function.name}({c.message.tool_calls[0].function.arguments})"
+
+
+def tool_named():
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    c = call_tools(choice)
+    assert c.finish_reason == "tool_calls", c
+    call = c.message.tool_calls[0]
+    assert call.function.name == "get_time", call
+    check_call(call)
+    calls, finish = call_tools(choice, stream=True)
+    assert finish == "tool_calls" and calls[0]["name"] == "get_time", (calls, finish)
+    assert calls[0]["arguments"] == call.function.arguments, (calls, call)
+    return f"{call.function.arguments}, streamed pieces add up to the same"
+
+
+def tool_none():
+    c = call_tools("none")
+    assert not c.message.tool_calls and c.finish_reason != "tool_calls", c
+    return repr(c.message.content[:40])
+
+
+def tool_round_trip():
+    first = call_tools({"type": "function", "function": {"name": "get_weather"}})
+    call = first.message.tool_calls[0]
+    r = client.chat.completions.create(
+        model=model,
+        messages=WEATHER_Q
+        + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})},
+        ],
+        tools=TOOLS,
+        max_tokens=40,
+        temperature=0,
+    )
+    c = r.choices[0]
+    assert c.message.content or c.message.tool_calls, c
+    return repr((c.message.content or "")[:60])
+
+
+def tool_errors():
+    try:
+        call_tools({"type": "function", "function": {"name": "no_such_tool"}})
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tool_choice", e.body
+        return e.body["message"]
+    raise AssertionError("an unknown function was accepted")
+
+
 check("models.list/retrieve", lambda: model)
 check("chat.completions.create", chat)
 check("chat.completions.create(stream=True, include_usage)", chat_stream)
@@ -227,5 +327,10 @@ check("response_format json_schema", json_schemas)
 check("response_format json_object", json_object)
 check("chat.completions.parse(pydantic)", parse)
 check("invalid schema", bad_schema_is_400)
+check("tools, tool_choice=required", tool_required)
+check("tools, tool_choice=named, streamed", tool_named)
+check("tools, tool_choice=none", tool_none)
+check("tool result round trip", tool_round_trip)
+check("tool errors", tool_errors)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -191,14 +191,28 @@ fn marker(codec: &TextCodec, text: &str) -> String {
     }
 }
 
-/// The grammar of a required call: one (or with `parallel`, one or more) well-formed
-/// calls in the model's format, each naming one of `functions` with arguments valid
-/// against its schema, and nothing else.
-pub fn required_call_grammar(
+/// How the answer may call tools, for [`call_grammar`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallMode {
+    /// The answer is calls and nothing else.
+    Required,
+    /// Free text; once the model opens a call (its format's opening marker), the rest of
+    /// the answer is well-formed calls.
+    Auto,
+}
+
+/// The grammar of tool calls in the model's format: one (or with `parallel`, one or
+/// more) calls, each naming one of `functions` with arguments valid against its schema.
+/// With [`CallMode::Auto`] the answer may instead be free text, and a call is
+/// constrained from its opening marker on: a special token is only allowed where the
+/// grammar names it, so free text can never open a call by accident; a marker that is
+/// plain text ends the text lexeme lazily (llguidance's `suffix`).
+pub fn call_grammar(
     codec: &TextCodec,
     format: ToolFormat,
     functions: &[FunctionSpec],
     parallel: bool,
+    mode: CallMode,
 ) -> ConstraintSpec {
     let options = json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
     let call_schema = |f: &FunctionSpec| {
@@ -213,25 +227,34 @@ pub fn required_call_grammar(
         s["x-guidance"] = options.clone();
         s
     };
-    let repeat = if parallel { "+" } else { "" };
-    let lark = match format {
+    let m = |t: &str| marker(codec, t);
+    // Each format as its opening marker and what follows it (the rule `rest`).
+    let (open, rest) = match format {
         ToolFormat::Hermes | ToolFormat::Generic => {
-            let (open, close) = (marker(codec, "<tool_call>"), marker(codec, "</tool_call>"));
             // Qwen's template puts the object on its own line; ours does not.
             let nl = if format == ToolFormat::Hermes {
                 "\"\\n\" "
             } else {
                 ""
             };
-            let more = if parallel { " (\"\\n\" call)*" } else { "" };
-            format!(
-                "start: call{more}\ncall: {open} {nl}%json {} {nl}{close}\n",
-                any_call()
-            )
+            let more = if parallel {
+                format!(" (\"\\n\" {} body)*", m("<tool_call>"))
+            } else {
+                String::new()
+            };
+            let rules = format!(
+                "rest: body{more}\nbody: {nl}%json {} {nl}{}\n",
+                any_call(),
+                m("</tool_call>")
+            );
+            ("<tool_call>", rules)
         }
         ToolFormat::Llama3Json => {
             let more = if parallel { " (\"; \" call)*" } else { "" };
-            format!("start: call{more}\ncall: %json {}\n", any_call())
+            (
+                "<|python_tag|>",
+                format!("rest: call{more}\ncall: %json {}\n", any_call()),
+            )
         }
         ToolFormat::Mistral => {
             let mut array = json!({"type": "array", "items": {"anyOf": functions.iter().map(call_schema).collect::<Vec<_>>()},
@@ -240,10 +263,9 @@ pub fn required_call_grammar(
                 array["maxItems"] = 1.into();
             }
             array["x-guidance"] = options.clone();
-            format!("start: {} %json {}\n", marker(codec, "[TOOL_CALLS]"), array)
+            ("[TOOL_CALLS]", format!("rest: %json {array}\n"))
         }
         ToolFormat::DeepSeekV3 => {
-            let m = |t| marker(codec, t);
             let calls: Vec<String> = functions
                 .iter()
                 .map(|f| {
@@ -261,15 +283,29 @@ pub fn required_call_grammar(
                     )
                 })
                 .collect();
-            format!(
-                "start: {} call{repeat} {}\ncall: {}\n",
-                m("<｜tool▁calls▁begin｜>"),
+            let repeat = if parallel { "+" } else { "" };
+            let rules = format!(
+                "rest: call{repeat} {}\ncall: {}\n",
                 m("<｜tool▁calls▁end｜>"),
                 calls.join("\n    | ")
-            )
+            );
+            ("<｜tool▁calls▁begin｜>", rules)
         }
     };
-    ConstraintSpec::Lark(lark)
+    let open_token = codec.tokenizer().token_to_id(open).is_some();
+    let start = match (mode, format) {
+        // Llama 3 answers a required call with bare JSON.
+        (CallMode::Required, ToolFormat::Llama3Json) => "start: rest\n".to_string(),
+        (CallMode::Required, _) => format!("start: {} rest\n", m(open)),
+        (CallMode::Auto, _) if open_token => {
+            format!("start: FREE | FREE? {} rest\nFREE: /(.|\\n)+/\n", m(open))
+        }
+        (CallMode::Auto, _) => format!(
+            "start: FREE | text rest\nFREE: /(.|\\n)*/\ntext[suffix={}]: /(.|\\n)*/\n",
+            serde_json::to_string(open).unwrap()
+        ),
+    };
+    ConstraintSpec::Lark(format!("{start}{rest}"))
 }
 
 #[cfg(test)]

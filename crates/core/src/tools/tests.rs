@@ -263,9 +263,8 @@ fn formats_are_detected_from_vocabulary_and_template() {
 /// Every format's required-call grammar accepts a valid call, token by token (its
 /// markers as their special tokens), and ends there; a call of an unknown function or
 /// with invalid arguments is refused.
-#[test]
-fn required_call_grammars_accept_exactly_valid_calls() {
-    let functions = [
+fn weather_functions() -> [FunctionSpec; 2] {
+    [
         FunctionSpec {
             name: "get_weather".into(),
             description: Some("Weather now".into()),
@@ -277,7 +276,11 @@ fn required_call_grammars_accept_exactly_valid_calls() {
             description: None,
             parameters: json!({"type": "object", "properties": {}}),
         },
-    ];
+    ]
+}
+
+/// Per format: its markers, a valid required call, and an invalid one.
+fn call_cases() -> Vec<(ToolFormat, Vec<&'static str>, String, String)> {
     let ds = [
         "<｜tool▁calls▁begin｜>",
         "<｜tool▁calls▁end｜>",
@@ -285,7 +288,7 @@ fn required_call_grammars_accept_exactly_valid_calls() {
         "<｜tool▁call▁end｜>",
         "<｜tool▁sep｜>",
     ];
-    let cases: Vec<(ToolFormat, Vec<&str>, String, String)> = vec![
+    let cases: Vec<(ToolFormat, Vec<&'static str>, String, String)> = vec![
         (
             ToolFormat::Hermes,
             vec!["<tool_call>", "</tool_call>"],
@@ -317,30 +320,79 @@ fn required_call_grammars_accept_exactly_valid_calls() {
             format!("{}{}function{}get_weather\n```json\n{{\"unit\": \"c\"}}\n```{}{}", ds[0], ds[2], ds[4], ds[3], ds[1]),
         ),
     ];
-    for (format, markers, good, bad) in cases {
+    cases
+}
+
+/// Walks `text`'s tokens through `spec`: `Err(i)` when token `i` is refused, else
+/// whether the grammar may end there.
+fn walk(
+    codec: &TextCodec,
+    compiler: &GrammarCompiler,
+    spec: &ConstraintSpec,
+    text: &str,
+) -> Result<bool, usize> {
+    let mut c = compiler.compile(spec).unwrap_or_else(|e| panic!("{e}\n{spec:?}"));
+    let ids = codec.tokenizer().encode(text, false).unwrap().get_ids().to_vec();
+    for (i, &t) in ids.iter().enumerate() {
+        if !c.allows(t) {
+            return Err(i);
+        }
+        c.consume(t).unwrap();
+    }
+    Ok(c.is_finished() || c.is_accepting())
+}
+
+/// Every format's required-call grammar accepts a valid call, token by token (its
+/// markers as their special tokens), and ends there; a call of an unknown function or
+/// with invalid arguments is refused.
+#[test]
+fn required_call_grammars_accept_exactly_valid_calls() {
+    let functions = weather_functions();
+    for (format, markers, good, bad) in call_cases() {
         let codec = codec_with(&markers, "");
         let vocab = codec.tokenizer().get_vocab_size(true);
         let compiler = GrammarCompiler::new(&codec, vocab).unwrap();
-        let spec = required_call_grammar(&codec, format, &functions, false);
-        let walk = |text: &str| {
-            let mut c = compiler
-                .compile(&spec)
-                .unwrap_or_else(|e| panic!("{format:?}: {e}\n{spec:?}"));
-            let ids = codec.tokenizer().encode(text, false).unwrap().get_ids().to_vec();
-            for (i, &t) in ids.iter().enumerate() {
-                if !c.allows(t) {
-                    return Err(i);
-                }
-                c.consume(t).unwrap();
-            }
-            Ok(c.is_finished() || c.is_accepting())
-        };
+        let spec = call_grammar(&codec, format, &functions, false, CallMode::Required);
+        let walk = |text: &str| walk(&codec, &compiler, &spec, text);
         assert_eq!(walk(&good), Ok(true), "{format:?}: {good:?}");
         assert!(!matches!(walk(&bad), Ok(true)), "{format:?} accepted {bad:?}");
         // And what it accepts parses back into the call.
         let (_, calls) = parse(format, &good);
         assert_eq!(calls.len(), 1, "{format:?}");
         assert!(serde_json::from_str::<serde_json::Value>(&calls[0].arguments).is_ok());
+    }
+}
+
+/// `auto`: free text alone is fine, and so is text then a valid call (after the
+/// format's opening marker); once a call is open, an invalid one is refused.
+#[test]
+fn auto_call_grammars_constrain_only_opened_calls() {
+    let functions = weather_functions();
+    for (format, markers, good, bad) in call_cases() {
+        let codec = codec_with(&markers, "");
+        let vocab = codec.tokenizer().get_vocab_size(true);
+        let compiler = GrammarCompiler::new(&codec, vocab).unwrap();
+        let spec = call_grammar(&codec, format, &functions, false, CallMode::Auto);
+        let walk = |text: &str| walk(&codec, &compiler, &spec, text);
+        assert_eq!(
+            walk("It is sunny in Rome, 21 C.\nAnything else?"),
+            Ok(true),
+            "{format:?}"
+        );
+        // Llama 3's required form is bare JSON; its auto form opens with the tag.
+        let (good, bad) = match format {
+            ToolFormat::Llama3Json => (format!("<|python_tag|>{good}"), format!("<|python_tag|>{bad}")),
+            _ => (good, bad),
+        };
+        assert_eq!(
+            walk(&format!("Let me look.{good}")),
+            Ok(true),
+            "{format:?}: {good:?}"
+        );
+        assert!(
+            !matches!(walk(&format!("Let me look.{bad}")), Ok(true)),
+            "{format:?} accepted {bad:?}"
+        );
     }
 }
 

@@ -1,7 +1,7 @@
 //! Tools in chat requests: `tools`, `tool_choice` and `parallel_tool_calls`, checked and
 //! resolved into the functions offered and how the answer may use them.
 
-use moeserve_core::tools::FunctionSpec;
+use moeserve_core::tools::{CallMode, FunctionSpec};
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -56,12 +56,16 @@ impl ToolPlan {
         self.choice != ToolChoice::None
     }
 
-    /// The functions a required call chooses from.
-    pub fn required_functions(&self) -> Option<Vec<FunctionSpec>> {
+    /// The functions calls may name, and whether the answer must call.
+    pub fn call_constraint(&self) -> Option<(Vec<FunctionSpec>, CallMode)> {
         match &self.choice {
-            ToolChoice::Required => Some(self.functions.clone()),
-            ToolChoice::Named(n) => Some(self.functions.iter().filter(|f| &f.name == n).cloned().collect()),
-            ToolChoice::None | ToolChoice::Auto => None,
+            ToolChoice::None => None,
+            ToolChoice::Auto => Some((self.functions.clone(), CallMode::Auto)),
+            ToolChoice::Required => Some((self.functions.clone(), CallMode::Required)),
+            ToolChoice::Named(n) => Some((
+                self.functions.iter().filter(|f| &f.name == n).cloned().collect(),
+                CallMode::Required,
+            )),
         }
     }
 }

@@ -9,7 +9,7 @@ use moeserve_core::engine::{FinishReason as EngineFinish, GenerateRequest, Token
 use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::sampling::Reasoning;
 use moeserve_core::tools::{
-    generic_system_message, prepare_messages, required_call_grammar, ToolEvent, ToolFormat,
+    call_grammar, generic_system_message, prepare_messages, CallMode, ToolEvent, ToolFormat,
 };
 use moeserve_core::TextCodec;
 use serde_json::Value;
@@ -235,20 +235,21 @@ pub async fn chat_completions(
         starts_open: opened,
     });
     let mut spec = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
-    // A required call is constrained to the format's well-formed calls of the offered
-    // functions.
-    if let Some(functions) = tools.as_ref().and_then(|t| t.required_functions()) {
-        if spec.is_some() {
-            return Err(ApiError::invalid_param(
-                "tool_choice",
-                "a required tool call cannot be combined with response_format or structured_outputs",
-            ));
-        }
+    // Calls are constrained to well-formed calls of the offered functions in the model's
+    // format: the whole answer when a call is required, from the opening marker on when
+    // the model decides (unless the answer has a format of its own).
+    if let Some((functions, mode)) = tools.as_ref().and_then(|t| t.call_constraint()) {
         let parallel = tools.as_ref().is_some_and(|t| t.parallel);
-        spec = Some((
-            required_call_grammar(&codec, format, &functions, parallel),
-            "tools",
-        ));
+        match (&spec, mode) {
+            (Some(_), CallMode::Required) => {
+                return Err(ApiError::invalid_param(
+                    "tool_choice",
+                    "a required tool call cannot be combined with response_format or structured_outputs",
+                ))
+            }
+            (Some(_), CallMode::Auto) => {}
+            (None, mode) => spec = Some((call_grammar(&codec, format, &functions, parallel, mode), "tools")),
+        }
     }
     params.constraint = compile_constraint(&state, spec).await?;
     let prompt = encode(codec.clone(), prompt_text).await?;
