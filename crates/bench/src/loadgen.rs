@@ -53,6 +53,14 @@ pub struct ServeBenchArgs {
     /// Requests of the chat level, as a multiple of its concurrency.
     #[arg(long, default_value_t = 4)]
     chat_rounds: usize,
+    /// Concurrency of the structured-output comparison: that many requests constrained
+    /// to a JSON schema (`response_format`) against as many unconstrained ones of the
+    /// same token counts, at each `--structured-sampling`. 0 skips it.
+    #[arg(long, default_value_t = 16)]
+    structured_concurrency: usize,
+    /// Sampling settings of the structured-output comparison.
+    #[arg(long, value_delimiter = ',', default_value = "greedy,chat", value_parser = SamplingSetting::parse)]
+    structured_sampling: Vec<SamplingSetting>,
     /// TTFT target for goodput, in milliseconds.
     #[arg(long, default_value_t = 2000.0)]
     ttft_slo_ms: f64,
@@ -74,6 +82,20 @@ struct Workload {
     /// `max_tokens` tokens each with `ignore_eos`, or short chat answers that end at EOS.
     ignore_eos: bool,
     max_tokens: usize,
+    /// Constrained to [`structured_schema`] with `response_format`.
+    constrained: bool,
+}
+
+/// The structured-output comparison's schema: records of a few typed fields, at least
+/// 1000 of them, so that no answer can end before `max_tokens` and both sides of the
+/// comparison generate the same number of tokens.
+fn structured_schema() -> Value {
+    json!({"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"type": "string", "maxLength": 24},
+        "tags": {"type": "array", "items": {"enum": ["friend", "colleague", "family"]}, "maxItems": 3}},
+        "required": ["name", "age", "city", "tags"], "additionalProperties": false}})
 }
 
 /// Short questions a chat user asks; answers end at end-of-sequence.
@@ -115,6 +137,11 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, work: Workload, i:
         "stream_options": {"include_usage": true}});
     if let (Some(body), Some(fields)) = (body.as_object_mut(), work.sampling.request_fields().as_object()) {
         body.extend(fields.clone());
+    }
+    if work.constrained {
+        body["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": "people", "schema": structured_schema(), "strict": true}});
+        body["messages"][0]["content"] = format!("Request {i}: list people I know, as JSON.").into();
     }
     let start = Instant::now();
     let send = || {
@@ -210,6 +237,7 @@ pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
         sampling,
         ignore_eos: true,
         max_tokens: args.max_tokens,
+        constrained: false,
     };
     // One warm-up request (model load, caches), then one burst at the largest level
     // with a few tokens each: the first full batch of a server pays for its first-touched
@@ -249,11 +277,29 @@ pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
             sampling: args.chat_sampling,
             ignore_eos: false,
             max_tokens: args.chat_max_tokens,
+            constrained: false,
         };
         let c = args.chat_concurrency;
         levels.push((chat, c, c * args.chat_rounds.max(1)));
     }
+    if args.structured_concurrency > 0 {
+        let c = args.structured_concurrency;
+        for &sampling in &args.structured_sampling {
+            for constrained in [false, true] {
+                levels.push((
+                    Workload {
+                        constrained,
+                        ..fixed(sampling)
+                    },
+                    c,
+                    c * args.rounds.max(1),
+                ));
+            }
+        }
+    }
+    let mut unconstrained_tok_s = f64::NAN;
     for (work, c, n) in levels {
+        let constraint_s = constraint_seconds(&client, &args).await;
         let start = Instant::now();
         let results: Vec<RequestResult> = futures::stream::iter(0..n)
             .map(|i| one(&client, &args, work, i))
@@ -261,11 +307,28 @@ pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
             .collect()
             .await;
         let wall = start.elapsed().as_secs_f64();
-        let row = summarize(&args, work, c, &results, wall);
+        let mut row = summarize(&args, work, c, &results, wall);
+        if work.constrained {
+            // Grammar time per generated token, from the server's own counter.
+            let spent = constraint_seconds(&client, &args).await - constraint_s;
+            let tokens = row["output_tok_s"].as_f64().unwrap_or(0.0) * wall;
+            row["constraint_us_per_token"] = json!(spent * 1e6 / tokens.max(1.0));
+            row["vs_unconstrained"] =
+                json!(row["output_tok_s"].as_f64().unwrap_or(f64::NAN) / unconstrained_tok_s);
+        } else if work.ignore_eos {
+            unconstrained_tok_s = row["output_tok_s"].as_f64().unwrap_or(f64::NAN);
+        }
         if args.json {
             println!("{row}");
         } else {
-            let label = if work.ignore_eos {
+            let label = if work.constrained {
+                format!(
+                    "{}, json_schema ({:.2}x unconstrained, {:.0} us/token in the grammar)",
+                    work.sampling.name(),
+                    row["vs_unconstrained"].as_f64().unwrap_or(f64::NAN),
+                    row["constraint_us_per_token"].as_f64().unwrap_or(f64::NAN)
+                )
+            } else if work.ignore_eos {
                 work.sampling.name().to_string()
             } else {
                 format!("{}, chat to EOS", work.sampling.name())
@@ -291,6 +354,20 @@ pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's `moeserve_engine_constraint_seconds_total` (NaN from a server without
+/// it, such as llama-server).
+async fn constraint_seconds(client: &reqwest::Client, args: &ServeBenchArgs) -> f64 {
+    let url = format!("{}/metrics", args.url.trim_end_matches('/'));
+    let Ok(resp) = client.get(url).send().await else {
+        return f64::NAN;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("moeserve_engine_constraint_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// One level's metrics as a JSON object.
 fn summarize(args: &ServeBenchArgs, work: Workload, c: usize, results: &[RequestResult], wall: f64) -> Value {
     let n = results.len();
@@ -307,6 +384,7 @@ fn summarize(args: &ServeBenchArgs, work: Workload, c: usize, results: &[Request
         .count();
     json!({
         "sampling": work.sampling.name(), "ignore_eos": work.ignore_eos, "max_tokens": work.max_tokens,
+        "json_schema": work.constrained,
         "concurrency": c, "requests": n, "errors": n - ok.len(), "wall_s": wall,
         "request_throughput": ok.len() as f64 / wall, "output_tok_s": tokens as f64 / wall,
         "mean_output_tokens": tokens as f64 / ok.len().max(1) as f64,
