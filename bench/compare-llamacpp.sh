@@ -71,13 +71,16 @@ m_pp, m_tg, m_pp_sd, m_tg_sd = map(float, row[2:6])
 print("\n| metric | moeserve | llama.cpp | ratio |\n|---|---:|---:|---:|")
 print(f"| prefill tok/s (512) | {m_pp:.1f} ± {m_pp_sd:.1f} | {l_pp:.1f} ± {l_pp_sd:.1f} | {m_pp / l_pp:.2f} |")
 print(f"| decode tok/s (batch 1) | {m_tg:.1f} ± {m_tg_sd:.1f} | {l_tg:.1f} ± {l_tg_sd:.1f} | {m_tg / l_tg:.2f} |")
-# Rows keyed by (sampling, concurrency, ignore_eos).
-load = lambda f: {(r["sampling"], r["concurrency"], r["ignore_eos"]): r for r in map(json.loads, open(f))}
+# Rows keyed by (sampling, concurrency, ignore_eos, json_schema).
+load = lambda f: {(r["sampling"], r["concurrency"], r["ignore_eos"], r.get("json_schema", False)): r
+                  for r in map(json.loads, open(f))}
 m, l = load(f"{out}/moeserve-serve.jsonl"), load(f"{out}/llama-serve.jsonl")
 ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
 num = lambda v, f: format(v, f) if v is not None else "n/a"
 for key in m:
-    s, c, fixed = key
+    s, c, fixed, constrained = key
+    if constrained:
+        s = f"{s}, json_schema"
     mr, lr = m[key], l.get(key, {})
     errors = mr["errors"] + lr.get("errors", 0)
     note = f", {errors} failed requests" if errors else ""
@@ -91,10 +94,18 @@ for key in m:
                                ("mean answer tokens", "mean_output_tokens", ".0f")]:
             a, b = mr[field], lr.get(field)
             print(f"| chat to EOS, {c} streams, {s}: {what}{note} | {num(a, f)} | {num(b, f)} | {ratio(a, b)} |")
+# Constrained to a JSON schema against unconstrained at the same token counts, on each
+# server (llama-server has no grammar-time counter).
+for (s, c, fixed, constrained), r in m.items():
+    if constrained:
+        u, lc, lu = m.get((s, c, True, False)), l.get((s, c, True, True)), l.get((s, c, True, False))
+        theirs = ratio(lc["output_tok_s"], lu["output_tok_s"]) if lc and lu else "n/a"
+        print(f"| json_schema / unconstrained output tok/s, {c} streams, {s} | {ratio(r['output_tok_s'], u['output_tok_s'])} | {theirs} | |")
+        print(f"| grammar time per token, {c} streams, {s} (moeserve) | {r['constraint_us_per_token']:.0f} us | | |")
 # Sampled against greedy at the same token counts (ignore_eos), moeserve alone.
-for (s, c, fixed), r in m.items():
-    g = m.get(("greedy", c, True))
-    if fixed and s != "greedy" and g:
+for (s, c, fixed, constrained), r in m.items():
+    g = m.get(("greedy", c, True, False))
+    if fixed and not constrained and s != "greedy" and g:
         print(f"| moeserve {s} / greedy output tok/s, {c} streams | {r['output_tok_s']:.1f} | {g['output_tok_s']:.1f} | {ratio(r['output_tok_s'], g['output_tok_s'])} |")
 mem = open(f"{out}/mem").read()
 bounds = [float(b) for b in re.findall(r"decode bound (\d+)", mem)]

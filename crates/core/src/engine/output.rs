@@ -290,7 +290,12 @@ impl EngineCore {
                 seq.thought_tokens += 1;
             }
         }
-        let is_stop_token = req.eos.contains(&token) || req.params.stop_token_ids.contains(&token);
+        // A grammar allows EOS where it can end; chosen there, it ends the answer even
+        // with ignore_eos (the grammar allows nothing after it).
+        let grammar_eos =
+            seq.constraint.is_some() && !was_thinking && self.codec.eos_token_ids().contains(&token);
+        let is_stop_token =
+            grammar_eos || req.eos.contains(&token) || req.params.stop_token_ids.contains(&token);
         let mut grammar_done = false;
         if let (Some(g), false, false) = (seq.constraint.as_mut(), was_thinking, is_stop_token) {
             if let Err(e) = g.consume(token) {

@@ -191,8 +191,29 @@ fn greedy_and_seeded_outputs_are_the_same_alone_and_in_a_batch_of_16_others() {
 
 #[test]
 fn preemption_with_a_tiny_pool_finishes_everything_identically_without_leaks() {
+    let (want, got, tiny) = under_preemption(|_| None);
+    for (k, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(a.choices, b.choices, "request {k}");
+        assert_eq!(b.choices[0].finish, Some(FinishReason::Length));
+    }
+    assert!(
+        tiny.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "the pool was meant to run out"
+    );
+    wait_until("blocks to be freed", || {
+        tiny.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+    });
+}
+
+/// Eight requests of 40 tokens (greedy and seeded alternately, each with the constraint
+/// `constrain` gives), run on a roomy pool and then on a pool of 10 blocks while they
+/// need 4 each; returns both runs' outcomes and the small engine.
+fn under_preemption(
+    constrain: impl Fn(&Engine) -> Option<Arc<crate::grammar::Constraint>>,
+) -> (Vec<Outcome>, Vec<Outcome>, Engine) {
     let prompts: Vec<Vec<u32>> = (0..8).map(|k| filler(20 + k * 3, k)).collect();
     let reqs = |e: &Engine| {
+        let constraint = constrain(e);
         let hs: Vec<_> = prompts
             .iter()
             .enumerate()
@@ -201,6 +222,10 @@ fn preemption_with_a_tiny_pool_finishes_everything_identically_without_leaks() {
                     greedy(40)
                 } else {
                     seeded(40, k as u64)
+                };
+                let params = SamplingParams {
+                    constraint: constraint.clone(),
+                    ..params
                 };
                 e.submit(GenerateRequest {
                     prompt: p.clone(),
@@ -224,17 +249,7 @@ fn preemption_with_a_tiny_pool_finishes_everything_identically_without_leaks() {
     );
     assert_eq!(tiny.stats().kv_blocks_total.load(Ordering::Relaxed), 10);
     let got = reqs(&tiny);
-    for (k, (a, b)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(a.choices, b.choices, "request {k}");
-        assert_eq!(b.choices[0].finish, Some(FinishReason::Length));
-    }
-    assert!(
-        tiny.stats().preemptions.load(Ordering::Relaxed) > 0,
-        "the pool was meant to run out"
-    );
-    wait_until("blocks to be freed", || {
-        tiny.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
-    });
+    (want, got, tiny)
 }
 
 #[test]
@@ -756,4 +771,28 @@ fn the_grammar_starts_after_the_thought() {
         (2..=4).contains(&answer.len()) && answer.bytes().all(|b| b.is_ascii_digit()),
         "{answer:?}"
     );
+}
+
+/// Constrained sequences that are preempted (their blocks freed, recomputed later) keep
+/// their matcher where it was: the same outputs as with room to spare, all in the
+/// grammar's language, and no block leaked.
+#[test]
+fn preempted_constrained_sequences_finish_identically() {
+    use crate::grammar::ConstraintSpec;
+    let (want, got, tiny) =
+        under_preemption(|e| constraint(e, ConstraintSpec::Regex("[a-z]+( [a-z]+)*".into())));
+    for (k, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(a.choices, b.choices, "request {k}");
+        let text = &b.choices[0].text;
+        assert!(
+            text.trim_end()
+                .split(' ')
+                .all(|w| !w.is_empty() && w.bytes().all(|c| c.is_ascii_lowercase())),
+            "{text:?}"
+        );
+    }
+    assert!(tiny.stats().preemptions.load(Ordering::Relaxed) > 0);
+    wait_until("blocks to be freed", || {
+        tiny.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+    });
 }

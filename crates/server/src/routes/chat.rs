@@ -252,6 +252,12 @@ pub async fn chat_completions(
         }
     }
     params.constraint = compile_constraint(&state, spec).await?;
+    if offered.is_some() && format.template_renders_tools() {
+        // The format's markers are special tokens in some vocabularies (Mistral's
+        // [TOOL_CALLS], Llama's <|python_tag|>): kept in the text for the parser, which
+        // takes them out of the content.
+        params.skip_special_tokens = false;
+    }
     let prompt = encode(codec.clone(), prompt_text).await?;
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();
