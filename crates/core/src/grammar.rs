@@ -128,10 +128,11 @@ impl GrammarCompiler {
         if eos.len() > 1 {
             trie = trie.with_eos_tokens(eos);
         }
-        let env: TokEnv = Arc::new(VocabEnv {
-            trie,
-            tokenizer: codec.tokenizer().clone(),
-        });
+        // Forced text that spells a special token (`"</s>"` inside a JSON string) is
+        // text: encoded as ordinary tokens, never as the special one.
+        let mut tokenizer = codec.tokenizer().clone();
+        tokenizer.set_encode_special_tokens(true);
+        let env: TokEnv = Arc::new(VocabEnv { trie, tokenizer });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| err(e.to_string()))?;
         // Errors are returned, not printed.
         factory.quiet();

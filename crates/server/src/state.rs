@@ -33,8 +33,9 @@ pub struct LoadedEngine {
     pub template: Option<ChatTemplate>,
     /// Set when chat output is split into reasoning and content.
     pub reasoning: Option<ReasoningTags>,
-    /// Compiles structured-output constraints against the model's vocabulary.
-    pub grammars: GrammarCompiler,
+    /// Compiles structured-output constraints against the model's vocabulary (`None`
+    /// for a vocabulary llguidance cannot read: constraints are then refused).
+    pub grammars: Option<GrammarCompiler>,
     /// How the model writes tool calls.
     pub tool_format: ToolFormat,
 }
@@ -122,11 +123,19 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         );
     }
     let started = std::time::Instant::now();
-    let grammars = GrammarCompiler::new(&loaded.codec, loaded.model.config().vocab_size)?;
-    tracing::info!(
-        "structured outputs: vocabulary indexed in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1e3
-    );
+    let grammars = match GrammarCompiler::new(&loaded.codec, loaded.model.config().vocab_size) {
+        Ok(g) => {
+            tracing::info!(
+                "structured outputs: vocabulary indexed in {:.0} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            Some(g)
+        }
+        Err(e) => {
+            tracing::warn!("structured outputs and tool grammars are off: {e}");
+            None
+        }
+    };
     let tool_format = ToolFormat::detect(&loaded.codec);
     tracing::info!("tool calls: the {} format", tool_format.name());
     let engine = Engine::start(loaded.model, Arc::new(loaded.codec), config)?;

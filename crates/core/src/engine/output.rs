@@ -55,6 +55,9 @@ impl EngineCore {
         match chosen {
             Ok(chosen) => {
                 for (&(sid, _), choice) in to_sample.iter().zip(chosen) {
+                    if !self.seqs.contains_key(&sid) {
+                        continue; // a sibling choice's failure ended the request
+                    }
                     match choice {
                         Ok((token, logprob)) => {
                             self.advance(sid, token, logprob);
@@ -264,6 +267,10 @@ impl EngineCore {
             if mask.is_empty() {
                 return Err("structured output: the grammar allows no token here".into());
             }
+            if !mask.allows_any_except(step.banned) {
+                // The grammar allows only what min_tokens bans (its end): the grammar wins.
+                step.banned = &[];
+            }
             step.mask = Some(&mask);
             Ok(sampler.sample(c.logits, prompt, output, &step))
         };
@@ -277,7 +284,9 @@ impl EngineCore {
     /// Appends `sid`'s chosen token, streams it, and ends the choice when a stop
     /// condition holds.
     fn advance(&mut self, sid: u64, token: u32, logprob: Option<TokenLogprob>) {
-        let seq = self.seqs.get_mut(&sid).unwrap();
+        let Some(seq) = self.seqs.get_mut(&sid) else {
+            return;
+        };
         let req = self.requests.get_mut(&seq.request).unwrap();
         let generated = seq.tokens.len() - seq.prompt_len;
         let was_thinking = seq.thinking;

@@ -48,6 +48,17 @@ impl TokenMask {
         (token as usize) < self.vocab && self.words[token as usize / 64] & (1 << (token % 64)) != 0
     }
 
+    /// Whether it allows a token not in `banned`.
+    pub fn allows_any_except(&self, banned: &[u32]) -> bool {
+        let mut words = self.words.clone();
+        for &t in banned {
+            if (t as usize) < self.vocab {
+                words[t as usize / 64] &= !(1 << (t % 64));
+            }
+        }
+        words.iter().any(|&w| w != 0)
+    }
+
     /// Whether it allows no token at all.
     pub fn is_empty(&self) -> bool {
         self.words.iter().all(|&w| w == 0)

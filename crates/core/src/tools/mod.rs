@@ -215,17 +215,30 @@ pub fn call_grammar(
     mode: CallMode,
 ) -> ConstraintSpec {
     let options = json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
-    let call_schema = |f: &FunctionSpec| {
-        let mut props = serde_json::Map::new();
-        props.insert("name".into(), json!({"const": f.name}));
-        props.insert(format.arguments_key().into(), f.parameters.clone());
-        json!({"type": "object", "properties": props,
-               "required": ["name", format.arguments_key()], "additionalProperties": false})
+    // Each function's schema stays the root of its own `%json`, so its `$ref`s to
+    // `#/$defs/..` resolve; the call object around it is literal text in the compact
+    // layout the options give.
+    let arguments_json = |f: &FunctionSpec| {
+        let mut schema = f.parameters.clone();
+        if let Value::Object(o) = &mut schema {
+            o.insert("x-guidance".into(), options.clone());
+        }
+        schema
     };
-    let any_call = || {
-        let mut s = json!({"anyOf": functions.iter().map(call_schema).collect::<Vec<_>>()});
-        s["x-guidance"] = options.clone();
-        s
+    let lit = |t: &str| serde_json::to_string(t).expect("a string serialises");
+    let one_call = {
+        let alternatives: Vec<String> = functions
+            .iter()
+            .map(|f| {
+                let head = format!(
+                    "{{\"name\": {}, \"{}\": ",
+                    serde_json::to_string(&f.name).unwrap(),
+                    format.arguments_key()
+                );
+                format!("{} %json {} \"}}\"", lit(&head), arguments_json(f))
+            })
+            .collect();
+        format!("one: {}\n", alternatives.join("\n    | "))
     };
     let m = |t: &str| marker(codec, t);
     // Each format as its opening marker and what follows it (the rule `rest`).
@@ -243,36 +256,24 @@ pub fn call_grammar(
                 String::new()
             };
             let rules = format!(
-                "rest: body{more}\nbody: {nl}%json {} {nl}{}\n",
-                any_call(),
+                "rest: body{more}\nbody: {nl}one {nl}{}\n{one_call}",
                 m("</tool_call>")
             );
             ("<tool_call>", rules)
         }
         ToolFormat::Llama3Json => {
-            let more = if parallel { " (\"; \" call)*" } else { "" };
-            (
-                "<|python_tag|>",
-                format!("rest: call{more}\ncall: %json {}\n", any_call()),
-            )
+            let more = if parallel { " (\"; \" one)*" } else { "" };
+            ("<|python_tag|>", format!("rest: one{more}\n{one_call}"))
         }
         ToolFormat::Mistral => {
-            let mut array = json!({"type": "array", "items": {"anyOf": functions.iter().map(call_schema).collect::<Vec<_>>()},
-                                   "minItems": 1});
-            if !parallel {
-                array["maxItems"] = 1.into();
-            }
-            array["x-guidance"] = options.clone();
-            ("[TOOL_CALLS]", format!("rest: %json {array}\n"))
+            let more = if parallel { " (\", \" one)*" } else { "" };
+            ("[TOOL_CALLS]", format!("rest: \"[\" one{more} \"]\"\n{one_call}"))
         }
         ToolFormat::DeepSeekV3 => {
             let calls: Vec<String> = functions
                 .iter()
                 .map(|f| {
-                    let mut schema = f.parameters.clone();
-                    if let Value::Object(o) = &mut schema {
-                        o.insert("x-guidance".into(), options.clone());
-                    }
+                    let schema = arguments_json(f);
                     format!(
                         "{} \"function\" {} {} \"\\n```json\\n\" %json {} \"\\n```\" {}",
                         m("<｜tool▁call▁begin｜>"),

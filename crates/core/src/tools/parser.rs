@@ -66,6 +66,8 @@ enum State {
     Object,
     /// After a Hermes call's object: its closing marker.
     HermesClose,
+    /// After `<|python_tag|>`: the first call's object.
+    LlamaFirst,
     /// After a Llama 3 call: `;` and another, or the end.
     LlamaNext,
     /// After `[TOOL_CALLS]`: a JSON array of calls, or Mistral v11's `name[ARGS]{..}`.
@@ -226,6 +228,20 @@ impl ToolCallParser {
                 false
             }
             State::HermesClose => self.expect(&[HERMES_CLOSE], end, |p, _| p.state = State::Text),
+            State::LlamaFirst => {
+                let t = self.pending.trim_start();
+                if t.is_empty() && !end {
+                    return false;
+                }
+                if t.starts_with('{') {
+                    let skip = self.pending.len() - t.len();
+                    self.pending.drain(..skip);
+                    self.open_object();
+                } else {
+                    self.state = State::Text;
+                }
+                true
+            }
             State::LlamaNext => {
                 let t = self.pending.trim_start();
                 if t.is_empty() && !end {
@@ -419,19 +435,14 @@ impl ToolCallParser {
         self.at_start = false;
         self.state = match marker {
             HERMES_OPEN => State::Object,
-            PYTHON_TAG => State::LlamaNext,
+            PYTHON_TAG => State::LlamaFirst,
             MISTRAL_CALLS => State::MistralStart,
             DS_CALLS_BEGIN => State::DeepSeekNext,
             DS_CALL_BEGIN => State::DeepSeekHead,
             _ => State::Text,
         };
-        match self.state {
-            State::Object => self.open_object(),
-            State::LlamaNext => {
-                // `<|python_tag|>` is directly followed by the first call.
-                self.pending.insert(0, ';');
-            }
-            _ => {}
+        if self.state == State::Object {
+            self.open_object();
         }
     }
 

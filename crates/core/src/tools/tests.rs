@@ -114,6 +114,11 @@ fn llama3_calls() {
     // A JSON answer that is not a call, and plain text, are content.
     let (content, calls) = parse(ToolFormat::Llama3Json, "{\"answer\": 42}");
     assert_eq!((content.as_str(), calls.len()), ("{\"answer\": 42}", 0));
+    // The tag alone (cut by max_tokens), or before something that is not JSON.
+    let (content, calls) = parse(ToolFormat::Llama3Json, "<|python_tag|>");
+    assert_eq!((content.as_str(), calls.len()), ("", 0));
+    let (content, _) = parse(ToolFormat::Llama3Json, "<|python_tag|>search(q)");
+    assert_eq!(content, "search(q)");
     let (content, calls) = parse(ToolFormat::Llama3Json, "  Paris is sunny.");
     assert_eq!((content.as_str(), calls.len()), ("  Paris is sunny.", 0));
 }
@@ -361,6 +366,37 @@ fn required_call_grammars_accept_exactly_valid_calls() {
         assert_eq!(calls.len(), 1, "{format:?}");
         assert!(serde_json::from_str::<serde_json::Value>(&calls[0].arguments).is_ok());
     }
+}
+
+/// Parameters that refer to their own `$defs` (as pydantic writes them) compile in every
+/// format, and a call using them is accepted.
+#[test]
+fn parameters_with_defs_compile_in_every_format() {
+    let functions = [FunctionSpec {
+        name: "add_person".into(),
+        description: None,
+        parameters: json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/Person"}},
+            "required": ["p"], "additionalProperties": false,
+            "$defs": {"Person": {"type": "object", "properties": {"age": {"type": "integer"}},
+                "required": ["age"], "additionalProperties": false}}}),
+    }];
+    for (format, markers, _, _) in call_cases() {
+        let codec = codec_with(&markers, "");
+        let compiler = GrammarCompiler::new(&codec, codec.tokenizer().get_vocab_size(true)).unwrap();
+        for mode in [CallMode::Required, CallMode::Auto] {
+            let spec = call_grammar(&codec, format, &functions, true, mode);
+            compiler
+                .compile(&spec)
+                .unwrap_or_else(|e| panic!("{format:?} {mode:?}: {e}"));
+        }
+    }
+    let codec = codec_with(&[], "");
+    let compiler = GrammarCompiler::new(&codec, codec.tokenizer().get_vocab_size(true)).unwrap();
+    let spec = call_grammar(&codec, ToolFormat::Generic, &functions, false, CallMode::Required);
+    let call = "<tool_call>{\"name\": \"add_person\", \"arguments\": {\"p\": {\"age\": 7}}}</tool_call>";
+    assert_eq!(walk(&codec, &compiler, &spec, call), Ok(true));
+    let bad = "<tool_call>{\"name\": \"add_person\", \"arguments\": {\"p\": {\"age\": \"x\"}}}</tool_call>";
+    assert!(!matches!(walk(&codec, &compiler, &spec, bad), Ok(true)));
 }
 
 /// `auto`: free text alone is fine, and so is text then a valid call (after the

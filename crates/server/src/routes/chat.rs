@@ -237,7 +237,10 @@ pub async fn chat_completions(
     let mut spec = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
     // Calls are constrained to well-formed calls of the offered functions in the model's
     // format: the whole answer when a call is required, from the opening marker on when
-    // the model decides (unless the answer has a format of its own).
+    // the model decides (unless the answer has a format of its own: then it is read as
+    // that, not for calls).
+    let answer_has_format = spec.is_some();
+    let mut auto_calls = false;
     if let Some((functions, mode)) = tools.as_ref().and_then(|t| t.call_constraint()) {
         let parallel = tools.as_ref().is_some_and(|t| t.parallel);
         match (&spec, mode) {
@@ -248,10 +251,21 @@ pub async fn chat_completions(
                 ))
             }
             (Some(_), CallMode::Auto) => {}
-            (None, mode) => spec = Some((call_grammar(&codec, format, &functions, parallel, mode), "tools")),
+            (None, mode) => {
+                auto_calls = mode == CallMode::Auto;
+                spec = Some((call_grammar(&codec, format, &functions, parallel, mode), "tools"));
+            }
         }
     }
-    params.constraint = compile_constraint(&state, spec).await?;
+    params.constraint = match compile_constraint(&state, spec).await {
+        // The model may answer without calls: a call grammar that cannot be built (a
+        // schema feature llguidance lacks) leaves calls unconstrained, not refused.
+        Err(e) if auto_calls => {
+            tracing::warn!("tool calls unconstrained: {e:?}");
+            None
+        }
+        other => other?,
+    };
     if offered.is_some() && format.template_renders_tools() {
         // The format's markers are special tokens in some vocabularies (Mistral's
         // [TOOL_CALLS], Llama's <|python_tag|>): kept in the text for the parser, which
@@ -262,7 +276,7 @@ pub async fn chat_completions(
     let n = params.n;
     let want_logprobs = params.logprobs.is_some();
     let mut fold = Fold::new(vec![prompt.len()], n, splitter);
-    if offered.is_some() {
+    if offered.is_some() && !answer_has_format {
         fold = fold.with_tool_calls(format);
     }
     let handle = m

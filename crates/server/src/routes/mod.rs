@@ -203,7 +203,13 @@ pub async fn compile_constraint(
     let state = state.clone();
     let compiled = tokio::task::spawn_blocking(move || {
         let m = state.engine()?;
-        m.grammars
+        let grammars = m.grammars.as_ref().ok_or_else(|| {
+            ApiError::invalid_param(
+                param,
+                "this model's vocabulary does not support constrained outputs",
+            )
+        })?;
+        grammars
             .compile(&spec)
             .map_err(|e| ApiError::invalid_param(param, format!("the constraint does not compile: {e}")))
     })
