@@ -215,11 +215,6 @@ impl Constraint {
     pub fn is_accepting(&mut self) -> bool {
         self.matcher.is_accepting().unwrap_or(false)
     }
-
-    /// Why the matcher failed, if it did.
-    pub fn error(&self) -> Option<String> {
-        self.matcher.get_error()
-    }
 }
 
 #[cfg(test)]

@@ -93,22 +93,20 @@ impl Choice {
                 events.extend(p.finish());
             }
             content.clear();
+            // The parser numbers calls as this choice does (one parser per choice).
             for e in events {
                 match e {
                     ToolEvent::Content(t) => content.push_str(&t),
-                    ToolEvent::CallStart { name, .. } => {
+                    ToolEvent::CallStart { ref name, .. } => {
                         self.calls.push(ToolCall {
                             name: name.clone(),
                             arguments: String::new(),
                         });
-                        calls.push(ToolEvent::CallStart {
-                            index: self.calls.len() - 1,
-                            name,
-                        });
+                        calls.push(e);
                     }
-                    ToolEvent::Arguments { index, text } => {
-                        self.calls[index].arguments.push_str(&text);
-                        calls.push(ToolEvent::Arguments { index, text });
+                    ToolEvent::Arguments { index, ref text } => {
+                        self.calls[index].arguments.push_str(text);
+                        calls.push(e);
                     }
                 }
             }

@@ -181,9 +181,9 @@ impl EngineCore {
     /// The next token of each `(sequence, logits row)`, with its log-probabilities when
     /// asked, through the sequence's sampler and the step's constraints: EOS and stop ids
     /// banned before `min_tokens`, the mask of the sequence's grammar (outside a
-    /// thought), the reasoning budget's forced end of thought. Each sequence reads its row of `all` in place (a decode
-    /// batch of 64 is 64 rows of 49k values; copying each out first cost more than the
-    /// sampling). They sample in parallel on the pool; each has its own generator, so
+    /// thought), the reasoning budget's forced end of thought. Each sequence reads its
+    /// row of `all` in place (a decode batch of 64 is 64 rows of 49k values; copying each
+    /// out first cost more than the sampling). They sample in parallel on the pool; each has its own generator, so
     /// what a seeded sequence draws depends neither on its batch nor on the threads.
     fn choose_tokens(
         &mut self,

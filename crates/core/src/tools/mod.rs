@@ -121,8 +121,9 @@ pub fn generic_system_prompt(functions: &[FunctionSpec]) -> String {
 /// template: for a template with its own tool format, each call's `arguments` becomes a
 /// mapping (what Jinja templates index and `tojson`); for the generic format, calls are
 /// written into the assistant's text and tool results become user turns in
-/// `<tool_response>` tags, and the definitions go into the system prompt.
-pub fn prepare_messages(format: ToolFormat, messages: &mut [Value], functions: &[FunctionSpec]) {
+/// `<tool_response>` tags, and the definitions go into the system prompt (a new one when
+/// there is none).
+pub fn prepare_messages(format: ToolFormat, messages: &mut Vec<Value>, functions: &[FunctionSpec]) {
     for m in messages.iter_mut() {
         let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) else {
             continue;
@@ -170,16 +171,8 @@ pub fn prepare_messages(format: ToolFormat, messages: &mut [Value], functions: &
             let own = first["content"].as_str().unwrap_or("").to_string();
             first["content"] = format!("{own}\n\n{prompt}").trim_start().to_string().into();
         }
-        _ => {}
+        _ => messages.insert(0, json!({"role": "system", "content": prompt})),
     }
-}
-
-/// Whether `messages` (prepared) need a system message to carry the generic tool prompt
-/// (there is none to extend), and that message.
-pub fn generic_system_message(messages: &[Value], functions: &[FunctionSpec]) -> Option<Value> {
-    let has_system = messages.first().is_some_and(|m| m["role"] == "system");
-    (!has_system && !functions.is_empty())
-        .then(|| json!({"role": "system", "content": generic_system_prompt(functions)}))
 }
 
 /// A grammar piece for `marker`: its token when the vocabulary has it as one (a special

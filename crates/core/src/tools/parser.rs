@@ -118,11 +118,6 @@ impl ToolCallParser {
         }
     }
 
-    /// Calls found so far.
-    pub fn calls(&self) -> usize {
-        self.calls
-    }
-
     /// Takes the next piece of text.
     pub fn push(&mut self, text: &str) -> Vec<ToolEvent> {
         self.pending.push_str(text);

@@ -446,6 +446,8 @@ fn generic_conversations_carry_calls_and_results_as_text() {
         json!({"role": "tool", "tool_call_id": "call_1", "content": "3"}),
     ];
     prepare_messages(ToolFormat::Generic, &mut messages, &functions);
+    let system = messages.remove(0);
+    assert_eq!(system["role"], "system");
     assert_eq!(
         messages[1],
         json!({"role": "assistant", "content": "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>"})
@@ -454,7 +456,6 @@ fn generic_conversations_carry_calls_and_results_as_text() {
         messages[2],
         json!({"role": "user", "content": "<tool_response>\n3\n</tool_response>"})
     );
-    let system = generic_system_message(&messages, &functions).unwrap();
     assert!(system["content"].as_str().unwrap().contains("\"name\":\"add\""));
     // A template with its own format gets the arguments as a mapping.
     let mut messages = vec![

@@ -8,9 +8,7 @@ use futures::StreamExt;
 use moeserve_core::engine::{FinishReason as EngineFinish, GenerateRequest, TokenLogprob};
 use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::sampling::Reasoning;
-use moeserve_core::tools::{
-    call_grammar, generic_system_message, prepare_messages, CallMode, ToolEvent, ToolFormat,
-};
+use moeserve_core::tools::{call_grammar, prepare_messages, CallMode, ToolEvent};
 use moeserve_core::TextCodec;
 use serde_json::Value;
 
@@ -191,11 +189,6 @@ pub async fn chat_completions(
     if let Value::Array(list) = &mut messages {
         let functions = offered.map_or(&[][..], |t| &t.functions[..]);
         prepare_messages(format, list, functions);
-        if format == ToolFormat::Generic {
-            if let Some(system) = generic_system_message(list, functions) {
-                list.insert(0, system);
-            }
-        }
     }
     let template_tools: Option<Value> = offered.filter(|_| format.template_renders_tools()).map(|t| {
         t.functions
