@@ -672,13 +672,25 @@ impl Activations {
             sum,
         };
         let (q, scale, sum) = (&mut a.q[..values], &mut a.scale[..scales], &mut a.sum[..scales]);
+        // Row by row: the vector quantizer takes 16 blocks at a time and leaves the rest
+        // to the scalar one, whose block sums add in another order, so a span running
+        // across rows would make a token's activations depend on the tokens beside it
+        // (speculative decoding needs a token's logits the same in any batch, bit for bit).
         let rows = |(x, (q, (scale, sum))): TokenRows| {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                // SAFETY: the CPU has the features.
-                return unsafe { quantize_avx512(x, q, scale, sum, block) };
+            let row = (x.chunks(cols), q.chunks_mut(cols));
+            for ((x, q), (scale, sum)) in row
+                .0
+                .zip(row.1)
+                .zip(scale.chunks_mut(blocks).zip(sum.chunks_mut(blocks)))
+            {
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the CPU has the features.
+                    unsafe { quantize_avx512(x, q, scale, sum, block) };
+                    continue;
+                }
+                quantize_blocks(x, q, scale, sum, block)
             }
-            quantize_blocks(x, q, scale, sum, block)
         };
         // Token rows in parallel when there are many (a prompt chunk, a large decode
         // batch); a matmul's quantization is otherwise a serial stretch before it.
@@ -1471,6 +1483,35 @@ mod tests {
                 assert!(
                     err < bound,
                     "{dtype:?} with {t} tokens: max error {err} of the largest output"
+                );
+            }
+        }
+    }
+
+    /// A token's output does not depend on the other tokens of the call, bit for bit:
+    /// speculative decoding checks drafted tokens several to a call and must get what one
+    /// token per call gives.
+    #[test]
+    fn each_tokens_output_is_independent_of_the_batch() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (80, 768), &dev).unwrap();
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (70, 768), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for dtype in FORMATS {
+            let (_, m) = packed(dtype, &w);
+            let whole = m.matmul(&x).unwrap();
+            for t in [0usize, 1, 5, 8, 9, 69] {
+                let alone = m.matmul(&x[t * 768..(t + 1) * 768]).unwrap();
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&whole[t * 80..(t + 1) * 80])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype:?}: token {t} alone differs from token {t} of 70"
                 );
             }
         }
