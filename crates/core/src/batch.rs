@@ -24,9 +24,11 @@ pub enum LogitRows {
     None,
     /// The last token's: the next token is sampled from it.
     Last,
-    /// Every new token's: prompt logprobs, or a decoding sequence checking several
-    /// tokens in one step.
+    /// Every new token's: prompt logprobs.
     All,
+    /// The last `n` tokens' (at most all): a decoding sequence checking `n - 1` drafted
+    /// tokens, one row for the token before them and one per draft.
+    Tail(usize),
 }
 
 #[derive(Debug, Clone, Default)]

@@ -143,6 +143,8 @@ pub struct HfConfig {
     pub topk_group: Option<usize>,
     pub first_k_dense_replace: Option<usize>,
     pub moe_layer_freq: Option<usize>,
+    /// DeepSeek-V3's multi-token prediction layers, stored after the decoder layers.
+    pub num_nextn_predict_layers: Option<usize>,
     pub quantization_config: Option<serde_json::Value>,
 }
 
@@ -324,6 +326,9 @@ pub struct ModelConfig {
     pub fp8_weight_block: Option<(usize, usize)>,
     /// For each layer: does its feed-forward block use the experts (else a dense MLP)?
     pub sparse_layers: Vec<bool>,
+    /// Multi-token prediction layers the checkpoint declares (DeepSeek-V3: 1); not
+    /// loaded, since they are not part of the main model's forward.
+    pub num_nextn_predict_layers: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// Element type of the KV cache: f32 unless the loader or the user picks f16.
@@ -653,6 +658,7 @@ impl ModelConfig {
             mla,
             fp8_weight_block,
             sparse_layers,
+            num_nextn_predict_layers: hf.num_nextn_predict_layers.unwrap_or(0),
             bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&hf.eos_token_id),
             kv_cache_dtype: Default::default(),

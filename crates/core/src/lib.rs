@@ -17,6 +17,7 @@ pub mod process;
 pub mod reasoning;
 pub mod sampling;
 pub mod source;
+pub mod spec;
 pub mod tokenizer;
 pub mod tools;
 pub mod weights;

@@ -168,3 +168,157 @@ fn greedy_chat_answers() {
     }
     assert_eq!(alloc.num_free(), 64);
 }
+
+/// A token's logits are the same bits whether it is computed alone, as one of several
+/// tokens of its sequence in one call (how speculative decoding checks drafts), or beside
+/// other sequences: without that, checking drafts could flip a near-tied greedy choice
+/// and speculation would change the output.
+#[test]
+fn a_tokens_logits_do_not_depend_on_its_batch() {
+    let m = default_model();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/smollm2/teacher_forced.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(meta["ids"].clone()).unwrap();
+    let (n, k) = (45, 6);
+    let mut kv = KvStorage::new(m.model.kv_layout(), 16, 64).unwrap();
+    let mut alloc = BlockPool::new(64);
+    let tables: Vec<BlockTable> = (0..3)
+        .map(|_| {
+            let mut t = BlockTable::new();
+            t.reserve(&mut alloc, n + k + 40, 16).unwrap();
+            t
+        })
+        .collect();
+    let input = |s: usize, tokens: &'static [u32], start: usize, logits| SequenceInput {
+        tokens,
+        start_pos: start,
+        block_table: tables[s].blocks(),
+        logits,
+    };
+    let ids: &'static [u32] = Box::leak(ids.into_boxed_slice());
+    let other: &'static [u32] = &ids[100..140];
+    // Sequences 0 and 1 hold the same prompt; 2 is another.
+    let out = m
+        .model
+        .forward(
+            &ForwardBatch::new(vec![
+                input(0, &ids[..n], 0, LogitRows::Last),
+                input(1, &ids[..n], 0, LogitRows::Last),
+                input(2, other, 0, LogitRows::Last),
+            ]),
+            &mut kv,
+        )
+        .unwrap();
+    assert_eq!(out.last_logits(0).unwrap(), out.last_logits(1).unwrap());
+    // Sequence 0: k tokens in one call beside sequence 2's decode.
+    let together = m
+        .model
+        .forward(
+            &ForwardBatch::new(vec![
+                input(0, &ids[n..n + k], n, LogitRows::All),
+                input(2, &ids[7..8], other.len(), LogitRows::Last),
+            ]),
+            &mut kv,
+        )
+        .unwrap();
+    for j in 0..k {
+        let single = m
+            .model
+            .forward(
+                &ForwardBatch::new(vec![input(1, &ids[n + j..n + j + 1], n + j, LogitRows::Last)]),
+                &mut kv,
+            )
+            .unwrap();
+        let a = together.logits.get(j).unwrap().to_vec1::<f32>().unwrap();
+        let b = single.last_logits(0).unwrap();
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "token {j} of {k} in one call differs from it alone");
+    }
+}
+
+/// Greedy output of the engine on the default model is the same token for token with
+/// n-gram speculation on and off, on prompts that echo (where drafts are accepted) and on
+/// free text, alone and 8 at once.
+#[test]
+fn speculation_leaves_greedy_output_unchanged() {
+    use moeserve_core::engine::{Engine, EngineConfig, EngineEvent, GenerateRequest, SamplingParams};
+    use moeserve_core::spec::SpeculativeConfig;
+    use std::sync::Arc;
+    let m = default_model();
+    let template = ChatTemplate::new(m.codec.chat_template().unwrap(), None, None).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons, limes, figs, dates.",
+        "Copy this JSON with port changed to 9090: {\"host\": \"localhost\", \"port\": 8080, \"debug\": true, \"workers\": 4}",
+        "Write a short poem about autumn leaves.",
+        "Explain what a hash map is in two sentences.",
+    ]
+    .iter()
+    .map(|q| {
+        let messages = serde_json::json!([{"role": "user", "content": q}]);
+        m.codec
+            .encode(&template.render(&messages, true, None, None).unwrap())
+            .unwrap()
+    })
+    .collect();
+    let run_all = |spec: SpeculativeConfig| {
+        let path = String::from_utf8(
+            std::process::Command::new("bash")
+                .arg(root().join("scripts/fetch-default-model.sh"))
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let loaded = moeserve_core::load(path.trim(), &LoadOptions::default()).unwrap();
+        let engine = Engine::start(
+            loaded.model,
+            Arc::new(loaded.codec),
+            EngineConfig {
+                speculative: spec,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        let collect = |mut h: moeserve_core::engine::RequestHandle| {
+            let mut tokens = Vec::new();
+            while let Some(ev) = h.blocking_next() {
+                match ev {
+                    EngineEvent::Delta { token_ids, .. } => tokens.extend(token_ids),
+                    EngineEvent::Done(_) => break,
+                    EngineEvent::Error(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+            tokens
+        };
+        let submit = |p: &Vec<u32>| {
+            engine
+                .submit(GenerateRequest {
+                    prompt: p.clone(),
+                    params: SamplingParams::greedy(96),
+                })
+                .unwrap()
+        };
+        let alone: Vec<Vec<u32>> = prompts.iter().map(|p| collect(submit(p))).collect();
+        let handles: Vec<_> = prompts.iter().chain(&prompts).map(submit).collect();
+        let batched: Vec<Vec<u32>> = handles.into_iter().map(collect).collect();
+        let accepted = engine
+            .stats()
+            .spec_accepted_tokens
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (alone, batched, accepted)
+    };
+    let (off_alone, off_batched, _) = run_all(SpeculativeConfig::off());
+    let (on_alone, on_batched, accepted) = run_all(SpeculativeConfig::default());
+    log(format!(
+        "default model, n-gram speculation: {accepted} drafted tokens accepted"
+    ));
+    assert!(accepted > 50, "the echo prompts should accept drafts: {accepted}");
+    assert_eq!(off_alone, on_alone);
+    assert_eq!(off_batched, on_batched);
+    for (i, t) in on_batched.iter().enumerate() {
+        assert_eq!(t, &on_alone[i % prompts.len()], "prompt {i} in a batch");
+    }
+}

@@ -20,6 +20,7 @@ use crate::grammar::Constraint;
 use crate::kv::{BlockPool, BlockTable, KvStorage};
 use crate::models::CausalLm;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
+use crate::spec::DraftLength;
 use crate::tokenizer::TextCodec;
 
 pub(super) struct NewRequest {
@@ -68,6 +69,10 @@ pub(super) struct Sequence {
     /// `reasoning`).
     pub(super) thinking: bool,
     pub(super) thought_tokens: usize,
+    /// Tokens guessed to follow, checked in the next step (see [`crate::spec`]).
+    pub(super) drafts: Vec<u32>,
+    /// How many to guess next; `None` when this sequence does not speculate.
+    pub(super) draft_len: Option<DraftLength>,
 }
 
 pub(super) struct EngineCore {
@@ -208,6 +213,9 @@ impl EngineCore {
                 stop: StopChecker::new(params.stop.clone()),
                 thinking: params.reasoning.is_some_and(|b| b.starts_open),
                 thought_tokens: 0,
+                drafts: Vec::new(),
+                draft_len: (self.cfg.speculative.enabled() && params.speculative)
+                    .then(|| DraftLength::new(self.cfg.speculative.num_speculative_tokens)),
             },
         );
         id
@@ -259,7 +267,7 @@ impl EngineCore {
             let seqs = &self.seqs;
             let result = super::runner::execute(self.model.as_ref(), &mut self.kv, &plan, |id| {
                 let s = &seqs[&id];
-                (s.tokens.as_slice(), s.table.blocks())
+                (s.tokens.as_slice(), s.drafts.as_slice(), s.table.blocks())
             });
             self.stats
                 .forward_ns

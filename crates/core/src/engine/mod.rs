@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::kv::{KvLayout, KvStorage};
 use crate::models::CausalLm;
 pub use crate::sampling::{ParamError, SamplingParams, TokenLogprob};
+use crate::spec::SpeculativeConfig;
 use crate::tokenizer::TextCodec;
 
 /// How the engine schedules.
@@ -39,6 +40,8 @@ pub struct EngineConfig {
     /// Requests that may wait for admission before `submit` refuses more.
     pub max_waiting_requests: usize,
     pub enable_prefix_caching: bool,
+    /// Drafted tokens checked in the batched step (see [`crate::spec`]).
+    pub speculative: SpeculativeConfig,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +53,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             max_waiting_requests: 256,
             enable_prefix_caching: true,
+            speculative: SpeculativeConfig::default(),
         }
     }
 }
@@ -204,6 +208,13 @@ pub struct EngineStats {
     pub constraint_ns: AtomicU64,
     /// Tokens routed to each expert, per layer (empty rows for dense layers).
     pub expert_tokens: Vec<Vec<AtomicU64>>,
+    /// Speculative decoding, in the meaning of vLLM's `spec_decode` counters: drafts
+    /// checked, drafted tokens, accepted drafted tokens, and accepted drafted tokens by
+    /// position in the draft (entry `i`: drafts whose token `i` was accepted).
+    pub spec_drafts: AtomicU64,
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    pub spec_accepted_per_position: Vec<AtomicU64>,
 }
 
 enum Command {
@@ -280,6 +291,9 @@ impl Engine {
                     };
                     (0..n).map(|_| AtomicU64::new(0)).collect()
                 })
+                .collect(),
+            spec_accepted_per_position: (0..config.speculative.num_speculative_tokens)
+                .map(|_| AtomicU64::new(0))
                 .collect(),
             ..EngineStats::default()
         });

@@ -28,43 +28,58 @@ impl EngineCore {
             }
         }
         let mut to_sample = Vec::with_capacity(plan.seqs.len());
+        let mut drafted: HashMap<u64, Vec<u32>> = HashMap::new();
         for (k, p) in plan.seqs.iter().enumerate() {
             let rows = out.rows[k].clone();
-            self.seqs.get_mut(&p.seq).unwrap().computed += p.len;
+            let seq = self.seqs.get_mut(&p.seq).unwrap();
+            // Drafted tokens count as computed only once verification accepts them.
+            seq.computed += p.len - p.drafts;
+            if p.drafts > 0 {
+                drafted.insert(p.seq, std::mem::take(&mut seq.drafts));
+            }
             self.register_full_blocks(p.seq);
             let rid = self.seqs[&p.seq].request;
-            if self.requests[&rid].prompt_logprobs.is_some() {
+            if self.requests[&rid].prompt_logprobs.is_some() && p.drafts == 0 {
                 self.collect_prompt_logprobs(p.seq, p.start, &out.logits, rows.clone());
             }
             let seq = &self.seqs[&p.seq];
             if seq.computed < seq.tokens.len() || rows.is_empty() {
                 continue; // more input to compute
             }
-            to_sample.push((p.seq, rows.end - 1));
+            // The row of the last token before the drafts; the drafts' rows follow it.
+            to_sample.push((p.seq, rows.end - 1 - p.drafts));
         }
         for &(sid, _) in &to_sample {
             self.fork_choices(sid);
         }
         let vocab = out.logits.dims().last().copied().unwrap_or(0);
-        let started = Instant::now();
-        let chosen =
-            crate::backend::with_host_f32(&out.logits, |all| self.choose_tokens(&to_sample, all, vocab));
-        self.stats
-            .sample_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match chosen {
-            Ok(chosen) => {
-                for (&(sid, _), choice) in to_sample.iter().zip(chosen) {
-                    if !self.seqs.contains_key(&sid) {
-                        continue; // a sibling choice's failure ended the request
-                    }
-                    match choice {
-                        Ok((token, logprob)) => {
-                            self.advance(sid, token, logprob);
-                            self.append_forced_tokens(sid);
+        let logits = out.logits.clone();
+        let applied = crate::backend::with_host_f32(&logits, |all| {
+            let started = Instant::now();
+            let chosen = self.choose_tokens(&to_sample, all, vocab);
+            self.stats
+                .sample_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            for (&(sid, row), choice) in to_sample.iter().zip(chosen) {
+                if !self.seqs.contains_key(&sid) {
+                    continue; // a sibling choice's failure ended the request
+                }
+                match choice {
+                    Ok((token, logprob)) => {
+                        self.advance(sid, token, logprob);
+                        if let Some(drafts) = drafted.remove(&sid) {
+                            self.verify_drafts(sid, token, &drafts, all, row, vocab);
                         }
-                        Err(message) => self.fail_sequence(sid, message),
+                        self.append_forced_tokens(sid);
                     }
+                    Err(message) => self.fail_sequence(sid, message),
+                }
+            }
+        });
+        match applied {
+            Ok(()) => {
+                for &(sid, _) in &to_sample {
+                    self.propose_drafts(sid);
                 }
             }
             Err(e) => {
@@ -73,6 +88,68 @@ impl EngineCore {
                 }
             }
         }
+    }
+
+    /// Checks `sid`'s drafted tokens against the rows that follow `row` (whose sampled
+    /// token was `first`): while the token sampled from a row equals the draft before it,
+    /// the draft is accepted (its KV, written this step, becomes part of the sequence) and
+    /// the next row is sampled, through the same sampler, grammar, budget and stop checks
+    /// as any token. See [`crate::spec`] for why this is lossless. The blocks past the
+    /// accepted tokens go back to the pool.
+    fn verify_drafts(&mut self, sid: u64, first: u32, drafts: &[u32], all: &[f32], row: usize, vocab: usize) {
+        let mut token = first;
+        let mut accepted = 0;
+        for (j, &draft) in drafts.iter().enumerate() {
+            if token != draft || !self.seqs.contains_key(&sid) {
+                break;
+            }
+            accepted += 1;
+            self.seqs.get_mut(&sid).unwrap().computed += 1;
+            self.register_full_blocks(sid);
+            let started = Instant::now();
+            let chosen = self.choose_tokens(&[(sid, row + 1 + j)], all, vocab).pop();
+            self.stats
+                .sample_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            match chosen.expect("one choice per sequence") {
+                Ok((next, logprob)) => {
+                    self.advance(sid, next, logprob);
+                    token = next;
+                }
+                Err(message) => {
+                    self.fail_sequence(sid, message);
+                    break;
+                }
+            }
+        }
+        let s = &self.stats;
+        s.spec_drafts.fetch_add(1, Ordering::Relaxed);
+        s.spec_draft_tokens
+            .fetch_add(drafts.len() as u64, Ordering::Relaxed);
+        s.spec_accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        for c in s.spec_accepted_per_position.iter().take(accepted) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let bs = self.kv.block_size();
+        if let Some(seq) = self.seqs.get_mut(&sid) {
+            if let Some(d) = seq.draft_len.as_mut() {
+                d.record(drafts.len(), accepted);
+            }
+            seq.table.truncate(&mut self.pool, seq.tokens.len(), bs);
+        }
+    }
+
+    /// Guesses the tokens after `sid`'s latest one, for the next step to check.
+    fn propose_drafts(&mut self, sid: u64) {
+        let spec = self.cfg.speculative;
+        let Some(seq) = self.seqs.get_mut(&sid) else {
+            return;
+        };
+        let Some(k) = seq.draft_len.as_mut().map(|d| d.next_len()) else {
+            return;
+        };
+        seq.drafts = crate::spec::ngram::propose(&seq.tokens, spec.ngram_min, spec.ngram_max, k);
     }
 
     /// Choosing `sid`'s next token failed: its request gets the error and ends.

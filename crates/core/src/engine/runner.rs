@@ -7,21 +7,39 @@ use crate::kv::KvStorage;
 use crate::models::CausalLm;
 
 /// Runs `plan`: each planned sequence's input tokens at their positions, through its
-/// block table (`seq(id)` gives a sequence's tokens and block table); the rows of
-/// logits each asked for come back in plan order.
+/// block table (`seq(id)` gives a sequence's tokens, drafted tokens and block table;
+/// a sequence planned with drafts takes its uncomputed tokens, then the drafts); the
+/// rows of logits each asked for come back in plan order.
 pub(super) fn execute<'a>(
     model: &dyn CausalLm,
     kv: &mut KvStorage,
     plan: &StepPlan,
-    seq: impl Fn(u64) -> (&'a [u32], &'a [u32]),
+    seq: impl Fn(u64) -> (&'a [u32], &'a [u32], &'a [u32]),
 ) -> Result<ForwardOutput> {
-    let inputs = plan
+    let drafted: Vec<Option<Vec<u32>>> = plan
         .seqs
         .iter()
         .map(|p| {
-            let (tokens, table) = seq(p.seq);
+            (p.drafts > 0).then(|| {
+                let (tokens, drafts, _) = seq(p.seq);
+                let mut input = tokens[p.start..].to_vec();
+                input.extend_from_slice(&drafts[..p.drafts]);
+                debug_assert_eq!(input.len(), p.len);
+                input
+            })
+        })
+        .collect();
+    let inputs = plan
+        .seqs
+        .iter()
+        .zip(&drafted)
+        .map(|(p, drafted)| {
+            let (tokens, _, table) = seq(p.seq);
             SequenceInput {
-                tokens: &tokens[p.start..p.start + p.len],
+                tokens: match drafted {
+                    Some(input) => input,
+                    None => &tokens[p.start..p.start + p.len],
+                },
                 start_pos: p.start,
                 block_table: table,
                 logits: p.logits,
@@ -73,7 +91,7 @@ mod tests {
             let mut run = |seqs: Vec<PlannedSeq>| {
                 let plan = StepPlan { seqs };
                 let out = execute(model.as_ref(), &mut kv, &plan, |id| {
-                    (tokens[&id].as_slice(), tables[&id].blocks())
+                    (tokens[&id].as_slice(), &[], tables[&id].blocks())
                 })
                 .unwrap();
                 let rows: Vec<Vec<Vec<f32>>> = out
@@ -91,6 +109,7 @@ mod tests {
                 seq,
                 start,
                 len,
+                drafts: 0,
                 logits,
             };
             let n = prompt.len();

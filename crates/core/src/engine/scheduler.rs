@@ -30,6 +30,8 @@ pub(crate) struct PlannedSeq {
     pub start: usize,
     /// Input tokens this step.
     pub len: usize,
+    /// How many of them (the last) are drafted tokens to check.
+    pub drafts: usize,
     /// The logits rows wanted back.
     pub logits: LogitRows,
 }
@@ -62,8 +64,14 @@ impl EngineCore {
                 break;
             }
             preempted |= self.running.len() < before;
-            scheduled.push((sid, chunk));
-            budget -= chunk;
+            let drafts = if upto == self.seqs[&sid].tokens.len() {
+                self.fit_drafts(sid, budget - chunk)
+            } else {
+                self.seqs.get_mut(&sid).unwrap().drafts.clear();
+                0
+            };
+            scheduled.push((sid, chunk + drafts));
+            budget -= chunk + drafts;
             i += 1;
         }
 
@@ -119,14 +127,18 @@ impl EngineCore {
         }
     }
 
-    /// `sid`'s part of the step: `len` tokens from its computed ones, and the rows of
-    /// logits it needs: every row for prompt logprobs, the last once all its tokens are
-    /// computed (its next token is sampled), none for a prompt chunk short of the end.
+    /// `sid`'s part of the step: `len` tokens from its computed ones (its drafts last),
+    /// and the rows of logits it needs: every row for prompt logprobs, the last once all
+    /// its tokens are computed (its next token is sampled) and one more per draft, none
+    /// for a prompt chunk short of the end.
     fn plan_seq(&self, sid: u64, len: usize) -> PlannedSeq {
         let s = &self.seqs[&sid];
+        let drafts = s.drafts.len();
         let wants_prompt = self.requests[&s.request].prompt_logprobs.is_some() && s.index == 0;
         let logits = if wants_prompt && s.computed < s.prompt_len {
             LogitRows::All
+        } else if drafts > 0 {
+            LogitRows::Tail(1 + drafts)
         } else if s.computed + len == s.tokens.len() {
             LogitRows::Last
         } else {
@@ -136,8 +148,39 @@ impl EngineCore {
             seq: sid,
             start: s.computed,
             len,
+            drafts,
             logits,
         }
+    }
+
+    /// Trims `sid`'s drafts to what this step can check and reserves their KV slots:
+    /// no more than `budget` tokens, than can still be emitted before `max_tokens` (a
+    /// step emits its drafts plus one) or fit the context, and only into free blocks
+    /// (a draft never preempts anyone). Returns how many are kept.
+    fn fit_drafts(&mut self, sid: u64, budget: usize) -> usize {
+        let bs = self.kv.block_size();
+        let context = self.model.config().max_position_embeddings;
+        let seq = &self.seqs[&sid];
+        if seq.drafts.is_empty() {
+            return 0;
+        }
+        let req = &self.requests[&seq.request];
+        let len = seq.tokens.len();
+        let generated = len - seq.prompt_len;
+        let room = (seq.table.len() + self.pool.num_free()) * bs - len;
+        let keep = seq
+            .drafts
+            .len()
+            .min(budget)
+            .min(req.max_tokens.saturating_sub(generated + 1))
+            .min(context.saturating_sub(len))
+            .min(room);
+        let seq = self.seqs.get_mut(&sid).unwrap();
+        seq.drafts.truncate(keep);
+        seq.table
+            .reserve(&mut self.pool, len + keep, bs)
+            .expect("drafts kept within the free blocks");
+        keep
     }
 
     /// Frees a running sequence's blocks and sends it back to the front of the queue.
@@ -147,6 +190,7 @@ impl EngineCore {
         seq.table.release_all(&mut self.pool);
         seq.computed = 0;
         seq.hashes.clear();
+        seq.drafts.clear();
         self.waiting.push_front(sid);
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
     }

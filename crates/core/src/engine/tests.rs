@@ -1,5 +1,6 @@
 //! Engine tests on the tiny fixture models.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -795,4 +796,184 @@ fn preempted_constrained_sequences_finish_identically() {
     wait_until("blocks to be freed", || {
         tiny.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
     });
+}
+
+fn with_speculation(method: crate::spec::SpeculativeMethod, ngram_min: usize) -> EngineConfig {
+    EngineConfig {
+        speculative: crate::spec::SpeculativeConfig {
+            method,
+            num_speculative_tokens: 4,
+            ngram_min,
+            ngram_max: 4,
+        },
+        ..EngineConfig::default()
+    }
+}
+
+/// Greedy output is the same with n-gram speculation on and off: alone and among 16
+/// others, with stop strings, max_tokens and n > 1, and under preemption; every KV block
+/// comes back. The random fixtures fall into loops, where drafts are accepted (checked).
+#[test]
+fn greedy_outputs_are_identical_with_speculation_on_and_off() {
+    use crate::spec::SpeculativeMethod;
+    for name in ["qwen3_moe", "llama", "deepseek_v3"] {
+        let mut runs = Vec::new();
+        for (method, pool) in [
+            (SpeculativeMethod::None, 256 << 20),
+            (SpeculativeMethod::Ngram, 256 << 20),
+            (SpeculativeMethod::Ngram, 0),
+        ] {
+            let mut cfg = with_speculation(method, 1);
+            if pool == 0 {
+                // 12 blocks for 17 requests that need 3 to 5 each: preemption.
+                let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+                cfg.kv_cache_memory = loaded.model.kv_layout().bytes_per_token() * 16 * 12;
+            }
+            let e = start(name, cfg);
+            let mut requests: Vec<(Vec<u32>, SamplingParams)> = reference_prompts(name)
+                .into_iter()
+                .map(|(p, _)| (p, greedy(40)))
+                .collect();
+            for k in 0..14 {
+                let mut params = greedy(10 + 3 * k);
+                if k % 4 == 1 {
+                    params.n = 2;
+                }
+                if k % 4 == 2 {
+                    // A stop string made of the text greedy decoding produces.
+                    params.stop = vec!["a".into(), "e ".into()];
+                }
+                requests.push((filler(8 + 5 * k, k), params));
+            }
+            let alone: Vec<Outcome> = requests.iter().map(|(p, s)| run(&e, p, s.clone())).collect();
+            let handles: Vec<_> = requests
+                .iter()
+                .map(|(p, s)| {
+                    e.submit(GenerateRequest {
+                        prompt: p.clone(),
+                        params: s.clone(),
+                    })
+                    .unwrap()
+                })
+                .collect();
+            let together: Vec<Outcome> = handles.into_iter().map(collect).collect();
+            wait_until("blocks to be freed", || {
+                e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            });
+            let s = e.stats();
+            runs.push((
+                alone,
+                together,
+                s.spec_accepted_tokens.load(Ordering::Relaxed),
+                s.preemptions.load(Ordering::Relaxed),
+            ));
+        }
+        let (base, _, _, _) = &runs[0];
+        for (i, (alone, together, accepted, preemptions)) in runs.iter().enumerate() {
+            for (k, o) in base.iter().enumerate() {
+                assert_eq!(alone[k].choices, o.choices, "{name} run {i} request {k} alone");
+                assert_eq!(
+                    together[k].choices, o.choices,
+                    "{name} run {i} request {k} in a batch"
+                );
+            }
+            if i > 0 {
+                assert!(
+                    *accepted > 10,
+                    "{name} run {i}: only {accepted} drafted tokens accepted"
+                );
+            }
+            if i == 2 {
+                assert!(*preemptions > 0, "{name}: the small pool was meant to preempt");
+            }
+        }
+    }
+}
+
+/// Sampled output keeps the model's distribution with speculation on. A logit bias
+/// confines the model to three tokens (their relative probabilities still the model's,
+/// in context), and the prompt is made of them, so the n-gram proposer drafts at every
+/// step and about a third of the drafts are right (checked); 3,000 seeded 4-token
+/// samples at temperature 1 with speculation off and 3,000 with other seeds on, their 81 possible sequences
+/// compared by a two-sample chi-square test at the 0.999 level (sequences drawn fewer
+/// than 10 times in all pooled).
+#[test]
+fn sampled_outputs_keep_their_distribution_with_speculation() {
+    use crate::spec::SpeculativeMethod;
+    let prompt: Vec<u32> = [40u32, 41, 42, 42, 40, 41, 41, 42, 40, 40, 42, 41].repeat(3);
+    let draws = |method, seeds: std::ops::Range<u64>| {
+        let e = start("qwen3_moe", with_speculation(method, 1));
+        let mut samples: Vec<Vec<u32>> = Vec::new();
+        for chunk in seeds.collect::<Vec<_>>().chunks(64) {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&seed| {
+                    let params = SamplingParams {
+                        temperature: 1.0,
+                        seed: Some(seed * 7919),
+                        max_tokens: Some(4),
+                        ignore_eos: true,
+                        logit_bias: vec![(40, 40.0), (41, 40.0), (42, 40.0)],
+                        ..SamplingParams::default()
+                    };
+                    e.submit(GenerateRequest {
+                        prompt: prompt.clone(),
+                        params,
+                    })
+                    .unwrap()
+                })
+                .collect();
+            samples.extend(handles.into_iter().map(|h| collect(h).choices[0].tokens.clone()));
+        }
+        let s = e.stats();
+        let drafted = s.spec_draft_tokens.load(Ordering::Relaxed);
+        let accepted = s.spec_accepted_tokens.load(Ordering::Relaxed);
+        (samples, drafted, accepted)
+    };
+    // Other seeds for the run with speculation: with the same seeds the samples are the
+    // same ones (each token is drawn from the same distribution with the same random
+    // number either way), which is checked too but would make the test vacuous.
+    let (off, _, _) = draws(SpeculativeMethod::None, 0..3000);
+    let (on, drafted, accepted) = draws(SpeculativeMethod::Ngram, 3000..6000);
+    let (same_seeds, _, _) = draws(SpeculativeMethod::Ngram, 0..3000);
+    assert_eq!(same_seeds, off);
+    assert!(
+        accepted * 5 > drafted && accepted > 1000,
+        "the test needs drafts accepted: {accepted} of {drafted}"
+    );
+    let count = |s: &[Vec<u32>]| {
+        let mut c: HashMap<Vec<u32>, f64> = HashMap::new();
+        for t in s {
+            *c.entry(t.clone()).or_default() += 1.0;
+        }
+        c
+    };
+    let (a, b) = (count(&off), count(&on));
+    let mut keys: Vec<&Vec<u32>> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let (mut chi2, mut bins, mut pooled) = (0.0, 0usize, (0.0, 0.0));
+    for k in keys {
+        let (x, y) = (a.get(k).copied().unwrap_or(0.0), b.get(k).copied().unwrap_or(0.0));
+        if x + y < 10.0 {
+            pooled = (pooled.0 + x, pooled.1 + y);
+        } else {
+            chi2 += (x - y).powi(2) / (x + y);
+            bins += 1;
+        }
+    }
+    if pooled.0 + pooled.1 > 0.0 {
+        chi2 += (pooled.0 - pooled.1).powi(2) / (pooled.0 + pooled.1);
+        bins += 1;
+    }
+    assert!(bins >= 10, "too few distinct samples for the test: {bins}");
+    let df = (bins - 1) as f64;
+    // The 0.999 quantile of chi-square with df degrees of freedom (Wilson-Hilferty).
+    let z = 3.09;
+    let critical = df * (1.0 - 2.0 / (9.0 * df) + z * (2.0 / (9.0 * df)).sqrt()).powi(3);
+    eprintln!("chi-square {chi2:.1} over {bins} bins, critical {critical:.1}; {accepted} of {drafted} drafted accepted");
+    assert!(
+        chi2 < critical,
+        "chi-square {chi2:.1} over {bins} bins exceeds {critical:.1}"
+    );
 }

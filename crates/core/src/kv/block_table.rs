@@ -55,6 +55,15 @@ impl BlockTable {
         self.blocks.push(block);
     }
 
+    /// Gives back the blocks beyond those that hold `num_tokens` positions (the slots
+    /// of drafted tokens that verification rejected).
+    pub fn truncate(&mut self, pool: &mut BlockPool, num_tokens: usize, block_size: usize) {
+        let keep = Self::blocks_for(num_tokens, block_size);
+        while self.blocks.len() > keep {
+            pool.release(self.blocks.pop().expect("more blocks than kept"));
+        }
+    }
+
     /// Gives every block back.
     pub fn release_all(&mut self, pool: &mut BlockPool) {
         for b in self.blocks.drain(..) {
@@ -75,5 +84,19 @@ mod tests {
         assert!(err.to_string().contains("need 3 more"), "{err}");
         assert_eq!(a.num_free(), 2);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn truncate_returns_only_the_blocks_past_the_kept_positions() {
+        let mut a = BlockPool::new(4);
+        let mut t = BlockTable::new();
+        t.reserve(&mut a, 49, 16).unwrap();
+        assert_eq!((t.len(), a.num_free()), (4, 0));
+        t.truncate(&mut a, 33, 16);
+        assert_eq!((t.len(), a.num_free()), (3, 1));
+        t.truncate(&mut a, 48, 16);
+        assert_eq!((t.len(), a.num_free()), (3, 1));
+        t.truncate(&mut a, 0, 16);
+        assert_eq!((t.len(), a.num_free()), (0, 4));
     }
 }

@@ -259,6 +259,11 @@ impl<'a> BatchPlan<'a> {
                 LogitRows::All => plan
                     .logit_rows
                     .extend(first_token as u32..(first_token + s.tokens.len()) as u32),
+                LogitRows::Tail(n) => {
+                    let end = first_token + s.tokens.len();
+                    plan.logit_rows
+                        .extend((end - n.min(s.tokens.len())) as u32..end as u32)
+                }
             }
             plan.row_ranges.push(first_row..plan.logit_rows.len());
         }

@@ -46,6 +46,9 @@ pub struct SamplingParams {
     /// Structured outputs: what the answer must be (outside the thought). Each choice
     /// starts from its own copy.
     pub constraint: Option<Arc<Constraint>>,
+    /// Speculative decoding for this request when the engine has it on (a request may
+    /// opt out; the output is the same either way).
+    pub speculative: bool,
 }
 
 /// A reasoning model's thought, in the model's terms.
@@ -79,6 +82,7 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            speculative: true,
             ignore_eos: false,
             skip_special_tokens: true,
             reasoning: None,
