@@ -30,6 +30,10 @@ pub struct Metrics {
     sample_seconds: Counter,
     detokenize_seconds: Counter,
     constraint_seconds: Counter,
+    spec_drafts: IntCounter,
+    spec_draft_tokens: IntCounter,
+    spec_accepted_tokens: IntCounter,
+    spec_accepted_per_position: IntCounterVec,
     /// Scrapes bring counters up to date one at a time (two at once would double-count).
     scrape: std::sync::Mutex<()>,
 }
@@ -105,6 +109,17 @@ impl Metrics {
         registry
             .register(Box::new(expert_tokens.clone()))
             .expect("unique metric");
+        let spec_accepted_per_position = IntCounterVec::new(
+            Opts::new(
+                "moeserve_spec_decode_num_accepted_tokens_per_pos_total",
+                "Drafts whose token at this position (0-based) was accepted.",
+            ),
+            &["position"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(spec_accepted_per_position.clone()))
+            .expect("unique metric");
         Self {
             requests: counter(
                 "moeserve_requests_total",
@@ -168,6 +183,19 @@ impl Metrics {
                 "moeserve_engine_constraint_seconds_total",
                 "Time in structured-output grammars (token masks, checks, forced tokens), summed over sampling threads.",
             ),
+            spec_drafts: total(
+                "moeserve_spec_decode_num_drafts_total",
+                "Speculative drafts checked (one per sequence and step with drafted tokens).",
+            ),
+            spec_draft_tokens: total(
+                "moeserve_spec_decode_num_draft_tokens_total",
+                "Drafted tokens checked.",
+            ),
+            spec_accepted_tokens: total(
+                "moeserve_spec_decode_num_accepted_tokens_total",
+                "Drafted tokens accepted (mean accepted length = 1 + accepted / drafts).",
+            ),
+            spec_accepted_per_position,
             scrape: std::sync::Mutex::new(()),
             registry,
         }
@@ -193,6 +221,15 @@ impl Metrics {
             catch_up_seconds(&self.sample_seconds, load(&s.sample_ns));
             catch_up_seconds(&self.detokenize_seconds, load(&s.detokenize_ns));
             catch_up_seconds(&self.constraint_seconds, load(&s.constraint_ns));
+            catch_up(&self.spec_drafts, load(&s.spec_drafts));
+            catch_up(&self.spec_draft_tokens, load(&s.spec_draft_tokens));
+            catch_up(&self.spec_accepted_tokens, load(&s.spec_accepted_tokens));
+            for (i, c) in s.spec_accepted_per_position.iter().enumerate() {
+                let counter = self
+                    .spec_accepted_per_position
+                    .with_label_values(&[&i.to_string()]);
+                catch_up(&counter, load(c));
+            }
             for (layer, experts) in s.expert_tokens.iter().enumerate() {
                 for (e, c) in experts.iter().enumerate() {
                     let counter = self

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use moeserve_core::spec::SpeculativeConfig;
 use serde::Deserialize;
 
 const DEFAULTS: &str = include_str!("../../../config/default.toml");
@@ -26,6 +27,10 @@ pub struct Settings {
     pub max_num_batched_tokens: usize,
     pub max_waiting_requests: usize,
     pub max_n: usize,
+    pub speculative_method: String,
+    pub num_speculative_tokens: usize,
+    pub ngram_prompt_lookup_min: usize,
+    pub ngram_prompt_lookup_max: usize,
     pub reasoning_parser: String,
     pub max_body_bytes: usize,
     pub request_timeout_secs: f64,
@@ -83,6 +88,18 @@ pub struct SettingsArgs {
     /// Most choices (n) per request.
     #[arg(long, env = "MOESERVE_MAX_N")]
     pub max_n: Option<usize>,
+    /// Speculative decoding: ngram, mtp (models with MTP weights) or none.
+    #[arg(long, env = "MOESERVE_SPECULATIVE_METHOD")]
+    pub speculative_method: Option<String>,
+    /// Most drafted tokens per sequence per step.
+    #[arg(long, env = "MOESERVE_NUM_SPECULATIVE_TOKENS")]
+    pub num_speculative_tokens: Option<usize>,
+    /// Shortest n-gram the ngram proposer matches.
+    #[arg(long, env = "MOESERVE_NGRAM_PROMPT_LOOKUP_MIN")]
+    pub ngram_prompt_lookup_min: Option<usize>,
+    /// Longest n-gram the ngram proposer matches.
+    #[arg(long, env = "MOESERVE_NGRAM_PROMPT_LOOKUP_MAX")]
+    pub ngram_prompt_lookup_max: Option<usize>,
     /// Reasoning output: auto, deepseek-r1 or none.
     #[arg(long, env = "MOESERVE_REASONING_PARSER")]
     pub reasoning_parser: Option<String>,
@@ -142,6 +159,10 @@ impl Settings {
             max_num_batched_tokens,
             max_waiting_requests,
             max_n,
+            speculative_method,
+            num_speculative_tokens,
+            ngram_prompt_lookup_min,
+            ngram_prompt_lookup_max,
             reasoning_parser,
             max_body_bytes,
             request_timeout_secs,
@@ -156,7 +177,20 @@ impl Settings {
             "request_timeout_secs must be a number of seconds, 0 or more; got {}",
             s.request_timeout_secs
         );
+        s.speculative().map_err(anyhow::Error::msg)?;
         Ok(s)
+    }
+
+    /// The speculative decoding settings, checked.
+    pub fn speculative(&self) -> Result<SpeculativeConfig, String> {
+        let c = SpeculativeConfig {
+            method: self.speculative_method.parse()?,
+            num_speculative_tokens: self.num_speculative_tokens,
+            ngram_min: self.ngram_prompt_lookup_min,
+            ngram_max: self.ngram_prompt_lookup_max,
+        };
+        c.validate()?;
+        Ok(c)
     }
 
     /// The per-request deadline, if any.

@@ -8,6 +8,7 @@ use moeserve_core::chat::ChatTemplate;
 use moeserve_core::engine::{Engine, EngineConfig};
 use moeserve_core::grammar::GrammarCompiler;
 use moeserve_core::reasoning::ReasoningTags;
+use moeserve_core::spec::SpeculativeMethod;
 use moeserve_core::tools::ToolFormat;
 use moeserve_core::LoadOptions;
 
@@ -93,7 +94,21 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         max_num_batched_tokens: settings.max_num_batched_tokens,
         max_waiting_requests: settings.max_waiting_requests,
         enable_prefix_caching: settings.enable_prefix_caching,
+        speculative: settings.speculative().map_err(anyhow::Error::msg)?,
     };
+    if config.speculative.method == SpeculativeMethod::Mtp {
+        // Drafting with DeepSeek's MTP module is not built yet (see the README); a model
+        // without MTP weights could never use it.
+        let layers = loaded.model.config().num_nextn_predict_layers;
+        anyhow::bail!(
+            "--speculative-method mtp: {}; use ngram or none",
+            if layers == 0 {
+                "the model has no multi-token prediction weights (num_nextn_predict_layers is 0)".to_string()
+            } else {
+                format!("the model has {layers} MTP layer(s), but this build cannot draft with them yet")
+            }
+        );
+    }
     let id = if settings.served_model_name.is_empty() {
         loaded.name.clone()
     } else {

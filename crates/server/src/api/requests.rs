@@ -50,6 +50,9 @@ macro_rules! request_with_sampling {
             pub ignore_eos: Option<bool>,
             pub stop_token_ids: Option<Vec<u32>>,
             pub skip_special_tokens: Option<bool>,
+            /// moeserve's extension: `false` opts this request out of speculative
+            /// decoding (its output is the same either way).
+            pub speculative: Option<bool>,
             $($(#[$fmeta])* pub $field: $ty,)*
         }
 
@@ -98,6 +101,7 @@ macro_rules! request_with_sampling {
                     skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
                     reasoning: None,
                     constraint: None,
+                    speculative: self.speculative.unwrap_or(true),
                 })
             }
         }
