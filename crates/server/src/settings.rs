@@ -31,6 +31,7 @@ pub struct Settings {
     pub num_speculative_tokens: usize,
     pub ngram_prompt_lookup_min: usize,
     pub ngram_prompt_lookup_max: usize,
+    pub speculative_disable_by_batch_size: usize,
     pub reasoning_parser: String,
     pub max_body_bytes: usize,
     pub request_timeout_secs: f64,
@@ -100,6 +101,9 @@ pub struct SettingsArgs {
     /// Longest n-gram the ngram proposer matches.
     #[arg(long, env = "MOESERVE_NGRAM_PROMPT_LOOKUP_MAX")]
     pub ngram_prompt_lookup_max: Option<usize>,
+    /// Check drafts only in steps with at most this many running sequences (0: always).
+    #[arg(long, env = "MOESERVE_SPECULATIVE_DISABLE_BY_BATCH_SIZE")]
+    pub speculative_disable_by_batch_size: Option<usize>,
     /// Reasoning output: auto, deepseek-r1 or none.
     #[arg(long, env = "MOESERVE_REASONING_PARSER")]
     pub reasoning_parser: Option<String>,
@@ -163,6 +167,7 @@ impl Settings {
             num_speculative_tokens,
             ngram_prompt_lookup_min,
             ngram_prompt_lookup_max,
+            speculative_disable_by_batch_size,
             reasoning_parser,
             max_body_bytes,
             request_timeout_secs,
@@ -188,6 +193,7 @@ impl Settings {
             num_speculative_tokens: self.num_speculative_tokens,
             ngram_min: self.ngram_prompt_lookup_min,
             ngram_max: self.ngram_prompt_lookup_max,
+            disable_by_batch_size: self.speculative_disable_by_batch_size,
         };
         c.validate()?;
         Ok(c)

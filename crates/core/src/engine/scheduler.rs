@@ -52,6 +52,7 @@ impl EngineCore {
         let mut preempted = false;
 
         // 1. Running sequences, oldest first.
+        let draft = self.cfg.speculative.drafts_in_batch_of(self.running.len());
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let sid = self.running[i];
@@ -64,7 +65,7 @@ impl EngineCore {
                 break;
             }
             preempted |= self.running.len() < before;
-            let drafts = if upto == self.seqs[&sid].tokens.len() {
+            let drafts = if draft && upto == self.seqs[&sid].tokens.len() {
                 self.fit_drafts(sid, budget - chunk)
             } else {
                 self.seqs.get_mut(&sid).unwrap().drafts.clear();

@@ -805,6 +805,8 @@ fn with_speculation(method: crate::spec::SpeculativeMethod, ngram_min: usize) ->
             num_speculative_tokens: 4,
             ngram_min,
             ngram_max: 4,
+            // Drafts in every step, so that they are checked among 16 others too.
+            disable_by_batch_size: 0,
         },
         ..EngineConfig::default()
     }

@@ -71,15 +71,20 @@ pub struct SpeculativeConfig {
     /// The n-gram proposer's shortest and longest match (tokens).
     pub ngram_min: usize,
     pub ngram_max: usize,
+    /// Drafts are checked only in steps with at most this many running sequences (0: in
+    /// every step). A wide batch already keeps the cores busy, so a rejected draft there
+    /// costs as much as a real token and an accepted one saves little.
+    pub disable_by_batch_size: usize,
 }
 
 impl Default for SpeculativeConfig {
     fn default() -> Self {
         Self {
             method: SpeculativeMethod::default(),
-            num_speculative_tokens: 4,
+            num_speculative_tokens: 8,
             ngram_min: 2,
             ngram_max: 4,
+            disable_by_batch_size: 4,
         }
     }
 }
@@ -94,6 +99,11 @@ impl SpeculativeConfig {
 
     pub fn enabled(&self) -> bool {
         self.method != SpeculativeMethod::None && self.num_speculative_tokens > 0
+    }
+
+    /// Whether a step with `running` sequences checks drafts.
+    pub fn drafts_in_batch_of(&self, running: usize) -> bool {
+        self.disable_by_batch_size == 0 || running <= self.disable_by_batch_size
     }
 
     /// Checks the settings (the server refuses to start on an error).
@@ -218,5 +228,17 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("min"));
         assert_eq!("mtp".parse::<SpeculativeMethod>(), Ok(SpeculativeMethod::Mtp));
         assert!("eagle".parse::<SpeculativeMethod>().is_err());
+    }
+
+    #[test]
+    fn wide_batches_do_not_draft() {
+        let c = SpeculativeConfig::default();
+        assert!(c.drafts_in_batch_of(1) && c.drafts_in_batch_of(c.disable_by_batch_size));
+        assert!(!c.drafts_in_batch_of(c.disable_by_batch_size + 1));
+        let always = SpeculativeConfig {
+            disable_by_batch_size: 0,
+            ..c
+        };
+        assert!(always.drafts_in_batch_of(1000));
     }
 }
