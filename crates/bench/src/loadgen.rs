@@ -111,13 +111,15 @@ const QUESTIONS: [&str; 8] = [
 ];
 
 #[derive(Debug, Default, Clone)]
-struct RequestResult {
-    ok: bool,
-    ttft: f64,
-    e2e: f64,
+pub(crate) struct RequestResult {
+    pub(crate) ok: bool,
+    pub(crate) ttft: f64,
+    pub(crate) e2e: f64,
     /// Output tokens: the usage chunk's count where the server sends one, else the
     /// chunks with content.
-    tokens: usize,
+    pub(crate) tokens: usize,
+    /// The streamed content.
+    pub(crate) text: String,
     /// Chunks with content (the ITL samples are the gaps between them).
     chunks: usize,
     itl: Vec<f64>,
@@ -143,12 +145,23 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, work: Workload, i:
             "json_schema": {"name": "people", "schema": structured_schema(), "strict": true}});
         body["messages"][0]["content"] = format!("Request {i}: list people I know, as JSON.").into();
     }
+    stream_chat(client, &args.url, args.api_key.as_deref(), &body, i).await
+}
+
+/// Sends one streaming chat request and times its chunks.
+pub(crate) async fn stream_chat(
+    client: &reqwest::Client,
+    url: &str,
+    api_key: Option<&str>,
+    body: &Value,
+    i: usize,
+) -> RequestResult {
     let start = Instant::now();
     let send = || {
         let mut req = client
-            .post(format!("{}/v1/chat/completions", args.url.trim_end_matches('/')))
-            .json(&body);
-        if let Some(k) = &args.api_key {
+            .post(format!("{}/v1/chat/completions", url.trim_end_matches('/')))
+            .json(body);
+        if let Some(k) = api_key {
             req = req.bearer_auth(k);
         }
         req.send()
@@ -201,10 +214,9 @@ async fn one(client: &reqwest::Client, args: &ServeBenchArgs, work: Workload, i:
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage = Some(n as usize);
                 }
-                let has_content = v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|t| !t.is_empty());
-                if has_content {
+                let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+                if !content.is_empty() {
+                    r.text.push_str(content);
                     let now = Instant::now();
                     match last {
                         None => r.ttft = (now - start).as_secs_f64(),

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use moeserve_bench::{loadgen, measure};
+use moeserve_bench::{loadgen, measure, speculative};
 use moeserve_core::{DType, LoadOptions};
 
 #[derive(Parser)]
@@ -19,6 +19,10 @@ enum Command {
     /// Drives a running OpenAI-compatible server (ours or another) with concurrent
     /// streams and reports TTFT, TPOT, ITL, E2E, throughput and goodput per level.
     Serve(loadgen::ServeBenchArgs),
+    /// Drives a moeserve server started with a speculative method: batch-1 decode rate of
+    /// echo-heavy and free-text prompts and output tok/s of concurrent streams, each with
+    /// speculation off and on, with the acceptance the server counted.
+    Speculative(speculative::SpeculativeBenchArgs),
     /// Memory read bandwidth, and the batch-1 decode bound it sets for a model file.
     Memory(MemoryBenchArgs),
 }
@@ -100,6 +104,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(loadgen::run(args))),
+        Command::Speculative(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(speculative::run(args))),
         Command::Memory(args) => run_memory_bench(args),
     };
     match result {
