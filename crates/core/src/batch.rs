@@ -34,11 +34,19 @@ pub enum LogitRows {
 #[derive(Debug, Clone, Default)]
 pub struct ForwardBatch<'a> {
     pub seqs: Vec<SequenceInput<'a>>,
+    /// Return every token's final hidden state too (after the final norm), as a
+    /// multi-token prediction module drafts from it.
+    pub hidden: bool,
 }
 
 impl<'a> ForwardBatch<'a> {
     pub fn new(seqs: Vec<SequenceInput<'a>>) -> Self {
-        Self { seqs }
+        Self { seqs, hidden: false }
+    }
+
+    /// The same batch, asking for the hidden states.
+    pub fn with_hidden(self, hidden: bool) -> Self {
+        Self { hidden, ..self }
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -55,6 +63,9 @@ pub struct ForwardOutput {
     pub rows: Vec<Range<usize>>,
     /// For each layer, the number of tokens routed to each expert (empty for dense layers).
     pub expert_load: Vec<Vec<u32>>,
+    /// `[tokens, hidden]`: every input token's final hidden state, in batch order, when
+    /// the batch asked for them.
+    pub hidden: Option<Tensor>,
 }
 
 impl ForwardOutput {

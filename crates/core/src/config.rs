@@ -326,9 +326,12 @@ pub struct ModelConfig {
     pub fp8_weight_block: Option<(usize, usize)>,
     /// For each layer: does its feed-forward block use the experts (else a dense MLP)?
     pub sparse_layers: Vec<bool>,
-    /// Multi-token prediction layers the checkpoint declares (DeepSeek-V3: 1); not
-    /// loaded, since they are not part of the main model's forward.
+    /// Multi-token prediction layers the checkpoint declares (DeepSeek-V3: 1), stored
+    /// after the main layers (`model.layers.{num_layers}`); loaded when their weights
+    /// are there, for speculative decoding.
     pub num_nextn_predict_layers: usize,
+    /// For each MTP layer: does its feed-forward block use the experts?
+    pub mtp_sparse_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// Element type of the KV cache: f32 unless the loader or the user picks f16.
@@ -587,7 +590,8 @@ impl ModelConfig {
         } else {
             None
         };
-        let sparse_layers: Vec<bool> = (0..hf.num_hidden_layers)
+        let nextn = hf.num_nextn_predict_layers.unwrap_or(0);
+        let mut sparse_layers: Vec<bool> = (0..hf.num_hidden_layers + nextn)
             .map(|i| match (&moe, architecture) {
                 (None, _) => false,
                 (Some(_), Qwen2Moe | Qwen3Moe) => {
@@ -602,6 +606,7 @@ impl ModelConfig {
                 (Some(_), _) => true,
             })
             .collect();
+        let mtp_sparse_layers = sparse_layers.split_off(hf.num_hidden_layers);
         if sparse_layers.iter().any(|&s| !s) && hf.intermediate_size == 0 {
             return Err(bad("`intermediate_size` is missing or zero".into()));
         }
@@ -658,7 +663,8 @@ impl ModelConfig {
             mla,
             fp8_weight_block,
             sparse_layers,
-            num_nextn_predict_layers: hf.num_nextn_predict_layers.unwrap_or(0),
+            num_nextn_predict_layers: nextn,
+            mtp_sparse_layers,
             bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&hf.eos_token_id),
             kv_cache_dtype: Default::default(),

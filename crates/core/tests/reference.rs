@@ -235,11 +235,173 @@ reference_tests!(
     deepseek_v2,
     deepseek_v3,
     deepseek_v3_fp8,
+    // With a multi-token prediction module, which the main forward must not touch.
+    deepseek_v3_mtp,
     // Saved by transformers 5: `rope_parameters` instead of `rope_scaling`/`rope_theta`.
     llama_tf5,
     mixtral_tf5,
     deepseek_v3_tf5
 );
+
+#[derive(Deserialize)]
+struct MtpReference {
+    prompts: Vec<MtpPrompt>,
+}
+
+#[derive(Deserialize)]
+struct MtpPrompt {
+    ids: Vec<u32>,
+    mtp_next: u32,
+    mtp_logits: Vec<Vec<f32>>,
+}
+
+/// DeepSeek-V3's multi-token prediction module (loaded from `model.layers.{N}` as the
+/// release lays it out) gives the draft logits of the generator's torch version of it at
+/// every prompt position, within 1e-4, from the main model's hidden states; its KV goes
+/// into the pool's extra layer.
+#[test]
+fn mtp_module_matches_the_torch_reference() {
+    let dir = fixture("deepseek_v3_mtp");
+    let reference: MtpReference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let mut runner = Runner::new(&dir);
+    assert!(runner.model.has_mtp());
+    let plain =
+        moeserve_core::load(fixture("deepseek_v3").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert!(!plain.model.has_mtp());
+    assert_eq!(
+        runner.model.kv_layout().num_layers,
+        plain.model.kv_layout().num_layers + 1
+    );
+    for p in &reference.prompts {
+        let n = p.ids.len();
+        let table = runner.table(n + 1);
+        let out = runner
+            .model
+            .forward(
+                &ForwardBatch::new(vec![SequenceInput {
+                    tokens: &p.ids,
+                    start_pos: 0,
+                    block_table: table.blocks(),
+                    logits: LogitRows::Last,
+                }])
+                .with_hidden(true),
+                &mut runner.kv,
+            )
+            .unwrap();
+        assert_eq!(argmax(&out.last_logits(0).unwrap()), p.mtp_next);
+        let hidden = out.hidden.expect("hidden states asked for");
+        assert_eq!(hidden.dims(), [n, runner.model.config().hidden_size]);
+        let mut following = p.ids[1..].to_vec();
+        following.push(p.mtp_next);
+        let drafts = runner
+            .model
+            .forward_mtp(
+                &ForwardBatch::new(vec![SequenceInput {
+                    tokens: &following,
+                    start_pos: 0,
+                    block_table: table.blocks(),
+                    logits: LogitRows::All,
+                }]),
+                &hidden,
+                &mut runner.kv,
+            )
+            .unwrap();
+        assert_eq!(drafts.rows[0].len(), n);
+        for (i, want) in p.mtp_logits.iter().enumerate() {
+            let got = drafts.logits.get(i).unwrap().to_vec1::<f32>().unwrap();
+            let err = max_abs_diff(&got, want);
+            assert!(err < DEEPSEEK_LOGIT_TOL, "position {i}: max |diff| {err}");
+        }
+        let mut table = table;
+        table.release_all(&mut runner.alloc);
+    }
+    assert_eq!(runner.alloc.num_free(), runner.alloc.num_blocks());
+}
+
+/// The MTP module run step by step, one token behind the main model (its KV written a
+/// position at a time, as the engine keeps it), gives the draft logits a run over the
+/// whole sequence at once gives, within 1e-4.
+#[test]
+fn mtp_module_kept_step_by_step_matches_one_pass() {
+    let dir = fixture("deepseek_v3_mtp");
+    let reference: MtpReference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let mut runner = Runner::new(&dir);
+    let p = &reference.prompts[0];
+    let steps = 6;
+    let total = p.ids.len() + steps + 1;
+    fn seq<'a>(
+        tokens: &'a [u32],
+        start: usize,
+        table: &'a BlockTable,
+        logits: LogitRows,
+    ) -> SequenceInput<'a> {
+        SequenceInput {
+            tokens,
+            start_pos: start,
+            block_table: table.blocks(),
+            logits,
+        }
+    }
+    // Step by step: the prompt, then one greedy token per step; the module after each.
+    let table = runner.table(total);
+    let mut tokens = p.ids.clone();
+    let mut computed = 0;
+    let mut stepwise: Vec<Vec<f32>> = Vec::new();
+    for _ in 0..=steps {
+        let input = tokens[computed..].to_vec();
+        let out = runner
+            .model
+            .forward(
+                &ForwardBatch::new(vec![seq(&input, computed, &table, LogitRows::Last)]).with_hidden(true),
+                &mut runner.kv,
+            )
+            .unwrap();
+        tokens.push(argmax(&out.last_logits(0).unwrap()));
+        let following = tokens[computed + 1..].to_vec();
+        let mtp = runner
+            .model
+            .forward_mtp(
+                &ForwardBatch::new(vec![seq(&following, computed, &table, LogitRows::Last)]),
+                out.hidden.as_ref().unwrap(),
+                &mut runner.kv,
+            )
+            .unwrap();
+        stepwise.push(mtp.last_logits(0).unwrap());
+        computed = tokens.len() - 1;
+    }
+    // One pass over the same tokens in a fresh cache.
+    let fresh = runner.table(total);
+    let input = tokens[..computed].to_vec();
+    let out = runner
+        .model
+        .forward(
+            &ForwardBatch::new(vec![seq(&input, 0, &fresh, LogitRows::None)]).with_hidden(true),
+            &mut runner.kv,
+        )
+        .unwrap();
+    let following = tokens[1..].to_vec();
+    let mtp = runner
+        .model
+        .forward_mtp(
+            &ForwardBatch::new(vec![seq(&following, 0, &fresh, LogitRows::All)]),
+            out.hidden.as_ref().unwrap(),
+            &mut runner.kv,
+        )
+        .unwrap();
+    for (k, got) in stepwise.iter().enumerate() {
+        let i = p.ids.len() - 1 + k;
+        let want = mtp.logits.get(i).unwrap().to_vec1::<f32>().unwrap();
+        let err = max_abs_diff(got, &want);
+        assert!(err < SAME_TOL, "step {k} (position {i}): max |diff| {err}");
+    }
+    // The prompt positions of the one pass are the reference's.
+    for (i, want) in p.mtp_logits.iter().take(p.ids.len() - 1).enumerate() {
+        let got = mtp.logits.get(i).unwrap().to_vec1::<f32>().unwrap();
+        assert!(max_abs_diff(&got, want) < DEEPSEEK_LOGIT_TOL, "position {i}");
+    }
+}
 
 /// Routing in the MoE fixtures is non-trivial: every expert of every sparse layer gets
 /// tokens from the long prompt, and several experts per token.

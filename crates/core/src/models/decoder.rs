@@ -14,6 +14,17 @@
 //!     x = x + feed_forward(rms_norm(x))       # dense SwiGLU or mixture of experts
 //! logits = lm_head(rms_norm(x[last tokens]))
 //! ```
+//!
+//! DeepSeek-V3 adds a multi-token prediction (MTP) module after the main layers
+//! (`model.layers.{num_layers}`), which guesses the token after next for speculative
+//! decoding. At position i it sees the main model's final hidden state `h_i` and the
+//! embedding of the token that followed, `t_{i+1}`:
+//!
+//! ```text
+//! x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])
+//! x = decoder_layer(x)                        # its own attention KV, in the same pool
+//! draft_logits = shared_head.head(shared_head.norm(x))   # for t_{i+2}
+//! ```
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
@@ -47,10 +58,10 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(store: &WeightStore, i: usize, cfg: &ModelConfig) -> Result<Self> {
+    fn load(store: &WeightStore, i: usize, sparse: bool, cfg: &ModelConfig) -> Result<Self> {
         let prefix = format!("model.layers.{i}");
         let h = cfg.hidden_size;
-        let feed_forward = match (&cfg.moe, cfg.sparse_layers[i]) {
+        let feed_forward = match (&cfg.moe, sparse) {
             (Some(moe), true) => {
                 let block = match moe.naming {
                     ExpertNaming::Mixtral => "block_sparse_moe",
@@ -88,6 +99,65 @@ impl DecoderLayer {
             feed_forward,
         })
     }
+
+    /// Attention and feed-forward of the layer on `h`, its normed input: the residual
+    /// stream after attention and the feed-forward output (the caller adds them, fused
+    /// with the next norm), and the tokens per expert.
+    fn forward(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        ctx: &AttentionContext,
+        rope: &RotaryEmbedding,
+        kv: &mut crate::kv::KvLayer,
+    ) -> Result<(Tensor, Tensor, Vec<u32>)> {
+        let a = match &self.self_attn {
+            SelfAttention::Grouped(a) => a.forward(h, ctx, rope, kv)?,
+            SelfAttention::Latent(a) => a.forward(h, ctx, rope, kv)?,
+        };
+        let (x_attn, h_ffn) = self.post_attention_layernorm.add_and_norm(x, &a)?;
+        Ok(match &self.feed_forward {
+            FeedForward::Dense(mlp) => (x_attn, mlp.forward(&h_ffn)?, Vec::new()),
+            FeedForward::Sparse(moe) => {
+                let (y, counts) = moe.forward(&h_ffn)?;
+                (x_attn, y, counts)
+            }
+        })
+    }
+}
+
+/// DeepSeek-V3's multi-token prediction module, as its release lays it out under
+/// `model.layers.{N}` (N = the number of main layers): `enorm`, `hnorm`, `eh_proj`, a
+/// full decoder layer, and `shared_head.norm`/`shared_head.head`. Its `embed_tokens` is
+/// a copy of the main model's, which is used instead.
+struct MtpLayer {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    eh_proj: Linear,
+    layer: DecoderLayer,
+    head_norm: RmsNorm,
+    head: Linear,
+}
+
+impl MtpLayer {
+    fn load(store: &WeightStore, i: usize, sparse: bool, cfg: &ModelConfig) -> Result<Self> {
+        let prefix = format!("model.layers.{i}");
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            enorm: RmsNorm::load(store, &format!("{prefix}.enorm"), h, eps)?,
+            hnorm: RmsNorm::load(store, &format!("{prefix}.hnorm"), h, eps)?,
+            eh_proj: Linear::load(store, &format!("{prefix}.eh_proj"), 2 * h, h, false)?,
+            layer: DecoderLayer::load(store, i, sparse, cfg)?,
+            head_norm: RmsNorm::load(store, &format!("{prefix}.shared_head.norm"), h, eps)?,
+            head: Linear::load(
+                store,
+                &format!("{prefix}.shared_head.head"),
+                h,
+                cfg.vocab_size,
+                false,
+            )?,
+        })
+    }
 }
 
 pub struct DecoderModel {
@@ -98,6 +168,8 @@ pub struct DecoderModel {
     lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
+    /// The multi-token prediction module, when the checkpoint has its weights.
+    mtp: Option<MtpLayer>,
 }
 
 impl DecoderModel {
@@ -105,8 +177,17 @@ impl DecoderModel {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = store.get("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(store, i, cfg))
+            .map(|i| DecoderLayer::load(store, i, cfg.sparse_layers[i], cfg))
             .collect::<Result<Vec<_>>>()?;
+        // DeepSeek declares one MTP layer; checkpoints and conversions that drop its
+        // weights still declare it, so it loads only where its weights are.
+        let n = cfg.num_layers;
+        let mtp = match cfg.mtp_sparse_layers.first() {
+            Some(&sparse) if store.contains(&format!("model.layers.{n}.eh_proj.weight")) => {
+                Some(MtpLayer::load(store, n, sparse, cfg)?)
+            }
+            _ => None,
+        };
         let norm = RmsNorm::load(store, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
             // Tied: the embedding matrix is the output projection. A quantized store hands
@@ -126,6 +207,7 @@ impl DecoderModel {
             lm_head,
             rope: RotaryEmbedding::new(&cfg.rope, cfg.max_position_embeddings, store.device())?,
             device: store.device().clone(),
+            mtp,
         })
     }
 }
@@ -136,13 +218,69 @@ impl CausalLm for DecoderModel {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        super::kv_layout(&self.cfg)
+        let mut layout = super::kv_layout(&self.cfg);
+        // The MTP layer keeps its attention KV as one more layer of the same pool.
+        layout.num_layers += self.mtp.is_some() as usize;
+        layout
     }
 
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<ForwardOutput> {
         // The backend's execution policy: on the CPU the whole pass runs on one of rayon's
         // workers with the others spinning for work (see `backend::cpu::pool`).
         backend::forward_pass(&self.device, || self.forward_in_pool(batch, kv))
+    }
+
+    fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    fn forward_mtp(
+        &self,
+        batch: &ForwardBatch,
+        hidden: &Tensor,
+        kv: &mut KvStorage,
+    ) -> Result<ForwardOutput> {
+        let Some(mtp) = &self.mtp else {
+            return Err(Error::InvalidBatch(
+                "the model has no multi-token prediction module".into(),
+            ));
+        };
+        backend::forward_pass(&self.device, || {
+            let plan = BatchPlan::new(batch, kv, &self.cfg)?;
+            if hidden.dims() != [plan.token_ids.len(), self.cfg.hidden_size] {
+                return Err(Error::InvalidBatch(format!(
+                    "{} tokens but hidden states of shape {:?}",
+                    plan.token_ids.len(),
+                    hidden.dims()
+                )));
+            }
+            let ctx = AttentionContext {
+                positions: &plan.positions,
+                slots: &plan.slots,
+                seqs: &plan.seqs,
+                block_size: kv.block_size(),
+            };
+            let ids = Tensor::new(plan.token_ids.as_slice(), &self.device)?;
+            let e = mtp.enorm.forward(&self.embed_tokens.index_select(&ids, 0)?)?;
+            let h = mtp.hnorm.forward(hidden)?;
+            let x = mtp.eh_proj.forward(&Tensor::cat(&[&e, &h], 1)?)?;
+            let h = mtp.layer.input_layernorm.forward(&x)?;
+            let (x_attn, f, _) =
+                mtp.layer
+                    .forward(&x, &h, &ctx, &self.rope, kv.layer_mut(self.cfg.num_layers))?;
+            let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
+            let x = (x_attn.index_select(&rows, 0)? + f.index_select(&rows, 0)?)?;
+            let logits = mtp
+                .head
+                .forward(&mtp.head_norm.forward(&x)?)?
+                .to_dtype(DType::F32)?;
+            Ok(ForwardOutput {
+                logits,
+                rows: plan.row_ranges,
+                expert_load: Vec::new(),
+                hidden: None,
+            })
+        })
     }
 }
 
@@ -165,35 +303,28 @@ impl DecoderModel {
             None => x.clone(),
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = match &layer.self_attn {
-                SelfAttention::Grouped(a) => a.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?,
-                SelfAttention::Latent(a) => a.forward(&h, &ctx, &self.rope, kv.layer_mut(i))?,
-            };
-            let (x_attn, h_ffn) = layer.post_attention_layernorm.add_and_norm(&x, &a)?;
-            let f = match &layer.feed_forward {
-                FeedForward::Dense(mlp) => {
-                    expert_load.push(Vec::new());
-                    mlp.forward(&h_ffn)?
-                }
-                FeedForward::Sparse(moe) => {
-                    let (y, counts) = moe.forward(&h_ffn)?;
-                    expert_load.push(counts);
-                    y
-                }
-            };
+            let (x_attn, f, counts) = layer.forward(&x, &h, &ctx, &self.rope, kv.layer_mut(i))?;
+            expert_load.push(counts);
             match self.layers.get(i + 1) {
                 Some(next) => (x, h) = next.input_layernorm.add_and_norm(&x_attn, &f)?,
                 None => x = (x_attn + f)?,
             }
         }
-        // Only the rows whose logits are wanted go through the final norm and lm_head.
+        // Only the rows whose logits are wanted go through the final norm and lm_head
+        // (all rows through the norm when the hidden states are wanted).
         let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
-        let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        let (x, hidden) = if batch.hidden {
+            let hidden = self.norm.forward(&x)?;
+            (hidden.index_select(&rows, 0)?, Some(hidden))
+        } else {
+            (self.norm.forward(&x.index_select(&rows, 0)?)?, None)
+        };
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(ForwardOutput {
             logits,
             rows: plan.row_ranges,
             expert_load,
+            hidden,
         })
     }
 }

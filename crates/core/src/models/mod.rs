@@ -21,6 +21,27 @@ pub trait CausalLm: Send + Sync {
 
     /// Runs the batch: writes the new tokens' keys and values into `kv` and returns logits.
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<ForwardOutput>;
+
+    /// Whether the model has a multi-token prediction module ([`CausalLm::forward_mtp`]).
+    fn has_mtp(&self) -> bool {
+        false
+    }
+
+    /// The multi-token prediction module over `batch`, whose tokens at position i are
+    /// each sequence's *next* tokens (t_{i+1}), with `hidden` the main model's final
+    /// hidden states at those positions (`[tokens, hidden]`, from a forward that asked
+    /// for them). Writes the module's own KV (the last layer of the pool) and returns
+    /// its logits, which guess t_{i+2}.
+    fn forward_mtp(
+        &self,
+        _batch: &ForwardBatch,
+        _hidden: &candle_core::Tensor,
+        _kv: &mut KvStorage,
+    ) -> Result<ForwardOutput> {
+        Err(crate::Error::InvalidBatch(
+            "the model has no multi-token prediction module".into(),
+        ))
+    }
 }
 
 /// What the KV cache holds per token for `cfg`: per-head keys and values, or for latent
