@@ -96,16 +96,18 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         enable_prefix_caching: settings.enable_prefix_caching,
         speculative: settings.speculative().map_err(anyhow::Error::msg)?,
     };
-    if config.speculative.method == SpeculativeMethod::Mtp {
-        // Drafting with DeepSeek's MTP module is not built yet (see the README); a model
-        // without MTP weights could never use it.
+    if config.speculative.method == SpeculativeMethod::Mtp && !loaded.model.has_mtp() {
         let layers = loaded.model.config().num_nextn_predict_layers;
         anyhow::bail!(
             "--speculative-method mtp: {}; use ngram or none",
             if layers == 0 {
                 "the model has no multi-token prediction weights (num_nextn_predict_layers is 0)".to_string()
             } else {
-                format!("the model has {layers} MTP layer(s), but this build cannot draft with them yet")
+                format!(
+                    "the model declares {layers} MTP layer(s) but the checkpoint holds no weights for them \
+                     (model.layers.{}.eh_proj.weight)",
+                    loaded.model.config().num_layers
+                )
             }
         );
     }

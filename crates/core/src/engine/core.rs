@@ -257,6 +257,11 @@ impl EngineCore {
             .store(self.pool.num_used(), Ordering::Relaxed);
     }
 
+    /// Whether drafts come from the model's MTP module (which needs the hidden states).
+    fn drafts_with_mtp(&self) -> bool {
+        self.cfg.speculative.method == crate::spec::SpeculativeMethod::Mtp && self.model.has_mtp()
+    }
+
     /// One step: plan (scheduler), execute (runner), apply (output stage).
     fn step(&mut self) {
         let started = Instant::now();
@@ -265,7 +270,8 @@ impl EngineCore {
         if !plan.is_empty() {
             let forward = Instant::now();
             let seqs = &self.seqs;
-            let result = super::runner::execute(self.model.as_ref(), &mut self.kv, &plan, |id| {
+            let hidden = self.drafts_with_mtp();
+            let result = super::runner::execute(self.model.as_ref(), &mut self.kv, &plan, hidden, |id| {
                 let s = &seqs[&id];
                 (s.tokens.as_slice(), s.drafts.as_slice(), s.table.blocks())
             });

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::core::{EngineCore, Sequence};
 use super::scheduler::StepPlan;
 use super::{EngineEvent, EngineFailure, FailureKind, FinishReason};
-use crate::batch::ForwardOutput;
+use crate::batch::{ForwardOutput, LogitRows};
 use crate::kv::block_hash;
 use crate::sampling::{token_logprob, StepConstraints, TokenLogprob};
 
@@ -77,11 +77,14 @@ impl EngineCore {
             }
         });
         match applied {
-            Ok(()) => {
-                for &(sid, _) in &to_sample {
-                    self.propose_drafts(sid);
+            Ok(()) => match &out.hidden {
+                Some(hidden) => self.draft_with_mtp(plan, hidden),
+                None => {
+                    for &(sid, _) in &to_sample {
+                        self.propose_drafts(sid);
+                    }
                 }
-            }
+            },
             Err(e) => {
                 for (sid, _) in to_sample {
                     self.fail_sequence(sid, e.to_string());
@@ -140,9 +143,103 @@ impl EngineCore {
         }
     }
 
+    /// Runs the MTP module over the positions this step computed and kept, for every
+    /// sequence that drafts: its KV for them is written, and each sequence ready to decode
+    /// gets the module's greedy guess of the token after its newest one as a one-token
+    /// draft (q is one-hot, so checking it by sampling stays exact; see [`crate::spec`]).
+    /// The module at position i reads the main model's hidden state there and token
+    /// i + 1, so it runs one token behind the main model, after sampling.
+    fn draft_with_mtp(&mut self, plan: &StepPlan, hidden: &candle_core::Tensor) {
+        let mut rows: Vec<u32> = Vec::new();
+        let mut runs: Vec<(u64, usize, usize, bool)> = Vec::new();
+        let mut offset = 0;
+        for p in &plan.seqs {
+            let base = offset;
+            offset += p.len;
+            let Some(seq) = self.seqs.get(&p.seq) else {
+                continue; // finished
+            };
+            if seq.draft_len.is_none() {
+                continue;
+            }
+            // Positions start..start + kept hold verified tokens whose next token is known.
+            let kept = seq
+                .computed
+                .min(seq.tokens.len().saturating_sub(1))
+                .saturating_sub(p.start)
+                .min(p.len);
+            if kept == 0 {
+                continue;
+            }
+            let decoding = seq.computed + 1 == seq.tokens.len() && seq.computed == p.start + kept;
+            rows.extend(base as u32..(base + kept) as u32);
+            runs.push((p.seq, p.start, kept, decoding));
+        }
+        if runs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = (|| {
+            let ids = candle_core::Tensor::new(rows.as_slice(), hidden.device())?;
+            let hidden = hidden.index_select(&ids, 0)?;
+            let inputs = runs
+                .iter()
+                .map(|&(sid, start, kept, decoding)| {
+                    let s = &self.seqs[&sid];
+                    crate::batch::SequenceInput {
+                        tokens: &s.tokens[start + 1..start + 1 + kept],
+                        start_pos: start,
+                        block_table: s.table.blocks(),
+                        logits: if decoding {
+                            LogitRows::Last
+                        } else {
+                            LogitRows::None
+                        },
+                    }
+                })
+                .collect();
+            let out =
+                self.model
+                    .forward_mtp(&crate::batch::ForwardBatch::new(inputs), &hidden, &mut self.kv)?;
+            let guesses = crate::backend::with_host_f32(&out.logits, |all| {
+                let vocab = out.logits.dims().last().copied().unwrap_or(1);
+                out.rows
+                    .iter()
+                    .map(|r| {
+                        (!r.is_empty())
+                            .then(|| crate::sampling::argmax(&all[(r.end - 1) * vocab..r.end * vocab]))
+                    })
+                    .collect::<Vec<_>>()
+            })?;
+            Ok::<_, crate::Error>(guesses)
+        })();
+        self.stats
+            .forward_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let guesses = match result {
+            Ok(g) => g,
+            Err(e) => {
+                // A failed draft costs only the speedup: the sequences decode on without.
+                tracing::warn!("multi-token prediction failed: {e}");
+                return;
+            }
+        };
+        for (&(sid, ..), guess) in runs.iter().zip(guesses) {
+            let (Some(guess), Some(seq)) = (guess, self.seqs.get_mut(&sid)) else {
+                continue;
+            };
+            if seq.draft_len.as_mut().is_some_and(|d| d.next_len() > 0) {
+                seq.drafts = vec![guess];
+            }
+        }
+    }
+
     /// Guesses the tokens after `sid`'s latest one, for the next step to check.
     fn propose_drafts(&mut self, sid: u64) {
         let spec = self.cfg.speculative;
+        if spec.method != crate::spec::SpeculativeMethod::Ngram {
+            return;
+        }
         let Some(seq) = self.seqs.get_mut(&sid) else {
             return;
         };

@@ -9,11 +9,13 @@ use crate::models::CausalLm;
 /// Runs `plan`: each planned sequence's input tokens at their positions, through its
 /// block table (`seq(id)` gives a sequence's tokens, drafted tokens and block table;
 /// a sequence planned with drafts takes its uncomputed tokens, then the drafts); the
-/// rows of logits each asked for come back in plan order.
+/// rows of logits each asked for come back in plan order, and with `hidden` every input
+/// token's final hidden state (for the MTP module).
 pub(super) fn execute<'a>(
     model: &dyn CausalLm,
     kv: &mut KvStorage,
     plan: &StepPlan,
+    hidden: bool,
     seq: impl Fn(u64) -> (&'a [u32], &'a [u32], &'a [u32]),
 ) -> Result<ForwardOutput> {
     let drafted: Vec<Option<Vec<u32>>> = plan
@@ -46,7 +48,7 @@ pub(super) fn execute<'a>(
             }
         })
         .collect();
-    model.forward(&ForwardBatch::new(inputs), kv)
+    model.forward(&ForwardBatch::new(inputs).with_hidden(hidden), kv)
 }
 
 #[cfg(test)]
@@ -90,7 +92,7 @@ mod tests {
             }
             let mut run = |seqs: Vec<PlannedSeq>| {
                 let plan = StepPlan { seqs };
-                let out = execute(model.as_ref(), &mut kv, &plan, |id| {
+                let out = execute(model.as_ref(), &mut kv, &plan, false, |id| {
                     (tokens[&id].as_slice(), &[], tables[&id].blocks())
                 })
                 .unwrap();

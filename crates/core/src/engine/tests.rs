@@ -812,19 +812,22 @@ fn with_speculation(method: crate::spec::SpeculativeMethod, ngram_min: usize) ->
     }
 }
 
-/// Greedy output is the same with n-gram speculation on and off: alone and among 16
-/// others, with stop strings, max_tokens and n > 1, and under preemption; every KV block
-/// comes back. The random fixtures fall into loops, where drafts are accepted (checked).
+/// Greedy output is the same with speculation on and off (n-gram drafts, and DeepSeek's
+/// MTP module on the fixture that has one): alone and among 16 others, with stop
+/// strings, max_tokens and n > 1, and under preemption; every KV block comes back. The
+/// random fixtures fall into loops, where n-gram drafts are accepted (checked); the
+/// random MTP module drafts at every decoding step (checked) and is right now and then.
 #[test]
 fn greedy_outputs_are_identical_with_speculation_on_and_off() {
     use crate::spec::SpeculativeMethod;
-    for name in ["qwen3_moe", "llama", "deepseek_v3"] {
+    for (name, on) in [
+        ("qwen3_moe", SpeculativeMethod::Ngram),
+        ("llama", SpeculativeMethod::Ngram),
+        ("deepseek_v3", SpeculativeMethod::Ngram),
+        ("deepseek_v3_mtp", SpeculativeMethod::Mtp),
+    ] {
         let mut runs = Vec::new();
-        for (method, pool) in [
-            (SpeculativeMethod::None, 256 << 20),
-            (SpeculativeMethod::Ngram, 256 << 20),
-            (SpeculativeMethod::Ngram, 0),
-        ] {
+        for (method, pool) in [(SpeculativeMethod::None, 256 << 20), (on, 256 << 20), (on, 0)] {
             let mut cfg = with_speculation(method, 1);
             if pool == 0 {
                 // 12 blocks for 17 requests that need 3 to 5 each: preemption.
@@ -868,10 +871,11 @@ fn greedy_outputs_are_identical_with_speculation_on_and_off() {
                 together,
                 s.spec_accepted_tokens.load(Ordering::Relaxed),
                 s.preemptions.load(Ordering::Relaxed),
+                s.spec_drafts.load(Ordering::Relaxed),
             ));
         }
-        let (base, _, _, _) = &runs[0];
-        for (i, (alone, together, accepted, preemptions)) in runs.iter().enumerate() {
+        let (base, ..) = &runs[0];
+        for (i, (alone, together, accepted, preemptions, drafts)) in runs.iter().enumerate() {
             for (k, o) in base.iter().enumerate() {
                 assert_eq!(alone[k].choices, o.choices, "{name} run {i} request {k} alone");
                 assert_eq!(
@@ -879,11 +883,16 @@ fn greedy_outputs_are_identical_with_speculation_on_and_off() {
                     "{name} run {i} request {k} in a batch"
                 );
             }
-            if i > 0 {
+            if i > 0 && on == SpeculativeMethod::Ngram {
                 assert!(
                     *accepted > 10,
                     "{name} run {i}: only {accepted} drafted tokens accepted"
                 );
+            }
+            if i > 0 && on == SpeculativeMethod::Mtp {
+                // Every decoding step after the first drafts (a few pause after misses).
+                assert!(*drafts > 200, "{name} run {i}: only {drafts} drafts");
+                eprintln!("{name} run {i}: {drafts} MTP drafts, {accepted} accepted");
             }
             if i == 2 {
                 assert!(*preemptions > 0, "{name}: the small pool was meant to preempt");
@@ -978,4 +987,93 @@ fn sampled_outputs_keep_their_distribution_with_speculation() {
         chi2 < critical,
         "chi-square {chi2:.1} over {bins} bins exceeds {critical:.1}"
     );
+}
+
+/// The fixture's MTP module with an answer key: the module runs as it is (its KV upkeep
+/// one token behind the main model, over the positions each step kept), then its guess
+/// for the token after position i is replaced by the known greedy token there. So every
+/// draft is right, and the engine's bookkeeping of accepted MTP drafts (two tokens per
+/// step, the module run over both kept positions next) is what the test checks.
+struct MtpWithAnswerKey {
+    inner: Box<dyn crate::models::CausalLm>,
+    /// The whole greedy sequence of the one request: prompt, then output.
+    answer: Vec<u32>,
+}
+
+impl crate::models::CausalLm for MtpWithAnswerKey {
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.inner.config()
+    }
+
+    fn kv_layout(&self) -> crate::kv::KvLayout {
+        self.inner.kv_layout()
+    }
+
+    fn forward(
+        &self,
+        batch: &crate::ForwardBatch,
+        kv: &mut crate::KvStorage,
+    ) -> crate::Result<crate::ForwardOutput> {
+        self.inner.forward(batch, kv)
+    }
+
+    fn has_mtp(&self) -> bool {
+        true
+    }
+
+    fn forward_mtp(
+        &self,
+        batch: &crate::ForwardBatch,
+        hidden: &candle_core::Tensor,
+        kv: &mut crate::KvStorage,
+    ) -> crate::Result<crate::ForwardOutput> {
+        let mut out = self.inner.forward_mtp(batch, hidden, kv)?;
+        let mut rows = out.logits.to_vec2::<f32>()?;
+        for (s, r) in batch.seqs.iter().zip(&out.rows) {
+            if let (Some(last), Some(&want)) = (
+                r.clone().last(),
+                self.answer.get(s.start_pos + s.tokens.len() + 1),
+            ) {
+                rows[last][want as usize] = 1e6;
+            }
+        }
+        out.logits = candle_core::Tensor::new(rows, out.logits.device())?;
+        Ok(out)
+    }
+}
+
+/// With MTP drafts that are always right, greedy output is still the output without
+/// speculation, about half the tokens come from accepted drafts, and the pool is whole.
+#[test]
+fn accepted_mtp_drafts_keep_greedy_output_and_the_pool() {
+    use crate::spec::SpeculativeMethod;
+    let name = "deepseek_v3_mtp";
+    let (prompt, _) = reference_prompts(name).remove(2);
+    let off = run(&start(name, EngineConfig::default()), &prompt, greedy(48));
+    let mut answer = prompt.clone();
+    answer.extend(&off.choices[0].tokens);
+    let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let model = Box::new(MtpWithAnswerKey {
+        inner: loaded.model,
+        answer,
+    });
+    let e = Engine::start(
+        model,
+        Arc::new(loaded.codec),
+        with_speculation(SpeculativeMethod::Mtp, 1),
+    )
+    .unwrap();
+    let on = run(&e, &prompt, greedy(48));
+    assert_eq!(on.choices, off.choices);
+    let s = e.stats();
+    let (drafts, accepted) = (
+        s.spec_drafts.load(Ordering::Relaxed),
+        s.spec_accepted_tokens.load(Ordering::Relaxed),
+    );
+    assert_eq!(accepted, drafts, "every draft was right");
+    assert!(accepted >= 22, "{accepted} of 47 tokens came from drafts");
+    assert_eq!(s.steps.load(Ordering::Relaxed), 1 + 47 - accepted);
+    wait_until("blocks to be freed", || {
+        s.kv_blocks_used.load(Ordering::Relaxed) == 0
+    });
 }
