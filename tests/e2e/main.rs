@@ -1666,6 +1666,19 @@ async fn speculative_decoding_over_http() {
     assert_eq!(status, 400, "{v}");
     drop(s);
 
+    // DeepSeek-V3 with its MTP module: drafts from it, the same text.
+    let s = Server::start_model(&fixture("deepseek_v3_mtp"), &["--speculative-method", "mtp"]).await;
+    let mtp = |extra: Value| {
+        let mut b = body(extra);
+        b["model"] = json!("deepseek_v3_mtp");
+        b
+    };
+    let on = s.chat(mtp(json!({}))).await;
+    assert!(s.metric("moeserve_spec_decode_num_drafts_total").await > 5.0);
+    let off = s.chat(mtp(json!({"speculative": false}))).await;
+    assert_eq!(text(&on), text(&off));
+    drop(s);
+
     for (args, want) in [
         (["--speculative-method", "eagle"], "unknown speculative method"),
         (

@@ -168,6 +168,19 @@ fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
             r.prefill_tok_s, r.decode_tok_s, r.prefill_sd, r.decode_sd
         );
     }
+    if model.has_mtp() {
+        println!(
+            "\nMTP module (speculative_method mtp): decode step at context {}",
+            args.prompt_len
+        );
+        println!("| batch | plain step ms | step + MTP ms | ratio |");
+        println!("|---:|---:|---:|---:|");
+        for &b in &args.batches {
+            let (plain, mtp) =
+                measure::mtp_step_cost(model.as_ref(), b, args.prompt_len, args.decode_tokens)?;
+            println!("| {b} | {plain:.2} | {mtp:.2} | {:.3} |", mtp / plain);
+        }
+    }
     Ok(())
 }
 

@@ -171,6 +171,52 @@ pub fn forward_throughput(
     })
 }
 
+/// What drafting with a model's MTP module adds to a decode step: `steps` decode steps of
+/// one token per sequence for `batch` sequences at context `context`, plain, then with the
+/// hidden states returned and the MTP module run on the same positions (what an engine
+/// step with `--speculative-method mtp` does besides checking the draft). Returns the
+/// mean milliseconds of each kind of step.
+pub fn mtp_step_cost(model: &dyn CausalLm, batch: usize, context: usize, steps: usize) -> Result<(f64, f64)> {
+    let block_size = 16;
+    let vocab = model.config().vocab_size;
+    let per_seq = context + steps;
+    let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
+    let mut kv = KvStorage::new(model.kv_layout(), block_size, blocks)?;
+    let mut alloc = BlockPool::new(blocks);
+    let mut tables = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut t = BlockTable::new();
+        t.reserve(&mut alloc, per_seq, block_size)?;
+        tables.push(t);
+    }
+    let tokens: Vec<u32> = (0..batch).map(|s| ((s * 7919 + 13) % vocab) as u32).collect();
+    let inputs = |pos: usize| -> Vec<SequenceInput> {
+        (0..batch)
+            .map(|s| SequenceInput {
+                tokens: std::slice::from_ref(&tokens[s]),
+                start_pos: pos,
+                block_table: tables[s].blocks(),
+                logits: LogitRows::Last,
+            })
+            .collect()
+    };
+    // The attention reads `context` positions of (arbitrary) cache either way.
+    let time = |with_mtp: bool, kv: &mut KvStorage| -> Result<f64> {
+        let t = Instant::now();
+        for pos in context..context + steps {
+            let out = model.forward(&ForwardBatch::new(inputs(pos)).with_hidden(with_mtp), kv)?;
+            if let Some(hidden) = &out.hidden {
+                model.forward_mtp(&ForwardBatch::new(inputs(pos)), hidden, kv)?;
+            }
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64)
+    };
+    time(true, &mut kv)?; // warm-up
+    let plain = time(false, &mut kv)?;
+    let with_mtp = time(true, &mut kv)?;
+    Ok((plain, with_mtp))
+}
+
 /// The medium random Mixture-of-Experts model of the benchmarks: Qwen3-MoE shaped,
 /// hidden 1024, 16 layers, 32 experts top-4, expert width 512 (0.9 B parameters).
 pub fn medium_moe_config() -> moeserve_core::config::ModelConfig {
@@ -188,7 +234,7 @@ pub fn medium_moe_config() -> moeserve_core::config::ModelConfig {
 
 /// The medium random DeepSeek-V3-shaped model of the benchmarks: hidden 1024, 16 layers
 /// (the first dense), 64 routed experts top-6 in 8 groups, 1 shared expert, latent
-/// attention with kv_lora_rank 512 and rope dim 64.
+/// attention with kv_lora_rank 512 and rope dim 64; one MTP layer, as DeepSeek-V3 has.
 pub fn medium_deepseek_config() -> moeserve_core::config::ModelConfig {
     let hf: moeserve_core::config::HfConfig = serde_json::from_value(serde_json::json!({
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -198,7 +244,7 @@ pub fn medium_deepseek_config() -> moeserve_core::config::ModelConfig {
         "q_lora_rank": 384, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
         "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 1,
         "moe_intermediate_size": 256, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 1,
-        "routed_scaling_factor": 2.5, "norm_topk_prob": true
+        "routed_scaling_factor": 2.5, "norm_topk_prob": true, "num_nextn_predict_layers": 1
     }))
     .expect("valid config");
     moeserve_core::config::ModelConfig::from_hf(&hf).expect("valid config")
