@@ -98,6 +98,22 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// A cache of 16-token blocks just large enough for `batch` sequences of `per_seq`
+/// tokens, and their block tables.
+fn cache_for(model: &dyn CausalLm, batch: usize, per_seq: usize) -> Result<(KvStorage, Vec<BlockTable>)> {
+    let block_size = 16;
+    let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
+    let kv = KvStorage::new(model.kv_layout(), block_size, blocks)?;
+    let mut alloc = BlockPool::new(blocks);
+    let mut tables = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut t = BlockTable::new();
+        t.reserve(&mut alloc, per_seq, block_size)?;
+        tables.push(t);
+    }
+    Ok((kv, tables))
+}
+
 /// Like `llama-bench -p prompt_len -n decode_steps -r repetitions` with `batch`
 /// sequences: after a warm-up pass, prefills `batch` prompts of `prompt_len` tokens in
 /// one forward call, then, from an empty context again (as llama-bench's generation
@@ -111,18 +127,8 @@ pub fn forward_throughput(
     decode_steps: usize,
     repetitions: usize,
 ) -> Result<ForwardThroughput> {
-    let block_size = 16;
     let vocab = model.config().vocab_size;
-    let per_seq = prompt_len.max(decode_steps);
-    let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
-    let mut kv = KvStorage::new(model.kv_layout(), block_size, blocks)?;
-    let mut alloc = BlockPool::new(blocks);
-    let mut tables = Vec::with_capacity(batch);
-    for _ in 0..batch {
-        let mut t = BlockTable::new();
-        t.reserve(&mut alloc, per_seq, block_size)?;
-        tables.push(t);
-    }
+    let (mut kv, tables) = cache_for(model, batch, prompt_len.max(decode_steps))?;
     let token = |s: usize, i: usize| ((s * 7919 + i * 104_729 + 13) % vocab) as u32;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|s| (0..prompt_len).map(|i| token(s, i)).collect())
@@ -177,18 +183,8 @@ pub fn forward_throughput(
 /// step with `--speculative-method mtp` does besides checking the draft). Returns the
 /// mean milliseconds of each kind of step.
 pub fn mtp_step_cost(model: &dyn CausalLm, batch: usize, context: usize, steps: usize) -> Result<(f64, f64)> {
-    let block_size = 16;
     let vocab = model.config().vocab_size;
-    let per_seq = context + steps;
-    let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
-    let mut kv = KvStorage::new(model.kv_layout(), block_size, blocks)?;
-    let mut alloc = BlockPool::new(blocks);
-    let mut tables = Vec::with_capacity(batch);
-    for _ in 0..batch {
-        let mut t = BlockTable::new();
-        t.reserve(&mut alloc, per_seq, block_size)?;
-        tables.push(t);
-    }
+    let (mut kv, tables) = cache_for(model, batch, context + steps)?;
     let tokens: Vec<u32> = (0..batch).map(|s| ((s * 7919 + 13) % vocab) as u32).collect();
     let inputs = |pos: usize| -> Vec<SequenceInput> {
         (0..batch)

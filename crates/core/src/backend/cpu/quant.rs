@@ -677,12 +677,8 @@ impl Activations {
         // across rows would make a token's activations depend on the tokens beside it
         // (speculative decoding needs a token's logits the same in any batch, bit for bit).
         let rows = |(x, (q, (scale, sum))): TokenRows| {
-            let row = (x.chunks(cols), q.chunks_mut(cols));
-            for ((x, q), (scale, sum)) in row
-                .0
-                .zip(row.1)
-                .zip(scale.chunks_mut(blocks).zip(sum.chunks_mut(blocks)))
-            {
+            let per_row = x.chunks(cols).zip(q.chunks_mut(cols));
+            for ((x, q), (scale, sum)) in per_row.zip(scale.chunks_mut(blocks).zip(sum.chunks_mut(blocks))) {
                 #[cfg(target_arch = "x86_64")]
                 if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                     // SAFETY: the CPU has the features.
