@@ -129,16 +129,23 @@ impl GgufCheckpoint {
 
     /// Bytes of weights one token reads at batch-1 decode: every tensor, except that a
     /// stacked expert tensor (`*_exps`) counts `top_k / num_experts` of its bytes (only
-    /// the routed experts are read) and the token embedding counts none when a separate
-    /// output matrix exists (the lookup reads one row). The numerator of the
-    /// memory-bandwidth bound on batch-1 decode.
+    /// the routed experts are read), the token embedding counts none when a separate
+    /// output matrix exists (the lookup reads one row), and multi-token prediction blocks
+    /// (after the main layers) count none. The numerator of the memory-bandwidth bound on
+    /// batch-1 decode.
     pub fn bytes_per_token(&self, cfg: &crate::config::ModelConfig) -> f64 {
         let tied = !self.has_tensor("output.weight");
+        let block = |name: &str| {
+            let rest = name.strip_prefix("blk.")?;
+            rest.split_once('.')?.0.parse::<usize>().ok()
+        };
         let mut total = 0.0;
         for f in &self.files {
             for (name, info) in &f.content.tensor_infos {
                 let bytes = tensor_bytes(info.ggml_dtype, info.shape.elem_count()) as f64;
-                total += if name.contains("_exps") {
+                total += if block(name).is_some_and(|b| b >= cfg.num_layers) {
+                    0.0
+                } else if name.contains("_exps") {
                     cfg.moe
                         .as_ref()
                         .map_or(1.0, |m| m.top_k as f64 / m.num_experts as f64)
@@ -235,6 +242,17 @@ pub fn gguf_name(hf: &str, stacked_experts: bool) -> Option<GgufName> {
         return plain(format!("blk.{layer}.exp_probs_b.bias"));
     }
     let (stem, suffix) = rest.rsplit_once('.')?; // suffix: weight | bias
+                                                 // The multi-token prediction module's own tensors (its decoder layer has the usual
+                                                 // names): llama.cpp's `blk.{N}.nextn.*`, N counting on after the main layers.
+    let nextn = match stem {
+        "eh_proj" | "enorm" | "hnorm" | "embed_tokens" => Some(stem),
+        "shared_head.head" => Some("shared_head_head"),
+        "shared_head.norm" => Some("shared_head_norm"),
+        _ => None,
+    };
+    if let Some(nextn) = nextn {
+        return plain(format!("blk.{layer}.nextn.{nextn}.{suffix}"));
+    }
     let blk = |n: &str| plain(format!("blk.{layer}.{n}.{suffix}"));
     // Routed experts: `mlp.experts.E.gate_proj` or `block_sparse_moe.experts.E.w1`.
     for moe in ["mlp.experts.", "block_sparse_moe.experts."] {
@@ -347,6 +365,17 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     let num = |k: &str| meta_u64(md, &key(k)).map(|v| v as usize);
     let need = |k: &str| num(k).ok_or_else(|| bad(format!("missing metadata {}", key(k))));
     let expert_count = num("expert_count").unwrap_or(0);
+    // llama.cpp's block_count counts the multi-token prediction blocks stored after the
+    // main layers; nextn_predict_layers says how many of them there are.
+    let nextn = num("nextn_predict_layers").unwrap_or(0);
+    let blocks = need("block_count")?;
+    if nextn >= blocks {
+        return Err(bad(format!(
+            "{} ({nextn}) leaves no main layers of {} ({blocks})",
+            key("nextn_predict_layers"),
+            key("block_count")
+        )));
+    }
     let hf_arch = match arch {
         "llama" if expert_count > 0 => "MixtralForCausalLM",
         // V3 routes with sigmoid scores (expert_gating_func 2).
@@ -389,7 +418,8 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: num("feed_forward_length").unwrap_or(0),
-        num_hidden_layers: need("block_count")?,
+        num_hidden_layers: blocks - nextn,
+        num_nextn_predict_layers: (nextn > 0).then_some(nextn),
         num_attention_heads: heads,
         num_key_value_heads: num("attention.head_count_kv"),
         head_dim: Some(head_dim),
@@ -424,9 +454,9 @@ pub fn model_config(ckpt: &GgufCheckpoint) -> Result<ModelConfig> {
     // Which layers are sparse is whatever the file holds (it encodes decoder_sparse_step
     // and mlp_only_layers by having a router or not).
     if cfg.moe.is_some() {
-        cfg.sparse_layers = (0..cfg.num_layers)
-            .map(|i| ckpt.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
-            .collect();
+        let sparse = |i: usize| ckpt.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight"));
+        cfg.sparse_layers = (0..cfg.num_layers).map(sparse).collect();
+        cfg.mtp_sparse_layers = (cfg.num_layers..blocks).map(sparse).collect();
     }
     // llama.cpp's converter permutes the q/k rows of `llama` models into the interleaved
     // rotary layout; the other architectures keep Hugging Face's half-split layout.
@@ -520,6 +550,14 @@ mod tests {
         assert_eq!(
             n("model.layers.1.mlp.shared_expert_gate.weight", true),
             Some(("blk.1.ffn_gate_inp_shexp.weight".into(), None))
+        );
+        assert_eq!(
+            n("model.layers.61.shared_head.head.weight", true),
+            Some(("blk.61.nextn.shared_head_head.weight".into(), None))
+        );
+        assert_eq!(
+            n("model.layers.61.eh_proj.weight", true),
+            Some(("blk.61.nextn.eh_proj.weight".into(), None))
         );
         assert_eq!(n("model.layers.1.self_attn.rotary.weight", true), None);
     }

@@ -62,6 +62,9 @@ fn check_twin(gguf: &str, safetensors: &str, logit_tol: f32) {
     let s = load(&fixture(safetensors));
     assert_eq!(q.model.config().architecture, s.model.config().architecture);
     assert_eq!(q.model.config().sparse_layers, s.model.config().sparse_layers);
+    assert_eq!(q.model.config().num_layers, s.model.config().num_layers);
+    assert_eq!(q.model.has_mtp(), s.model.has_mtp());
+    assert_eq!(q.model.kv_layout().num_layers, s.model.kv_layout().num_layers);
     for (text, ids) in prompts(safetensors) {
         // The tokenizer rebuilt from GGUF metadata encodes like tokenizer.json.
         assert_eq!(q.codec.encode(&text).unwrap(), ids, "{gguf}: {text:?}");
@@ -203,4 +206,17 @@ fn deepseek_v2_gguf_f16_matches_safetensors() {
 #[test]
 fn deepseek_v3_gguf_f16_matches_safetensors() {
     check_twin("deepseek_v3-f16.gguf", "deepseek_v3", 2e-2);
+}
+
+/// With a multi-token prediction block after the main layers (block_count counts it,
+/// `deepseek2.nextn_predict_layers` says so): the main model is the same three layers, and
+/// the MTP module loads from `blk.3.*` and `blk.3.nextn.*` (its draft logits are checked
+/// against the torch reference in tests/reference.rs).
+#[test]
+fn deepseek_v3_with_mtp_gguf_f16_matches_safetensors() {
+    check_twin("deepseek_v3_mtp-f16.gguf", "deepseek_v3_mtp", 2e-2);
+    let q = load(&fixture("deepseek_v3_mtp-f16.gguf"));
+    assert!(q.model.has_mtp());
+    assert_eq!(q.model.config().num_layers, 3);
+    assert_eq!(q.model.config().mtp_sparse_layers, vec![true]);
 }

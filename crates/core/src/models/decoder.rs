@@ -129,7 +129,9 @@ impl DecoderLayer {
 /// DeepSeek-V3's multi-token prediction module, as its release lays it out under
 /// `model.layers.{N}` (N = the number of main layers): `enorm`, `hnorm`, `eh_proj`, a
 /// full decoder layer, and `shared_head.norm`/`shared_head.head`. Its `embed_tokens` is
-/// a copy of the main model's, which is used instead.
+/// a copy of the main model's, which is used instead. GGUF files may leave out the shared
+/// head (llama.cpp treats it as optional): then it is the main model's norm and head,
+/// which the release's copies equal in meaning ("shared").
 struct MtpLayer {
     enorm: RmsNorm,
     hnorm: RmsNorm,
@@ -140,22 +142,32 @@ struct MtpLayer {
 }
 
 impl MtpLayer {
-    fn load(store: &WeightStore, i: usize, sparse: bool, cfg: &ModelConfig) -> Result<Self> {
+    fn load(
+        store: &WeightStore,
+        i: usize,
+        sparse: bool,
+        cfg: &ModelConfig,
+        (main_norm, main_head): (&RmsNorm, &Linear),
+    ) -> Result<Self> {
         let prefix = format!("model.layers.{i}");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let head_norm = format!("{prefix}.shared_head.norm");
+        let head = format!("{prefix}.shared_head.head");
         Ok(Self {
             enorm: RmsNorm::load(store, &format!("{prefix}.enorm"), h, eps)?,
             hnorm: RmsNorm::load(store, &format!("{prefix}.hnorm"), h, eps)?,
             eh_proj: Linear::load(store, &format!("{prefix}.eh_proj"), 2 * h, h, false)?,
             layer: DecoderLayer::load(store, i, sparse, cfg)?,
-            head_norm: RmsNorm::load(store, &format!("{prefix}.shared_head.norm"), h, eps)?,
-            head: Linear::load(
-                store,
-                &format!("{prefix}.shared_head.head"),
-                h,
-                cfg.vocab_size,
-                false,
-            )?,
+            head_norm: if store.contains(&format!("{head_norm}.weight")) {
+                RmsNorm::load(store, &head_norm, h, eps)?
+            } else {
+                main_norm.clone()
+            },
+            head: if store.contains(&format!("{head}.weight")) {
+                Linear::load(store, &head, h, cfg.vocab_size, false)?
+            } else {
+                main_head.clone()
+            },
         })
     }
 }
@@ -179,15 +191,6 @@ impl DecoderModel {
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(store, i, cfg.sparse_layers[i], cfg))
             .collect::<Result<Vec<_>>>()?;
-        // DeepSeek declares one MTP layer; checkpoints and conversions that drop its
-        // weights still declare it, so it loads only where its weights are.
-        let n = cfg.num_layers;
-        let mtp = match cfg.mtp_sparse_layers.first() {
-            Some(&sparse) if store.contains(&format!("model.layers.{n}.eh_proj.weight")) => {
-                Some(MtpLayer::load(store, n, sparse, cfg)?)
-            }
-            _ => None,
-        };
         let norm = RmsNorm::load(store, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
             // Tied: the embedding matrix is the output projection. A quantized store hands
@@ -198,6 +201,15 @@ impl DecoderModel {
             }
         } else {
             Linear::load(store, "lm_head", h, v, false)?
+        };
+        // DeepSeek declares one MTP layer; checkpoints and conversions that drop its
+        // weights still declare it, so it loads only where its weights are.
+        let n = cfg.num_layers;
+        let mtp = match cfg.mtp_sparse_layers.first() {
+            Some(&sparse) if store.contains(&format!("model.layers.{n}.eh_proj.weight")) => {
+                Some(MtpLayer::load(store, n, sparse, cfg, (&norm, &lm_head))?)
+            }
+            _ => None,
         };
         Ok(Self {
             cfg: cfg.clone(),
