@@ -643,7 +643,21 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            max_position_embeddings: hf.max_position_embeddings,
+            max_position_embeddings: match sliding_window(hf, architecture) {
+                // Attention over the last `w` positions is full attention while the
+                // context holds no more than `w`: the context stops there, which keeps
+                // every output exact without a windowed kernel.
+                Some(w) if w < hf.max_position_embeddings => {
+                    tracing::warn!(
+                        "the model attends over a sliding window of {w} tokens: its context \
+                         is limited to {w} (of max_position_embeddings {}), where full \
+                         attention is the same",
+                        hf.max_position_embeddings
+                    );
+                    w
+                }
+                _ => hf.max_position_embeddings,
+            },
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             rope: RopeConfig {
                 theta: rope_theta,
@@ -672,9 +686,64 @@ impl ModelConfig {
     }
 }
 
+/// The sliding attention window the reference implementation applies, if any: Mixtral
+/// and Mistral whenever `sliding_window` is set, the Qwen families only with
+/// `use_sliding_window` (their configs carry a window they do not use by default).
+fn sliding_window(hf: &HfConfig, architecture: Architecture) -> Option<usize> {
+    let window = hf.sliding_window.as_ref()?.as_u64()? as usize;
+    let used = match architecture {
+        Architecture::Mixtral => true,
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+            hf.use_sliding_window == Some(true)
+        }
+        _ => false,
+    };
+    (used && window > 0).then_some(window)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sliding window the model uses limits the context to it (where full attention is
+    /// the same); one the reference ignores changes nothing.
+    #[test]
+    fn a_used_sliding_window_limits_the_context() {
+        let cfg = |arch: &str, extra: &str| {
+            parse(&format!(
+                r#"{{"architectures":["{arch}"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":1,"max_position_embeddings":32768,
+                "num_local_experts":2,"num_experts":2,"num_experts_per_tok":1,"moe_intermediate_size":8
+                {extra}}}"#
+            ))
+            .unwrap()
+            .max_position_embeddings
+        };
+        assert_eq!(cfg("MixtralForCausalLM", r#","sliding_window":4096"#), 4096);
+        assert_eq!(cfg("MixtralForCausalLM", r#","sliding_window":null"#), 32768);
+        assert_eq!(
+            cfg(
+                "Qwen2ForCausalLM",
+                r#","sliding_window":4096,"use_sliding_window":false"#
+            ),
+            32768
+        );
+        assert_eq!(
+            cfg(
+                "Qwen2ForCausalLM",
+                r#","sliding_window":4096,"use_sliding_window":true"#
+            ),
+            4096
+        );
+        assert_eq!(
+            cfg(
+                "Qwen3MoeForCausalLM",
+                r#","sliding_window":4096,"use_sliding_window":true"#
+            ),
+            4096
+        );
+        assert_eq!(cfg("LlamaForCausalLM", r#","sliding_window":4096"#), 32768);
+    }
 
     fn parse(json: &str) -> Result<ModelConfig> {
         ModelConfig::from_hf(&serde_json::from_str(json).unwrap())

@@ -124,6 +124,41 @@ impl TextCodec {
             })
     }
 
+    /// The bytes token `id` stands for, which may be part of a UTF-8 character (a
+    /// logprob's `bytes`; decoding the token alone would turn such a part into U+FFFD).
+    /// Byte-level BPE tokens map back through GPT-2's byte alphabet, SentencePiece
+    /// `<0xHH>` byte-fallback tokens are their byte, added tokens and the rest are their
+    /// decoded text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let decoded = || self.decode(&[id], false).unwrap_or_default().into_bytes();
+        if self
+            .tokenizer
+            .get_added_vocabulary()
+            .simple_id_to_token(id)
+            .is_some()
+        {
+            return decoded();
+        }
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let (2, Ok(b)) = (hex.len(), u8::from_str_radix(hex, 16)) {
+                return vec![b];
+            }
+        }
+        let byte_level = matches!(
+            self.tokenizer.get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        );
+        if byte_level {
+            if let Some(bytes) = piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+                return bytes;
+            }
+        }
+        decoded()
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.tokenizer
             .decode(ids, skip_special_tokens)
@@ -132,6 +167,20 @@ impl TextCodec {
                 message: e.to_string(),
             })
     }
+}
+
+/// GPT-2's byte-level alphabet read backwards: printable bytes stand for themselves, the
+/// other 68 (controls, space, 0x7F-0xA0, 0xAD) for U+0100 onwards, in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let c = c as u32;
+    if c < 256 {
+        return printable(c).then_some(c as u8);
+    }
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth((c - 256) as usize)
+        .map(|b| b as u8)
 }
 
 /// Building a `tokenizers::Tokenizer` from GGUF metadata, so a GGUF file alone is enough
@@ -361,5 +410,56 @@ impl TextCodec {
             eos,
             template,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec(source: &str) -> TextCodec {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        crate::load(dir.join(source).to_str().unwrap(), &crate::LoadOptions::default())
+            .expect("fixture")
+            .codec
+    }
+
+    /// Tokens that split a UTF-8 character give their own bytes (alone they decode to
+    /// U+FFFD), and every token's bytes add up to the text, for byte-level BPE (from
+    /// tokenizer.json and rebuilt from GGUF metadata).
+    #[test]
+    fn token_bytes_add_up_to_the_text() {
+        for source in ["llama", "mixtral-f16.gguf"] {
+            let c = codec(source);
+            let text = "naïve €5 — 日本";
+            let ids = c.encode(text).unwrap();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&id| c.token_bytes(id)).collect();
+            assert_eq!(String::from_utf8(bytes).unwrap(), text, "{source}");
+            let split = ids
+                .iter()
+                .filter(|&&id| std::str::from_utf8(&c.token_bytes(id)).is_err())
+                .count();
+            assert!(
+                split > 0,
+                "{source}: the fixture vocabulary splits some character"
+            );
+        }
+    }
+
+    #[test]
+    fn byte_level_alphabet_round_trips() {
+        for b in 0..=255u8 {
+            let c = if (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174 {
+                char::from(b)
+            } else {
+                let n = (0..b)
+                    .filter(|&x| !((33..=126).contains(&x) || (161..=172).contains(&x) || x >= 174))
+                    .count();
+                char::from_u32(256 + n as u32).unwrap()
+            };
+            assert_eq!(byte_level_byte(c), Some(b));
+        }
+        assert_eq!(byte_level_byte('Ġ'), Some(b' '));
+        assert_eq!(byte_level_byte('\u{4000}'), None);
     }
 }

@@ -39,6 +39,8 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Requests that may wait for admission before `submit` refuses more.
     pub max_waiting_requests: usize,
+    /// Most choices (`n`) per request.
+    pub max_n: usize,
     pub enable_prefix_caching: bool,
     /// Drafted tokens checked in the batched step (see [`crate::spec`]).
     pub speculative: SpeculativeConfig,
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
             max_waiting_requests: 256,
+            max_n: crate::sampling::DEFAULT_MAX_N,
             enable_prefix_caching: true,
             speculative: SpeculativeConfig::default(),
         }
@@ -127,6 +130,8 @@ pub enum FailureKind {
     Forward,
     /// Reading the logits back and choosing tokens.
     Sampling,
+    /// The engine stopped the request before its end (shutdown after the drain time).
+    Aborted,
 }
 
 impl std::fmt::Display for FailureKind {
@@ -134,6 +139,7 @@ impl std::fmt::Display for FailureKind {
         f.write_str(match self {
             FailureKind::Forward => "the forward pass failed",
             FailureKind::Sampling => "sampling failed",
+            FailureKind::Aborted => "the server stopped the request",
         })
     }
 }
@@ -262,6 +268,7 @@ pub struct EngineLimits {
     /// Tokens the whole KV pool holds.
     pub pool_tokens: usize,
     pub max_waiting_requests: usize,
+    pub max_n: usize,
 }
 
 pub struct Engine {
@@ -303,6 +310,7 @@ impl Engine {
             context_length: cfg.max_position_embeddings,
             pool_tokens: kv.num_blocks() * kv.block_size(),
             max_waiting_requests: config.max_waiting_requests,
+            max_n: config.max_n,
         };
         tracing::info!(
             "KV cache: {} blocks of {} tokens ({} tokens, {:.1} MiB, {} bytes per token)",
@@ -391,7 +399,7 @@ impl Engine {
     fn check(&self, r: &GenerateRequest) -> std::result::Result<usize, SubmitError> {
         let l = self.limits;
         r.params
-            .validate(l.vocab_size)
+            .validate(l.vocab_size, l.max_n)
             .map_err(SubmitError::InvalidParameter)?;
         if r.prompt.is_empty() {
             return Err(SubmitError::InvalidPrompt("the prompt is empty".into()));

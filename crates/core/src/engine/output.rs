@@ -319,6 +319,11 @@ impl EngineCore {
             if pos + 1 >= seq.prompt_len {
                 break;
             }
+            // `acc[i]` is token i's; a prompt recomputed after preemption passes the
+            // positions it has already reported again.
+            if acc.len() != pos + 1 {
+                continue;
+            }
             if let Ok(l) = logits.get(row).and_then(|r| r.to_vec1::<f32>()) {
                 acc.push(Some(token_logprob(&l, seq.tokens[pos + 1], k)));
             }

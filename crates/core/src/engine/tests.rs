@@ -206,6 +206,69 @@ fn preemption_with_a_tiny_pool_finishes_everything_identically_without_leaks() {
     });
 }
 
+/// Prompt logprobs (`echo` with `logprobs`) of a prompt preempted in the middle of its
+/// prefill are each prompt token's once, in order, as without preemption. (They were
+/// appended again when the prompt was recomputed.) Three decoding requests grow into a
+/// pool of 10 blocks while a 60-token prompt is prefilled 5 tokens a step behind them; as
+/// the last admitted, it is the one preempted.
+#[test]
+fn a_prompt_preempted_during_prefill_reports_its_prompt_logprobs_once() {
+    let long = filler(60, 9);
+    let runs: Vec<(Outcome, u64)> = [512 * 16 * 64, 512 * 16 * 10]
+        .into_iter()
+        .map(|pool| {
+            let e = start(
+                "qwen3_moe",
+                EngineConfig {
+                    kv_cache_memory: pool,
+                    max_num_batched_tokens: 8,
+                    ..EngineConfig::default()
+                },
+            );
+            let decoders: Vec<_> = (0..3)
+                .map(|k| {
+                    e.submit(GenerateRequest {
+                        prompt: filler(16, k),
+                        params: greedy(40),
+                    })
+                    .unwrap()
+                })
+                .collect();
+            let with_logprobs = e
+                .submit(GenerateRequest {
+                    prompt: long.clone(),
+                    params: SamplingParams {
+                        prompt_logprobs: Some(2),
+                        ..greedy(4)
+                    },
+                })
+                .unwrap();
+            let out = collect(with_logprobs);
+            decoders.into_iter().for_each(|h| {
+                collect(h);
+            });
+            wait_until("blocks to be freed", || {
+                e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            });
+            (out, e.stats().preemptions.load(Ordering::Relaxed))
+        })
+        .collect();
+    let ((want, _), (got, preemptions)) = (&runs[0], &runs[1]);
+    assert!(*preemptions > 0, "the pool was meant to run out");
+    let (want, got) = (
+        want.prompt_logprobs.as_ref().unwrap(),
+        got.prompt_logprobs.as_ref().expect("prompt logprobs sent"),
+    );
+    assert_eq!(got.len(), long.len(), "one entry per prompt token");
+    for (pos, (a, b)) in want.iter().zip(got).enumerate().skip(1) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        // The same token at each position; f32 logits of another batch shape may differ
+        // in the last bits.
+        assert_eq!((a.token, b.token), (long[pos], long[pos]), "position {pos}");
+        assert!((a.logprob - b.logprob).abs() < 1e-4, "position {pos}");
+    }
+}
+
 /// Eight requests of 40 tokens (greedy and seeded alternately, each with the constraint
 /// `constrain` gives), run on a roomy pool and then on a pool of 10 blocks while they
 /// need 4 each; returns both runs' outcomes and the small engine.

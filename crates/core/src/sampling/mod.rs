@@ -31,6 +31,6 @@ mod sampler;
 mod select;
 
 pub use logprobs::{argmax, argmax_excluding, log_softmax, token_logprob, TokenLogprob};
-pub use params::{ParamError, Reasoning, SamplingParams, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
+pub use params::{ParamError, Reasoning, SamplingParams, DEFAULT_MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
 pub use processors::{LogitsProcessors, StepConstraints, TokenMask};
 pub use sampler::Sampler;

@@ -8,8 +8,8 @@ use crate::grammar::Constraint;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Most `stop` strings per request (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
-/// Most choices per request.
-pub const MAX_N: usize = 16;
+/// Most choices per request, unless the engine is configured otherwise.
+pub const DEFAULT_MAX_N: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -123,11 +123,18 @@ impl SamplingParams {
     }
 
     /// Checks every parameter against OpenAI's ranges (and the vocabulary).
-    pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
+    pub fn validate(&self, vocab_size: usize, max_n: usize) -> Result<(), ParamError> {
         let err = |param: &'static str, message: String| Err(ParamError { param, message });
         let finite = |v: f32| v.is_finite();
-        if self.n == 0 || self.n > MAX_N {
-            return err("n", format!("n must be between 1 and {MAX_N}, got {}", self.n));
+        if self.n == 0 || self.n > max_n {
+            return err("n", format!("n must be between 1 and {max_n}, got {}", self.n));
+        }
+        // vLLM's convention: -1 (and 0) mean "off"; other negatives are mistakes.
+        if self.top_k < -1 {
+            return err(
+                "top_k",
+                format!("top_k must be -1 or 0 (off) or at least 1, got {}", self.top_k),
+            );
         }
         if self.max_tokens == Some(0) {
             return err("max_tokens", "max_tokens must be at least 1".into());
@@ -251,6 +258,8 @@ mod tests {
             (SamplingParams::with(|p| p.logprobs = Some(21)), "top_logprobs"),
             (SamplingParams::with(|p| p.stop = vec!["a".into(); 5]), "stop"),
             (SamplingParams::with(|p| p.min_p = 1.5), "min_p"),
+            (SamplingParams::with(|p| p.top_k = -5), "top_k"),
+            (SamplingParams::with(|p| p.n = 17), "n"),
             (
                 SamplingParams::with(|p| {
                     p.max_tokens = Some(2);
@@ -264,8 +273,8 @@ mod tests {
             ),
         ];
         for (p, name) in bad {
-            assert_eq!(p.validate(100).unwrap_err().param, name);
+            assert_eq!(p.validate(100, DEFAULT_MAX_N).unwrap_err().param, name);
         }
-        assert!(SamplingParams::default().validate(100).is_ok());
+        assert!(SamplingParams::default().validate(100, DEFAULT_MAX_N).is_ok());
     }
 }
