@@ -22,6 +22,8 @@ struct Server {
     child: Child,
     base: String,
     http: reqwest::Client,
+    /// Everything the server has written to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -49,11 +51,14 @@ impl Server {
             .expect("start moeserve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("listening on http://") {
                     let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
                 }
+                lines.lock().unwrap().push(line);
             }
         });
         let base = rx
@@ -63,6 +68,7 @@ impl Server {
             child,
             base,
             http: reqwest::Client::new(),
+            log,
         };
         let t = Instant::now();
         loop {
@@ -526,6 +532,42 @@ async fn bad_request_catalogue() {
         ),
         (
             chat,
+            json!({"model": MODEL, "messages": msgs, "top_k": -5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("top_k"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": msgs, "n": 5}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("n"),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "21 C"}]})
+                .to_string(),
+            400,
+            "invalid_request_error",
+            Some("messages[1].tool_call_id"),
+        ),
+        (
+            chat,
+            format!(r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], "temperature": NaN}}"#),
+            400,
+            "invalid_request_error",
+            None,
+        ),
+        (
+            comp,
+            json!({"model": MODEL, "prompt": long_prompt}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("prompt"),
+        ),
+        (
+            chat,
             json!({"model": MODEL, "messages": msgs, "top_p": 0}).to_string(),
             400,
             "invalid_request_error",
@@ -756,6 +798,21 @@ async fn bad_request_catalogue() {
             );
         }
     }
+    // Bytes that are not UTF-8 inside a JSON string.
+    let mut raw =
+        format!(r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "h"#).into_bytes();
+    raw.extend_from_slice(b"\xff\xfe\"}]}");
+    let r = s
+        .http
+        .post(s.url(chat))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     // The prompt-too-long message says the numbers.
     let (_, v) = s
         .post(
@@ -959,6 +1016,7 @@ async fn a_full_queue_answers_429_at_once() {
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(r3.status(), 429);
+    // One request waits for the one slot and none has finished yet: about a second.
     assert_eq!(r3.headers()["retry-after"], "1");
     assert_eq!(
         r3.json::<Value>().await.unwrap()["error"]["code"],
@@ -1702,4 +1760,338 @@ async fn speculative_decoding_over_http() {
         assert!(!out.status.success(), "{args:?} started");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
+}
+
+/// What real clients send is taken: `null` for every optional field (OpenAI's "not
+/// set"; LangChain, LiteLLM and older SDKs send them), OpenAI's fields that do not apply
+/// here, `name` on messages, text-part lists with extra keys for system and developer
+/// messages; and `n` up to the configured `max_n` (it was capped at 16 whatever the
+/// setting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_real_clients_send_is_accepted() {
+    let s = Server::start(&["--max-n", "20"]).await;
+    let nulls = [
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "n",
+        "stop",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "ignore_eos",
+        "stop_token_ids",
+        "skip_special_tokens",
+        "speculative",
+        "max_tokens",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "max_reasoning_tokens",
+        "response_format",
+        "structured_outputs",
+        "user",
+    ];
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "developer", "content": [{"type": "text", "text": "Answer in English."}]},
+            {"role": "user", "name": "ada", "content": [{"type": "text", "text": "Hello", "cache_control": null}]},
+            {"role": "assistant", "content": null, "name": "bot", "tool_calls": null},
+            {"role": "user", "content": "Again?"},
+        ],
+        "max_completion_tokens": 4,
+        "store": false,
+        "metadata": {"team": "a"},
+        "service_tier": "auto",
+        "modalities": ["text"],
+        "prediction": {"type": "content", "content": "Hello"},
+        "reasoning_effort": "low",
+        "user": "user-1",
+        "function_call": null,
+        "functions": null,
+        "audio": null,
+    });
+    for k in nulls {
+        body[k] = Value::Null;
+    }
+    let v = s.chat(body.clone()).await;
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant", "{v}");
+    body["stream"] = json!(true);
+    let chunks = s.stream("/v1/chat/completions", body).await;
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+
+    let mut comp = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4, "user": "u"});
+    for k in [
+        "stream",
+        "stream_options",
+        "logprobs",
+        "echo",
+        "suffix",
+        "best_of",
+        "n",
+        "stop",
+        "temperature",
+        "seed",
+        "top_k",
+        "logit_bias",
+        "structured_outputs",
+    ] {
+        comp[k] = Value::Null;
+    }
+    let (status, v) = s.post("/v1/completions", comp.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null, "{v}");
+    comp["stream"] = json!(true);
+    assert_eq!(s.stream("/v1/completions", comp).await.last().unwrap(), "[DONE]");
+
+    // n above the old fixed 16, up to max_n; and beyond it, the setting's limit is named.
+    let v = s.chat(chat_body("Hi", json!({"n": 20, "max_tokens": 2}))).await;
+    assert_eq!(v["choices"].as_array().unwrap().len(), 20);
+    let (status, v) = s
+        .post(
+            "/v1/chat/completions",
+            chat_body("Hi", json!({"n": 21, "max_tokens": 2})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("20"), "{v}");
+}
+
+/// Logprobs of tokens that split a character: `bytes` are the token's own (not U+FFFD's),
+/// they add up to the text, and `text_offset` counts characters, from chunk to chunk of
+/// a stream as in one body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logprobs_of_tokens_that_split_a_character() {
+    let s = Server::start(&[]).await;
+    // The fixture's small vocabulary spells these characters byte by byte.
+    let prompt = "naïve €5 日本";
+    let v = s
+        .chat(
+            json!({"model": MODEL, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+        )
+        .await;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|t| {
+            t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(String::from_utf8_lossy(&bytes).trim(), text.trim(), "{v}");
+
+    // Echo with logprobs on completions: the prompt's tokens (some split a character).
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+        "echo": true, "logprobs": 1});
+    let (_, v) = s.post("/v1/completions", body.clone()).await;
+    let lp = &v["choices"][0]["logprobs"];
+    let offsets: Vec<usize> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap() as usize)
+        .collect();
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    let chars = text.chars().count();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    assert!(
+        *offsets.last().unwrap() < chars,
+        "{offsets:?} in {chars} characters"
+    );
+    // "ï" is two tokens here, both starting where "ï" does (character 2).
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let split = tokens.iter().filter(|t| t.contains('\u{fffd}')).count();
+    assert!(split >= 2, "the fixture splits characters: {tokens:?}");
+    let mut streamed = Vec::new();
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    for c in s.stream("/v1/completions", sb).await {
+        if let Some(o) = c["choices"][0]["logprobs"]["text_offset"].as_array() {
+            streamed.extend(o.iter().map(|x| x.as_u64().unwrap() as usize));
+        }
+    }
+    assert_eq!(streamed, offsets);
+}
+
+/// Raw HTTP: an oversized head gets 431; hundreds of clients that send half a head and
+/// wait hold no real request up, and are closed after `header_read_timeout_secs`;
+/// pipelined requests are answered in order; a body cut short of its Content-Length
+/// leaves nothing behind; a chunked body works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_and_unusual_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start(&["--header-read-timeout-secs", "2"]).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+
+    let r = s
+        .http
+        .get(s.url("/health"))
+        .header("x-big", "a".repeat(200_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+
+    // 300 connections, each with half a request head.
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    let t = Instant::now();
+    s.chat(chat_body("Hi", json!({"max_tokens": 4}))).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    // After the head timeout they are closed (read returns 0 or an error, or a 408).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for c in slow.iter_mut().take(20) {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .expect("closed, not left hanging")
+            .unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || head.starts_with("HTTP/1.1 408"), "{head}");
+    }
+    drop(slow);
+    // A connection that sends nothing is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("an idle connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // Two pipelined requests on one connection: both answered, in order.
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    let (first, second) = (
+        out.find("\"status\":\"ok\"").unwrap(),
+        out.find("\"object\":\"list\"").unwrap(),
+    );
+    assert!(first < second, "{out}");
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+
+    // A body shorter than its Content-Length, then the write side closed.
+    let body = chat_body("Hi", json!({"max_tokens": 4})).to_string();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len() + 100
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    c.write_all(body.as_bytes()).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    s.wait_metric("moeserve_num_requests_running", 0.0).await;
+    s.wait_metric("moeserve_num_requests_waiting", 0.0).await;
+
+    // A chunked request body.
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (a, b) = body.split_at(body.len() / 2);
+    let chunked = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    c.write_all(chunked.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("chat.completion"), "{out}");
+    // Still serving.
+    s.chat(chat_body("ok?", json!({"max_tokens": 2}))).await;
+}
+
+/// A request still running when the drain time runs out is not reported as finished by
+/// length (as it was): its stream ends with an error event (503's body) in place of the
+/// unfinished choices' finishes; and `/ready` answering 503 during the drain is not
+/// logged as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_aborted_at_shutdown_fail_with_503() {
+    // 16 choices of 1900 tokens, two at a time: seconds of work on the tiny fixture.
+    let mut s = Server::start(&[
+        "--shutdown-timeout-secs",
+        "1",
+        "--max-num-seqs",
+        "2",
+        "--speculative-method",
+        "none",
+    ])
+    .await;
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body(
+            "Until the end",
+            json!({"max_tokens": 1900, "stream": true, "ignore_eos": true, "n": 16}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Draining: /ready says 503 (on a connection opened before the listener closed, or
+    // refused; either way no error is logged for it).
+    let _ = s.http.get(s.url("/ready")).send().await;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => text.push_str(std::str::from_utf8(&c).unwrap()),
+            Err(_) => break,
+        }
+    }
+    let chunks = parse_sse(&text);
+    // Choices that ran to their end before the drain time did (by length); the others
+    // were stopped, and the stream says so with an error instead of their finishes.
+    let finished = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["finish_reason"].is_string())
+        .count();
+    assert!(finished < 16, "{finished} choices finished");
+    let err = chunks
+        .iter()
+        .find(|c| c.get("error").is_some())
+        .expect("an error event");
+    assert_eq!(err["error"]["code"], "service_unavailable", "{err}");
+    let _ = s.child.wait();
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(!log.contains("ERROR"), "{log}");
 }

@@ -26,8 +26,8 @@ pub enum ApiError {
     BodyTooLarge(usize),
     /// 415
     UnsupportedMediaType,
-    /// 429: the waiting queue is full.
-    QueueFull,
+    /// 429: the waiting queue is full; retry after this many seconds.
+    QueueFull { retry_after_secs: u64 },
     /// 503: loading or shutting down.
     Unavailable(&'static str),
     /// 500
@@ -55,7 +55,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,7 +103,7 @@ impl ApiError {
                 None,
                 Some("unsupported_media_type"),
             ),
-            ApiError::QueueFull => (
+            ApiError::QueueFull { .. } => (
                 "The server is at capacity: too many requests are waiting. Retry shortly.".into(),
                 "rate_limit_error",
                 None,
@@ -141,9 +141,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.response())).into_response();
-        if matches!(self, ApiError::QueueFull) {
+        if let ApiError::QueueFull { retry_after_secs } = self {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         if matches!(self, ApiError::Unauthorized) {
             resp.headers_mut()
@@ -155,8 +155,13 @@ impl IntoResponse for ApiError {
 
 impl ApiError {
     /// Why the engine refused a request, in OpenAI's terms: `prompt_param` names the field
-    /// the prompt came from (`messages` for chat, `prompt` for completions).
-    pub fn from_submit(e: moeserve_core::engine::SubmitError, prompt_param: &str) -> Self {
+    /// the prompt came from (`messages` for chat, `prompt` for completions);
+    /// `retry_after_secs` is what a 429 tells the client.
+    pub fn from_submit(
+        e: moeserve_core::engine::SubmitError,
+        prompt_param: &str,
+        retry_after_secs: u64,
+    ) -> Self {
         use moeserve_core::engine::SubmitError;
         let message = e.to_string();
         match e {
@@ -174,7 +179,7 @@ impl ApiError {
                 ),
                 code: Some("context_length_exceeded"),
             },
-            SubmitError::QueueFull { .. } => ApiError::QueueFull,
+            SubmitError::QueueFull { .. } => ApiError::QueueFull { retry_after_secs },
             SubmitError::Stopped => ApiError::Unavailable("The server is shutting down."),
         }
     }
@@ -182,6 +187,11 @@ impl ApiError {
 
 impl From<moeserve_core::engine::EngineFailure> for ApiError {
     fn from(e: moeserve_core::engine::EngineFailure) -> Self {
-        ApiError::Internal(e.to_string())
+        match e.kind {
+            moeserve_core::engine::FailureKind::Aborted => {
+                ApiError::Unavailable("The server shut down before the request finished.")
+            }
+            _ => ApiError::Internal(e.to_string()),
+        }
     }
 }

@@ -8,7 +8,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::stream::{self, Stream, StreamExt};
-use moeserve_core::engine::{EngineEvent, EngineFailure, FinishReason, RequestHandle, TokenLogprob, Usage};
+use moeserve_core::engine::{
+    EngineEvent, EngineFailure, FailureKind, FinishReason, RequestHandle, TokenLogprob, Usage,
+};
 use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::tools::{ToolCall, ToolCallParser, ToolEvent, ToolFormat};
 
@@ -217,6 +219,15 @@ impl Fold {
                     calls,
                 }]
             }
+            // An engine abort reaches a client only at shutdown (after the drain time):
+            // the request failed, it did not end by length or stop.
+            EngineEvent::Finished {
+                reason: FinishReason::Abort,
+                ..
+            } => vec![Update::Failed(EngineFailure {
+                kind: FailureKind::Aborted,
+                message: "the server shut down before the request finished".into(),
+            })],
             EngineEvent::Finished { index, reason } => self.finish(prompt * self.n + index, reason),
             EngineEvent::Done(u) => {
                 self.usage[prompt] = Some(u);

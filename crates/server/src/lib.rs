@@ -8,6 +8,7 @@ pub mod cli;
 pub mod error;
 mod extract;
 pub mod generation;
+pub mod listener;
 pub mod metrics;
 mod middleware;
 pub mod openapi;
@@ -51,17 +52,39 @@ pub fn router(state: SharedState) -> Router {
             state.settings.max_body_bytes,
         ))
         .layer(
-            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .map(String::from)
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-                tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
-            }),
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from)
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                    tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
+                })
+                .on_failure(log_failure),
         )
         .with_state(state)
+}
+
+/// A 5xx answer is logged as an error, except 503: it is how `/ready` tells a probe the
+/// model is still loading or the server is draining, and how requests are turned away
+/// then; that is the server working as meant.
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass;
+    match class {
+        ServerErrorsFailureClass::StatusCode(s) if s == axum::http::StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::debug!(latency_ms = latency.as_millis() as u64, "503: unavailable")
+        }
+        class => tracing::error!(
+            latency_ms = latency.as_millis() as u64,
+            "response failed: {class}"
+        ),
+    }
 }
 
 /// Listens at once (so /health answers while the model loads), loads the model, serves
@@ -99,12 +122,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
     let app = router(state.clone());
     let shutdown_state = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            drain(shutdown_state);
-        })
-        .await?;
+    listener::serve(listener, app, settings.connection_limits(), async move {
+        shutdown_signal().await;
+        drain(shutdown_state);
+    })
+    .await;
     tracing::info!("shut down");
     Ok(())
 }
@@ -145,4 +167,64 @@ fn drain(state: SharedState) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         std::process::exit(0);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    /// Log lines, captured.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `/ready` answering 503 while the model loads is how it tells a probe to wait, not
+    /// an error: it is not logged as one (it was, on every probe).
+    #[tokio::test]
+    async fn a_not_ready_probe_is_not_logged_as_an_error() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let state = Arc::new(AppState {
+            settings: Settings::resolve(&Default::default()).unwrap(),
+            model: OnceLock::new(),
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+            started: 0,
+        });
+        let req = axum::http::Request::get("/ready")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = router(state.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 503);
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(log.contains("503"), "the 503 is still logged, at debug: {log}");
+        assert!(!log.contains("ERROR"), "{log}");
+        // A 500 still is an error.
+        log_failure(
+            tower_http::classify::ServerErrorsFailureClass::StatusCode(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            Duration::from_millis(1),
+            &tracing::Span::none(),
+        );
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(log.contains("ERROR"), "{log}");
+    }
 }

@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 const DEFAULTS: &str = include_str!("../../../config/default.toml");
 
+/// The log formats `log_format` takes.
+pub const LOG_FORMATS: [&str; 2] = ["text", "json"];
+
 /// Every setting, as the TOML file names it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +37,8 @@ pub struct Settings {
     pub speculative_disable_by_batch_size: usize,
     pub reasoning_parser: String,
     pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout_secs: f64,
     pub request_timeout_secs: f64,
     pub sse_keepalive_secs: u64,
     pub shutdown_timeout_secs: u64,
@@ -110,6 +115,12 @@ pub struct SettingsArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "MOESERVE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    #[arg(long, env = "MOESERVE_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Seconds a connection gets to send a request head.
+    #[arg(long, env = "MOESERVE_HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<f64>,
     /// Per-request deadline in seconds, fractions allowed (0: none).
     #[arg(long, env = "MOESERVE_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<f64>,
@@ -170,6 +181,8 @@ impl Settings {
             speculative_disable_by_batch_size,
             reasoning_parser,
             max_body_bytes,
+            max_header_bytes,
+            header_read_timeout_secs,
             request_timeout_secs,
             sse_keepalive_secs,
             shutdown_timeout_secs,
@@ -183,7 +196,55 @@ impl Settings {
             s.request_timeout_secs
         );
         s.speculative().map_err(anyhow::Error::msg)?;
+        s.check().map_err(anyhow::Error::msg)?;
         Ok(s)
+    }
+
+    /// Settings that would make the server misbehave rather than fail (a busy-looping
+    /// engine, a keep-alive every 0 s, text logs asked for as "jsno") are refused at start.
+    fn check(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+            ("max_n", self.max_n),
+            ("block_size", self.block_size),
+            ("sse_keepalive_secs", self.sse_keepalive_secs as usize),
+            ("max_body_bytes", self.max_body_bytes),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1, got 0"));
+            }
+        }
+        if self.max_header_bytes < 8192 {
+            return Err(format!(
+                "max_header_bytes must be at least 8192, got {}",
+                self.max_header_bytes
+            ));
+        }
+        if !(self.header_read_timeout_secs > 0.0
+            && std::time::Duration::try_from_secs_f64(self.header_read_timeout_secs).is_ok())
+        {
+            return Err(format!(
+                "header_read_timeout_secs must be a number of seconds above 0, got {}",
+                self.header_read_timeout_secs
+            ));
+        }
+        if !LOG_FORMATS.contains(&self.log_format.as_str()) {
+            return Err(format!(
+                "log_format must be one of {}, got {:?}",
+                LOG_FORMATS.join(", "),
+                self.log_format
+            ));
+        }
+        Ok(())
+    }
+
+    /// The connection limits of the HTTP listener.
+    pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
+        crate::listener::ConnectionLimits {
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: std::time::Duration::from_secs_f64(self.header_read_timeout_secs),
+        }
     }
 
     /// The speculative decoding settings, checked.
@@ -209,6 +270,72 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values that used to be taken and then misbehaved (0 busy-looped the engine or
+    /// became 1; an unknown log format meant text) are refused, naming the setting.
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let cases: Vec<(SettingsArgs, &str)> = vec![
+            (
+                SettingsArgs {
+                    max_num_seqs: Some(0),
+                    ..Default::default()
+                },
+                "max_num_seqs",
+            ),
+            (
+                SettingsArgs {
+                    max_num_batched_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_num_batched_tokens",
+            ),
+            (
+                SettingsArgs {
+                    max_n: Some(0),
+                    ..Default::default()
+                },
+                "max_n",
+            ),
+            (
+                SettingsArgs {
+                    sse_keepalive_secs: Some(0),
+                    ..Default::default()
+                },
+                "sse_keepalive_secs",
+            ),
+            (
+                SettingsArgs {
+                    log_format: Some("jsno".into()),
+                    ..Default::default()
+                },
+                "log_format",
+            ),
+            (
+                SettingsArgs {
+                    max_header_bytes: Some(100),
+                    ..Default::default()
+                },
+                "max_header_bytes",
+            ),
+            (
+                SettingsArgs {
+                    header_read_timeout_secs: Some(0.0),
+                    ..Default::default()
+                },
+                "header_read_timeout_secs",
+            ),
+        ];
+        for (args, name) in cases {
+            let err = Settings::resolve(&args).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        assert!(Settings::resolve(&SettingsArgs {
+            log_format: Some("json".into()),
+            ..Default::default()
+        })
+        .is_ok());
+    }
 
     #[test]
     fn precedence_is_flags_then_file_then_defaults() {

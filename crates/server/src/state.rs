@@ -54,6 +54,28 @@ impl AppState {
             .ok_or(ApiError::Unavailable("The model is still loading."))
     }
 
+    /// What a 429 tells the client to wait: the queue ahead of it drains `max_num_seqs`
+    /// at a time, each batch taking about as long as requests have taken on average.
+    pub fn retry_after_secs(&self) -> u64 {
+        let waiting = self
+            .model
+            .get()
+            .map_or(0, |m| m.engine.stats().waiting.load(Ordering::Relaxed));
+        let (mut sum, mut count) = (0.0, 0u64);
+        for family in prometheus::core::Collector::collect(&self.metrics.e2e) {
+            for m in family.get_metric() {
+                let h = m.get_histogram();
+                sum += h.get_sample_sum();
+                count += h.get_sample_count();
+            }
+        }
+        retry_after_secs(
+            waiting,
+            self.settings.max_num_seqs,
+            (count > 0).then(|| sum / count as f64),
+        )
+    }
+
     /// Checks the request's `model` against the served one.
     pub fn engine_for(&self, model: &str) -> Result<&LoadedEngine, ApiError> {
         let m = self.engine()?;
@@ -93,6 +115,7 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         max_num_seqs: settings.max_num_seqs,
         max_num_batched_tokens: settings.max_num_batched_tokens,
         max_waiting_requests: settings.max_waiting_requests,
+        max_n: settings.max_n,
         enable_prefix_caching: settings.enable_prefix_caching,
         speculative: settings.speculative().map_err(anyhow::Error::msg)?,
     };
@@ -164,4 +187,25 @@ pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
         grammars,
         tool_format,
     })
+}
+
+/// [`AppState::retry_after_secs`]'s estimate, from 1 s (nothing measured yet, or a short
+/// queue) to 60 s.
+pub fn retry_after_secs(waiting: usize, max_num_seqs: usize, mean_request_secs: Option<f64>) -> u64 {
+    let batches = waiting.div_ceil(max_num_seqs.max(1)) as f64;
+    let secs = batches * mean_request_secs.unwrap_or(1.0);
+    (secs.ceil() as u64).clamp(1, 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn retry_after_follows_the_queue() {
+        use super::retry_after_secs as r;
+        assert_eq!(r(0, 64, None), 1);
+        assert_eq!(r(256, 64, None), 4);
+        assert_eq!(r(256, 64, Some(2.5)), 10);
+        assert_eq!(r(10, 64, Some(0.2)), 1);
+        assert_eq!(r(10_000, 1, Some(30.0)), 60);
+    }
 }

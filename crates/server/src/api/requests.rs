@@ -12,6 +12,16 @@ use crate::api::structured::{ResponseFormat, StructuredOutputs};
 use crate::api::tools::ToolDef;
 use crate::error::ApiError;
 
+/// OpenAI treats `null` as "not set": a field with a default takes it for `null` too
+/// (LangChain, LiteLLM and older SDKs send `"stream": null`).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// One stop string or several (up to 4).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -144,10 +154,10 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub logprobs: bool,
     pub top_logprobs: Option<usize>,
     pub tools: Option<Vec<ToolDef>>,
@@ -274,12 +284,12 @@ pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptSpec,
     pub max_tokens: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     /// Top log-probabilities per token (0-20).
     pub logprobs: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub echo: bool,
     pub suffix: Option<String>,
     pub best_of: Option<usize>,

@@ -50,7 +50,7 @@ impl From<moeserve_core::engine::FinishReason> for FinishReason {
         use moeserve_core::engine::FinishReason as F;
         match r {
             F::Stop => FinishReason::Stop,
-            // An engine abort (shutdown after the drain timeout) ends like a length cut.
+            // An engine abort fails the request (503) before a finish is written.
             F::Length | F::Abort => FinishReason::Length,
         }
     }
@@ -309,7 +309,7 @@ pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,
     pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
-    /// Each token's offset in the choice's text, in bytes.
+    /// Where each token starts in the choice's text, in characters (as vLLM counts them).
     pub text_offset: Vec<usize>,
 }
 

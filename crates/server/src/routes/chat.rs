@@ -32,10 +32,11 @@ use crate::state::SharedState;
 /// OpenAI's chat `logprobs` object.
 fn logprobs(codec: &TextCodec, lps: &[TokenLogprob]) -> ChatLogprobs {
     let top = |id: u32, logprob: f32| {
-        let token = token_text(codec, id);
         TopLogprob {
-            bytes: token.as_bytes().to_vec(),
-            token,
+            // The token's own bytes, which may be part of a character (its text then
+            // has U+FFFD where the part is).
+            bytes: codec.token_bytes(id),
+            token: token_text(codec, id),
             logprob,
         }
     };
@@ -275,7 +276,7 @@ pub async fn chat_completions(
     let handle = m
         .engine
         .submit(GenerateRequest { prompt, params })
-        .map_err(|e| ApiError::from_submit(e, "messages"))?;
+        .map_err(|e| ApiError::from_submit(e, "messages", state.retry_after_secs()))?;
     let events = merge(vec![handle], state.settings.request_deadline());
     let meta = ResponseMeta::new("chatcmpl", &m.id, include_usage(&req.stream_options));
     let mut timing = Timing::new("/v1/chat/completions");

@@ -24,15 +24,64 @@ use crate::extract::ApiJson;
 use crate::generation::{merge, Fold, Update};
 use crate::state::SharedState;
 
+/// Where each token starts in a choice's text, in characters (Python's string indices,
+/// as vLLM counts them), across the chunks of a stream. A token that starts inside a
+/// character (a byte-level token splitting it) starts where that character does.
+#[derive(Debug, Clone, Default)]
+struct TextOffsets {
+    /// Whole characters so far.
+    chars: usize,
+    /// The bytes of a character not yet whole.
+    partial: Vec<u8>,
+}
+
+impl TextOffsets {
+    /// `bytes`' offset; then counts them in.
+    fn next(&mut self, bytes: &[u8]) -> usize {
+        let offset = self.chars;
+        self.partial.extend_from_slice(bytes);
+        let mut rest: &[u8] = &self.partial;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    self.chars += s.chars().count();
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    self.chars += std::str::from_utf8(&rest[..valid]).unwrap().chars().count();
+                    match e.error_len() {
+                        // Bytes that are no character count as one (U+FFFD, as decoded).
+                        Some(bad) => {
+                            self.chars += 1;
+                            rest = &rest[valid + bad..];
+                        }
+                        None => {
+                            rest = &rest[valid..];
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.partial = rest.to_vec();
+        offset
+    }
+}
+
 /// The legacy completions `logprobs` object for `entries` of (token, its logprob and
-/// alternatives); the first token of an echoed prompt has none.
-fn logprobs(codec: &TextCodec, entries: &[(u32, Option<&TokenLogprob>)]) -> CompletionLogprobs {
+/// alternatives), the first token of an echoed prompt having none; `offsets` carries the
+/// choice's text offsets from chunk to chunk.
+fn logprobs(
+    codec: &TextCodec,
+    entries: &[(u32, Option<&TokenLogprob>)],
+    offsets: &mut TextOffsets,
+) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
-    let mut offset = 0;
     for &(id, lp) in entries {
         let t = token_text(codec, id);
-        out.text_offset.push(offset);
-        offset += t.len();
+        out.text_offset.push(offsets.next(&codec.token_bytes(id)));
         out.tokens.push(t);
         out.token_logprobs.push(lp.map(|l| l.logprob));
         out.top_logprobs.push(lp.map(|l| {
@@ -104,7 +153,7 @@ pub async fn completions(
             })
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::from_submit(e, "prompt"))?;
+        .map_err(|e| ApiError::from_submit(e, "prompt", state.retry_after_secs()))?;
     let events = merge(handles, state.settings.request_deadline());
     let mut fold = Fold::new(prompts.iter().map(Vec::len).collect(), n, None);
     let prompt_texts: Vec<String> = if echo {
@@ -132,7 +181,7 @@ pub async fn completions(
                         entries = prompt_entries(&prompts[r], fold.prompt_logprobs(r).unwrap_or(&[]));
                     }
                     entries.extend(c.logprobs.iter().map(|l| (l.token, Some(l))));
-                    logprobs(&codec, &entries)
+                    logprobs(&codec, &entries, &mut TextOffsets::default())
                 });
                 CompletionChoice {
                     index: i,
@@ -150,6 +199,7 @@ pub async fn completions(
     let total = prompts.len() * n;
     let stream = async_stream::stream! {
         let mut events = events;
+        let mut offsets = vec![TextOffsets::default(); total];
         if echo && !want_logprobs {
             for i in 0..total {
                 yield chunk(&meta, i, prompt_texts[i / n].clone(), None, None);
@@ -164,7 +214,7 @@ pub async fn completions(
                     Update::PromptLogprobs { prompt } => {
                         let entries = prompt_entries(&prompts[prompt], fold.prompt_logprobs(prompt).unwrap_or(&[]));
                         for j in 0..n {
-                            let lp = logprobs(&codec, &entries);
+                            let lp = logprobs(&codec, &entries, &mut offsets[prompt * n + j]);
                             yield chunk(&meta, prompt * n + j, prompt_texts[prompt].clone(), Some(lp), None);
                         }
                     }
@@ -174,7 +224,7 @@ pub async fn completions(
                         }
                         let lp = want_logprobs.then(|| {
                             let entries: Vec<_> = lps.iter().map(|l| (l.token, Some(l))).collect();
-                            logprobs(&codec, &entries)
+                            logprobs(&codec, &entries, &mut offsets[index])
                         });
                         yield chunk(&meta, index, content, lp, None);
                     }
@@ -202,4 +252,23 @@ pub async fn completions(
         }
     };
     Ok(sse_response(stream, keepalive))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextOffsets;
+
+    /// "é" (2 bytes) split over two tokens, then "x", then "€" (3 bytes) in one token.
+    #[test]
+    fn text_offsets_count_characters_across_split_tokens() {
+        let mut o = TextOffsets::default();
+        let e = "é".as_bytes();
+        assert_eq!(o.next(b"ab"), 0);
+        assert_eq!(o.next(&e[..1]), 2);
+        assert_eq!(o.next(&e[1..]), 2);
+        assert_eq!(o.next(b"x"), 3);
+        assert_eq!(o.next("€".as_bytes()), 4);
+        assert_eq!(o.next(&[0xff]), 5);
+        assert_eq!(o.next(b"y"), 6);
+    }
 }

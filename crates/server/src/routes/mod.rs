@@ -174,7 +174,7 @@ where
     Sse::new(events)
         .keep_alive(
             KeepAlive::new()
-                .interval(Duration::from_secs(keepalive_secs.max(1)))
+                .interval(Duration::from_secs(keepalive_secs))
                 .text("keep-alive"),
         )
         .into_response()
