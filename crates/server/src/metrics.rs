@@ -18,6 +18,8 @@ pub struct Metrics {
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
     running: IntGauge,
+    /// Prometheus' standard process gauge (what a soak watches for leaks).
+    resident_memory: IntGauge,
     waiting: IntGauge,
     kv_used: IntGauge,
     kv_total: IntGauge,
@@ -145,6 +147,7 @@ impl Metrics {
                 "Sequences running in the engine.",
             ),
             waiting: gauge("moeserve_num_requests_waiting", "Requests waiting for admission."),
+            resident_memory: gauge("process_resident_memory_bytes", "Resident memory size in bytes."),
             kv_used: gauge(
                 "moeserve_kv_cache_blocks_used",
                 "KV cache blocks held by sequences.",
@@ -239,10 +242,22 @@ impl Metrics {
                 }
             }
         }
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory.set(rss as i64);
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding");
         String::from_utf8(buf).expect("utf-8 metrics")
     }
+}
+
+/// This process's resident set, from /proc (Linux); None elsewhere.
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }

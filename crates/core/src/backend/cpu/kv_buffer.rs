@@ -9,14 +9,28 @@ pub enum KvBuffer {
     F16(Vec<half::f16>),
 }
 
+/// Writes a zero into every 4 KiB page of `v` (volatile: the compiler knows the memory
+/// is zero already and would drop plain stores).
+fn prefault<T: Default>(v: &mut [T]) {
+    let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    for i in (0..v.len()).step_by(step) {
+        // SAFETY: `i` is in bounds; a plain store of a valid value.
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), T::default()) };
+    }
+}
+
 impl KvBuffer {
     pub fn zeros(dtype: KvDtype, len: usize) -> Self {
         // Fresh zeroed memory is not touched until written, so the huge-page hint still
-        // applies to all of it.
+        // applies to all of it; then every page is touched at once, so that the pool is
+        // resident from the start: the process's memory is what it will stay (a
+        // container's limit is met at start, not hours later when the prefix cache has
+        // cycled through every block), and no step pays for page faults.
         match dtype {
             KvDtype::F32 => {
                 let mut v = vec![0.0; len];
                 super::host::advise_huge_pages(&mut v);
+                prefault(&mut v);
                 KvBuffer::F32(v)
             }
             KvDtype::F16 => {
@@ -25,6 +39,7 @@ impl KvBuffer {
                 use half::vec::HalfBitsVecExt;
                 let mut v = vec![0u16; len];
                 super::host::advise_huge_pages(&mut v);
+                prefault(&mut v);
                 KvBuffer::F16(v.reinterpret_into())
             }
         }
