@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use moeserve_bench::{loadgen, measure, speculative};
+use moeserve_bench::{loadgen, measure, soak, speculative};
 use moeserve_core::{DType, LoadOptions};
 
 #[derive(Parser)]
@@ -25,6 +25,9 @@ enum Command {
     Speculative(speculative::SpeculativeBenchArgs),
     /// Memory read bandwidth, and the batch-1 decode bound it sets for a model file.
     Memory(MemoryBenchArgs),
+    /// C clients for S seconds of mixed traffic with hang-ups and bad requests; then the
+    /// server must be idle, answer, and not have grown. Fails on any unexpected answer.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(clap::Args)]
@@ -110,6 +113,11 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(speculative::run(args))),
         Command::Memory(args) => run_memory_bench(args),
+        Command::Soak(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(soak::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
