@@ -44,9 +44,34 @@ impl GgufFile {
             }
         })?;
         for (name, info) in &content.tensor_infos {
-            let end = content.tensor_data_offset
-                + info.offset
-                + tensor_bytes(info.ggml_dtype, info.shape.elem_count()) as u64;
+            // Dimensions come from the file: their product may overflow, or not fill
+            // whole quantization blocks; either is a corrupt file, refused before any
+            // size is computed from them.
+            let dims = info.shape.dims();
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor {name:?} has dimensions {dims:?} too large to address"
+                    ))
+                })?;
+            let block = info.ggml_dtype.block_size();
+            if !elems.is_multiple_of(block) {
+                return Err(bad(format!(
+                    "tensor {name:?} has {elems} elements, not whole blocks of {block} for {:?}",
+                    info.ggml_dtype
+                )));
+            }
+            let end = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes as u64)
+                })
+                .ok_or_else(|| bad(format!("tensor {name:?} lies beyond any file size")))?;
             if end > mmap.len() as u64 {
                 return Err(bad(format!(
                     "truncated: tensor {name:?} ends at byte {end} but the file has {} bytes",

@@ -194,6 +194,28 @@ fn bad_gguf_files_are_reported_with_the_file_and_the_problem() {
         err.contains("unknown-quant.gguf") && err.contains("unknown quantization type"),
         "{err}"
     );
+
+    // Dimensions whose product overflows (found by the gguf_header fuzz target: the
+    // size computation panicked, and wrapped in release builds), and a row that is not
+    // whole quantization blocks.
+    let huge = tmp.path().join("huge-dims.gguf");
+    write_gguf(&huge, "llama");
+    let mut bytes = std::fs::read(&huge).unwrap();
+    let dims_at = bytes.windows(17).position(|w| w == b"token_embd.weight").unwrap() + 17 + 4;
+    bytes[dims_at..dims_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    bytes[dims_at + 8..dims_at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&huge, &bytes).unwrap();
+    let err = load_err(&huge);
+    assert!(
+        err.contains("huge-dims.gguf") && err.contains("too large"),
+        "{err}"
+    );
+    bytes[dims_at..dims_at + 8].copy_from_slice(&3u64.to_le_bytes());
+    bytes[dims_at + 8..dims_at + 16].copy_from_slice(&1u64.to_le_bytes());
+    bytes[dims_at + 16..dims_at + 20].copy_from_slice(&2u32.to_le_bytes()); // Q4_0: blocks of 32
+    std::fs::write(&huge, &bytes).unwrap();
+    let err = load_err(&huge);
+    assert!(err.contains("not whole blocks"), "{err}");
 }
 
 /// llama.cpp's `deepseek2` layout: latent attention with kv_b split into k_b/v_b.
