@@ -149,6 +149,18 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Sends the server SIGTERM (its graceful shutdown).
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -1058,12 +1070,7 @@ async fn graceful_shutdown_finishes_the_stream_in_flight() {
         .unwrap();
     let mut body = r.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    let pid = s.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    s.sigterm();
     while let Some(chunk) = body.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
@@ -2081,12 +2088,7 @@ async fn requests_aborted_at_shutdown_fail_with_503() {
         .unwrap();
     let mut body = r.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    let pid = s.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    s.sigterm();
     // Draining: /ready says 503 (on a connection opened before the listener closed, or
     // refused; either way no error is logged for it).
     let _ = s.http.get(s.url("/ready")).send().await;
