@@ -4,8 +4,11 @@
     MOESERVE_URL=http://127.0.0.1:8080 MOESERVE_API_KEY=... python tests/conformance/openai_sdk.py
 
 Checks chat (plain and streamed with usage), completions, the models list, that errors
-surface as the SDK's typed exceptions, and structured outputs (json_object, json_schema
-validated with the `jsonschema` package, `chat.completions.parse` with a pydantic model).
+surface as the SDK's typed exceptions, structured outputs (json_object, json_schema
+validated with the `jsonschema` package, `chat.completions.parse` with a pydantic model),
+tools, and the Responses API (`responses.create`, `responses.stream`, function tools,
+`text.format` json_schema and `responses.parse`, continuing by `previous_response_id`,
+retrieve and delete, its errors).
 Prints one line per check and a summary.
 """
 
@@ -318,6 +321,121 @@ def tool_errors():
     raise AssertionError("an unknown function was accepted")
 
 
+# The Responses API.
+RESP_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def responses_create():
+    args = dict(model=model, input="What is the capital of France?", instructions="Be brief.", max_output_tokens=24, temperature=0)
+    r = client.responses.create(**args)
+    assert r.object == "response" and r.id.startswith("resp_"), r
+    assert r.status in ("completed", "incomplete"), r.status
+    assert r.status != "incomplete" or r.incomplete_details.reason == "max_output_tokens", r
+    assert r.output[0].type == "message" and r.output[0].role == "assistant", r.output
+    assert r.output_text and r.output_text == r.output[0].content[0].text, r
+    u = r.usage
+    assert u.total_tokens == u.input_tokens + u.output_tokens and u.output_tokens > 0, u
+    # Streamed: the documented sequence, numbered; the deltas add up to the final text,
+    # which equals the non-streamed one (greedy).
+    types, seqs, text = [], [], ""
+    with client.responses.stream(**args) as stream:
+        for event in stream:
+            types.append(event.type)
+            seqs.append(event.sequence_number)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = stream.get_final_response()
+    assert seqs == list(range(len(seqs))), seqs
+    want = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert types[:4] == want, types
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", f"response.{r.status}"], types
+    assert text == final.output_text == r.output_text, (text, final.output_text, r.output_text)
+    return repr(r.output_text)
+
+
+def responses_tools():
+    r = client.responses.create(model=model, input="What is the weather in Paris?", tools=RESP_TOOLS, tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=120, temperature=0)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and r.status == "completed", r.output
+    call = calls[0]
+    tool = next(t for t in RESP_TOOLS if t["name"] == call.name)
+    jsonschema.validate(json.loads(call.arguments), tool["parameters"])
+    assert call.call_id.startswith("call_"), call
+    # Streamed, the argument pieces add up to the same call.
+    pieces, done = "", None
+    with client.responses.stream(model=model, input="What is the weather in Paris?", tools=RESP_TOOLS, tool_choice="required",
+                                 parallel_tool_calls=False, max_output_tokens=120, temperature=0) as stream:
+        for event in stream:
+            if event.type == "response.function_call_arguments.delta":
+                pieces += event.delta
+            elif event.type == "response.function_call_arguments.done":
+                done = event.arguments
+    assert pieces == done == call.arguments, (pieces, done, call.arguments)
+    # The result goes back by call_id, continuing the stored conversation.
+    r2 = client.responses.create(model=model, previous_response_id=r.id, tools=RESP_TOOLS, max_output_tokens=30, temperature=0,
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"sky": "clear"})}])
+    assert r2.previous_response_id == r.id and r2.output, r2
+    assert r2.usage.input_tokens > r.usage.input_tokens, (r.usage, r2.usage)
+    return f"{call.name}({call.arguments}), then {r2.output[0].type}"
+
+
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    population: int = pydantic.Field(ge=0, le=100000000)
+
+
+def responses_json_schema():
+    schema = City.model_json_schema() | {"additionalProperties": False}
+    r = client.responses.create(model=model, input="Describe a city as JSON.", max_output_tokens=80, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+    parsed = client.responses.parse(model=model, input="Describe a city.", max_output_tokens=80, temperature=0, text_format=City)
+    assert isinstance(parsed.output_parsed, City), parsed
+    return f"{r.output_text}; parse: {parsed.output_parsed!r}"
+
+
+def responses_continue_retrieve_delete():
+    r1 = client.responses.create(model=model, input="My name is Ada.", max_output_tokens=8, temperature=0)
+    r2 = client.responses.create(model=model, previous_response_id=r1.id, input="What is my name?", max_output_tokens=8, temperature=0)
+    assert r2.previous_response_id == r1.id, r2
+    # The earlier turn is in the prompt: more input than the question alone.
+    alone = client.responses.create(model=model, input="What is my name?", max_output_tokens=8, temperature=0)
+    assert r2.usage.input_tokens > alone.usage.input_tokens, (r2.usage, alone.usage)
+    assert client.responses.retrieve(r1.id).output_text == r1.output_text
+    client.responses.delete(r1.id)
+    try:
+        client.responses.retrieve(r1.id)
+        raise AssertionError("a deleted response was returned")
+    except openai.NotFoundError:
+        pass
+    unstored = client.responses.create(model=model, input="Hi", max_output_tokens=4, store=False)
+    assert unstored.store is False
+    try:
+        client.responses.create(model=model, previous_response_id=unstored.id, input="Again", max_output_tokens=4)
+        raise AssertionError("store: false kept the response")
+    except openai.NotFoundError as e:
+        assert e.body["code"] == "previous_response_not_found", e.body
+    return f"{r2.usage.input_tokens} input tokens with the earlier turn, {alone.usage.input_tokens} without"
+
+
+def responses_errors():
+    seen = []
+    for args, error, param in [
+        (dict(tools=[{"type": "web_search"}]), openai.BadRequestError, "tools[0].type"),
+        (dict(background=True), openai.BadRequestError, "background"),
+        (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]), openai.BadRequestError, "input[0].content[0].type"),
+        (dict(model="no-such-model"), openai.NotFoundError, "model"),
+    ]:
+        try:
+            client.responses.create(**({"model": model, "input": "x", "max_output_tokens": 4} | args))
+            raise AssertionError(f"{args} was accepted")
+        except error as e:
+            assert e.body["param"] == param, e.body
+            seen.append(param)
+    return ", ".join(seen)
+
+
 check("models.list/retrieve", lambda: model)
 check("chat.completions.create", chat)
 check("chat.completions.create(stream=True, include_usage)", chat_stream)
@@ -332,5 +450,10 @@ check("tools, tool_choice=named, streamed", tool_named)
 check("tools, tool_choice=none", tool_none)
 check("tool result round trip", tool_round_trip)
 check("tool errors", tool_errors)
+check("responses.create, responses.stream", responses_create)
+check("responses: function tools, streamed, result by previous_response_id", responses_tools)
+check("responses: text.format json_schema, responses.parse", responses_json_schema)
+check("responses: previous_response_id, retrieve, delete, store=false", responses_continue_retrieve_delete)
+check("responses: errors", responses_errors)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

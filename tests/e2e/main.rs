@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+mod ecosystem;
+
 const MODEL: &str = "qwen3_moe";
 
 fn fixture(name: &str) -> PathBuf {
@@ -32,19 +34,20 @@ impl Server {
     }
 
     async fn start_model(model: &std::path::Path, extra: &[&str]) -> Server {
+        let s = Self::spawn(model.to_str().unwrap(), extra, &[]);
+        s.wait_ready(Duration::from_secs(30)).await;
+        s
+    }
+
+    /// Starts the binary serving `model` (a path or a hub repo id) with `env` set, and
+    /// returns once it listens (the model may still be loading).
+    fn spawn(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moeserve"))
-            .args([
-                "serve",
-                "--model",
-                model.to_str().unwrap(),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-            ])
+            .args(["serve", "--model", model, "--host", "127.0.0.1", "--port", "0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("MOESERVE_API_KEY")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -64,26 +67,25 @@ impl Server {
         let base = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the server printed its address");
-        let s = Server {
+        Server {
             child,
             base,
             http: reqwest::Client::new(),
             log,
-        };
+        }
+    }
+
+    async fn wait_ready(&self, limit: Duration) {
         let t = Instant::now();
         loop {
-            if let Ok(r) = s.http.get(s.url("/ready")).send().await {
+            if let Ok(r) = self.http.get(self.url("/ready")).send().await {
                 if r.status() == 200 {
                     break;
                 }
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the server did not become ready"
-            );
+            assert!(t.elapsed() < limit, "the server did not become ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        s
     }
 
     fn url(&self, path: &str) -> String {
@@ -872,6 +874,30 @@ async fn api_keys_protect_everything_but_health_and_ready() {
         200
     );
     assert_eq!(s.http.get(s.url("/metrics")).send().await.unwrap().status(), 401);
+    // Anthropic's clients send the key as x-api-key.
+    let r = s
+        .http
+        .get(&models)
+        .header("x-api-key", "key-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // public_metrics opens /metrics (for scrapers without the key), nothing else.
+    let open = Server::start(&["--api-key", "key-one", "--public-metrics", "true"]).await;
+    assert_eq!(
+        open.http.get(open.url("/metrics")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        open.http
+            .get(open.url("/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     assert_eq!(s.http.get(s.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(s.http.get(s.url("/ready")).send().await.unwrap().status(), 200);
     let r = s

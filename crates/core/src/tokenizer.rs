@@ -115,8 +115,14 @@ impl TextCodec {
     /// Encodes with the tokenizer's own special-token handling (its post-processor adds
     /// BOS where the model wants it).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Encodes with or without the special tokens the tokenizer's post-processor adds
+    /// (vLLM's `add_special_tokens`).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         self.tokenizer
-            .encode(text, true)
+            .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| Error::Tokenizer {
                 path: "tokenizer.json".into(),

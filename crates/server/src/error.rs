@@ -20,6 +20,12 @@ pub enum ApiError {
     ModelNotFound(String),
     /// 404: an unknown route.
     RouteNotFound(String),
+    /// 404: something a request names by id that does not exist (a stored response).
+    NotFound {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
     /// 405
     MethodNotAllowed,
     /// 413
@@ -51,7 +57,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::NotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -68,7 +76,7 @@ impl ApiError {
                 (message.clone(), "invalid_request_error", param.clone(), *code)
             }
             ApiError::Unauthorized => (
-                "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.".into(),
+                "Incorrect or missing API key. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.".into(),
                 "authentication_error",
                 None,
                 Some("invalid_api_key"),
@@ -78,6 +86,12 @@ impl ApiError {
                 "invalid_request_error",
                 Some("model".into()),
                 Some("model_not_found"),
+            ),
+            ApiError::NotFound { message, param, code } => (
+                message.clone(),
+                "invalid_request_error",
+                param.clone(),
+                Some(*code),
             ),
             ApiError::RouteNotFound(path) => (
                 format!("Unknown route {path}."),
@@ -136,11 +150,35 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         serde_json::to_value(self.response()).expect("error bodies serialize")
     }
+
+    /// The body in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`,
+    /// for the Messages API (its SDKs read the error's type from it); the parameter, which
+    /// that shape has no field for, leads the message.
+    pub fn anthropic_body(&self) -> serde_json::Value {
+        let kind = match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        };
+        let (message, _, param, _) = self.parts();
+        let message = match param {
+            Some(p) if !message.contains(&p) => format!("{p}: {message}"),
+            _ => message,
+        };
+        serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.response())).into_response();
+        // Routes of other APIs re-render it in their own shape (`anthropic_errors`).
+        resp.extensions_mut().insert(self.clone());
         if let ApiError::QueueFull { retry_after_secs } = self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

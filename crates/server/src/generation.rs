@@ -67,6 +67,10 @@ pub struct Choice {
     pub tokens: usize,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
+    /// The stop string that ended the choice, if one did.
+    pub stop_sequence: Option<String>,
+    /// Tokens whose text went to the thought (a reasoning model's).
+    pub reasoning_tokens: usize,
     /// Tool calls read out of the answer (when the request offered tools).
     pub calls: Vec<ToolCall>,
     splitter: Option<ReasoningSplitter>,
@@ -210,6 +214,9 @@ impl Fold {
                 c.tokens += token_ids.len();
                 c.logprobs.extend(logprobs.iter().cloned());
                 let (content, reasoning, calls) = c.take(&text, false);
+                if !reasoning.is_empty() {
+                    c.reasoning_tokens += token_ids.len();
+                }
                 vec![Update::Delta {
                     index,
                     tokens: token_ids.len(),
@@ -228,7 +235,13 @@ impl Fold {
                 kind: FailureKind::Aborted,
                 message: "the server shut down before the request finished".into(),
             })],
-            EngineEvent::Finished { index, reason } => self.finish(prompt * self.n + index, reason),
+            EngineEvent::Finished { index, reason, stop } => {
+                let index = prompt * self.n + index;
+                if self.choices[index].finish.is_none() {
+                    self.choices[index].stop_sequence = stop;
+                }
+                self.finish(index, reason)
+            }
             EngineEvent::Done(u) => {
                 self.usage[prompt] = Some(u);
                 Vec::new()
@@ -295,6 +308,126 @@ impl Fold {
     }
 }
 
+/// What a block of an answer holds, in the order the model wrote them: the thought, text,
+/// or one tool call (its arguments are the block's text).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockKind {
+    Reasoning,
+    Text,
+    Call { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    pub kind: BlockKind,
+    pub text: String,
+}
+
+/// A step of the block sequence: block `i` opened, grew by a piece, or closed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockEvent {
+    Start(usize),
+    Delta(usize, String),
+    Stop(usize),
+}
+
+/// One choice's answer as a sequence of blocks (the Responses API's output items,
+/// Anthropic's content blocks), built from its [`Update`]s: the events stream one block
+/// at a time, and the finished list is the non-streamed body, so the two cannot differ.
+/// Whitespace between blocks opens no text block (a model writes a newline before a
+/// call; that is not an answer).
+#[derive(Debug, Clone, Default)]
+pub struct Blocks {
+    pub blocks: Vec<Block>,
+    open: bool,
+    /// Whitespace that opens a text block only if more text follows.
+    pending: String,
+}
+
+impl Blocks {
+    /// The block events of one update of choice 0 (the APIs that use blocks have one).
+    pub fn push(&mut self, u: &Update) -> Vec<BlockEvent> {
+        let mut out = Vec::new();
+        let Update::Delta {
+            index: 0,
+            content,
+            reasoning,
+            calls,
+            ..
+        } = u
+        else {
+            return out;
+        };
+        if !reasoning.is_empty() {
+            self.pending.clear();
+            self.add(BlockKind::Reasoning, reasoning, &mut out);
+        }
+        if !content.is_empty() {
+            let text_open = self.open && self.blocks.last().is_some_and(|b| b.kind == BlockKind::Text);
+            if text_open {
+                self.add(BlockKind::Text, content, &mut out);
+            } else {
+                self.pending.push_str(content);
+                if !self.pending.trim().is_empty() {
+                    let text = std::mem::take(&mut self.pending);
+                    self.add(BlockKind::Text, &text, &mut out);
+                }
+            }
+        }
+        for e in calls {
+            match e {
+                ToolEvent::CallStart { name, .. } => {
+                    self.pending.clear();
+                    self.close(&mut out);
+                    self.open(BlockKind::Call { name: name.clone() }, &mut out);
+                }
+                ToolEvent::Arguments { text, .. } => {
+                    if let Some(b) = self.blocks.last_mut().filter(|_| self.open) {
+                        b.text.push_str(text);
+                        out.push(BlockEvent::Delta(self.blocks.len() - 1, text.clone()));
+                    }
+                }
+                ToolEvent::Content(_) => {}
+            }
+        }
+        out
+    }
+
+    /// The end of the answer: the open block closes.
+    pub fn finish(&mut self) -> Vec<BlockEvent> {
+        let mut out = Vec::new();
+        self.close(&mut out);
+        out
+    }
+
+    fn add(&mut self, kind: BlockKind, text: &str, out: &mut Vec<BlockEvent>) {
+        let same = self.open && self.blocks.last().is_some_and(|b| b.kind == kind);
+        if !same {
+            self.close(out);
+            self.open(kind, out);
+        }
+        let i = self.blocks.len() - 1;
+        self.blocks[i].text.push_str(text);
+        out.push(BlockEvent::Delta(i, text.to_string()));
+    }
+
+    fn open(&mut self, kind: BlockKind, out: &mut Vec<BlockEvent>) {
+        self.blocks.push(Block {
+            kind,
+            text: String::new(),
+        });
+        self.open = true;
+        out.push(BlockEvent::Start(self.blocks.len() - 1));
+    }
+
+    fn close(&mut self, out: &mut Vec<BlockEvent>) {
+        if self.open {
+            self.open = false;
+            out.push(BlockEvent::Stop(self.blocks.len() - 1));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +458,7 @@ mod tests {
             event: EngineEvent::Finished {
                 index,
                 reason: FinishReason::Stop,
+                stop: None,
             },
         };
         assert_eq!(
@@ -356,5 +490,91 @@ mod tests {
                 cached_tokens: 3
             }
         );
+    }
+
+    fn delta_update(content: &str, reasoning: &str, calls: Vec<ToolEvent>) -> Update {
+        Update::Delta {
+            index: 0,
+            tokens: 1,
+            content: content.into(),
+            reasoning: reasoning.into(),
+            logprobs: vec![],
+            calls,
+        }
+    }
+
+    /// A thought, text, whitespace, two calls: four blocks, each opened, grown and closed
+    /// once, in order; the whitespace before the first call opens no block.
+    #[test]
+    fn blocks_follow_the_answer() {
+        let mut b = Blocks::default();
+        let mut events = Vec::new();
+        events.extend(b.push(&delta_update("", "let me think", vec![])));
+        events.extend(b.push(&delta_update("\n", "", vec![])));
+        events.extend(b.push(&delta_update("It is ", "", vec![])));
+        events.extend(b.push(&delta_update("sunny.", "", vec![])));
+        let call = |index, name: &str, args: &str| {
+            vec![
+                ToolEvent::CallStart {
+                    index,
+                    name: name.into(),
+                },
+                ToolEvent::Arguments {
+                    index,
+                    text: args.into(),
+                },
+            ]
+        };
+        events.extend(b.push(&delta_update("\n", "", call(0, "f", "{\"a\":"))));
+        events.extend(b.push(&delta_update(
+            "",
+            "",
+            vec![ToolEvent::Arguments {
+                index: 0,
+                text: "1}".into(),
+            }],
+        )));
+        events.extend(b.push(&delta_update(" \n", "", call(1, "g", "{}"))));
+        events.extend(b.finish());
+        let kinds: Vec<_> = b.blocks.iter().map(|b| (&b.kind, b.text.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (&BlockKind::Reasoning, "let me think"),
+                (&BlockKind::Text, "\nIt is sunny.\n"),
+                (&BlockKind::Call { name: "f".into() }, "{\"a\":1}"),
+                (&BlockKind::Call { name: "g".into() }, "{}"),
+            ]
+        );
+        let starts: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                BlockEvent::Start(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        let stops: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                BlockEvent::Stop(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        assert_eq!((starts, stops), (vec![0, 1, 2, 3], vec![0, 1, 2, 3]));
+        // The deltas add up to each block's text.
+        for (i, block) in b.blocks.iter().enumerate() {
+            let text: String = events
+                .iter()
+                .filter_map(|e| match e {
+                    BlockEvent::Delta(j, t) if *j == i => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(text, block.text);
+        }
+        // Only whitespace: no block at all.
+        let mut b = Blocks::default();
+        assert!(b.push(&delta_update("\n \n", "", vec![])).is_empty());
+        assert!(b.finish().is_empty());
     }
 }

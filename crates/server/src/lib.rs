@@ -15,6 +15,7 @@ pub mod openapi;
 mod routes;
 pub mod settings;
 pub mod state;
+pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -33,16 +34,38 @@ use crate::settings::Settings;
 
 /// The app: every route, behind the API-key check where it applies, counted and traced.
 pub fn router(state: SharedState) -> Router {
+    // /metrics is behind the key unless `public_metrics` says scrapers get it without.
+    let metrics = Router::new().route("/metrics", get(routes::health::metrics));
+    let (public_metrics, protected_metrics) = if state.settings.public_metrics {
+        (metrics, Router::new())
+    } else {
+        (Router::new(), metrics)
+    };
     let protected = Router::new()
+        .merge(protected_metrics)
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
+        .route("/v1/responses", post(routes::responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(routes::responses::retrieve).delete(routes::responses::delete),
+        )
+        .route("/tokenize", post(routes::tokenize::tokenize))
+        .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{*id}", get(routes::models::retrieve))
-        .route("/metrics", get(routes::health::metrics))
         .route("/openapi.json", get(routes::openapi::openapi))
         .route_layer(mw::from_fn_with_state(state.clone(), middleware::auth));
+    // Anthropic's Messages API: its errors in its own shape.
+    let anthropic = Router::new()
+        .route("/v1/messages", post(routes::messages::messages))
+        .route("/v1/messages/count_tokens", post(routes::messages::count_tokens))
+        .route_layer(mw::from_fn_with_state(state.clone(), middleware::auth))
+        .layer(mw::map_response(middleware::anthropic_errors));
     Router::new()
         .merge(protected)
+        .merge(anthropic)
+        .merge(public_metrics)
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .fallback(middleware::not_found)
@@ -103,6 +126,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         metrics: Metrics::new(),
         draining: AtomicBool::new(false),
         started: crate::api::unix_now(),
+        responses: store::ResponseStore::new(
+            settings.responses_store_max,
+            Duration::from_secs(settings.responses_store_ttl_secs),
+        ),
     });
     let loader = state.clone();
     tokio::task::spawn_blocking(move || match state::load(&loader.settings) {
@@ -207,6 +234,7 @@ mod tests {
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
             started: 0,
+            responses: store::ResponseStore::new(0, Duration::from_secs(1)),
         });
         let req = axum::http::Request::get("/ready")
             .body(axum::body::Body::empty())

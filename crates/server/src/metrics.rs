@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 
 use moeserve_core::engine::EngineStats;
 use prometheus::{
-    Counter, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -23,6 +23,10 @@ pub struct Metrics {
     waiting: IntGauge,
     kv_used: IntGauge,
     kv_total: IntGauge,
+    /// The Gateway API Inference Extension's model-server metrics: KV-cache use as a
+    /// 0-1 fraction, and the pool's shape as labels.
+    kv_usage: Gauge,
+    cache_config_info: IntGaugeVec,
     prefix_hits: IntCounter,
     preemptions: IntCounter,
     expert_tokens: IntCounterVec,
@@ -111,6 +115,25 @@ impl Metrics {
         registry
             .register(Box::new(expert_tokens.clone()))
             .expect("unique metric");
+        let kv_usage = Gauge::new(
+            "moeserve_kv_cache_usage_perc",
+            "KV-cache use as a fraction from 0 to 1: blocks held by sequences over the pool's blocks (vLLM's kv_cache_usage_perc).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(kv_usage.clone()))
+            .expect("unique metric");
+        let cache_config_info = IntGaugeVec::new(
+            Opts::new(
+                "moeserve_cache_config_info",
+                "The KV pool's shape, as labels: tokens per block and blocks (value 1).",
+            ),
+            &["block_size", "num_gpu_blocks"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cache_config_info.clone()))
+            .expect("unique metric");
         let spec_accepted_per_position = IntCounterVec::new(
             Opts::new(
                 "moeserve_spec_decode_num_accepted_tokens_per_pos_total",
@@ -153,6 +176,8 @@ impl Metrics {
                 "KV cache blocks held by sequences.",
             ),
             kv_total: gauge("moeserve_kv_cache_blocks_total", "KV cache blocks in the pool."),
+            kv_usage,
+            cache_config_info,
             prefix_hits: total(
                 "moeserve_prefix_cache_hit_tokens_total",
                 "Prompt tokens served from the prefix cache.",
@@ -204,8 +229,9 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition, with engine gauges refreshed.
-    pub fn render(&self, engine: Option<&EngineStats>) -> String {
+    /// The Prometheus text exposition, with engine gauges refreshed (`block_size`: the
+    /// pool's tokens per block).
+    pub fn render(&self, engine: Option<&EngineStats>, block_size: usize) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = engine {
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -216,6 +242,17 @@ impl Metrics {
             self.waiting.set(loadu(&s.waiting));
             self.kv_used.set(loadu(&s.kv_blocks_used));
             self.kv_total.set(loadu(&s.kv_blocks_total));
+            let (used, total) = (loadu(&s.kv_blocks_used), loadu(&s.kv_blocks_total));
+            self.kv_usage.set(if total > 0 {
+                used as f64 / total as f64
+            } else {
+                0.0
+            });
+            // One series (reset first: a series of another shape would linger).
+            self.cache_config_info.reset();
+            self.cache_config_info
+                .with_label_values(&[&block_size.to_string(), &total.to_string()])
+                .set(1);
             catch_up(&self.prefix_hits, load(&s.prefix_cache_hit_tokens));
             catch_up(&self.preemptions, load(&s.preemptions));
             catch_up(&self.steps, load(&s.steps));

@@ -13,11 +13,13 @@ use crate::state::SharedState;
 pub(crate) async fn auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     let keys = &state.settings.api_keys;
     if !keys.is_empty() {
-        let given = req
-            .headers()
+        // OpenAI's clients send `Authorization: Bearer`, Anthropic's `x-api-key`.
+        let headers = req.headers();
+        let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim)
             .unwrap_or("");
         // Constant time per key, and every key is compared.
@@ -52,6 +54,18 @@ pub(crate) async fn count(State(state): State<SharedState>, mut req: Request, ne
         .with_label_values(&[&endpoint, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Errors of the Anthropic Messages API's routes in Anthropic's shape: every
+/// [`ApiError`] response (from the handler, the body extractor or the key check) carries
+/// the error, and is re-rendered here with the same status and headers.
+pub(crate) async fn anthropic_errors(resp: Response) -> Response {
+    let Some(e) = resp.extensions().get::<ApiError>().cloned() else {
+        return resp;
+    };
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(e.anthropic_body().to_string()))
 }
 
 pub(crate) async fn not_found(req: Request) -> ApiError {

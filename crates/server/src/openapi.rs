@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::api::{requests, responses};
+use crate::api::{anthropic, openai_responses, requests, responses, tokenize};
 use crate::routes;
 
 #[derive(OpenApi)]
@@ -18,6 +18,13 @@ use crate::routes;
     paths(
         routes::chat::chat_completions,
         routes::completions::completions,
+        routes::responses::create,
+        routes::responses::retrieve,
+        routes::responses::delete,
+        routes::messages::messages,
+        routes::messages::count_tokens,
+        routes::tokenize::tokenize,
+        routes::tokenize::detokenize,
         routes::models::list,
         routes::models::retrieve,
         routes::health::health,
@@ -43,10 +50,27 @@ use crate::routes;
         responses::Health,
         responses::Ready,
         responses::ErrorResponse,
+        openai_responses::ResponsesRequest,
+        openai_responses::ResponseObject,
+        openai_responses::ResponseStreamEvent,
+        openai_responses::DeletedResponse,
+        tokenize::TokenizeRequest,
+        tokenize::TokenizeResponse,
+        tokenize::DetokenizeRequest,
+        tokenize::DetokenizeResponse,
+        anthropic::MessagesRequest,
+        anthropic::CountTokensRequest,
+        anthropic::Message,
+        anthropic::StreamEvent,
+        anthropic::TokenCount,
+        anthropic::AnthropicError,
     )),
     modifiers(&ApiKey),
     tags(
         (name = "generation", description = "Chat and text completions, streamed or not."),
+        (name = "responses", description = "OpenAI's Responses API, with responses stored in memory for `previous_response_id`."),
+        (name = "anthropic", description = "Anthropic's Messages API (errors in Anthropic's shape; `x-api-key` is accepted as the key)."),
+        (name = "tokenizer", description = "vLLM's tokenize and detokenize."),
         (name = "models", description = "The served model."),
         (name = "operations", description = "Health, readiness, metrics, this document."),
     )

@@ -22,6 +22,7 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<String>,
+    pub public_metrics: bool,
     pub kv_cache_memory: String,
     pub kv_cache_dtype: String,
     pub block_size: usize,
@@ -42,6 +43,8 @@ pub struct Settings {
     pub request_timeout_secs: f64,
     pub sse_keepalive_secs: u64,
     pub shutdown_timeout_secs: u64,
+    pub responses_store_max: usize,
+    pub responses_store_ttl_secs: u64,
     pub log_format: String,
 }
 
@@ -70,6 +73,10 @@ pub struct SettingsArgs {
     /// API key clients must send as `Authorization: Bearer <key>` (repeat, or comma-separate in the env).
     #[arg(long = "api-key", env = "MOESERVE_API_KEY", value_delimiter = ',')]
     pub api_keys: Option<Vec<String>>,
+    /// Serve /metrics without the API key (for scrapers that cannot send one, such as
+    /// the inference gateway's endpoint picker) (true/false).
+    #[arg(long, env = "MOESERVE_PUBLIC_METRICS")]
+    pub public_metrics: Option<bool>,
     /// KV cache memory budget: bytes, or 512MiB, 2GiB.
     #[arg(long, env = "MOESERVE_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
@@ -130,6 +137,12 @@ pub struct SettingsArgs {
     /// Seconds in-flight requests get to finish on SIGTERM/SIGINT.
     #[arg(long, env = "MOESERVE_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Most responses the Responses API keeps for `previous_response_id` (0: none kept).
+    #[arg(long, env = "MOESERVE_RESPONSES_STORE_MAX")]
+    pub responses_store_max: Option<usize>,
+    /// Seconds a stored response is kept.
+    #[arg(long, env = "MOESERVE_RESPONSES_STORE_TTL_SECS")]
+    pub responses_store_ttl_secs: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "MOESERVE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -166,6 +179,7 @@ impl Settings {
             host,
             port,
             api_keys,
+            public_metrics,
             kv_cache_memory,
             kv_cache_dtype,
             block_size,
@@ -186,6 +200,8 @@ impl Settings {
             request_timeout_secs,
             sse_keepalive_secs,
             shutdown_timeout_secs,
+            responses_store_max,
+            responses_store_ttl_secs,
             log_format
         );
         s.api_keys.retain(|k| !k.is_empty());

@@ -25,6 +25,8 @@ pub struct AppState {
     /// Set on SIGTERM/SIGINT: /ready answers 503 and new requests are refused.
     pub draining: AtomicBool,
     pub started: u64,
+    /// The Responses API's stored responses.
+    pub responses: crate::store::ResponseStore,
 }
 
 pub struct LoadedEngine {

@@ -241,6 +241,7 @@ impl EngineCore {
                 let _ = req.events.send(EngineEvent::Finished {
                     index: seq.index,
                     reason: FinishReason::Abort,
+                    stop: None,
                 });
             }
             self.running.retain(|s| s != sid);
@@ -327,6 +328,7 @@ impl EngineCore {
         let _ = req.events.send(EngineEvent::Finished {
             index: seq.index,
             reason,
+            stop: seq.stop.matched().map(String::from),
         });
         req.live -= 1;
         if req.live == 0 {

@@ -65,7 +65,8 @@ pub struct StopChecker {
     stops: Vec<String>,
     text: String,
     emitted: usize,
-    stopped: bool,
+    /// The stop string found, once one is.
+    matched: Option<String>,
 }
 
 impl StopChecker {
@@ -103,7 +104,7 @@ impl StopChecker {
         if let Some((at, stop)) = found {
             let out = self.text[self.emitted..at].to_string();
             self.emitted = at;
-            self.stopped = true;
+            self.matched = Some(stop.clone());
             return (out, Some(stop.clone()));
         }
         // Hold back the longest tail that is a proper prefix of a stop string.
@@ -123,7 +124,12 @@ impl StopChecker {
 
     /// Whether a stop string was found.
     pub fn stopped(&self) -> bool {
-        self.stopped
+        self.matched.is_some()
+    }
+
+    /// The stop string found, if one was (Anthropic's `stop_sequence`).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// The held-back tail, when generation ends for another reason.

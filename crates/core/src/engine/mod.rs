@@ -107,8 +107,12 @@ pub enum EngineEvent {
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
-    /// Choice `index` ended.
-    Finished { index: usize, reason: FinishReason },
+    /// Choice `index` ended; `stop` is the stop string that ended it, if one did.
+    Finished {
+        index: usize,
+        reason: FinishReason,
+        stop: Option<String>,
+    },
     /// Every choice ended; the last event of a request.
     Done(Usage),
     /// The engine failed this request; the last event.

@@ -43,6 +43,7 @@ struct Choice {
     tokens: Vec<u32>,
     text: String,
     finish: Option<FinishReason>,
+    stop: Option<String>,
     logprobs: Vec<TokenLogprob>,
 }
 
@@ -74,7 +75,10 @@ fn collect(mut h: RequestHandle) -> Outcome {
                 c.logprobs.extend(logprobs);
                 o.deltas += 1;
             }
-            EngineEvent::Finished { index, reason } => o.choices[index].finish = Some(reason),
+            EngineEvent::Finished { index, reason, stop } => {
+                o.choices[index].finish = Some(reason);
+                o.choices[index].stop = stop;
+            }
             EngineEvent::Done(u) => {
                 o.usage = u;
                 break;
@@ -470,6 +474,8 @@ fn every_stop_condition_ends_with_the_right_reason() {
     );
     assert_eq!(o.choices[0].text, text[..text.find(&stop).unwrap()]);
     assert_eq!(o.choices[0].finish, Some(FinishReason::Stop));
+    // The stop string that ended it is named (Anthropic's `stop_sequence`).
+    assert_eq!(o.choices[0].stop.as_deref(), Some(stop.as_str()));
 
     // The model's context: a 2040-token prompt in a 2048-position model gets 8 tokens.
     let o = run(

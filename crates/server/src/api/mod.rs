@@ -1,9 +1,12 @@
 //! The API's types: requests as clients send them ([`requests`]) and every body the
 //! server sends ([`responses`]); both are described in the OpenAPI document.
 
+pub mod anthropic;
+pub mod openai_responses;
 pub mod requests;
 pub mod responses;
 pub mod structured;
+pub mod tokenize;
 pub mod tools;
 
 /// Seconds since the Unix epoch.

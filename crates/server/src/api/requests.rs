@@ -14,7 +14,7 @@ use crate::error::ApiError;
 
 /// OpenAI treats `null` as "not set": a field with a default takes it for `null` too
 /// (LangChain, LiteLLM and older SDKs send `"stream": null`).
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Default + Deserialize<'de>,

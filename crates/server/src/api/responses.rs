@@ -339,6 +339,8 @@ pub struct ModelCard {
     pub object: ModelObject,
     pub created: u64,
     pub owned_by: String,
+    /// The context length: prompt and output tokens together (vLLM's field).
+    pub max_model_len: usize,
 }
 
 /// `GET /health`

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use moeserve_core::engine::{FinishReason as EngineFinish, GenerateRequest, TokenLogprob};
+use moeserve_core::engine::{FinishReason as EngineFinish, GenerateRequest, SamplingParams, TokenLogprob};
 use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::sampling::Reasoning;
 use moeserve_core::tools::{call_grammar, prepare_messages, CallMode, ToolEvent};
@@ -26,8 +26,8 @@ use crate::api::structured::constraint_spec;
 use crate::api::tools::tool_plan;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::generation::{merge, Choice, Fold, Update};
-use crate::state::SharedState;
+use crate::generation::{merge, Choice, Events, Fold, Update};
+use crate::state::{LoadedEngine, SharedState};
 
 /// OpenAI's chat `logprobs` object.
 fn logprobs(codec: &TextCodec, lps: &[TokenLogprob]) -> ChatLogprobs {
@@ -175,6 +175,138 @@ pub async fn chat_completions(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let chat = prepare_chat(&state, &req).await?;
+    let (n, want_logprobs) = (chat.params.n, chat.params.logprobs.is_some());
+    let ChatRun {
+        model,
+        codec,
+        mut fold,
+        events,
+        ..
+    } = chat.submit(&state, "messages")?;
+    let meta = ResponseMeta::new("chatcmpl", &model, include_usage(&req.stream_options));
+    let mut timing = Timing::new("/v1/chat/completions");
+
+    if !req.stream {
+        run_to_end(&state, events, &mut fold, &mut timing, |_| {}).await?;
+        let reasons = fold.reasons();
+        let choices = fold
+            .choices()
+            .iter()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: Role::Assistant,
+                    // Only calls: no content (whitespace around them is not an answer).
+                    content: (c.calls.is_empty() || !c.content.trim().is_empty()).then(|| c.content.clone()),
+                    tool_calls: (!c.calls.is_empty()).then(|| {
+                        c.calls
+                            .iter()
+                            .map(|call| ToolCallOut {
+                                id: tool_call_id(),
+                                kind: ToolType::Function,
+                                function: FunctionCall {
+                                    name: call.name.clone(),
+                                    arguments: call.arguments.clone(),
+                                },
+                            })
+                            .collect()
+                    }),
+                    reasoning_content: reasons.then(|| c.reasoning.clone()),
+                },
+                logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
+                finish_reason: c.finish.map(|r| finish_reason(r, c)),
+            })
+            .collect();
+        let body = ChatCompletion::new(&meta.meta, choices, fold.usage().into());
+        return Ok(axum::Json(body).into_response());
+    }
+
+    let keepalive = state.settings.sse_keepalive_secs;
+    let stream = async_stream::stream! {
+        let mut events = events;
+        for i in 0..n {
+            let delta = ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
+            yield chunk(&meta, i, delta, None, None);
+        }
+        let mut failed = false;
+        'events: while let Some(event) = events.next().await {
+            for u in fold.apply(event) {
+                timing.observe(&state, &u);
+                if let Update::Failed(e) = u {
+                    yield ApiError::from(e).body();
+                    failed = true;
+                    break 'events;
+                }
+                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
+                    yield c;
+                }
+            }
+        }
+        if !failed {
+            for u in fold.close() {
+                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
+                    yield c;
+                }
+            }
+        }
+        timing.done(&state);
+        if meta.include_usage {
+            yield to_json(&ChatCompletionChunk::new(&meta.meta, vec![], UsageSlot::Present(fold.usage().into())));
+        }
+    };
+    Ok(sse_response(stream, keepalive))
+}
+
+/// A chat request made ready for the engine: the rendered prompt's tokens, the sampling
+/// parameters (constraint included) and the fold its events go into. The Responses and
+/// Messages APIs translate their requests into chat requests and share this.
+pub struct PreparedChat<'a> {
+    pub model: &'a LoadedEngine,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub fold: Fold,
+}
+
+/// A submitted chat request.
+pub struct ChatRun {
+    pub model: String,
+    pub codec: Arc<TextCodec>,
+    pub fold: Fold,
+    pub events: Events,
+    pub prompt_tokens: usize,
+}
+
+impl PreparedChat<'_> {
+    /// Hands the request to the engine; `prompt_param` names the field a prompt error
+    /// points at.
+    pub fn submit(self, state: &SharedState, prompt_param: &str) -> Result<ChatRun, ApiError> {
+        let prompt_tokens = self.prompt.len();
+        let handle = self
+            .model
+            .engine
+            .submit(GenerateRequest {
+                prompt: self.prompt,
+                params: self.params,
+            })
+            .map_err(|e| ApiError::from_submit(e, prompt_param, state.retry_after_secs()))?;
+        Ok(ChatRun {
+            model: self.model.id.clone(),
+            codec: self.model.engine.codec().clone(),
+            fold: self.fold,
+            events: merge(vec![handle], state.settings.request_deadline()),
+            prompt_tokens,
+        })
+    }
+}
+
+/// Checks a chat request, renders its prompt with the chat template (tools included),
+/// and compiles its constraint.
+pub async fn prepare_chat<'a>(
+    state: &'a SharedState,
+    req: &ChatCompletionRequest,
+) -> Result<PreparedChat<'a>, ApiError> {
     let m = state.engine_for(&req.model)?;
     let mut params = req.to_params(state.settings.max_n)?;
     let mut messages = req.template_messages()?;
@@ -251,7 +383,7 @@ pub async fn chat_completions(
             }
         }
     }
-    params.constraint = match compile_constraint(&state, spec).await {
+    params.constraint = match compile_constraint(state, spec).await {
         // The model may answer without calls: a call grammar that cannot be built (a
         // schema feature llguidance lacks) leaves calls unconstrained, not refused.
         Err(e) if auto_calls => {
@@ -267,88 +399,14 @@ pub async fn chat_completions(
         params.skip_special_tokens = false;
     }
     let prompt = encode(codec.clone(), prompt_text).await?;
-    let n = params.n;
-    let want_logprobs = params.logprobs.is_some();
-    let mut fold = Fold::new(vec![prompt.len()], n, splitter);
+    let mut fold = Fold::new(vec![prompt.len()], params.n, splitter);
     if offered.is_some() && !answer_has_format {
         fold = fold.with_tool_calls(format);
     }
-    let handle = m
-        .engine
-        .submit(GenerateRequest { prompt, params })
-        .map_err(|e| ApiError::from_submit(e, "messages", state.retry_after_secs()))?;
-    let events = merge(vec![handle], state.settings.request_deadline());
-    let meta = ResponseMeta::new("chatcmpl", &m.id, include_usage(&req.stream_options));
-    let mut timing = Timing::new("/v1/chat/completions");
-
-    if !req.stream {
-        run_to_end(&state, events, &mut fold, &mut timing).await?;
-        let reasons = fold.reasons();
-        let choices = fold
-            .choices()
-            .iter()
-            .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                message: AssistantMessage {
-                    role: Role::Assistant,
-                    // Only calls: no content (whitespace around them is not an answer).
-                    content: (c.calls.is_empty() || !c.content.trim().is_empty()).then(|| c.content.clone()),
-                    tool_calls: (!c.calls.is_empty()).then(|| {
-                        c.calls
-                            .iter()
-                            .map(|call| ToolCallOut {
-                                id: tool_call_id(),
-                                kind: ToolType::Function,
-                                function: FunctionCall {
-                                    name: call.name.clone(),
-                                    arguments: call.arguments.clone(),
-                                },
-                            })
-                            .collect()
-                    }),
-                    reasoning_content: reasons.then(|| c.reasoning.clone()),
-                },
-                logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
-                finish_reason: c.finish.map(|r| finish_reason(r, c)),
-            })
-            .collect();
-        let body = ChatCompletion::new(&meta.meta, choices, fold.usage().into());
-        return Ok(axum::Json(body).into_response());
-    }
-
-    let keepalive = state.settings.sse_keepalive_secs;
-    let stream = async_stream::stream! {
-        let mut events = events;
-        for i in 0..n {
-            let delta = ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
-            yield chunk(&meta, i, delta, None, None);
-        }
-        let mut failed = false;
-        'events: while let Some(event) = events.next().await {
-            for u in fold.apply(event) {
-                timing.observe(&state, &u);
-                if let Update::Failed(e) = u {
-                    yield ApiError::from(e).body();
-                    failed = true;
-                    break 'events;
-                }
-                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
-                    yield c;
-                }
-            }
-        }
-        if !failed {
-            for u in fold.close() {
-                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
-                    yield c;
-                }
-            }
-        }
-        timing.done(&state);
-        if meta.include_usage {
-            yield to_json(&ChatCompletionChunk::new(&meta.meta, vec![], UsageSlot::Present(fold.usage().into())));
-        }
-    };
-    Ok(sse_response(stream, keepalive))
+    Ok(PreparedChat {
+        model: m,
+        prompt,
+        params,
+        fold,
+    })
 }

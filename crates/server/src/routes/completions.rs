@@ -168,7 +168,7 @@ pub async fn completions(
     let mut timing = Timing::new("/v1/completions");
 
     if !req.stream {
-        run_to_end(&state, events, &mut fold, &mut timing).await?;
+        run_to_end(&state, events, &mut fold, &mut timing, |_| {}).await?;
         let choices = fold
             .choices()
             .iter()

@@ -46,7 +46,10 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     ),
     security(("api_key" = [])))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
-    let body = state.metrics.render(state.model.get().map(|m| m.engine.stats()));
+    let body = state.metrics.render(
+        state.model.get().map(|m| m.engine.stats()),
+        state.settings.block_size,
+    );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

@@ -4,8 +4,11 @@
 pub mod chat;
 pub mod completions;
 pub mod health;
+pub mod messages;
 pub mod models;
 pub mod openapi;
+pub mod responses;
+pub mod tokenize;
 
 use std::time::{Duration, Instant};
 
@@ -126,12 +129,14 @@ impl Timing {
 }
 
 /// Runs a request to its end (the non-streamed responses): every event into `fold`,
-/// then the choices still open closed. An engine failure is the request's error.
+/// then the choices still open closed; `each` sees every update. An engine failure is
+/// the request's error.
 pub async fn run_to_end(
     state: &AppState,
     mut events: Events,
     fold: &mut Fold,
     timing: &mut Timing,
+    mut each: impl FnMut(&Update),
 ) -> Result<(), ApiError> {
     while let Some(event) = events.next().await {
         for u in fold.apply(event) {
@@ -139,9 +144,12 @@ pub async fn run_to_end(
             if let Update::Failed(e) = u {
                 return Err(e.into());
             }
+            each(&u);
         }
     }
-    fold.close();
+    for u in fold.close() {
+        each(&u);
+    }
     timing.done(state);
     Ok(())
 }
@@ -159,19 +167,39 @@ pub async fn encode(codec: std::sync::Arc<TextCodec>, text: String) -> Result<Ve
         .map_err(|e| ApiError::invalid(format!("cannot tokenize the prompt: {e}"), None))
 }
 
-/// An SSE response from a stream of JSON chunks, ending with `[DONE]`, with keep-alive
-/// comments while nothing is sent.
+/// An SSE response from a stream of JSON chunks, ending with `[DONE]` (OpenAI's chat
+/// and completions streams), with keep-alive comments while nothing is sent.
 pub fn sse_response<S>(chunks: S, keepalive_secs: u64) -> axum::response::Response
 where
     S: Stream<Item = serde_json::Value> + Send + 'static,
 {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    use axum::response::IntoResponse;
+    use axum::response::sse::Event;
     let events = chunks
         .map(|c| Event::default().data(c.to_string()))
-        .chain(stream::once(async { Event::default().data("[DONE]") }))
-        .map(Ok::<_, std::convert::Infallible>);
-    Sse::new(events)
+        .chain(stream::once(async { Event::default().data("[DONE]") }));
+    sse(events, keepalive_secs)
+}
+
+/// An SSE response of named events (`event: <name>`, `data: <json>`), as the Responses
+/// and Messages APIs stream: no `[DONE]`, their last event says the end.
+pub fn sse_named_response<S>(events: S, keepalive_secs: u64) -> axum::response::Response
+where
+    S: Stream<Item = (&'static str, serde_json::Value)> + Send + 'static,
+{
+    use axum::response::sse::Event;
+    sse(
+        events.map(|(name, data)| Event::default().event(name).data(data.to_string())),
+        keepalive_secs,
+    )
+}
+
+fn sse<S>(events: S, keepalive_secs: u64) -> axum::response::Response
+where
+    S: Stream<Item = axum::response::sse::Event> + Send + 'static,
+{
+    use axum::response::sse::{KeepAlive, Sse};
+    use axum::response::IntoResponse;
+    Sse::new(events.map(Ok::<_, std::convert::Infallible>))
         .keep_alive(
             KeepAlive::new()
                 .interval(Duration::from_secs(keepalive_secs))

@@ -5,14 +5,15 @@ use axum::Json;
 
 use crate::api::responses::{ErrorResponse, ListObject, ModelCard, ModelList, ModelObject};
 use crate::error::ApiError;
-use crate::state::SharedState;
+use crate::state::{LoadedEngine, SharedState};
 
-fn card(id: &str, created: u64) -> ModelCard {
+fn card(m: &LoadedEngine, created: u64) -> ModelCard {
     ModelCard {
-        id: id.into(),
+        id: m.id.clone(),
         object: ModelObject::Model,
         created,
         owned_by: "moeserve".into(),
+        max_model_len: m.engine.limits().context_length,
     }
 }
 
@@ -27,7 +28,7 @@ pub async fn list(State(state): State<SharedState>) -> Result<Json<ModelList>, A
     let m = state.engine()?;
     Ok(Json(ModelList {
         object: ListObject::List,
-        data: vec![card(&m.id, state.started)],
+        data: vec![card(m, state.started)],
     }))
 }
 
@@ -45,5 +46,5 @@ pub async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
     let m = state.engine_for(&id)?;
-    Ok(Json(card(&m.id, state.started)))
+    Ok(Json(card(m, state.started)))
 }

@@ -1,0 +1,743 @@
+//! OpenAI's Responses API (`POST /v1/responses`): its request, the response object, the
+//! stream's events, and the request's translation into a chat request (input items
+//! become chat messages; the answer's blocks become output items).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use crate::api::requests::{null_as_default, ChatCompletionRequest};
+use crate::error::ApiError;
+
+/// `POST /v1/responses`
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ResponsesRequest {
+    pub model: String,
+    /// A string (one user message) or a list of items: messages (`input_text` parts),
+    /// `function_call` and `function_call_output` items; `reasoning` items of earlier
+    /// turns are accepted and left out.
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<Value>,
+    /// A system message for this response only (not carried to the next by
+    /// `previous_response_id`).
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Extensions as on chat: vLLM's `top_k`, and a `seed`.
+    pub top_k: Option<i32>,
+    pub seed: Option<i64>,
+    /// Function tools (`{"type": "function", "name", "description", "parameters"}`);
+    /// built-in tools (web search, file search, ..) are refused.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<Value>>,
+    /// `none`, `auto`, `required` or `{"type": "function", "name": ..}`.
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", ..}}`
+    #[schema(value_type = Option<Object>)]
+    pub text: Option<Value>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub stream: bool,
+    /// Keep the response so `previous_response_id` can continue it (default true).
+    pub store: Option<bool>,
+    pub previous_response_id: Option<String>,
+    /// Refused when true: background mode is not supported.
+    pub background: Option<bool>,
+    /// Accepted; the effort is not adjustable.
+    #[schema(value_type = Option<Object>)]
+    pub reasoning: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// Refused: the Conversations API is not supported (use `previous_response_id`).
+    #[schema(value_type = Option<Object>)]
+    pub conversation: Option<Value>,
+    /// Refused: stored prompt templates are not supported.
+    #[schema(value_type = Option<Object>)]
+    pub prompt: Option<Value>,
+    pub max_tool_calls: Option<usize>,
+}
+
+fn refuse(param: &str, what: &str) -> ApiError {
+    ApiError::invalid_param(param, format!("{what} is not supported"))
+}
+
+/// A message item's content: a string, or `input_text` / `output_text` parts.
+fn item_text(content: Option<&Value>, param: &str) -> Result<String, ApiError> {
+    match content {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("input_text" | "output_text" | "text") => {
+                        text.push_str(p.get("text").and_then(Value::as_str).unwrap_or(""))
+                    }
+                    Some("refusal") => text.push_str(p.get("refusal").and_then(Value::as_str).unwrap_or("")),
+                    other => {
+                        return Err(ApiError::invalid_param(
+                            &format!("{param}[{j}].type"),
+                            format!(
+                                "content parts of type {} are not supported (only text)",
+                                other.unwrap_or("(none)")
+                            ),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(ApiError::invalid_param(
+            param,
+            "content must be a string or a list of parts",
+        )),
+    }
+}
+
+/// The input as chat messages. Consecutive `function_call` items join the assistant
+/// message before them, as one turn's calls.
+pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
+    let items = match input {
+        Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
+        Value::Array(items) => items,
+        _ => {
+            return Err(ApiError::invalid_param(
+                "input",
+                "input must be a string or a list of items",
+            ))
+        }
+    };
+    let mut out: Vec<Value> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let kind = item.get("type").and_then(Value::as_str);
+        match kind {
+            Some("message") | None if item.get("role").is_some() => {
+                let role = item["role"].as_str().unwrap_or("");
+                if !["user", "assistant", "system", "developer"].contains(&role) {
+                    return Err(ApiError::invalid_param(
+                        &format!("{at}.role"),
+                        format!("unknown role {role:?} (user, assistant, system or developer)"),
+                    ));
+                }
+                let text = item_text(item.get("content"), &format!("{at}.content"))?;
+                out.push(json!({"role": role, "content": text}));
+            }
+            Some("function_call") => {
+                let (Some(call_id), Some(name)) = (
+                    item.get("call_id").and_then(Value::as_str),
+                    item.get("name").and_then(Value::as_str),
+                ) else {
+                    return Err(ApiError::invalid_param(
+                        &at,
+                        "a function_call item needs call_id and name",
+                    ));
+                };
+                let arguments = item.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                let call = json!({"id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": arguments}});
+                match out.last_mut() {
+                    Some(m) if m["role"] == "assistant" => match m.get_mut("tool_calls") {
+                        Some(Value::Array(calls)) => calls.push(call),
+                        _ => m["tool_calls"] = json!([call]),
+                    },
+                    _ => out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]})),
+                }
+            }
+            Some("function_call_output") => {
+                let Some(call_id) = item.get("call_id").and_then(Value::as_str) else {
+                    return Err(ApiError::invalid_param(
+                        &format!("{at}.call_id"),
+                        "a function_call_output item needs the call_id it answers",
+                    ));
+                };
+                let output = match item.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    o => item_text(o, &format!("{at}.output"))?,
+                };
+                out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+            }
+            // Earlier turns' thoughts are not shown to the model again.
+            Some("reasoning") => {}
+            other => {
+                return Err(ApiError::invalid_param(
+                    &format!("{at}.type"),
+                    format!(
+                    "input items of type {} are not supported (message, function_call, function_call_output)",
+                    other.unwrap_or("(none)")
+                ),
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(ApiError::invalid_param("input", "input must not be empty"));
+    }
+    Ok(out)
+}
+
+impl ResponsesRequest {
+    /// Refuses what is not supported (400s naming the field).
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.background == Some(true) {
+            return Err(refuse("background", "background mode"));
+        }
+        if self.conversation.as_ref().is_some_and(|c| !c.is_null()) {
+            return Err(refuse("conversation", "the Conversations API"));
+        }
+        if self.prompt.as_ref().is_some_and(|p| !p.is_null()) {
+            return Err(refuse("prompt", "a stored prompt template"));
+        }
+        if self.input.is_none() {
+            return Err(ApiError::invalid_param("input", "input is required"));
+        }
+        Ok(())
+    }
+
+    /// `tools` in chat terms.
+    fn chat_tools(&self) -> Result<Value, ApiError> {
+        let Some(tools) = &self.tools else {
+            return Ok(Value::Null);
+        };
+        let mut out = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            match t.get("type").and_then(Value::as_str) {
+                Some("function") => out.push(json!({"type": "function", "function": {
+                    "name": t.get("name"), "description": t.get("description"),
+                    "parameters": t.get("parameters"), "strict": t.get("strict")}})),
+                other => {
+                    return Err(ApiError::invalid_param(
+                        &format!("tools[{i}].type"),
+                        format!(
+                            "built-in tools ({}) are not supported; only function tools",
+                            other.unwrap_or("no type")
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn chat_tool_choice(&self) -> Result<Value, ApiError> {
+        Ok(match &self.tool_choice {
+            None | Some(Value::Null) => Value::Null,
+            Some(Value::String(s)) => Value::String(s.clone()),
+            Some(c) => {
+                match (
+                    c.get("type").and_then(Value::as_str),
+                    c.get("name").and_then(Value::as_str),
+                ) {
+                    (Some("function"), Some(name)) => json!({"type": "function", "function": {"name": name}}),
+                    _ => return Err(ApiError::invalid_param(
+                        "tool_choice",
+                        "tool_choice must be none, auto, required or {\"type\": \"function\", \"name\": ..}",
+                    )),
+                }
+            }
+        })
+    }
+
+    /// `text.format` as chat's `response_format`.
+    fn response_format(&self) -> Result<Value, ApiError> {
+        let Some(format) = self
+            .text
+            .as_ref()
+            .and_then(|t| t.get("format"))
+            .filter(|f| !f.is_null())
+        else {
+            return Ok(Value::Null);
+        };
+        Ok(match format.get("type").and_then(Value::as_str) {
+            Some("text") => Value::Null,
+            Some("json_object") => json!({"type": "json_object"}),
+            Some("json_schema") => json!({"type": "json_schema", "json_schema": {
+                "name": format.get("name"), "description": format.get("description"),
+                "schema": format.get("schema"), "strict": format.get("strict")}}),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "text.format.type",
+                    "text.format.type must be text, json_object or json_schema",
+                ))
+            }
+        })
+    }
+
+    /// The chat request for `conversation` (the earlier turns and this input, as chat
+    /// messages), with `instructions` as its system message.
+    pub fn to_chat(&self, conversation: &[Value]) -> Result<ChatCompletionRequest, ApiError> {
+        let mut messages = Vec::with_capacity(conversation.len() + 1);
+        if let Some(i) = &self.instructions {
+            messages.push(json!({"role": "system", "content": i}));
+        }
+        messages.extend_from_slice(conversation);
+        let tools = self.chat_tools()?;
+        let v = json!({
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "tool_choice": if tools.is_null() { Value::Null } else { self.chat_tool_choice()? },
+            "tools": tools,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "response_format": self.response_format()?,
+        });
+        serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseStatus {
+    InProgress,
+    Completed,
+    Incomplete,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemStatus {
+    InProgress,
+    Completed,
+    Incomplete,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct OutputText {
+    /// `output_text`
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+    #[schema(value_type = Vec<Object>)]
+    pub annotations: Vec<Value>,
+    #[schema(value_type = Vec<Object>)]
+    pub logprobs: Vec<Value>,
+}
+
+impl OutputText {
+    pub fn new(text: String) -> Self {
+        OutputText {
+            kind: "output_text".into(),
+            text,
+            annotations: vec![],
+            logprobs: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ReasoningText {
+    /// `reasoning_text`
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+}
+
+/// An item of the output, in the order the model wrote them.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputItem {
+    /// A reasoning model's thought (as `reasoning_text` content; no summary).
+    Reasoning {
+        id: String,
+        #[schema(value_type = Vec<Object>)]
+        summary: Vec<Value>,
+        content: Vec<ReasoningText>,
+        status: ItemStatus,
+    },
+    Message {
+        id: String,
+        status: ItemStatus,
+        /// `assistant`
+        role: String,
+        content: Vec<OutputText>,
+    },
+    FunctionCall {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+        status: ItemStatus,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct InputTokensDetails {
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct OutputTokensDetails {
+    /// Tokens of the thought.
+    pub reasoning_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct ResponseUsage {
+    pub input_tokens: usize,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: usize,
+    pub output_tokens_details: OutputTokensDetails,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct IncompleteDetails {
+    /// `max_output_tokens`
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ResponseError {
+    pub code: String,
+    pub message: String,
+}
+
+/// The response object.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ResponseObject {
+    pub id: String,
+    /// `response`
+    pub object: String,
+    pub created_at: u64,
+    pub status: ResponseStatus,
+    pub background: bool,
+    pub error: Option<ResponseError>,
+    pub incomplete_details: Option<IncompleteDetails>,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<usize>,
+    pub max_tool_calls: Option<usize>,
+    pub model: String,
+    pub output: Vec<OutputItem>,
+    /// The text of the output's messages, joined (what the SDKs call `output_text`).
+    pub output_text: String,
+    pub parallel_tool_calls: bool,
+    pub previous_response_id: Option<String>,
+    #[schema(value_type = Object)]
+    pub reasoning: Value,
+    pub store: bool,
+    pub temperature: Option<f32>,
+    #[schema(value_type = Object)]
+    pub text: Value,
+    /// `none`, `auto`, `required` or the named function.
+    #[schema(value_type = Value)]
+    pub tool_choice: Value,
+    #[schema(value_type = Vec<Object>)]
+    pub tools: Value,
+    pub top_p: Option<f32>,
+    /// `disabled`: a conversation too long for the context is an error.
+    pub truncation: String,
+    /// `null` until the response ends.
+    pub usage: Option<ResponseUsage>,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+}
+
+impl ResponseObject {
+    /// A response to `req`, in progress, with no output yet.
+    pub fn start(id: String, model: String, req: &ResponsesRequest) -> Self {
+        ResponseObject {
+            id,
+            object: "response".into(),
+            created_at: crate::api::unix_now(),
+            status: ResponseStatus::InProgress,
+            background: false,
+            error: None,
+            incomplete_details: None,
+            instructions: req.instructions.clone(),
+            max_output_tokens: req.max_output_tokens,
+            max_tool_calls: req.max_tool_calls,
+            model,
+            output: vec![],
+            output_text: String::new(),
+            parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
+            previous_response_id: req.previous_response_id.clone(),
+            reasoning: json!({"effort": req.reasoning.as_ref().and_then(|r| r.get("effort")).cloned(), "summary": null}),
+            store: req.store.unwrap_or(true),
+            temperature: req.temperature,
+            text: req
+                .text
+                .clone()
+                .filter(|t| t.get("format").is_some_and(|f| !f.is_null()))
+                .unwrap_or_else(|| json!({"format": {"type": "text"}})),
+            tool_choice: req
+                .tool_choice
+                .clone()
+                .filter(|c| !c.is_null())
+                .unwrap_or_else(|| json!("auto")),
+            tools: req.tools.clone().map(Value::from).unwrap_or_else(|| json!([])),
+            top_p: req.top_p,
+            truncation: "disabled".into(),
+            usage: None,
+            metadata: req
+                .metadata
+                .clone()
+                .filter(|m| !m.is_null())
+                .unwrap_or_else(|| json!({})),
+        }
+    }
+}
+
+/// The events of a streamed response (the SSE event name is the `type`), each with its
+/// place in the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(tag = "type")]
+pub enum ResponseStreamEvent {
+    #[serde(rename = "response.created")]
+    Created {
+        sequence_number: u64,
+        response: ResponseObject,
+    },
+    #[serde(rename = "response.in_progress")]
+    InProgress {
+        sequence_number: u64,
+        response: ResponseObject,
+    },
+    #[serde(rename = "response.output_item.added")]
+    OutputItemAdded {
+        sequence_number: u64,
+        output_index: usize,
+        item: OutputItem,
+    },
+    #[serde(rename = "response.output_item.done")]
+    OutputItemDone {
+        sequence_number: u64,
+        output_index: usize,
+        item: OutputItem,
+    },
+    #[serde(rename = "response.content_part.added")]
+    ContentPartAdded {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        part: OutputText,
+    },
+    #[serde(rename = "response.content_part.done")]
+    ContentPartDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        part: OutputText,
+    },
+    #[serde(rename = "response.output_text.delta")]
+    OutputTextDelta {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        delta: String,
+        #[schema(value_type = Vec<Object>)]
+        logprobs: Vec<Value>,
+    },
+    #[serde(rename = "response.output_text.done")]
+    OutputTextDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        text: String,
+        #[schema(value_type = Vec<Object>)]
+        logprobs: Vec<Value>,
+    },
+    #[serde(rename = "response.reasoning_text.delta")]
+    ReasoningTextDelta {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        delta: String,
+    },
+    #[serde(rename = "response.reasoning_text.done")]
+    ReasoningTextDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        text: String,
+    },
+    #[serde(rename = "response.function_call_arguments.delta")]
+    FunctionCallArgumentsDelta {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        delta: String,
+    },
+    #[serde(rename = "response.function_call_arguments.done")]
+    FunctionCallArgumentsDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        name: String,
+        arguments: String,
+    },
+    #[serde(rename = "response.completed")]
+    Completed {
+        sequence_number: u64,
+        response: ResponseObject,
+    },
+    #[serde(rename = "response.incomplete")]
+    Incomplete {
+        sequence_number: u64,
+        response: ResponseObject,
+    },
+    #[serde(rename = "response.failed")]
+    Failed {
+        sequence_number: u64,
+        response: ResponseObject,
+    },
+}
+
+impl ResponseStreamEvent {
+    /// The SSE event name (the `type`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created { .. } => "response.created",
+            Self::InProgress { .. } => "response.in_progress",
+            Self::OutputItemAdded { .. } => "response.output_item.added",
+            Self::OutputItemDone { .. } => "response.output_item.done",
+            Self::ContentPartAdded { .. } => "response.content_part.added",
+            Self::ContentPartDone { .. } => "response.content_part.done",
+            Self::OutputTextDelta { .. } => "response.output_text.delta",
+            Self::OutputTextDone { .. } => "response.output_text.done",
+            Self::ReasoningTextDelta { .. } => "response.reasoning_text.delta",
+            Self::ReasoningTextDone { .. } => "response.reasoning_text.done",
+            Self::FunctionCallArgumentsDelta { .. } => "response.function_call_arguments.delta",
+            Self::FunctionCallArgumentsDone { .. } => "response.function_call_arguments.done",
+            Self::Completed { .. } => "response.completed",
+            Self::Incomplete { .. } => "response.incomplete",
+            Self::Failed { .. } => "response.failed",
+        }
+    }
+}
+
+/// `DELETE /v1/responses/{id}`'s answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeletedResponse {
+    pub id: String,
+    /// `response.deleted`
+    pub object: String,
+    pub deleted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> ResponsesRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Items become the chat conversation: a message with parts, an assistant message
+    /// and the calls after it as one turn, their outputs as tool messages.
+    #[test]
+    fn input_items_become_chat_messages() {
+        let input = json!([
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather "}, {"type": "input_text", "text": "in Paris?"}]},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+            {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{\"city\":\"Paris\"}"},
+            {"type": "function_call", "call_id": "c2", "name": "time", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "c2", "output": "noon"},
+        ]);
+        assert_eq!(
+            input_messages(&input).unwrap(),
+            vec![
+                json!({"role": "user", "content": "Weather in Paris?"}),
+                json!({"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+                    {"id": "c2", "type": "function", "function": {"name": "time", "arguments": "{}"}}]}),
+                json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"}),
+                json!({"role": "tool", "tool_call_id": "c2", "content": "noon"}),
+            ]
+        );
+        assert_eq!(
+            input_messages(&json!("hi")).unwrap(),
+            vec![json!({"role": "user", "content": "hi"})]
+        );
+    }
+
+    /// Tools, tool_choice and text.format in chat terms; instructions lead.
+    #[test]
+    fn the_chat_request() {
+        let r = req(
+            json!({"model": "m", "input": "x", "instructions": "Be brief.", "max_output_tokens": 7,
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "f"},
+            "text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"}}}}),
+        );
+        let chat = r
+            .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
+            .unwrap();
+        assert_eq!(chat.messages.len(), 2);
+        assert_eq!(chat.messages[0].role, "system");
+        assert_eq!(chat.max_tokens, Some(7));
+        assert_eq!(
+            chat.tool_choice,
+            Some(json!({"type": "function", "function": {"name": "f"}}))
+        );
+        assert_eq!(
+            chat.tools.as_ref().unwrap()[0]
+                .function
+                .as_ref()
+                .unwrap()
+                .name
+                .as_deref(),
+            Some("f")
+        );
+        let f = chat.response_format.unwrap();
+        assert_eq!(
+            (f.kind.as_str(), f.json_schema.unwrap().name),
+            ("json_schema", Some("p".into()))
+        );
+    }
+
+    #[test]
+    fn what_is_refused_names_its_field() {
+        let param = |v: Value| {
+            let r = req(v);
+            let e = r
+                .check()
+                .and_then(|_| input_messages(r.input.as_ref().unwrap()))
+                .and_then(|m| r.to_chat(&m))
+                .unwrap_err();
+            match e {
+                ApiError::InvalidRequest { param, .. } => param,
+                other => panic!("{other:?}"),
+            }
+        };
+        let cases = [
+            (json!({"background": true}), "background"),
+            (json!({"conversation": "conv_1"}), "conversation"),
+            (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+                "input[0].content[0].type",
+            ),
+            (
+                json!({"input": [{"type": "item_reference", "id": "x"}]}),
+                "input[0].type",
+            ),
+            (
+                json!({"input": [{"type": "function_call_output", "output": "x"}]}),
+                "input[0].call_id",
+            ),
+            (json!({"input": []}), "input"),
+            (json!({"text": {"format": {"type": "yaml"}}}), "text.format.type"),
+        ];
+        for (extra, want) in cases {
+            let mut v = json!({"model": "m", "input": "hi"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert_eq!(param(v.clone()), Some(want.to_string()), "{v}");
+        }
+    }
+}

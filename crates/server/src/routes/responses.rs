@@ -1,0 +1,377 @@
+//! `POST /v1/responses`, `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`: OpenAI's
+//! Responses API over the chat path. The input items (after the stored conversation of
+//! `previous_response_id`) become a chat request; the answer's blocks ([`Blocks`])
+//! become output items, streamed as the API's events or returned whole.
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use moeserve_core::engine::FinishReason;
+use serde_json::{json, Value};
+
+use super::chat::{prepare_chat, ChatRun};
+use super::{run_to_end, sse_named_response, to_json, GenerationErrors, Timing};
+use crate::api::openai_responses::{
+    input_messages, DeletedResponse, IncompleteDetails, InputTokensDetails, ItemStatus, OutputItem,
+    OutputText, OutputTokensDetails, ReasoningText, ResponseError, ResponseObject, ResponseStatus,
+    ResponseStreamEvent, ResponseStreamEvent as Ev, ResponseUsage, ResponsesRequest,
+};
+use crate::api::responses::ErrorResponse;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::generation::{Block, BlockEvent, BlockKind, Blocks, Fold, Update};
+use crate::state::SharedState;
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// An output item's ids: its own, and a call's `call_id`.
+struct ItemIds {
+    id: String,
+    call_id: String,
+}
+
+impl ItemIds {
+    fn new(kind: &BlockKind) -> Self {
+        let prefix = match kind {
+            BlockKind::Reasoning => "rs",
+            BlockKind::Text => "msg",
+            BlockKind::Call { .. } => "fc",
+        };
+        ItemIds {
+            id: new_id(prefix),
+            call_id: new_id("call"),
+        }
+    }
+}
+
+/// Block `b` as an output item.
+fn output_item(b: &Block, ids: &ItemIds, status: ItemStatus) -> OutputItem {
+    match &b.kind {
+        BlockKind::Reasoning => OutputItem::Reasoning {
+            id: ids.id.clone(),
+            summary: vec![],
+            content: vec![ReasoningText {
+                kind: "reasoning_text".into(),
+                text: b.text.clone(),
+            }],
+            status,
+        },
+        BlockKind::Text => OutputItem::Message {
+            id: ids.id.clone(),
+            status,
+            role: "assistant".into(),
+            content: vec![OutputText::new(b.text.clone())],
+        },
+        BlockKind::Call { name } => OutputItem::FunctionCall {
+            id: ids.id.clone(),
+            call_id: ids.call_id.clone(),
+            name: name.clone(),
+            arguments: b.text.clone(),
+            status,
+        },
+    }
+}
+
+/// An item as it opens in a stream: no content yet.
+fn opening_item(b: &Block, ids: &ItemIds) -> OutputItem {
+    match output_item(b, ids, ItemStatus::InProgress) {
+        OutputItem::Reasoning {
+            id, summary, status, ..
+        } => OutputItem::Reasoning {
+            id,
+            summary,
+            content: vec![],
+            status,
+        },
+        OutputItem::Message { id, status, role, .. } => OutputItem::Message {
+            id,
+            status,
+            role,
+            content: vec![],
+        },
+        OutputItem::FunctionCall {
+            id,
+            call_id,
+            name,
+            status,
+            ..
+        } => OutputItem::FunctionCall {
+            id,
+            call_id,
+            name,
+            arguments: String::new(),
+            status,
+        },
+    }
+}
+
+/// Whether the answer was cut off (by `max_output_tokens`, the context or the deadline).
+fn cut_off(fold: &Fold) -> bool {
+    fold.choices()[0].finish != Some(FinishReason::Stop)
+}
+
+/// The status of item `i` of `n` at its end: the last one of a cut-off answer is
+/// incomplete.
+fn item_status(i: usize, n: usize, fold: &Fold, ended: bool) -> ItemStatus {
+    if ended && i + 1 == n && cut_off(fold) {
+        ItemStatus::Incomplete
+    } else {
+        ItemStatus::Completed
+    }
+}
+
+/// The response at its end: output, text, status and usage.
+fn finish(resp: &mut ResponseObject, blocks: &Blocks, ids: &[ItemIds], fold: &Fold) {
+    let n = blocks.blocks.len();
+    resp.output = blocks
+        .blocks
+        .iter()
+        .zip(ids)
+        .enumerate()
+        .map(|(i, (b, ids))| output_item(b, ids, item_status(i, n, fold, true)))
+        .collect();
+    resp.output_text = blocks
+        .blocks
+        .iter()
+        .filter(|b| b.kind == BlockKind::Text)
+        .map(|b| b.text.as_str())
+        .collect();
+    if cut_off(fold) {
+        resp.status = ResponseStatus::Incomplete;
+        resp.incomplete_details = Some(IncompleteDetails {
+            reason: "max_output_tokens".into(),
+        });
+    } else {
+        resp.status = ResponseStatus::Completed;
+    }
+    let u = fold.usage();
+    resp.usage = Some(ResponseUsage {
+        input_tokens: u.prompt_tokens,
+        input_tokens_details: InputTokensDetails {
+            cached_tokens: u.cached_tokens,
+        },
+        output_tokens: u.completion_tokens,
+        output_tokens_details: OutputTokensDetails {
+            reasoning_tokens: fold.choices()[0].reasoning_tokens,
+        },
+        total_tokens: u.prompt_tokens + u.completion_tokens,
+    });
+}
+
+/// The conversation with this response's answer added, as a continuation sees it: its
+/// text and calls as one assistant message (the thought left out).
+fn with_answer(mut conversation: Vec<Value>, resp: &ResponseObject) -> Vec<Value> {
+    let mut calls = Vec::new();
+    for item in &resp.output {
+        if let OutputItem::FunctionCall {
+            call_id,
+            name,
+            arguments,
+            ..
+        } = item
+        {
+            calls.push(json!({"id": call_id, "type": "function",
+                "function": {"name": name, "arguments": arguments}}));
+        }
+    }
+    let mut msg = json!({"role": "assistant", "content": resp.output_text});
+    if !calls.is_empty() {
+        msg["tool_calls"] = Value::Array(calls);
+    }
+    conversation.push(msg);
+    conversation
+}
+
+fn not_found(id: &str, param: Option<&str>) -> ApiError {
+    ApiError::NotFound {
+        message: match param {
+            Some(_) => format!("Previous response with id '{id}' not found."),
+            None => format!("No response found with id '{id}'."),
+        },
+        param: param.map(String::from),
+        code: if param.is_some() {
+            "previous_response_not_found"
+        } else {
+            "response_not_found"
+        },
+    }
+}
+
+#[utoipa::path(post, path = "/v1/responses", tag = "responses", request_body = ResponsesRequest,
+    security(("api_key" = [])), responses(
+        (status = 200, description = "The response; with `stream: true`, Server-Sent Events named by their `type` (`response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`, .. `.done`, `response.function_call_arguments.delta` / `.done`, `response.output_item.done`, then `response.completed`, `response.incomplete` or `response.failed`), numbered by `sequence_number`.",
+            content((ResponseObject = "application/json"), (ResponseStreamEvent = "text/event-stream"))),
+        GenerationErrors))]
+pub async fn create(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<ResponsesRequest>,
+) -> Result<Response, ApiError> {
+    req.check()?;
+    let mut conversation = match &req.previous_response_id {
+        Some(id) => {
+            state
+                .responses
+                .get(id)
+                .ok_or_else(|| not_found(id, Some("previous_response_id")))?
+                .conversation
+        }
+        None => Vec::new(),
+    };
+    conversation.extend(input_messages(req.input.as_ref().expect("checked"))?);
+    let chat = req.to_chat(&conversation)?;
+    let ChatRun {
+        model,
+        mut fold,
+        events,
+        ..
+    } = prepare_chat(&state, &chat).await?.submit(&state, "input")?;
+    let mut resp = ResponseObject::start(new_id("resp"), model, &req);
+    let mut timing = Timing::new("/v1/responses");
+    let mut blocks = Blocks::default();
+
+    if !req.stream {
+        run_to_end(&state, events, &mut fold, &mut timing, |u| {
+            blocks.push(u);
+        })
+        .await?;
+        blocks.finish();
+        let ids: Vec<ItemIds> = blocks.blocks.iter().map(|b| ItemIds::new(&b.kind)).collect();
+        finish(&mut resp, &blocks, &ids, &fold);
+        if resp.store {
+            state
+                .responses
+                .put(resp.clone(), with_answer(conversation, &resp));
+        }
+        return Ok(Json(resp).into_response());
+    }
+
+    let keepalive = state.settings.sse_keepalive_secs;
+    let stream = async_stream::stream! {
+        let mut events = events;
+        let mut seq = 0u64;
+        let mut next = move || { seq += 1; seq - 1 };
+        let named = |e: Ev| (e.name(), to_json(&e));
+        yield named(Ev::Created { sequence_number: next(), response: resp.clone() });
+        yield named(Ev::InProgress { sequence_number: next(), response: resp.clone() });
+        let mut ids: Vec<ItemIds> = Vec::new();
+        let mut failed = None;
+        let mut ended = false;
+        loop {
+            let updates: Vec<Update> = match events.next().await {
+                Some(event) => fold.apply(event),
+                None if !ended => { ended = true; fold.close() }
+                None => break,
+            };
+            let mut block_events = Vec::new();
+            for u in &updates {
+                timing.observe(&state, u);
+                if let Update::Failed(e) = u {
+                    failed = Some(e.clone());
+                }
+                block_events.extend(blocks.push(u));
+            }
+            if failed.is_some() {
+                break;
+            }
+            if ended {
+                block_events.extend(blocks.finish());
+            }
+            for e in block_events {
+                match e {
+                    BlockEvent::Start(i) => {
+                        let b = &blocks.blocks[i];
+                        ids.push(ItemIds::new(&b.kind));
+                        yield named(Ev::OutputItemAdded { sequence_number: next(), output_index: i, item: opening_item(b, &ids[i]) });
+                        if b.kind == BlockKind::Text {
+                            yield named(Ev::ContentPartAdded { sequence_number: next(), item_id: ids[i].id.clone(), output_index: i, content_index: 0, part: OutputText::new(String::new()) });
+                        }
+                    }
+                    BlockEvent::Delta(i, delta) => {
+                        let item_id = ids[i].id.clone();
+                        yield named(match blocks.blocks[i].kind {
+                            BlockKind::Text => Ev::OutputTextDelta { sequence_number: next(), item_id, output_index: i, content_index: 0, delta, logprobs: vec![] },
+                            BlockKind::Reasoning => Ev::ReasoningTextDelta { sequence_number: next(), item_id, output_index: i, content_index: 0, delta },
+                            BlockKind::Call { .. } => Ev::FunctionCallArgumentsDelta { sequence_number: next(), item_id, output_index: i, delta },
+                        });
+                    }
+                    BlockEvent::Stop(i) => {
+                        let b = &blocks.blocks[i];
+                        let item_id = ids[i].id.clone();
+                        match &b.kind {
+                            BlockKind::Text => {
+                                yield named(Ev::OutputTextDone { sequence_number: next(), item_id: item_id.clone(), output_index: i, content_index: 0, text: b.text.clone(), logprobs: vec![] });
+                                yield named(Ev::ContentPartDone { sequence_number: next(), item_id, output_index: i, content_index: 0, part: OutputText::new(b.text.clone()) });
+                            }
+                            BlockKind::Reasoning => {
+                                yield named(Ev::ReasoningTextDone { sequence_number: next(), item_id, output_index: i, content_index: 0, text: b.text.clone() });
+                            }
+                            BlockKind::Call { name } => {
+                                yield named(Ev::FunctionCallArgumentsDone { sequence_number: next(), item_id, output_index: i, name: name.clone(), arguments: b.text.clone() });
+                            }
+                        }
+                        let status = item_status(i, blocks.blocks.len(), &fold, ended);
+                        yield named(Ev::OutputItemDone { sequence_number: next(), output_index: i, item: output_item(b, &ids[i], status) });
+                    }
+                }
+            }
+        }
+        timing.done(&state);
+        if let Some(e) = failed {
+            let parts = ApiError::from(e).response();
+            resp.status = ResponseStatus::Failed;
+            resp.error = Some(ResponseError {
+                code: parts.error.code.unwrap_or_else(|| "server_error".into()),
+                message: parts.error.message,
+            });
+            yield named(Ev::Failed { sequence_number: next(), response: resp });
+            return;
+        }
+        finish(&mut resp, &blocks, &ids, &fold);
+        if resp.store {
+            state.responses.put(resp.clone(), with_answer(conversation, &resp));
+        }
+        let sequence_number = next();
+        yield named(match resp.status {
+            ResponseStatus::Incomplete => Ev::Incomplete { sequence_number, response: resp },
+            _ => Ev::Completed { sequence_number, response: resp },
+        });
+    };
+    Ok(sse_named_response(stream, keepalive))
+}
+
+#[utoipa::path(get, path = "/v1/responses/{id}", tag = "responses",
+    params(("id" = String, Path, description = "The response's id.")),
+    security(("api_key" = [])), responses(
+        (status = 200, description = "The stored response.", body = ResponseObject),
+        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
+        (status = 404, description = "Not stored: unknown, expired, deleted or made with `store: false`.", body = ErrorResponse)))]
+pub async fn retrieve(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<ResponseObject>, ApiError> {
+    let stored = state.responses.get(&id).ok_or_else(|| not_found(&id, None))?;
+    Ok(Json(stored.response))
+}
+
+#[utoipa::path(delete, path = "/v1/responses/{id}", tag = "responses",
+    params(("id" = String, Path, description = "The response's id.")),
+    security(("api_key" = [])), responses(
+        (status = 200, description = "Deleted.", body = DeletedResponse),
+        (status = 401, description = "A missing or wrong API key.", body = ErrorResponse),
+        (status = 404, description = "Not stored.", body = ErrorResponse)))]
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeletedResponse>, ApiError> {
+    if !state.responses.delete(&id) {
+        return Err(not_found(&id, None));
+    }
+    Ok(Json(DeletedResponse {
+        id,
+        object: "response.deleted".into(),
+        deleted: true,
+    }))
+}
