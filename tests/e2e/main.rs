@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 mod ecosystem;
+mod progress;
 
 const MODEL: &str = "qwen3_moe";
 

@@ -14,6 +14,7 @@ pub mod kv;
 pub mod layers;
 pub mod models;
 pub mod process;
+pub mod progress;
 pub mod reasoning;
 pub mod sampling;
 pub mod source;
@@ -68,6 +69,8 @@ pub struct LoadOptions {
     /// KV cache element type; `None`: f16 for quantized GGUF models (their weights are
     /// already approximate, and llama.cpp caches in f16 too), f32 otherwise.
     pub kv_cache_dtype: Option<KvDtype>,
+    /// Where download and loading progress goes (default: throttled log lines).
+    pub progress: progress::Reporter,
 }
 
 impl Default for LoadOptions {
@@ -76,6 +79,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             kv_cache_dtype: None,
+            progress: progress::Reporter::default(),
         }
     }
 }
@@ -93,10 +97,16 @@ pub struct LoadedModel {
 /// loads it.
 pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let path = std::path::Path::new(spec);
-    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        if !path.is_file() {
+            return Err(Error::ModelNotFound {
+                spec: spec.into(),
+                message: "no such GGUF file".into(),
+            });
+        }
         return load_gguf(path, opts);
     }
-    let files = source::resolve(spec)?;
+    let files = source::resolve_with(spec, &opts.progress)?;
     let mut cfg = ModelConfig::from_file(&files.config)?;
     cfg.kv_cache_dtype = opts.kv_cache_dtype.unwrap_or(KvDtype::F32);
     let dtype = opts.dtype.unwrap_or_else(|| models::default_dtype(&opts.device));
@@ -113,7 +123,8 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
             .unwrap_or_default()
     );
     let store = weights::WeightStore::from_safetensors(&files.weights, dtype, &opts.device)?
-        .with_fp8_blocks(cfg.fp8_weight_block);
+        .with_fp8_blocks(cfg.fp8_weight_block)
+        .with_reporter(opts.progress.clone());
     let model = models::build_model(&cfg, &store)?;
     let codec = TextCodec::from_files(&files, cfg.bos_token_id, &cfg.eos_token_ids)?;
     Ok(LoadedModel {
@@ -147,7 +158,7 @@ fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> 
         ckpt.files.len(),
         cfg.kv_cache_dtype
     );
-    let store = weights::WeightStore::from_gguf(ckpt, &opts.device);
+    let store = weights::WeightStore::from_gguf(ckpt, &opts.device).with_reporter(opts.progress.clone());
     let model = models::build_model(&cfg, &store)?;
     let name = path
         .file_name()

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
+use crate::progress::{HubDownload, Reporter};
 
 /// The files of a Hugging Face style checkpoint.
 #[derive(Debug, Clone)]
@@ -24,8 +25,14 @@ pub struct ModelFiles {
 /// Resolves `spec`: an existing directory is read as a checkpoint directory; otherwise
 /// `owner/name` with an optional `@revision` is looked up in the Hugging Face cache
 /// (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`) and, unless
-/// `HF_HUB_OFFLINE=1`, fetched from the hub when missing.
+/// `HF_HUB_OFFLINE=1`, fetched from the hub (`HF_ENDPOINT`, else huggingface.co) when
+/// missing, with progress reported as it downloads.
 pub fn resolve(spec: &str) -> Result<ModelFiles> {
+    resolve_with(spec, &Reporter::default())
+}
+
+/// [`resolve`], reporting download progress to `reporter`.
+pub fn resolve_with(spec: &str, reporter: &Reporter) -> Result<ModelFiles> {
     let path = Path::new(spec);
     if path.is_dir() {
         return from_dir(spec, path);
@@ -41,7 +48,7 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
         spec: spec.into(),
         message: "no such directory, and not a Hugging Face repo id (owner/name[@revision])".into(),
     })?;
-    from_hub(spec, &repo_id, &revision)
+    from_hub(spec, &repo_id, &revision, reporter)
 }
 
 fn parse_repo_id(spec: &str) -> Option<(String, String)> {
@@ -98,7 +105,7 @@ pub fn hub_cache_dir() -> PathBuf {
     Cache::from_env().path().clone()
 }
 
-fn from_hub(spec: &str, repo_id: &str, revision: &str) -> Result<ModelFiles> {
+fn from_hub(spec: &str, repo_id: &str, revision: &str, reporter: &Reporter) -> Result<ModelFiles> {
     let cache_dir = hub_cache_dir();
     let offline = env_flag("HF_HUB_OFFLINE");
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
@@ -107,7 +114,8 @@ fn from_hub(spec: &str, repo_id: &str, revision: &str) -> Result<ModelFiles> {
         None
     } else {
         Some(
-            hf_hub::api::sync::ApiBuilder::new()
+            // from_env: HF_ENDPOINT names a mirror, as for the Python library.
+            hf_hub::api::sync::ApiBuilder::from_env()
                 .with_cache_dir(cache_dir.clone())
                 .with_progress(false)
                 .build()
@@ -135,7 +143,9 @@ fn from_hub(spec: &str, repo_id: &str, revision: &str) -> Result<ModelFiles> {
                 "{file} is not in the hub cache {} and HF_HUB_OFFLINE is set",
                 cache_dir.display()
             )),
-            Some(api) => api.get(file).map_err(|e| format!("{file}: {e}")),
+            Some(api) => api
+                .download_with_progress(file, HubDownload::new(reporter.clone(), file))
+                .map_err(|e| format!("{file}: {e}")),
         }
     };
     let need = |file: &str| {

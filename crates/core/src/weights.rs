@@ -13,13 +13,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::progress::{LoadProgress, LoadStage, Reporter};
 
 enum Source {
     Safetensors {
@@ -38,12 +39,8 @@ enum Source {
 }
 
 struct Progress {
-    tensors_total: usize,
-    bytes_total: usize,
-    tensors_done: usize,
-    bytes_done: usize,
+    step: LoadProgress,
     started: Instant,
-    last_report: Instant,
 }
 
 pub struct WeightStore {
@@ -53,6 +50,7 @@ pub struct WeightStore {
     device: Device,
     dtype: DType,
     progress: Mutex<Progress>,
+    reporter: Reporter,
 }
 
 impl WeightStore {
@@ -112,21 +110,30 @@ impl WeightStore {
     }
 
     fn new(source: Source, tensors_total: usize, bytes_total: usize, dtype: DType, device: &Device) -> Self {
-        let now = Instant::now();
         Self {
             source,
             fp8_block: None,
             device: device.clone(),
             dtype,
             progress: Mutex::new(Progress {
-                tensors_total,
-                bytes_total,
-                tensors_done: 0,
-                bytes_done: 0,
-                started: now,
-                last_report: now,
+                step: LoadProgress {
+                    stage: LoadStage::Weights,
+                    file: String::new(),
+                    done: 0,
+                    total: bytes_total as u64,
+                    items_done: 0,
+                    items_total: tensors_total,
+                },
+                started: Instant::now(),
             }),
+            reporter: Reporter::default(),
         }
+    }
+
+    /// Where loading progress goes (default: throttled log lines).
+    pub fn with_reporter(mut self, reporter: Reporter) -> Self {
+        self.reporter = reporter;
+        self
     }
 
     /// Float8 weights are dequantized at load with their per-block `weight_scale_inv`
@@ -205,7 +212,7 @@ impl WeightStore {
         } else {
             return Err(self.mismatch(file, &gguf, &want, &dims));
         };
-        self.report(q.storage_size_in_bytes());
+        self.report(q.storage_size_in_bytes(), &file);
         Ok(QMatMul::from_arc(std::sync::Arc::new(q))?)
     }
 
@@ -239,6 +246,7 @@ impl WeightStore {
             name: "stacked experts (none asked for)".into(),
             files: self.files_description(),
         })?;
+        let mut from = String::new();
         let q = if *stacked_experts {
             let g = crate::gguf::gguf_name(first, true).ok_or_else(|| Error::MissingTensor {
                 name: format!("{first} (no GGUF equivalent)"),
@@ -248,6 +256,7 @@ impl WeightStore {
             if q.shape().dims() != want {
                 return Err(self.mismatch(file, &g.name, &want, q.shape().dims()));
             }
+            from = file;
             q
         } else {
             // One tensor per expert (older conversions): their bytes joined.
@@ -260,6 +269,7 @@ impl WeightStore {
                 }
                 dtype = Some(q.dtype());
                 bytes.extend_from_slice(&q.data()?);
+                from = file;
             }
             let storage = candle_core::quantized::QStorage::from_data(
                 std::borrow::Cow::Owned(bytes),
@@ -268,7 +278,7 @@ impl WeightStore {
             )?;
             QTensor::new(storage, want.to_vec())?
         };
-        self.report(q.storage_size_in_bytes());
+        self.report(q.storage_size_in_bytes(), &from);
         Ok(QMatMul::from_arc(std::sync::Arc::new(q))?)
     }
 
@@ -362,7 +372,7 @@ impl WeightStore {
             tensor
         };
         let tensor = tensor.to_dtype(dtype)?;
-        self.report(bytes);
+        self.report(bytes, &file);
         Ok(tensor)
     }
 
@@ -385,31 +395,28 @@ impl WeightStore {
         Ok((w.to_dtype(DType::F32)? * scale)?)
     }
 
-    fn report(&self, bytes: usize) {
+    /// Counts a loaded tensor of `bytes` (as stored) from `file`.
+    fn report(&self, bytes: usize, file: &str) {
         let mut p = self.progress.lock().unwrap();
-        p.tensors_done += 1;
-        p.bytes_done += bytes;
-        let now = Instant::now();
-        if now.duration_since(p.last_report) >= Duration::from_secs(1) {
-            p.last_report = now;
-            tracing::info!(
-                "loading weights: {}/{} tensors, {:.1}/{:.1} MiB, {:.1}s",
-                p.tensors_done,
-                p.tensors_total,
-                p.bytes_done as f64 / (1 << 20) as f64,
-                p.bytes_total as f64 / (1 << 20) as f64,
-                now.duration_since(p.started).as_secs_f64()
-            );
+        p.step.items_done += 1;
+        p.step.done += bytes as u64;
+        let name = Path::new(file)
+            .file_name()
+            .map_or(file, |n| n.to_str().unwrap_or(file));
+        if p.step.file != name {
+            p.step.file = name.to_string();
         }
+        self.reporter.update(&p.step);
     }
 
-    /// Logs the final count; called once the model is built.
+    /// Reports the end of loading; called once the model is built.
     pub fn finish(&self) {
         let p = self.progress.lock().unwrap();
+        self.reporter.finish(&p.step);
         tracing::info!(
             "loaded {} tensors ({:.1} MiB) in {:.2}s",
-            p.tensors_done,
-            p.bytes_done as f64 / (1 << 20) as f64,
+            p.step.items_done,
+            p.step.done as f64 / (1 << 20) as f64,
             p.started.elapsed().as_secs_f64()
         );
     }

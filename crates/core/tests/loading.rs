@@ -252,3 +252,46 @@ fn half_precision_dtypes_stay_close_to_f32() {
         );
     }
 }
+
+/// Loading reports its progress: every tensor of the checkpoint, by file, ending at the
+/// checkpoint's size, for safetensors and for GGUF alike.
+#[test]
+fn loading_reports_progress_to_the_caller() {
+    use moeserve_core::progress::{LoadProgress, LoadStage, ProgressObserver, Reporter};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Recorder(Mutex<(Vec<LoadProgress>, Vec<LoadProgress>)>);
+    impl ProgressObserver for Recorder {
+        fn update(&self, p: &LoadProgress) {
+            self.0.lock().unwrap().0.push(p.clone());
+        }
+        fn finish(&self, p: &LoadProgress) {
+            self.0.lock().unwrap().1.push(p.clone());
+        }
+    }
+    for (spec, file) in [
+        (fixture("qwen3_moe"), "model.safetensors"),
+        (fixture("mixtral-f16.gguf"), "mixtral-f16.gguf"),
+    ] {
+        let recorder = Arc::new(Recorder::default());
+        let opts = LoadOptions {
+            progress: Reporter::new(recorder.clone()),
+            ..LoadOptions::default()
+        };
+        moeserve_core::load(spec.to_str().unwrap(), &opts).unwrap();
+        let (updates, finished) = std::mem::take(&mut *recorder.0.lock().unwrap());
+        assert_eq!(finished.len(), 1, "{spec:?}");
+        let end = &finished[0];
+        assert_eq!(end.stage, LoadStage::Weights);
+        assert_eq!(end.file, file);
+        assert_eq!(
+            (end.done, end.items_done),
+            (end.total, end.items_total),
+            "{end:?}"
+        );
+        assert!(end.items_total > 10, "{end:?}");
+        assert_eq!(updates.len(), end.items_total, "one update per tensor");
+        assert!(updates.windows(2).all(|w| w[0].done < w[1].done));
+    }
+}

@@ -12,6 +12,7 @@ pub mod listener;
 pub mod metrics;
 mod middleware;
 pub mod openapi;
+pub mod progress;
 mod routes;
 pub mod settings;
 pub mod state;
@@ -130,9 +131,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             settings.responses_store_max,
             Duration::from_secs(settings.responses_store_ttl_secs),
         ),
+        loading: Default::default(),
     });
     let loader = state.clone();
-    tokio::task::spawn_blocking(move || match state::load(&loader.settings) {
+    // A bar only where a person watches: a terminal, with text logs.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr()) && settings.log_format != "json";
+    let reporter =
+        progress::StartupProgress::new(state.loading.clone(), terminal, Duration::from_secs(5)).reporter();
+    tokio::task::spawn_blocking(move || match state::load(&loader.settings, reporter) {
         Ok(m) => {
             tracing::info!(
                 "serving {} at http://{}:{}",
@@ -141,6 +147,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 loader.settings.port
             );
             let _ = loader.model.set(m);
+            loader.loading.clear();
         }
         Err(e) => {
             tracing::error!("cannot load the model: {e:#}");
@@ -235,6 +242,7 @@ mod tests {
             draining: AtomicBool::new(false),
             started: 0,
             responses: store::ResponseStore::new(0, Duration::from_secs(1)),
+            loading: Default::default(),
         });
         let req = axum::http::Request::get("/ready")
             .body(axum::body::Body::empty())

@@ -48,6 +48,7 @@ use crate::routes;
         responses::ModelList,
         responses::ModelCard,
         responses::Health,
+        responses::HealthProgress,
         responses::Ready,
         responses::ErrorResponse,
         openai_responses::ResponsesRequest,

@@ -27,6 +27,8 @@ pub struct AppState {
     pub started: u64,
     /// The Responses API's stored responses.
     pub responses: crate::store::ResponseStore,
+    /// The load's latest step while the model loads, for /health.
+    pub loading: Arc<crate::progress::LoadStatus>,
 }
 
 pub struct LoadedEngine {
@@ -88,11 +90,15 @@ impl AppState {
     }
 }
 
-pub(crate) fn load(settings: &Settings) -> anyhow::Result<LoadedEngine> {
+pub(crate) fn load(
+    settings: &Settings,
+    progress: moeserve_core::progress::Reporter,
+) -> anyhow::Result<LoadedEngine> {
     let opts = LoadOptions {
         dtype: moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?,
         kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype)
             .map_err(anyhow::Error::msg)?,
+        progress,
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&settings.model, &opts)?;

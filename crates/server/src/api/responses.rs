@@ -346,8 +346,28 @@ pub struct ModelCard {
 /// `GET /health`
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`
+    /// `ok`: the process runs.
     pub status: String,
+    /// `loading`, `ready` or `draining`.
+    pub model: String,
+    /// What the load is doing, while the model loads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<HealthProgress>,
+}
+
+/// The step a load is at.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthProgress {
+    /// `download` (a file from the Hugging Face hub) or `weights` (reading the weights
+    /// into tensors).
+    pub stage: String,
+    /// The file being downloaded, or the file of the last tensor loaded.
+    pub file: String,
+    pub done_bytes: u64,
+    /// 0 when unknown.
+    pub total_bytes: u64,
+    /// The same as a sentence, as the log writes it.
+    pub message: String,
 }
 
 /// `GET /ready` when the model is loaded.

@@ -7,14 +7,42 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::api::responses::{ErrorResponse, Health, Ready};
+use moeserve_core::progress::LoadStage;
+
+use crate::api::responses::{ErrorResponse, Health, HealthProgress, Ready};
 use crate::error::ApiError;
 use crate::state::SharedState;
 
 #[utoipa::path(get, path = "/health", tag = "operations",
-    responses((status = 200, description = "The process runs.", body = Health)))]
-pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    responses((status = 200, description = "The process runs; while the model loads, what the load is doing.", body = Health)))]
+pub async fn health(State(state): State<SharedState>) -> Json<Health> {
+    let model = if state.draining.load(Ordering::Relaxed) {
+        "draining"
+    } else if state.model.get().is_some() {
+        "ready"
+    } else {
+        "loading"
+    };
+    let progress = state
+        .loading
+        .get()
+        .filter(|_| model == "loading")
+        .map(|p| HealthProgress {
+            stage: match p.stage {
+                LoadStage::Download => "download",
+                LoadStage::Weights => "weights",
+            }
+            .into(),
+            file: p.file.clone(),
+            done_bytes: p.done,
+            total_bytes: p.total,
+            message: p.to_string(),
+        });
+    Json(Health {
+        status: "ok".into(),
+        model: model.into(),
+        progress,
+    })
 }
 
 #[utoipa::path(get, path = "/ready", tag = "operations",
