@@ -417,6 +417,11 @@ def pod_policy(where, dep):
             errors.append("%s: seccompProfile is not RuntimeDefault" % cname)
     for c in spec.get("containers", []):
         env = {e["name"]: e.get("value") for e in c.get("env") or []}
+        # The endpoint picker (and Prometheus in the HPA example) scrape /metrics without
+        # credentials: with an API key set, /metrics must be public or the scrapes get 401.
+        if "MOESERVE_API_KEY" in env and str(env.get("MOESERVE_PUBLIC_METRICS")).lower() != "true":
+            errors.append("%s: %s container %s: MOESERVE_API_KEY is set but MOESERVE_PUBLIC_METRICS is not "
+                          "\"true\": the endpoint picker's scrapes of /metrics would get 401" % (where, name, c["name"]))
         if "MOESERVE_SHUTDOWN_TIMEOUT_SECS" not in env:
             if str(c.get("image", "")).startswith("moeserve"):
                 errors.append("%s: %s container %s: MOESERVE_SHUTDOWN_TIMEOUT_SECS is not set" % (where, name, c["name"]))
@@ -536,6 +541,8 @@ BREAKAGES = [
      "              cpu: 2 cores\n              memory: 1Gi\n          # /health",
      "a CPU limit that is not a quantity"),
     ("base/service.yaml", "targetPort: http", "targetPort: htp", "a Service targetPort that no container has"),
+    ("base/deployment.yaml", "            - name: MOESERVE_PUBLIC_METRICS\n              value: \"true\"\n", "",
+     "an API key without public metrics (the picker's scrapes would get 401)"),
     ("base/pdb.yaml", "maxUnavailable: 1", "maxUnavailabe: 1", "a misspelt PodDisruptionBudget field"),
     ("base/kustomization.yaml", "  - pdb.yaml", "  - pdbs.yaml", "a kustomization resource that does not exist"),
     ("examples/autoscaling/kustomization.yaml", "path: /spec/replicas", "path: /spec/replica",

@@ -14,26 +14,13 @@ server's defaults; the comparisons that need greedy decoding send `temperature` 
 
 import json
 import os
-import sys
 
 import anthropic
 import jsonschema
+from checks import check, finish
 
 url = os.environ.get("MOESERVE_URL", "http://127.0.0.1:8080").rstrip("/")
 client = anthropic.Anthropic(base_url=url, api_key=os.environ.get("MOESERVE_API_KEY", "none"), max_retries=0)
-passed, failed = 0, 0
-
-
-def check(name, fn):
-    global passed, failed
-    try:
-        detail = fn()
-        passed += 1
-        print(f"ok   {name}: {detail}")
-    except Exception as e:  # noqa: BLE001 - report every failure and go on
-        failed += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
-
 
 # The served model's id, from the OpenAI-compatible list (the Messages API has none).
 import urllib.request  # noqa: E402
@@ -178,5 +165,4 @@ check("tool use: any, streamed, tool_result round trip", tool_use)
 check("tool use: a named tool, none", named_tool)
 check("messages.count_tokens", count_tokens)
 check("errors", errors)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

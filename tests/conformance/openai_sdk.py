@@ -14,27 +14,15 @@ Prints one line per check and a summary.
 
 import json
 import os
-import sys
 from typing import Literal, Optional
 
 import jsonschema
 import openai
 import pydantic
+from checks import check, finish
 
 base = os.environ.get("MOESERVE_URL", "http://127.0.0.1:8080").rstrip("/") + "/v1"
 client = openai.OpenAI(base_url=base, api_key=os.environ.get("MOESERVE_API_KEY", "none"), max_retries=0)
-passed, failed = 0, 0
-
-
-def check(name, fn):
-    global passed, failed
-    try:
-        detail = fn()
-        passed += 1
-        print(f"ok   {name}: {detail}")
-    except Exception as e:  # noqa: BLE001 - report every failure and go on
-        failed += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
 
 
 def models():
@@ -455,5 +443,4 @@ check("responses: function tools, streamed, result by previous_response_id", res
 check("responses: text.format json_schema, responses.parse", responses_json_schema)
 check("responses: previous_response_id, retrieve, delete, store=false", responses_continue_retrieve_delete)
 check("responses: errors", responses_errors)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

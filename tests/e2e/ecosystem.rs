@@ -340,6 +340,20 @@ async fn messages(s: &Server, path: &str, body: Value, key: Option<&str>) -> (u1
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// A streamed message's events, sent with `key` as `x-api-key`.
+async fn messages_stream(s: &Server, body: Value, key: &str) -> Vec<(String, Value)> {
+    let r = s
+        .http
+        .post(s.url("/v1/messages"))
+        .header("x-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    parse_named_sse(&r.text().await.unwrap())
+}
+
 /// Anthropic's Messages API over HTTP: a message and its stream (the event order, each
 /// valid against the OpenAPI document, deltas adding up to the whole answer), a stop
 /// sequence named in `stop_sequence`, a forced tool use whose streamed input JSON makes
@@ -386,15 +400,7 @@ async fn anthropic_messages_over_http() {
     // Streamed: the same answer.
     let mut sb = body.clone();
     sb["stream"] = json!(true);
-    let r = s
-        .http
-        .post(s.url("/v1/messages"))
-        .header("x-api-key", "sekrit")
-        .json(&sb)
-        .send()
-        .await
-        .unwrap();
-    let events = parse_named_sse(&r.text().await.unwrap());
+    let events = messages_stream(&s, sb, "sekrit").await;
     for (name, v) in &events {
         assert_eq!(v["type"], name.as_str());
         check("StreamEvent", v);
@@ -459,15 +465,7 @@ async fn anthropic_messages_over_http() {
     assert!(using["input"]["city"].is_string(), "{using}");
     let mut sb = tb.clone();
     sb["stream"] = json!(true);
-    let r = s
-        .http
-        .post(s.url("/v1/messages"))
-        .header("x-api-key", "sekrit")
-        .json(&sb)
-        .send()
-        .await
-        .unwrap();
-    let events = parse_named_sse(&r.text().await.unwrap());
+    let events = messages_stream(&s, sb, "sekrit").await;
     let json_text: String = events
         .iter()
         .filter(|(_, v)| v["delta"]["type"] == "input_json_delta")
@@ -626,15 +624,7 @@ async fn tokenize_round_trips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gateway_metrics_follow_the_load() {
     let s = Server::start(&["--max-num-seqs", "2"]).await;
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     let info = text
         .lines()
         .find(|l| l.starts_with("moeserve_cache_config_info{"))

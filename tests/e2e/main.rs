@@ -123,17 +123,16 @@ impl Server {
         parse_sse(&text)
     }
 
+    /// The `/metrics` exposition.
+    async fn metrics_text(&self) -> String {
+        let r = self.http.get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
+        self.metrics_text()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
+            .lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
@@ -984,15 +983,7 @@ async fn sixty_four_concurrent_streams_all_complete() {
         assert_eq!(finish, Some("length"));
     }
     s.wait_metric("moeserve_kv_cache_blocks_used", 0.0).await;
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     for name in [
         "moeserve_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 64",
         "moeserve_time_to_first_token_seconds_bucket",
