@@ -129,12 +129,15 @@ impl BlockPool {
     }
 }
 
-/// The hash of a full block: its tokens chained with its parent block's hash.
+/// The hash of a full block: its tokens chained with its parent block's hash. Stable
+/// across builds and runs (FNV-1a, not std's `DefaultHasher`), because the disk tier
+/// ([`super::disk`]) finds blocks by it after a restart.
 pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
+    let mut h = super::disk::StableHasher::default();
+    h.write_u64(parent);
+    for t in tokens {
+        h.write(&t.to_le_bytes());
+    }
     h.finish()
 }
 

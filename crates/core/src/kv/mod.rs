@@ -18,6 +18,7 @@
 
 mod block_pool;
 mod block_table;
+pub mod disk;
 mod layout;
 mod storage;
 

@@ -1,0 +1,529 @@
+//! The prefix cache's disk tier: full KV blocks kept as files, so that a prefix computed
+//! once is served from disk after the pool has evicted it or the server has restarted
+//! (DeepSeek's context caching does the same).
+//!
+//! Layout: `<dir>/<fingerprint>/<hash>.kv`, one file per block. The fingerprint (16 hex
+//! digits) names everything that makes KV values differ: the weights, the architecture
+//! and its config, the KV dtype and layout, the block size. Another model, quantization
+//! or KV dtype lives in another subdirectory and never sees these blocks. The hash is the
+//! block's chained hash ([`super::block_hash`], stable across builds and runs).
+//!
+//! A record: magic, version, fingerprint, hash, the block's tokens, the payload (the
+//! block's KV bytes, all layers), and a CRC-32 of everything before it. A record whose
+//! magic, fingerprint, hash, tokens, length or checksum do not match is a miss and is
+//! removed: a corrupt, truncated or foreign file never becomes a wrong answer.
+//!
+//! Writes are atomic: a temporary file in the same directory, then a rename. Two servers
+//! on one directory: the first to take the subdirectory's lock file owns it (writes,
+//! evicts, removes bad files); the others are read-only followers that only read. The
+//! owner's lock ends with its process, so a restarted server owns the directory again.
+//!
+//! The index (hash -> size and last use) is rebuilt at open by listing the directory,
+//! without reading any block; use is ordered by file modification time, which a hit
+//! refreshes. Past `max_bytes`, the least recently used files are deleted.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+const MAGIC: &[u8; 4] = b"MSKV";
+const VERSION: u32 = 1;
+/// magic, version, fingerprint, hash, token count.
+const HEADER: usize = 4 + 4 + 8 + 8 + 4;
+const EXTENSION: &str = "kv";
+
+/// FNV-1a, 64 bits: a hash whose value is fixed by its definition, so that keys written
+/// by one build are found by the next (std's `DefaultHasher` promises no such thing).
+#[derive(Clone, Copy)]
+pub struct StableHasher(u64);
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl StableHasher {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn write_u64(&mut self, v: u64) {
+        self.write(&v.to_le_bytes())
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A model's KV identity: feed it every input that changes the KV values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub u64);
+
+impl Fingerprint {
+    pub fn of(parts: &[&[u8]]) -> Self {
+        let mut h = StableHasher::default();
+        for p in parts {
+            // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+            h.write_u64(p.len() as u64);
+            h.write(p);
+        }
+        Self(h.finish())
+    }
+
+    fn dir_name(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// Counters for the metrics.
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Records found bad (and removed, by the owner).
+    pub corrupt: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub read_ns: AtomicU64,
+    pub write_ns: AtomicU64,
+}
+
+#[derive(Default)]
+struct Index {
+    /// hash -> (bytes on disk, last use)
+    entries: HashMap<u64, (u64, u128)>,
+    /// (last use, hash), oldest first
+    by_use: BTreeSet<(u128, u64)>,
+    total: u64,
+    /// Makes every use distinct and later than the files' times at open.
+    clock: u128,
+}
+
+impl Index {
+    fn touch(&mut self, hash: u64, bytes: u64, at: u128) {
+        if let Some((old_bytes, old_at)) = self.entries.insert(hash, (bytes, at)) {
+            self.by_use.remove(&(old_at, hash));
+            self.total -= old_bytes;
+        }
+        self.by_use.insert((at, hash));
+        self.total += bytes;
+    }
+
+    fn remove(&mut self, hash: u64) -> bool {
+        match self.entries.remove(&hash) {
+            Some((bytes, at)) => {
+                self.by_use.remove(&(at, hash));
+                self.total -= bytes;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn now(&mut self) -> u128 {
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.clock = (self.clock + 1).max(wall);
+        self.clock
+    }
+}
+
+/// The blocks of one model fingerprint under one directory.
+pub struct DiskBlockStore {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Held while this store owns the directory; `None`: a read-only follower.
+    lock: Option<File>,
+    index: Mutex<Index>,
+    temp_counter: AtomicU64,
+    pub stats: DiskStats,
+}
+
+fn mtime_nanos(meta: &fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}
+
+impl DiskBlockStore {
+    /// Opens (creating) `root/<fingerprint>`, takes ownership if no other process holds
+    /// it, removes the temporary files a killed owner left, and indexes the blocks.
+    pub fn open(root: &Path, fingerprint: Fingerprint, max_bytes: u64) -> io::Result<Self> {
+        let dir = root.join(fingerprint.dir_name());
+        fs::create_dir_all(&dir)?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))?;
+        let lock = match lock_file.try_lock() {
+            Ok(()) => Some(lock_file),
+            Err(fs::TryLockError::WouldBlock) => None,
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        };
+        let mut index = Index::default();
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.contains(".tmp") {
+                // Only an owner writes temporaries, and only the owner is here now.
+                if lock.is_some() {
+                    let _ = fs::remove_file(entry.path());
+                }
+                continue;
+            }
+            let Some(hash) = name
+                .strip_suffix(".kv")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            else {
+                continue;
+            };
+            let meta = entry.metadata()?;
+            index.touch(hash, meta.len(), mtime_nanos(&meta));
+        }
+        index.clock = index.by_use.last().map_or(0, |(t, _)| *t);
+        let store = Self {
+            dir,
+            max_bytes,
+            lock,
+            index: Mutex::new(index),
+            temp_counter: AtomicU64::new(0),
+            stats: DiskStats::default(),
+        };
+        store.evict();
+        Ok(store)
+    }
+
+    /// Whether this store writes (it holds the directory's lock).
+    pub fn is_owner(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.index.lock().unwrap().total
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.lock().unwrap().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a block is indexed (its record may still turn out bad when read).
+    pub fn contains(&self, hash: u64) -> bool {
+        self.index.lock().unwrap().entries.contains_key(&hash)
+    }
+
+    fn path(&self, hash: u64) -> PathBuf {
+        self.dir.join(format!("{hash:016x}.{EXTENSION}"))
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let name = self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        u64::from_str_radix(name, 16).unwrap_or(0)
+    }
+
+    fn encode(&self, hash: u64, tokens: &[u32], payload: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(HEADER + tokens.len() * 4 + 8 + payload.len() + 4);
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&VERSION.to_le_bytes());
+        buf.extend_from_slice(&self.fingerprint().to_le_bytes());
+        buf.extend_from_slice(&hash.to_le_bytes());
+        buf.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
+        for t in tokens {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        buf.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        buf.extend_from_slice(payload);
+        let crc = crc32fast::hash(&buf);
+        buf.extend_from_slice(&crc.to_le_bytes());
+        buf
+    }
+
+    /// The payload of a record, if it is whole and is the block asked for.
+    fn decode(&self, buf: &[u8], hash: u64, tokens: &[u32]) -> Option<std::ops::Range<usize>> {
+        let u32_at = |i: usize| Some(u32::from_le_bytes(buf.get(i..i + 4)?.try_into().ok()?));
+        let u64_at = |i: usize| Some(u64::from_le_bytes(buf.get(i..i + 8)?.try_into().ok()?));
+        let (body, crc) = buf.split_at_checked(buf.len().checked_sub(4)?)?;
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+            return None;
+        }
+        if buf.get(..4)? != MAGIC
+            || u32_at(4)? != VERSION
+            || u64_at(8)? != self.fingerprint()
+            || u64_at(16)? != hash
+            || u32_at(24)? as usize != tokens.len()
+        {
+            return None;
+        }
+        let mut at = HEADER;
+        for t in tokens {
+            if u32_at(at)? != *t {
+                return None;
+            }
+            at += 4;
+        }
+        let len = usize::try_from(u64_at(at)?).ok()?;
+        at += 8;
+        (at.checked_add(len)? == body.len()).then_some(at..at + len)
+    }
+
+    /// The block's KV bytes, if its record is on disk, whole, and holds exactly `tokens`.
+    /// A bad record counts as a miss and is removed.
+    pub fn get(&self, hash: u64, tokens: &[u32]) -> Option<Vec<u8>> {
+        if !self.contains(hash) {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let path = self.path(hash);
+        let mut buf = Vec::new();
+        let read = File::open(&path).and_then(|mut f| f.read_to_end(&mut buf));
+        let payload = read.ok().and_then(|_| self.decode(&buf, hash, tokens));
+        self.stats
+            .read_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let Some(range) = payload else {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            // A different token list under the same hash is a collision, not damage:
+            // keep it; anything else that fails to decode is removed (by the owner).
+            let collision = buf.len() >= HEADER && self.decode_tokens_differ(&buf, hash);
+            if !collision {
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.index.lock().unwrap().remove(hash);
+                if self.is_owner() {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+            return None;
+        };
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let mut index = self.index.lock().unwrap();
+        let at = index.now();
+        index.touch(hash, buf.len() as u64, at);
+        drop(index);
+        if self.is_owner() {
+            // The file's time is the use order a restart reads back.
+            let _ = File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+        }
+        buf.truncate(range.end);
+        buf.drain(..range.start);
+        Some(buf)
+    }
+
+    /// Whether `buf` is a whole record of this hash that holds other tokens.
+    fn decode_tokens_differ(&self, buf: &[u8], hash: u64) -> bool {
+        let Some(n) = buf
+            .get(24..28)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+        else {
+            return false;
+        };
+        let Some(stored) = buf.get(HEADER..HEADER + n * 4) else {
+            return false;
+        };
+        let tokens: Vec<u32> = stored
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        self.decode(buf, hash, &tokens).is_some()
+    }
+
+    /// Writes a block (owner only; a follower, or a block already on disk, writes
+    /// nothing and returns false). Atomic: readers see the whole record or none. Then
+    /// deletes the least recently used blocks past the byte bound.
+    pub fn put(&self, hash: u64, tokens: &[u32], payload: &[u8]) -> io::Result<bool> {
+        if !self.is_owner() || self.contains(hash) {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let record = self.encode(hash, tokens, payload);
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let temp = self.dir.join(format!("{hash:016x}.tmp{n}"));
+        let written = (|| {
+            let mut f = File::create(&temp)?;
+            f.write_all(&record)?;
+            fs::rename(&temp, self.path(hash))
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&temp);
+            return Err(e);
+        }
+        self.stats
+            .write_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(record.len() as u64, Ordering::Relaxed);
+        {
+            let mut index = self.index.lock().unwrap();
+            let at = index.now();
+            index.touch(hash, record.len() as u64, at);
+        }
+        self.evict();
+        Ok(true)
+    }
+
+    /// Deletes the least recently used blocks until the total is within the bound
+    /// (owner only).
+    fn evict(&self) {
+        if !self.is_owner() {
+            return;
+        }
+        let mut index = self.index.lock().unwrap();
+        while index.total > self.max_bytes {
+            let Some(&(_, hash)) = index.by_use.first() else {
+                break;
+            };
+            index.remove(hash);
+            let _ = fs::remove_file(self.path(hash));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: Fingerprint = Fingerprint(0x1234);
+
+    fn payload(seed: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+    }
+
+    #[test]
+    fn the_stable_hash_is_fixed() {
+        // FNV-1a's published test vector: "a" -> af63dc4c8601ec8c.
+        let mut h = StableHasher::default();
+        h.write(b"a");
+        assert_eq!(h.finish(), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(Fingerprint::of(&[b"ab", b"c"]), Fingerprint::of(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn blocks_survive_a_reopen_and_check_their_tokens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DiskBlockStore::open(tmp.path(), FP, 1 << 20).unwrap();
+        assert!(store.is_owner());
+        assert!(store.put(7, &[1, 2, 3], &payload(1, 100)).unwrap());
+        assert!(
+            !store.put(7, &[1, 2, 3], &payload(1, 100)).unwrap(),
+            "already there"
+        );
+        assert_eq!(store.get(7, &[1, 2, 3]), Some(payload(1, 100)));
+        assert_eq!(store.get(8, &[1, 2, 3]), None);
+        drop(store);
+
+        let store = DiskBlockStore::open(tmp.path(), FP, 1 << 20).unwrap();
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.get(7, &[1, 2, 3]), Some(payload(1, 100)));
+        // The same hash with other tokens (a collision) is a miss and stays on disk.
+        assert_eq!(store.get(7, &[1, 2, 4]), None);
+        assert_eq!(store.get(7, &[1, 2, 3]), Some(payload(1, 100)));
+        assert_eq!(store.stats.hits.load(Ordering::Relaxed), 2);
+        assert_eq!(store.stats.misses.load(Ordering::Relaxed), 1);
+        assert_eq!(store.stats.corrupt.load(Ordering::Relaxed), 0);
+
+        // Another fingerprint sees none of it.
+        let other = DiskBlockStore::open(tmp.path(), Fingerprint(0x5678), 1 << 20).unwrap();
+        assert!(other.is_empty());
+        assert_eq!(other.get(7, &[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn corrupt_truncated_and_foreign_files_are_misses_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DiskBlockStore::open(tmp.path(), FP, 1 << 20).unwrap();
+        for h in 1..=4u64 {
+            store.put(h, &[h as u32], &payload(h as u8, 64)).unwrap();
+        }
+        let path = |h: u64| store.path(h);
+        // A flipped payload byte, a cut-off record, an empty file, another model's record.
+        let mut bytes = fs::read(path(1)).unwrap();
+        bytes[50] ^= 0xff;
+        fs::write(path(1), bytes).unwrap();
+        let bytes = fs::read(path(2)).unwrap();
+        fs::write(path(2), &bytes[..bytes.len() - 10]).unwrap();
+        fs::write(path(3), b"").unwrap();
+        let foreign = DiskBlockStore::open(tmp.path(), Fingerprint(9), 1 << 20).unwrap();
+        foreign.put(4, &[4], &payload(4, 64)).unwrap();
+        fs::copy(foreign.path(4), path(4)).unwrap();
+        for h in 1..=4u64 {
+            assert_eq!(store.get(h, &[h as u32]), None, "block {h}");
+            assert!(!path(h).exists(), "block {h} removed");
+        }
+        assert_eq!(store.stats.corrupt.load(Ordering::Relaxed), 4);
+        assert!(store.is_empty());
+        assert_eq!(store.bytes_on_disk(), 0);
+    }
+
+    #[test]
+    fn the_byte_bound_drops_the_least_recently_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let record = |s: &DiskBlockStore| s.encode(0, &[0], &payload(0, 1000)).len() as u64;
+        let probe = DiskBlockStore::open(tmp.path(), Fingerprint(1), 0).unwrap();
+        let size = record(&probe);
+        drop(probe);
+        let store = DiskBlockStore::open(tmp.path(), FP, 3 * size).unwrap();
+        for h in 1..=3u64 {
+            store.put(h, &[0], &payload(0, 1000)).unwrap();
+        }
+        // Block 1 used again: block 2 is now the oldest, and goes when block 4 comes.
+        assert!(store.get(1, &[0]).is_some());
+        store.put(4, &[0], &payload(0, 1000)).unwrap();
+        assert_eq!(store.bytes_on_disk(), 3 * size);
+        assert!(store.contains(1) && !store.contains(2) && store.contains(3) && store.contains(4));
+        assert!(!store.path(2).exists());
+        drop(store);
+        // Reopened with a smaller bound: the use order comes back from the files' times.
+        let store = DiskBlockStore::open(tmp.path(), FP, 2 * size).unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(!store.contains(3), "block 3 was the least recently used");
+    }
+
+    #[test]
+    fn a_second_process_follows_and_leftover_temporaries_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let owner = DiskBlockStore::open(tmp.path(), FP, 1 << 20).unwrap();
+        owner.put(1, &[1], &payload(1, 10)).unwrap();
+        // A second store on the same directory (a second server) only reads.
+        let follower = DiskBlockStore::open(tmp.path(), FP, 1 << 20).unwrap();
+        assert!(!follower.is_owner());
+        assert_eq!(follower.get(1, &[1]), Some(payload(1, 10)));
+        assert!(!follower.put(2, &[2], &payload(2, 10)).unwrap());
+        assert!(!follower.path(2).exists());
+        drop(follower);
+        // A write cut short (the process killed before the rename) leaves a temporary,
+        // never a block file; the next owner removes it.
+        let dir = owner.dir.clone();
+        fs::write(dir.join(format!("{:016x}.tmp0", 5u64)), b"partial").unwrap();
+        drop(owner);
+        let owner = DiskBlockStore::open(tmp.path(), FP, 1 << 20).unwrap();
+        assert!(owner.is_owner(), "the lock went with the first owner");
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains(".tmp")), "{names:?}");
+        assert_eq!(owner.len(), 1);
+    }
+}
