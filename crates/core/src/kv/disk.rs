@@ -83,6 +83,59 @@ impl Fingerprint {
     }
 }
 
+/// How much of each end of a weight file [`weights_identity`] reads.
+const IDENTITY_SAMPLE: u64 = 1 << 20;
+
+/// An identity for a model's weight files that changes when their contents do: each
+/// file's size and a hash of its first and last MiB (where a GGUF keeps its metadata and
+/// tensor index, and a safetensors file its header, and where a re-quantization or an
+/// edit of any tensor's type or shape shows). Reading whole files would cost minutes on
+/// a DeepSeek-size checkpoint; names and times are left out, so a copied or renamed
+/// file keeps its blocks.
+pub fn weights_identity(paths: &[PathBuf]) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut h = StableHasher::default();
+    let mut buf = Vec::new();
+    for path in paths {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        h.write_u64(len);
+        buf.clear();
+        (&mut f).take(IDENTITY_SAMPLE).read_to_end(&mut buf)?;
+        if len > IDENTITY_SAMPLE {
+            f.seek(SeekFrom::Start(
+                len.saturating_sub(IDENTITY_SAMPLE).max(IDENTITY_SAMPLE),
+            ))?;
+            f.take(IDENTITY_SAMPLE).read_to_end(&mut buf)?;
+        }
+        h.write(&buf);
+    }
+    Ok(h.finish())
+}
+
+/// The fingerprint of a model's KV blocks: its weights, its config (architecture, rope,
+/// attention shapes: everything the model code reads), the KV layout and element type,
+/// the block size, and the byte order the records are read back in.
+pub fn kv_fingerprint(
+    weights: u64,
+    config: &crate::config::ModelConfig,
+    layout: super::KvLayout,
+    block_size: usize,
+) -> Fingerprint {
+    Fingerprint::of(&[
+        &VERSION.to_le_bytes(),
+        &weights.to_le_bytes(),
+        format!("{config:?}").as_bytes(),
+        format!("{layout:?}").as_bytes(),
+        &(block_size as u64).to_le_bytes(),
+        if cfg!(target_endian = "little") {
+            b"le"
+        } else {
+            b"be"
+        },
+    ])
+}
+
 /// Counters for the metrics.
 #[derive(Debug, Default)]
 pub struct DiskStats {
@@ -417,6 +470,56 @@ mod tests {
         h.write(b"a");
         assert_eq!(h.finish(), 0xaf63_dc4c_8601_ec8c);
         assert_ne!(Fingerprint::of(&[b"ab", b"c"]), Fingerprint::of(&[b"a", b"bc"]));
+    }
+
+    /// The weights' identity: the same for a copy, different when any sampled byte or
+    /// the size differs; the fingerprint changes with the KV dtype and block size.
+    #[test]
+    fn fingerprints_follow_what_changes_the_values() {
+        let tmp = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..3 * IDENTITY_SAMPLE as usize)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let file = |name: &str, bytes: &[u8]| {
+            let p = tmp.path().join(name);
+            fs::write(&p, bytes).unwrap();
+            p
+        };
+        let id = |p: &PathBuf| weights_identity(std::slice::from_ref(p)).unwrap();
+        let a = id(&file("a.gguf", &big));
+        assert_eq!(a, id(&file("copy.gguf", &big)), "names do not count");
+        let mut tail = big.clone();
+        *tail.last_mut().unwrap() ^= 1;
+        assert_ne!(a, id(&file("tail.gguf", &tail)));
+        let mut head = big.clone();
+        head[10] ^= 1;
+        assert_ne!(a, id(&file("head.gguf", &head)));
+        assert_ne!(a, id(&file("short.gguf", &big[..big.len() - 1])));
+        assert_ne!(a, id(&file("small.gguf", b"tiny")));
+
+        let cfg = crate::config::ModelConfig::from_file(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama/config.json"),
+        )
+        .unwrap();
+        let layout = crate::kv::KvLayout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            key_dim: 8,
+            value_dim: 8,
+            dtype: crate::kv::KvDtype::F32,
+        };
+        let f = kv_fingerprint(a, &cfg, layout, 16);
+        assert_eq!(f, kv_fingerprint(a, &cfg, layout, 16));
+        assert_ne!(f, kv_fingerprint(a ^ 1, &cfg, layout, 16));
+        assert_ne!(f, kv_fingerprint(a, &cfg, layout, 32));
+        let half = crate::kv::KvLayout {
+            dtype: crate::kv::KvDtype::F16,
+            ..layout
+        };
+        assert_ne!(f, kv_fingerprint(a, &cfg, half, 16));
+        let mut other = cfg.clone();
+        other.rms_norm_eps *= 2.0;
+        assert_ne!(f, kv_fingerprint(a, &other, layout, 16));
     }
 
     #[test]

@@ -70,6 +70,54 @@ impl KvStorage {
         &mut self.layers[i]
     }
 
+    /// Elements of one block in one layer: (keys, values).
+    fn block_elements(&self) -> (usize, usize) {
+        let per_slot = self.block_size * self.layout.num_kv_heads;
+        (per_slot * self.layout.key_dim, per_slot * self.layout.value_dim)
+    }
+
+    /// The bytes of one block's record: every layer's keys and values.
+    pub fn block_record_len(&self) -> usize {
+        let (k, v) = self.block_elements();
+        self.layers.len() * (k + v) * self.layout.dtype.size()
+    }
+
+    /// A block's keys and values in every layer, as bytes (the disk tier's payload). A
+    /// block is contiguous in each layer's buffer (`[num_blocks, ..]` row-major).
+    pub fn block_bytes(&self, block: u32) -> Vec<u8> {
+        let (k, v) = self.block_elements();
+        let b = block as usize;
+        let mut out = Vec::with_capacity(self.block_record_len());
+        for layer in &self.layers {
+            layer.keys.bytes_into(b * k, k, &mut out);
+            layer.values.bytes_into(b * v, v, &mut out);
+        }
+        out
+    }
+
+    /// Fills a block from [`block_bytes`](Self::block_bytes)'s output.
+    pub fn set_block_bytes(&mut self, block: u32, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.block_record_len() || block as usize >= self.num_blocks {
+            return Err(Error::KvCache(format!(
+                "a block record of {} bytes for block {block}; expected {} bytes and a block below {}",
+                bytes.len(),
+                self.block_record_len(),
+                self.num_blocks
+            )));
+        }
+        let (k, v) = self.block_elements();
+        let size = self.layout.dtype.size();
+        let b = block as usize;
+        let mut at = 0;
+        for layer in &mut self.layers {
+            layer.keys.set_bytes(b * k, &bytes[at..at + k * size]);
+            at += k * size;
+            layer.values.set_bytes(b * v, &bytes[at..at + v * size]);
+            at += v * size;
+        }
+        Ok(())
+    }
+
     /// The cache slot of position `pos` of a sequence with block table `table`.
     pub fn slot(&self, table: &[u32], pos: usize) -> Result<usize> {
         let block = table.get(pos / self.block_size).ok_or_else(|| {
@@ -115,5 +163,49 @@ mod tests {
         assert_eq!(half.bytes_per_token(), 128);
         let kv = KvStorage::with_memory_budget(half, 16, 256 * 16 * 10 + 100).unwrap();
         assert_eq!(kv.num_blocks(), 20);
+    }
+
+    /// A block's bytes, copied into another block, give that block the same keys and
+    /// values in every layer, and touch no other block.
+    #[test]
+    fn a_block_round_trips_through_its_bytes() {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let layout = KvLayout {
+                num_layers: 3,
+                num_kv_heads: 2,
+                key_dim: 8,
+                value_dim: 4,
+                dtype,
+            };
+            let mut kv = KvStorage::new(layout, 4, 3).unwrap();
+            let slots = 4 * 3 * 2;
+            for l in 0..3 {
+                let layer = kv.layer_mut(l);
+                let keys: Vec<f32> = (0..slots * 8).map(|i| (i + 1000 * l) as f32 * 0.25).collect();
+                let values: Vec<f32> = (0..slots * 4).map(|i| -((i + 1000 * l) as f32)).collect();
+                layer.keys.write(0, &keys);
+                layer.values.write(0, &values);
+            }
+            let record = kv.block_bytes(1);
+            assert_eq!(record.len(), kv.block_record_len());
+            assert_eq!(record.len(), 4 * layout.bytes_per_token());
+            let read = |kv: &KvStorage, l: usize| {
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                kv.layer(l).keys.read_into(0, slots * 8, &mut k);
+                kv.layer(l).values.read_into(0, slots * 4, &mut v);
+                (k, v)
+            };
+            let before: Vec<_> = (0..3).map(|l| read(&kv, l)).collect();
+            kv.set_block_bytes(2, &record).unwrap();
+            for (l, (k0, v0)) in before.iter().enumerate() {
+                let (k, v) = read(&kv, l);
+                let (kb, vb) = (4 * 2 * 8, 4 * 2 * 4);
+                assert_eq!(k[2 * kb..3 * kb], k0[kb..2 * kb], "{dtype:?} layer {l} keys");
+                assert_eq!(v[2 * vb..3 * vb], v0[vb..2 * vb], "{dtype:?} layer {l} values");
+                assert_eq!(k[..2 * kb], k0[..2 * kb], "blocks 0 and 1 untouched");
+            }
+            assert!(kv.set_block_bytes(0, &record[1..]).is_err());
+            assert!(kv.set_block_bytes(3, &record).is_err());
+        }
     }
 }

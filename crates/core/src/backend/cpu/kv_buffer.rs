@@ -92,6 +92,32 @@ impl KvBuffer {
         }
     }
 
+    /// Appends the stored bits of `len` values from `at` to `out`, little-endian (the disk
+    /// tier's record of a block).
+    pub fn bytes_into(&self, at: usize, len: usize, out: &mut Vec<u8>) {
+        match self {
+            KvBuffer::F32(v) => out.extend(v[at..at + len].iter().flat_map(|x| x.to_le_bytes())),
+            KvBuffer::F16(v) => out.extend(v[at..at + len].iter().flat_map(|x| x.to_bits().to_le_bytes())),
+        }
+    }
+
+    /// Stores values from their bits as [`bytes_into`](Self::bytes_into) wrote them;
+    /// `src` holds `src.len() / element size` values, written from `at`.
+    pub fn set_bytes(&mut self, at: usize, src: &[u8]) {
+        match self {
+            KvBuffer::F32(v) => {
+                for (d, s) in v[at..].iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                }
+            }
+            KvBuffer::F16(v) => {
+                for (d, s) in v[at..].iter_mut().zip(src.chunks_exact(2)) {
+                    *d = half::f16::from_bits(u16::from_le_bytes(s.try_into().expect("2 bytes")));
+                }
+            }
+        }
+    }
+
     /// Appends `len` values from `at`, widened to f32, to `out`.
     pub fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
         match self {
