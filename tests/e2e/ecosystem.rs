@@ -340,6 +340,36 @@ async fn messages(s: &Server, path: &str, body: Value, key: Option<&str>) -> (u1
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// With a request deadline set, the engine's events come through a merged stream that
+/// must not be polled after its end: a streamed response still ends with its final event
+/// (the body was cut off by a panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streamed_response_completes_under_a_request_deadline() {
+    let s = Server::start(&["--request-timeout-secs", "600"]).await;
+    let body =
+        json!({"model": MODEL, "input": "Hello", "max_output_tokens": 8, "temperature": 0, "stream": true});
+    let events = s.stream_named("/v1/responses", body).await;
+    let (name, last) = events.last().expect("events");
+    assert!(
+        name == "response.completed" || name == "response.incomplete",
+        "the stream ends with the response: {events:?}"
+    );
+    assert!(
+        last["response"]["usage"]["output_tokens"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    let (name, _) = &s
+        .stream_named(
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 8, "stream": true,
+                   "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .await
+        .pop()
+        .expect("events");
+    assert_eq!(name, "message_stop");
+}
+
 /// A streamed message's events, sent with `key` as `x-api-key`.
 async fn messages_stream(s: &Server, body: Value, key: &str) -> Vec<(String, Value)> {
     let r = s

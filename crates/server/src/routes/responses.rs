@@ -262,8 +262,7 @@ pub async fn create(
         loop {
             let updates: Vec<Update> = match events.next().await {
                 Some(event) => fold.apply(event),
-                None if !ended => { ended = true; fold.close() }
-                None => break,
+                None => { ended = true; fold.close() }
             };
             let mut block_events = Vec::new();
             for u in &updates {
@@ -316,6 +315,11 @@ pub async fn create(
                         yield named(Ev::OutputItemDone { sequence_number: next(), output_index: i, item: output_item(b, &ids[i], status) });
                     }
                 }
+            }
+            if ended {
+                // The events are over: polling them again would panic (the deadline's
+                // merged stream is an `unfold`).
+                break;
             }
         }
         timing.done(&state);
