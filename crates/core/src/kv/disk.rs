@@ -193,6 +193,7 @@ impl Index {
 /// The blocks of one model fingerprint under one directory.
 pub struct DiskBlockStore {
     dir: PathBuf,
+    fingerprint: Fingerprint,
     max_bytes: u64,
     /// Held while this store owns the directory; `None`: a read-only follower.
     lock: Option<File>,
@@ -248,6 +249,7 @@ impl DiskBlockStore {
         index.clock = index.by_use.last().map_or(0, |(t, _)| *t);
         let store = Self {
             dir,
+            fingerprint,
             max_bytes,
             lock,
             index: Mutex::new(index),
@@ -284,16 +286,11 @@ impl DiskBlockStore {
         self.dir.join(format!("{hash:016x}.{EXTENSION}"))
     }
 
-    fn fingerprint(&self) -> u64 {
-        let name = self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        u64::from_str_radix(name, 16).unwrap_or(0)
-    }
-
     fn encode(&self, hash: u64, tokens: &[u32], payload: &[u8]) -> Vec<u8> {
         let mut buf = Vec::with_capacity(HEADER + tokens.len() * 4 + 8 + payload.len() + 4);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&VERSION.to_le_bytes());
-        buf.extend_from_slice(&self.fingerprint().to_le_bytes());
+        buf.extend_from_slice(&self.fingerprint.0.to_le_bytes());
         buf.extend_from_slice(&hash.to_le_bytes());
         buf.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
         for t in tokens {
@@ -316,7 +313,7 @@ impl DiskBlockStore {
         }
         if buf.get(..4)? != MAGIC
             || u32_at(4)? != VERSION
-            || u64_at(8)? != self.fingerprint()
+            || u64_at(8)? != self.fingerprint.0
             || u64_at(16)? != hash
             || u32_at(24)? as usize != tokens.len()
         {
@@ -336,8 +333,10 @@ impl DiskBlockStore {
 
     /// The block's KV bytes, if its record is on disk, whole, and holds exactly `tokens`.
     /// A bad record counts as a miss and is removed.
+    /// A follower also looks for blocks its index does not know: the owner writes them
+    /// after the follower opened.
     pub fn get(&self, hash: u64, tokens: &[u32]) -> Option<Vec<u8>> {
-        if !self.contains(hash) {
+        if self.is_owner() && !self.contains(hash) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -345,6 +344,12 @@ impl DiskBlockStore {
         let path = self.path(hash);
         let mut buf = Vec::new();
         let read = File::open(&path).and_then(|mut f| f.read_to_end(&mut buf));
+        if matches!(&read, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            // Never written, or evicted by the owner: a plain miss.
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            self.index.lock().unwrap().remove(hash);
+            return None;
+        }
         let payload = read.ok().and_then(|_| self.decode(&buf, hash, tokens));
         self.stats
             .read_ns
@@ -614,6 +619,13 @@ mod tests {
         assert_eq!(follower.get(1, &[1]), Some(payload(1, 10)));
         assert!(!follower.put(2, &[2], &payload(2, 10)).unwrap());
         assert!(!follower.path(2).exists());
+        // Blocks the owner writes after the follower opened are found too.
+        owner.put(3, &[3], &payload(3, 10)).unwrap();
+        assert_eq!(follower.get(3, &[3]), Some(payload(3, 10)));
+        // A block gone from disk (evicted by the owner) is a miss, not damage.
+        fs::remove_file(owner.path(3)).unwrap();
+        assert_eq!(follower.get(3, &[3]), None);
+        assert_eq!(follower.stats.corrupt.load(Ordering::Relaxed), 0);
         drop(follower);
         // A write cut short (the process killed before the rename) leaves a temporary,
         // never a block file; the next owner removes it.

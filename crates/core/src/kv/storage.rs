@@ -78,8 +78,7 @@ impl KvStorage {
 
     /// The bytes of one block's record: every layer's keys and values.
     pub fn block_record_len(&self) -> usize {
-        let (k, v) = self.block_elements();
-        self.layers.len() * (k + v) * self.layout.dtype.size()
+        self.layout.bytes_per_token() * self.block_size
     }
 
     /// A block's keys and values in every layer, as bytes (the disk tier's payload). A
