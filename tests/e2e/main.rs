@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 mod ecosystem;
+mod prefix_disk;
 mod progress;
 
 const MODEL: &str = "qwen3_moe";

@@ -91,6 +91,8 @@ pub struct LoadedModel {
     /// A short name: the checkpoint directory's, the repo's or the GGUF file's.
     pub name: String,
     pub dtype: DType,
+    /// The weight files it was loaded from (for [`kv::disk::weights_identity`]).
+    pub weight_files: Vec<std::path::PathBuf>,
 }
 
 /// Resolves `spec` (a `.gguf` file, a checkpoint directory or a Hugging Face repo id) and
@@ -132,6 +134,7 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
         codec,
         name: files.name,
         dtype,
+        weight_files: files.weights,
     })
 }
 
@@ -144,6 +147,7 @@ fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> 
         KvDtype::F32
     });
     let codec = TextCodec::from_gguf(ckpt.metadata(), path)?;
+    let weight_files = ckpt.files.iter().map(|f| f.path.clone()).collect();
     if opts.dtype.is_some_and(|d| d != DType::F32) {
         tracing::warn!(
             "GGUF models compute in f32 (quantized matmuls take f32 activations); ignoring --dtype"
@@ -169,6 +173,7 @@ fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> 
         codec,
         name,
         dtype: DType::F32,
+        weight_files,
     })
 }
 

@@ -161,8 +161,24 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         drain(shutdown_state);
     })
     .await;
+    flush_prefix_cache(&state);
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Lets the disk tier's writer finish the blocks it holds (a few seconds at most), so
+/// that the next start finds them. A write cut short leaves only a temporary file,
+/// never a block file.
+fn flush_prefix_cache(state: &SharedState) {
+    if let Some(d) = state.model.get().and_then(|m| m.engine.disk_tier()) {
+        let pending = d.pending();
+        if !d.flush(Duration::from_secs(5)) {
+            tracing::warn!(
+                "prefix cache on disk: {} of {pending} queued blocks not written",
+                d.pending()
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -199,6 +215,7 @@ fn drain(state: SharedState) {
         }
         // Streams end once aborted; give them a moment to flush, then go regardless.
         tokio::time::sleep(Duration::from_secs(2)).await;
+        flush_prefix_cache(&state);
         std::process::exit(0);
     });
 }

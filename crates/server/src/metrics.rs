@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use moeserve_core::engine::EngineStats;
+use moeserve_core::kv::disk::DiskTier;
 use prometheus::{
     Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -28,6 +29,19 @@ pub struct Metrics {
     kv_usage: Gauge,
     cache_config_info: IntGaugeVec,
     prefix_hits: IntCounter,
+    /// The prefix cache by tier (pool, disk), in blocks.
+    prefix_block_hits: IntCounterVec,
+    prefix_block_misses: IntCounterVec,
+    disk_blocks: IntGauge,
+    disk_bytes: IntGauge,
+    disk_read_bytes: IntCounter,
+    disk_read_seconds: Counter,
+    disk_written_bytes: IntCounter,
+    disk_write_seconds: Counter,
+    disk_load_seconds: Counter,
+    disk_corrupt: IntCounter,
+    disk_dropped_writes: IntCounter,
+    disk_write_errors: IntCounter,
     preemptions: IntCounter,
     expert_tokens: IntCounterVec,
     steps: IntCounter,
@@ -180,7 +194,57 @@ impl Metrics {
             cache_config_info,
             prefix_hits: total(
                 "moeserve_prefix_cache_hit_tokens_total",
-                "Prompt tokens served from the prefix cache.",
+                "Prompt tokens served from the prefix cache (pool and disk).",
+            ),
+            prefix_block_hits: counter(
+                "moeserve_prefix_cache_hits_total",
+                "Prefix-cache blocks found, by tier: shared from the pool, or read from disk into it.",
+                &["tier"],
+            ),
+            prefix_block_misses: counter(
+                "moeserve_prefix_cache_misses_total",
+                "Prefix-cache blocks looked for and not found, by tier (a pool miss is then looked for on disk, when it is on).",
+                &["tier"],
+            ),
+            disk_blocks: gauge(
+                "moeserve_prefix_cache_disk_blocks",
+                "KV blocks in the prefix cache on disk (this model's).",
+            ),
+            disk_bytes: gauge(
+                "moeserve_prefix_cache_disk_bytes",
+                "Bytes of KV blocks in the prefix cache on disk (this model's).",
+            ),
+            disk_read_bytes: total(
+                "moeserve_prefix_cache_disk_read_bytes_total",
+                "Bytes read from the prefix cache on disk.",
+            ),
+            disk_read_seconds: seconds(
+                "moeserve_prefix_cache_disk_read_seconds_total",
+                "Time reading and checking block files (read throughput: bytes over seconds).",
+            ),
+            disk_written_bytes: total(
+                "moeserve_prefix_cache_disk_written_bytes_total",
+                "Bytes written to the prefix cache on disk.",
+            ),
+            disk_write_seconds: seconds(
+                "moeserve_prefix_cache_disk_write_seconds_total",
+                "Time writing block files, on the writer thread.",
+            ),
+            disk_load_seconds: seconds(
+                "moeserve_prefix_cache_disk_load_seconds_total",
+                "Time the engine spent loading blocks from disk into the pool (reading, checking, copying).",
+            ),
+            disk_corrupt: total(
+                "moeserve_prefix_cache_disk_corrupt_total",
+                "Block files found corrupt, truncated or foreign (each a miss, and removed).",
+            ),
+            disk_dropped_writes: total(
+                "moeserve_prefix_cache_disk_dropped_writes_total",
+                "Blocks not written because the writer's queue was full.",
+            ),
+            disk_write_errors: total(
+                "moeserve_prefix_cache_disk_write_errors_total",
+                "Block writes that failed (a full disk, a permission).",
             ),
             preemptions: total(
                 "moeserve_preemptions_total",
@@ -231,7 +295,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with engine gauges refreshed (`block_size`: the
     /// pool's tokens per block).
-    pub fn render(&self, engine: Option<&EngineStats>, block_size: usize) -> String {
+    pub fn render(&self, engine: Option<&EngineStats>, disk: Option<&DiskTier>, block_size: usize) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = engine {
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -254,6 +318,14 @@ impl Metrics {
                 .with_label_values(&[&block_size.to_string(), &total.to_string()])
                 .set(1);
             catch_up(&self.prefix_hits, load(&s.prefix_cache_hit_tokens));
+            let tier = |v: &IntCounterVec, t: &str, total: u64| catch_up(&v.with_label_values(&[t]), total);
+            tier(&self.prefix_block_hits, "pool", load(&s.prefix_pool_hits));
+            tier(&self.prefix_block_misses, "pool", load(&s.prefix_pool_misses));
+            if disk.is_some() {
+                tier(&self.prefix_block_hits, "disk", load(&s.prefix_disk_hits));
+                tier(&self.prefix_block_misses, "disk", load(&s.prefix_disk_misses));
+            }
+            catch_up_seconds(&self.disk_load_seconds, load(&s.prefix_disk_load_ns));
             catch_up(&self.preemptions, load(&s.preemptions));
             catch_up(&self.steps, load(&s.steps));
             catch_up_seconds(&self.step_seconds, load(&s.step_ns));
@@ -278,6 +350,19 @@ impl Metrics {
                     catch_up(&counter, load(c));
                 }
             }
+        }
+        if let Some(d) = disk {
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            let st = d.stats();
+            self.disk_blocks.set(d.store().len() as i64);
+            self.disk_bytes.set(d.store().bytes_on_disk() as i64);
+            catch_up(&self.disk_read_bytes, load(&st.bytes_read));
+            catch_up_seconds(&self.disk_read_seconds, load(&st.read_ns));
+            catch_up(&self.disk_written_bytes, load(&st.bytes_written));
+            catch_up_seconds(&self.disk_write_seconds, load(&st.write_ns));
+            catch_up(&self.disk_corrupt, load(&st.corrupt));
+            catch_up(&self.disk_dropped_writes, load(&st.dropped_writes));
+            catch_up(&self.disk_write_errors, load(&st.write_errors));
         }
         if let Some(rss) = resident_memory_bytes() {
             self.resident_memory.set(rss as i64);

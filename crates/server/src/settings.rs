@@ -27,6 +27,8 @@ pub struct Settings {
     pub kv_cache_dtype: String,
     pub block_size: usize,
     pub enable_prefix_caching: bool,
+    pub prefix_cache_dir: String,
+    pub prefix_cache_disk_bytes: String,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_waiting_requests: usize,
@@ -89,6 +91,13 @@ pub struct SettingsArgs {
     /// Reuse KV blocks of shared prompt prefixes (true/false).
     #[arg(long, env = "MOESERVE_ENABLE_PREFIX_CACHING")]
     pub enable_prefix_caching: Option<bool>,
+    /// Keep the prefix cache's KV blocks on disk under this directory too, across
+    /// restarts (unset or empty: off).
+    #[arg(long, env = "MOESERVE_PREFIX_CACHE_DIR")]
+    pub prefix_cache_dir: Option<String>,
+    /// Most bytes of KV blocks kept on disk per model: bytes, or 512MiB, 8GiB.
+    #[arg(long, env = "MOESERVE_PREFIX_CACHE_DISK_BYTES")]
+    pub prefix_cache_disk_bytes: Option<String>,
     /// Most sequences running at once.
     #[arg(long, env = "MOESERVE_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -184,6 +193,8 @@ impl Settings {
             kv_cache_dtype,
             block_size,
             enable_prefix_caching,
+            prefix_cache_dir,
+            prefix_cache_disk_bytes,
             max_num_seqs,
             max_num_batched_tokens,
             max_waiting_requests,
@@ -245,6 +256,8 @@ impl Settings {
                 self.header_read_timeout_secs
             ));
         }
+        moeserve_core::parse_memory_size(&self.prefix_cache_disk_bytes)
+            .map_err(|e| format!("prefix_cache_disk_bytes: {e}"))?;
         if !LOG_FORMATS.contains(&self.log_format.as_str()) {
             return Err(format!(
                 "log_format must be one of {}, got {:?}",
@@ -274,6 +287,12 @@ impl Settings {
         };
         c.validate()?;
         Ok(c)
+    }
+
+    /// The prefix cache's directory, when it is on.
+    pub fn prefix_cache_dir(&self) -> Option<PathBuf> {
+        let d = self.prefix_cache_dir.trim();
+        (!d.is_empty()).then(|| PathBuf::from(d))
     }
 
     /// The per-request deadline, if any.
@@ -341,6 +360,13 @@ mod tests {
                 },
                 "header_read_timeout_secs",
             ),
+            (
+                SettingsArgs {
+                    prefix_cache_disk_bytes: Some("8 furlongs".into()),
+                    ..Default::default()
+                },
+                "prefix_cache_disk_bytes",
+            ),
         ];
         for (args, name) in cases {
             let err = Settings::resolve(&args).unwrap_err().to_string();
@@ -351,6 +377,24 @@ mod tests {
             ..Default::default()
         })
         .is_ok());
+    }
+
+    /// The disk tier is off unless a directory is given; an empty one is off too.
+    #[test]
+    fn the_prefix_cache_dir_is_off_when_unset_or_empty() {
+        let s = Settings::resolve(&SettingsArgs::default()).unwrap();
+        assert_eq!(s.prefix_cache_dir(), None);
+        let with = |d: &str| SettingsArgs {
+            prefix_cache_dir: Some(d.into()),
+            ..Default::default()
+        };
+        assert_eq!(Settings::resolve(&with(" ")).unwrap().prefix_cache_dir(), None);
+        assert_eq!(
+            Settings::resolve(&with("/var/cache/m"))
+                .unwrap()
+                .prefix_cache_dir(),
+            Some(PathBuf::from("/var/cache/m"))
+        );
     }
 
     #[test]

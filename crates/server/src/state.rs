@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use moeserve_core::chat::ChatTemplate;
-use moeserve_core::engine::{Engine, EngineConfig};
+use moeserve_core::engine::{DiskCacheConfig, Engine, EngineConfig};
 use moeserve_core::grammar::GrammarCompiler;
 use moeserve_core::reasoning::ReasoningTags;
 use moeserve_core::spec::SpeculativeMethod;
@@ -126,6 +126,16 @@ pub(crate) fn load(
         max_n: settings.max_n,
         enable_prefix_caching: settings.enable_prefix_caching,
         speculative: settings.speculative().map_err(anyhow::Error::msg)?,
+        prefix_cache_disk: match settings.prefix_cache_dir() {
+            Some(dir) => Some(DiskCacheConfig {
+                dir,
+                max_bytes: moeserve_core::parse_memory_size(&settings.prefix_cache_disk_bytes)
+                    .map_err(anyhow::Error::msg)? as u64,
+                weights_identity: moeserve_core::kv::disk::weights_identity(&loaded.weight_files)
+                    .map_err(|e| anyhow::anyhow!("reading the weight files' identity: {e}"))?,
+            }),
+            None => None,
+        },
     };
     if config.speculative.method == SpeculativeMethod::Mtp && !loaded.model.has_mtp() {
         let layers = loaded.model.config().num_nextn_predict_layers;

@@ -17,6 +17,7 @@ use super::{
     Command, EngineConfig, EngineEvent, EngineFailure, EngineStats, FailureKind, FinishReason, Usage,
 };
 use crate::grammar::Constraint;
+use crate::kv::disk::DiskTier;
 use crate::kv::{BlockPool, BlockTable, KvStorage};
 use crate::models::CausalLm;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
@@ -88,6 +89,8 @@ pub(super) struct EngineCore {
     pub(super) waiting: VecDeque<u64>,
     /// In admission order: the last is the first to be preempted.
     pub(super) running: Vec<u64>,
+    /// The prefix cache's disk tier, if configured.
+    pub(super) disk: Option<Arc<DiskTier>>,
 }
 
 impl EngineCore {
@@ -97,6 +100,7 @@ impl EngineCore {
         codec: Arc<TextCodec>,
         cfg: EngineConfig,
         stats: Arc<EngineStats>,
+        disk: Option<Arc<DiskTier>>,
     ) -> Self {
         let pool = BlockPool::new(kv.num_blocks());
         Self {
@@ -111,6 +115,7 @@ impl EngineCore {
             next_seq: 0,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            disk,
         }
     }
 

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::Result;
+use crate::kv::disk::{kv_fingerprint, DiskBlockStore, DiskTier};
 use crate::kv::{KvLayout, KvStorage};
 use crate::models::CausalLm;
 pub use crate::sampling::{ParamError, SamplingParams, TokenLogprob};
@@ -44,6 +45,21 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Drafted tokens checked in the batched step (see [`crate::spec`]).
     pub speculative: SpeculativeConfig,
+    /// The prefix cache's disk tier; `None`: the pool only.
+    pub prefix_cache_disk: Option<DiskCacheConfig>,
+}
+
+/// Where and how much of the prefix cache goes to disk (see [`crate::kv::disk`]).
+#[derive(Debug, Clone)]
+pub struct DiskCacheConfig {
+    /// The directory shared by every model; each model's blocks go to a subdirectory
+    /// named by its fingerprint.
+    pub dir: std::path::PathBuf,
+    /// The most bytes of blocks kept for this model.
+    pub max_bytes: u64,
+    /// The weights' identity ([`crate::kv::disk::weights_identity`]), part of the
+    /// fingerprint.
+    pub weights_identity: u64,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +73,7 @@ impl Default for EngineConfig {
             max_n: crate::sampling::DEFAULT_MAX_N,
             enable_prefix_caching: true,
             speculative: SpeculativeConfig::default(),
+            prefix_cache_disk: None,
         }
     }
 }
@@ -204,6 +221,15 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
     pub prefix_cache_hit_tokens: AtomicU64,
+    /// Prefix-cache lookups by tier, in blocks: found in the pool, not in the pool, read
+    /// from disk, not on disk (a lookup stops at its first miss in the last tier), and
+    /// the step loop's time loading blocks from disk into the pool (reading, checking,
+    /// copying).
+    pub prefix_pool_hits: AtomicU64,
+    pub prefix_pool_misses: AtomicU64,
+    pub prefix_disk_hits: AtomicU64,
+    pub prefix_disk_misses: AtomicU64,
+    pub prefix_disk_load_ns: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
     /// Time in whole engine steps (scheduling, forward, sampling, streaming), in the
@@ -277,6 +303,7 @@ pub struct EngineLimits {
 
 pub struct Engine {
     commands: mpsc::Sender<Command>,
+    disk: Option<Arc<DiskTier>>,
     stats: Arc<EngineStats>,
     codec: Arc<TextCodec>,
     limits: EngineLimits,
@@ -324,14 +351,23 @@ impl Engine {
             config.kv_cache_memory as f64 / (1 << 20) as f64,
             layout.bytes_per_token()
         );
+        let disk = match &config.prefix_cache_disk {
+            Some(d) if config.enable_prefix_caching => Some(Arc::new(open_disk_tier(d, &*model, &kv)?)),
+            Some(_) => {
+                tracing::warn!("prefix caching is off: the prefix cache directory is not used");
+                None
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel();
-        let mut core = core::EngineCore::new(model, kv, codec.clone(), config, stats.clone());
+        let mut core = core::EngineCore::new(model, kv, codec.clone(), config, stats.clone(), disk.clone());
         let thread = std::thread::Builder::new()
             .name("moeserve-engine".into())
             .spawn(move || core.run(rx))
             .map_err(|e| crate::Error::KvCache(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             commands: tx,
+            disk,
             stats,
             codec,
             limits,
@@ -346,6 +382,17 @@ impl Engine {
 
     pub fn codec(&self) -> &Arc<TextCodec> {
         &self.codec
+    }
+
+    /// The prefix cache's disk tier, when one is configured.
+    pub fn disk_tier(&self) -> Option<&DiskTier> {
+        self.disk.as_deref()
+    }
+
+    /// Waits (at most `timeout`) for the blocks queued for disk to be written: at
+    /// shutdown, so that a restart finds the latest prefixes. Returns whether all were.
+    pub fn flush_prefix_cache(&self, timeout: std::time::Duration) -> bool {
+        self.disk.as_ref().is_none_or(|d| d.flush(timeout))
     }
 
     pub fn limits(&self) -> EngineLimits {
@@ -431,6 +478,29 @@ impl Engine {
         }
         Ok(max_tokens)
     }
+}
+
+/// Opens the model's subdirectory of the disk tier and starts its writer.
+fn open_disk_tier(d: &DiskCacheConfig, model: &dyn CausalLm, kv: &KvStorage) -> Result<DiskTier> {
+    let fingerprint = kv_fingerprint(d.weights_identity, model.config(), kv.layout(), kv.block_size());
+    let fail = |e: std::io::Error| {
+        crate::Error::KvCache(format!("the prefix cache directory {}: {e}", d.dir.display()))
+    };
+    let store = DiskBlockStore::open(&d.dir, fingerprint, d.max_bytes).map_err(fail)?;
+    tracing::info!(
+        "prefix cache on disk: {} ({} blocks, {:.1} of {:.1} MiB; {})",
+        store.dir().display(),
+        store.len(),
+        store.bytes_on_disk() as f64 / (1 << 20) as f64,
+        d.max_bytes as f64 / (1 << 20) as f64,
+        if store.is_owner() {
+            "this server writes"
+        } else {
+            "another server owns it: read only"
+        }
+    );
+    // A queue of at most 64 MiB of blocks between the step loop and the writer.
+    DiskTier::start(store, kv.block_record_len(), 64 << 20).map_err(fail)
 }
 
 impl Drop for Engine {

@@ -288,7 +288,9 @@ impl EngineCore {
         }
     }
 
-    /// Registers the blocks that became full and computed, so later requests can share them.
+    /// Registers the blocks that became full and computed, so later requests can share
+    /// them, and hands each to the disk tier's writer (a copy of its bytes: the pool may
+    /// reuse the block before the writer gets to it).
     fn register_full_blocks(&mut self, sid: u64) {
         let bs = self.kv.block_size();
         let seq = self.seqs.get_mut(&sid).unwrap();
@@ -296,7 +298,11 @@ impl EngineCore {
             let b = seq.hashes.len();
             let toks = &seq.tokens[b * bs..(b + 1) * bs];
             let h = block_hash(seq.hashes.last().copied().unwrap_or(0), toks);
-            self.pool.register(seq.table.blocks()[b], h, toks);
+            let block = seq.table.blocks()[b];
+            self.pool.register(block, h, toks);
+            if let Some(disk) = self.disk.as_ref().filter(|d| d.wants(h)) {
+                disk.write(h, toks, self.kv.block_bytes(block));
+            }
             seq.hashes.push(h);
         }
     }

@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 
 use super::core::EngineCore;
 use crate::batch::LogitRows;
-use crate::kv::{block_hash, BlockTable};
+use crate::kv::disk::DiskTier;
+use crate::kv::{block_hash, BlockPool, BlockTable, KvStorage};
 
 /// What one step computes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -219,23 +220,75 @@ impl EngineCore {
     }
 
     /// Shares the longest cached prefix of `sid`'s tokens (never the last token, whose
-    /// logits are needed). Returns the number of tokens it covers.
+    /// logits are needed): blocks in the pool are shared; past the first block the pool
+    /// lacks, blocks on disk are read into fresh pool blocks and registered there.
+    /// Returns the number of tokens it covers.
+    ///
+    /// The disk reads happen here, on the step loop, at admission: a block is a few
+    /// hundred KiB that the page cache usually holds, and reading it costs far less than
+    /// computing it.
     fn attach_cached_prefix(&mut self, sid: u64) -> usize {
         let bs = self.kv.block_size();
         let seq = self.seqs.get_mut(&sid).unwrap();
         let mut parent = 0;
+        let (mut pool_hits, mut disk_hits) = (0u64, 0u64);
+        let mut disk_time = std::time::Duration::ZERO;
         for b in 0..(seq.tokens.len() - 1) / bs {
             let toks = &seq.tokens[b * bs..(b + 1) * bs];
             let h = block_hash(parent, toks);
-            match self.pool.lookup(h, toks) {
-                Some(block) => {
-                    seq.table.push_shared(&mut self.pool, block);
-                    seq.hashes.push(h);
-                    parent = h;
-                }
-                None => break,
+            if let Some(block) = self.pool.lookup(h, toks) {
+                seq.table.push_shared(&mut self.pool, block);
+                pool_hits += 1;
+            } else {
+                self.stats.prefix_pool_misses.fetch_add(1, Ordering::Relaxed);
+                let Some(disk) = &self.disk else { break };
+                let started = std::time::Instant::now();
+                let loaded = load_block(disk, &mut self.pool, &mut self.kv, h, toks);
+                disk_time += started.elapsed();
+                let Some(block) = loaded else {
+                    self.stats.prefix_disk_misses.fetch_add(1, Ordering::Relaxed);
+                    break;
+                };
+                seq.table.push_owned(block);
+                disk_hits += 1;
             }
+            seq.hashes.push(h);
+            parent = h;
         }
+        self.stats
+            .prefix_pool_hits
+            .fetch_add(pool_hits, Ordering::Relaxed);
+        self.stats
+            .prefix_disk_hits
+            .fetch_add(disk_hits, Ordering::Relaxed);
+        self.stats
+            .prefix_disk_load_ns
+            .fetch_add(disk_time.as_nanos() as u64, Ordering::Relaxed);
         seq.hashes.len() * bs
     }
+}
+
+/// Reads block `hash` from disk into a fresh pool block (reference count one) and
+/// registers it in the pool. `None` when it is not on disk (or its record is bad) or no
+/// pool block is free.
+fn load_block(
+    disk: &DiskTier,
+    pool: &mut BlockPool,
+    kv: &mut KvStorage,
+    hash: u64,
+    tokens: &[u32],
+) -> Option<u32> {
+    if pool.num_free() == 0 {
+        return None;
+    }
+    let bytes = disk.store().get(hash, tokens)?;
+    let block = pool.allocate()?;
+    if let Err(e) = kv.set_block_bytes(block, &bytes) {
+        // The fingerprint covers the layout, so only a damaged store gets here.
+        tracing::warn!("prefix cache on disk: {e}");
+        pool.release(block);
+        return None;
+    }
+    pool.register(block, hash, tokens);
+    Some(block)
 }

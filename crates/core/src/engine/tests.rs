@@ -1146,3 +1146,263 @@ fn accepted_mtp_drafts_keep_greedy_output_and_the_pool() {
         s.kv_blocks_used.load(Ordering::Relaxed) == 0
     });
 }
+
+/// An engine whose prefix cache also keeps blocks under `dir`.
+fn start_with_disk(name: &str, dir: &std::path::Path, max_bytes: u64, cfg: EngineConfig) -> Engine {
+    start_with_disk_opts(name, dir, max_bytes, cfg, &LoadOptions::default())
+}
+
+fn start_with_disk_opts(
+    name: &str,
+    dir: &std::path::Path,
+    max_bytes: u64,
+    cfg: EngineConfig,
+    opts: &LoadOptions,
+) -> Engine {
+    let loaded = crate::load(fixture(name).to_str().unwrap(), opts).unwrap();
+    let weights_identity = crate::kv::disk::weights_identity(&loaded.weight_files).unwrap();
+    let cfg = EngineConfig {
+        prefix_cache_disk: Some(DiskCacheConfig {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            weights_identity,
+        }),
+        ..cfg
+    };
+    Engine::start(loaded.model, Arc::new(loaded.codec), cfg).unwrap()
+}
+
+fn block_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = vec![];
+    for sub in std::fs::read_dir(dir).unwrap() {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.extension().is_some_and(|e| e == "kv") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn disk_hits(e: &Engine) -> u64 {
+    e.stats().prefix_disk_hits.load(Ordering::Relaxed)
+}
+
+/// The same prompt run cold (no prefix cache at all) for the reference output.
+fn cold_run(name: &str, prompt: &[u32], max: usize) -> Outcome {
+    let cold = start(
+        name,
+        EngineConfig {
+            enable_prefix_caching: false,
+            ..EngineConfig::default()
+        },
+    );
+    run(&cold, prompt, greedy(max))
+}
+
+/// A prefix computed before a restart is read from disk after it: the second engine
+/// computes only the tokens past the shared blocks, and answers exactly as a cold run.
+/// On the DeepSeek fixture (latent attention: the compressed KV goes to disk) and a
+/// grouped-query MoE.
+#[test]
+fn a_prefix_is_served_from_disk_after_a_restart() {
+    for name in ["deepseek_v3", "qwen3_moe"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let prefix = filler(1000, 5);
+        let with = |suffix: &[u32]| prefix.iter().chain(suffix).copied().collect::<Vec<u32>>();
+        let (a, b) = (with(&[10, 11, 12]), with(&[20, 21, 22, 23, 24]));
+        let want = cold_run(name, &b, 16);
+
+        let first = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+        assert_eq!(run(&first, &a, greedy(16)).usage.cached_tokens, 0);
+        assert!(first.flush_prefix_cache(Duration::from_secs(10)));
+        assert_eq!(disk_hits(&first), 0, "{name}: nothing to read from disk yet");
+        drop(first);
+        // 1003 prompt tokens + 15 computed outputs: 63 full blocks.
+        assert_eq!(block_files(tmp.path()).len(), 63, "{name}");
+
+        let second = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+        let got = run(&second, &b, greedy(16));
+        assert_eq!(got.usage.cached_tokens, 992, "{name}: 62 blocks from disk");
+        assert_eq!(disk_hits(&second), 62, "{name}");
+        assert_eq!(
+            got.choices, want.choices,
+            "{name}: the same greedy output as cold"
+        );
+        // Now in the pool: a third request shares them from there.
+        let again = run(&second, &b, greedy(16));
+        assert_eq!(again.usage.cached_tokens, 992);
+        assert_eq!(disk_hits(&second), 62, "{name}: the pool answered");
+        assert_eq!(again.choices, want.choices, "{name}");
+    }
+}
+
+/// Blocks the pool evicted come back from disk within one process too.
+#[test]
+fn blocks_evicted_from_a_small_pool_are_read_back_from_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3_moe";
+    let a = filler(600, 7);
+    let want = cold_run(name, &a, 8);
+    // A pool of 50 blocks (800 tokens): the second prompt evicts the first one's blocks.
+    let bytes_per_block = {
+        let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+        loaded.model.kv_layout().bytes_per_token() * 16
+    };
+    let cfg = EngineConfig {
+        kv_cache_memory: 50 * bytes_per_block,
+        ..EngineConfig::default()
+    };
+    let e = start_with_disk(name, tmp.path(), 1 << 30, cfg);
+    assert_eq!(run(&e, &a, greedy(8)).usage.cached_tokens, 0);
+    assert!(e.flush_prefix_cache(Duration::from_secs(10)));
+    run(&e, &filler(700, 8), greedy(8));
+    assert!(e.flush_prefix_cache(Duration::from_secs(10)));
+    let got = run(&e, &a, greedy(8));
+    assert!(disk_hits(&e) > 0, "evicted blocks came from disk");
+    assert_eq!(got.usage.cached_tokens, 592);
+    assert_eq!(got.choices, want.choices);
+    wait_until("blocks released", || {
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+    });
+}
+
+/// A corrupt or truncated block file is a miss (and is removed): the prefix is served up
+/// to the block before it, and the answer is the cold one.
+#[test]
+fn corrupt_and_truncated_block_files_are_misses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3";
+    let a = filler(300, 9);
+    let want = cold_run(name, &a, 8);
+    let first = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    run(&first, &a, greedy(8));
+    drop(first);
+    // Which file holds which block: by the chained hashes of the prompt's blocks.
+    let mut hashes = vec![];
+    for b in 0..a.len() / 16 {
+        hashes.push(crate::kv::block_hash(
+            hashes.last().copied().unwrap_or(0),
+            &a[b * 16..(b + 1) * 16],
+        ));
+    }
+    let files = block_files(tmp.path());
+    let file_of = |h: u64| {
+        files
+            .iter()
+            .find(|p| p.file_stem().unwrap().to_string_lossy() == format!("{h:016x}"))
+            .unwrap()
+            .clone()
+    };
+    // Block 5: one payload byte flipped. Block 10: cut short.
+    let five = file_of(hashes[5]);
+    let mut bytes = std::fs::read(&five).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&five, bytes).unwrap();
+    let ten = file_of(hashes[10]);
+    let bytes = std::fs::read(&ten).unwrap();
+    let ten_len = bytes.len();
+    std::fs::write(&ten, &bytes[..bytes.len() - 100]).unwrap();
+
+    let second = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    let got = run(&second, &a, greedy(8));
+    assert_eq!(got.usage.cached_tokens, 5 * 16, "blocks 0-4 only");
+    assert_eq!(got.choices, want.choices);
+    let corrupt = second
+        .disk_tier()
+        .unwrap()
+        .stats()
+        .corrupt
+        .load(Ordering::Relaxed);
+    assert_eq!(corrupt, 1);
+    // Removed, then recomputed and written again (the third engine reads through it).
+    assert!(second.flush_prefix_cache(Duration::from_secs(10)));
+    assert_eq!(five.metadata().unwrap().len(), ten_len as u64);
+    let again = run(&second, &a, greedy(8));
+    assert_eq!(again.choices, want.choices);
+    drop(second);
+    let third = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    let got = run(&third, &a, greedy(8));
+    assert_eq!(got.choices, want.choices);
+    assert_eq!(
+        got.usage.cached_tokens,
+        10 * 16,
+        "stops at the truncated block 10"
+    );
+    assert_eq!(
+        third.disk_tier().unwrap().stats().corrupt.load(Ordering::Relaxed),
+        1
+    );
+    assert!(third.flush_prefix_cache(Duration::from_secs(10)));
+    assert_eq!(ten.metadata().unwrap().len(), ten_len as u64, "rewritten whole");
+}
+
+/// Another model, or the same model with another KV dtype, on the same directory gets
+/// its own subdirectory and none of the first one's blocks.
+#[test]
+fn another_model_or_kv_dtype_gets_no_hits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = filler(300, 11);
+    let first = start_with_disk("qwen3_moe", tmp.path(), 1 << 30, EngineConfig::default());
+    run(&first, &a, greedy(4));
+    drop(first);
+    let other = start_with_disk("qwen3", tmp.path(), 1 << 30, EngineConfig::default());
+    assert_eq!(run(&other, &a, greedy(4)).usage.cached_tokens, 0);
+    assert_eq!(disk_hits(&other), 0);
+    drop(other);
+    let f16 = LoadOptions {
+        kv_cache_dtype: Some(crate::kv::KvDtype::F16),
+        ..LoadOptions::default()
+    };
+    let half = start_with_disk_opts("qwen3_moe", tmp.path(), 1 << 30, EngineConfig::default(), &f16);
+    assert_eq!(run(&half, &a, greedy(4)).usage.cached_tokens, 0);
+    drop(half);
+    let block32 = EngineConfig {
+        block_size: 32,
+        ..EngineConfig::default()
+    };
+    let other_blocks = start_with_disk("qwen3_moe", tmp.path(), 1 << 30, block32);
+    assert_eq!(run(&other_blocks, &a, greedy(4)).usage.cached_tokens, 0);
+    drop(other_blocks);
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        4,
+        "one subdirectory each"
+    );
+    // The first model still finds its own.
+    let back = start_with_disk("qwen3_moe", tmp.path(), 1 << 30, EngineConfig::default());
+    assert_eq!(run(&back, &a, greedy(4)).usage.cached_tokens, 288);
+}
+
+/// The disk tier keeps to its byte bound, dropping the least recently used blocks.
+#[test]
+fn the_disk_tier_keeps_its_byte_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3";
+    let e = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    run(&e, &filler(40, 1), greedy(1));
+    assert!(e.flush_prefix_cache(Duration::from_secs(10)));
+    let record = e.disk_tier().unwrap().store().bytes_on_disk() / 2;
+    drop(e);
+    let bound = 20 * record;
+    let e = start_with_disk(name, tmp.path(), bound, EngineConfig::default());
+    for salt in 0..4 {
+        run(&e, &filler(200, 20 + salt), greedy(1));
+    }
+    let tier = e.disk_tier().unwrap();
+    assert!(tier.flush(Duration::from_secs(10)));
+    assert_eq!(tier.store().len(), 20);
+    assert!(tier.store().bytes_on_disk() <= bound);
+    let on_disk: u64 = block_files(tmp.path())
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
+    assert!(on_disk <= bound, "{on_disk} bytes on disk, bound {bound}");
+    // The newest prompt's blocks are the ones kept.
+    drop(e);
+    let e = start_with_disk(name, tmp.path(), bound, EngineConfig::default());
+    assert_eq!(run(&e, &filler(200, 23), greedy(1)).usage.cached_tokens, 192);
+}

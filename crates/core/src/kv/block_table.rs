@@ -55,6 +55,11 @@ impl BlockTable {
         self.blocks.push(block);
     }
 
+    /// Appends a block this table already holds the one reference of (just allocated).
+    pub fn push_owned(&mut self, block: u32) {
+        self.blocks.push(block);
+    }
+
     /// Gives back the blocks beyond those that hold `num_tokens` positions (the slots
     /// of drafted tokens that verification rejected).
     pub fn truncate(&mut self, pool: &mut BlockPool, num_tokens: usize, block_size: usize) {

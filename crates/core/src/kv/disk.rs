@@ -26,8 +26,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 const MAGIC: &[u8; 4] = b"MSKV";
@@ -147,6 +148,9 @@ pub struct DiskStats {
     pub bytes_written: AtomicU64,
     pub read_ns: AtomicU64,
     pub write_ns: AtomicU64,
+    /// Blocks not written because the writer's queue was full, and writes that failed.
+    pub dropped_writes: AtomicU64,
+    pub write_errors: AtomicU64,
 }
 
 #[derive(Default)]
@@ -258,6 +262,11 @@ impl DiskBlockStore {
         };
         store.evict();
         Ok(store)
+    }
+
+    /// This model's subdirectory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Whether this store writes (it holds the directory's lock).
@@ -454,6 +463,124 @@ impl DiskBlockStore {
             };
             index.remove(hash);
             let _ = fs::remove_file(self.path(hash));
+        }
+    }
+}
+
+/// A block on its way to disk.
+struct WriteJob {
+    hash: u64,
+    tokens: Vec<u32>,
+    payload: Vec<u8>,
+}
+
+/// The disk tier as the engine uses it: the store, plus a writer thread fed through a
+/// bounded queue, so that the step loop hands full blocks off and never waits on the
+/// disk. A block that finds the queue full is not written (counted in
+/// `dropped_writes`): a slow disk costs cache hits, never step time.
+pub struct DiskTier {
+    store: Arc<DiskBlockStore>,
+    jobs: Mutex<Option<SyncSender<WriteJob>>>,
+    /// Blocks queued or being written.
+    pending: Arc<AtomicUsize>,
+    capacity: usize,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl DiskTier {
+    /// Starts the writer thread; at most `queue_bytes` of blocks (and at least 4 blocks)
+    /// wait for it.
+    pub fn start(store: DiskBlockStore, block_bytes: usize, queue_bytes: usize) -> io::Result<Self> {
+        let capacity = (queue_bytes / block_bytes.max(1)).max(4);
+        let store = Arc::new(store);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::sync_channel::<WriteJob>(capacity);
+        let writer = {
+            let (store, pending) = (store.clone(), pending.clone());
+            std::thread::Builder::new()
+                .name("moeserve-kv-disk".into())
+                .spawn(move || {
+                    for job in rx {
+                        if let Err(e) = store.put(job.hash, &job.tokens, &job.payload) {
+                            tracing::warn!("prefix cache on disk: cannot write a block: {e}");
+                            store.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        pending.fetch_sub(1, Ordering::Release);
+                    }
+                })?
+        };
+        Ok(Self {
+            store,
+            jobs: Mutex::new(Some(tx)),
+            pending,
+            capacity,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn store(&self) -> &DiskBlockStore {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &DiskStats {
+        &self.store.stats
+    }
+
+    /// Whether the block `hash` should be copied out and written: this server owns the
+    /// directory, the block is not on disk, and the queue has room (a full queue counts
+    /// as a dropped write).
+    pub fn wants(&self, hash: u64) -> bool {
+        if !self.store.is_owner() || self.store.contains(hash) {
+            return false;
+        }
+        if self.pending.load(Ordering::Acquire) >= self.capacity {
+            self.store.stats.dropped_writes.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Queues a block for the writer; never blocks.
+    pub fn write(&self, hash: u64, tokens: &[u32], payload: Vec<u8>) {
+        let jobs = self.jobs.lock().unwrap();
+        let Some(tx) = jobs.as_ref() else { return };
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let job = WriteJob {
+            hash,
+            tokens: tokens.to_vec(),
+            payload,
+        };
+        if tx.try_send(job).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.store.stats.dropped_writes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Blocks queued or being written.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Waits until the queued blocks are on disk, or `timeout` passes. Returns whether
+    /// the queue emptied.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.pending() > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+impl Drop for DiskTier {
+    /// Writes what is queued, then stops the writer.
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap().take();
+        if let Some(w) = self.writer.lock().unwrap().take() {
+            let _ = w.join();
         }
     }
 }

@@ -74,8 +74,10 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     ),
     security(("api_key" = [])))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let engine = state.model.get().map(|m| &m.engine);
     let body = state.metrics.render(
-        state.model.get().map(|m| m.engine.stats()),
+        engine.map(|e| e.stats()),
+        engine.and_then(|e| e.disk_tier()),
         state.settings.block_size,
     );
     (
