@@ -17,8 +17,9 @@ last sentence. Then:
      blocks come from the device, not from memory.
 
 TTFT is measured by streaming /v1/completions with max_tokens 1. Prints one JSON object:
-medians per length and tier, their ratios to cold, and, from /metrics, the disk tier's
-time per loaded block and read throughput.
+medians per length and tier, their ratios to cold, and, from /metrics, where a block's
+load goes: reading and checking it (the loader thread) and copying it into the pool (the
+engine), and the read throughput.
 """
 import argparse
 import http.client
@@ -212,7 +213,7 @@ def main():
     result["disk_tier"] = {
         "blocks_loaded": int(hits),
         "block_bytes": int(read_b / hits) if hits else None,
-        "load_ms_per_block": round(load_s / hits * 1e3, 3) if hits else None,
+        "install_ms_per_block": round(load_s / hits * 1e3, 3) if hits else None,
         "read_ms_per_block": round(read_s / hits * 1e3, 3) if hits else None,
         "read_mb_s": round(read_b / read_s / 1e6, 1) if read_s else None,
     }

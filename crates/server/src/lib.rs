@@ -161,7 +161,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         drain(shutdown_state);
     })
     .await;
-    flush_prefix_cache(&state);
+    let flushing = state.clone();
+    let _ = tokio::task::spawn_blocking(move || flush_prefix_cache(&flushing)).await;
     tracing::info!("shut down");
     Ok(())
 }
@@ -215,7 +216,7 @@ fn drain(state: SharedState) {
         }
         // Streams end once aborted; give them a moment to flush, then go regardless.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        flush_prefix_cache(&state);
+        let _ = tokio::task::spawn_blocking(move || flush_prefix_cache(&state)).await;
         std::process::exit(0);
     });
 }

@@ -220,7 +220,7 @@ impl Metrics {
             ),
             disk_read_seconds: seconds(
                 "moeserve_prefix_cache_disk_read_seconds_total",
-                "Time reading and checking block files (read throughput: bytes over seconds).",
+                "Time reading and checking block files, on the loader thread (read throughput: bytes over seconds).",
             ),
             disk_written_bytes: total(
                 "moeserve_prefix_cache_disk_written_bytes_total",
@@ -232,7 +232,7 @@ impl Metrics {
             ),
             disk_load_seconds: seconds(
                 "moeserve_prefix_cache_disk_load_seconds_total",
-                "Time the engine spent loading blocks from disk into the pool (reading, checking, copying).",
+                "Time the engine spent copying blocks read from disk into the pool (the reading is the loader thread's: disk_read_seconds).",
             ),
             disk_corrupt: total(
                 "moeserve_prefix_cache_disk_corrupt_total",

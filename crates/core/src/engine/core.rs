@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detok::{Detokenizer, StopChecker};
+use super::disk_load::{DiskLoader, DiskLookup};
 use super::scheduler::StepPlan;
 use super::{
     Command, EngineConfig, EngineEvent, EngineFailure, EngineStats, FailureKind, FinishReason, Usage,
@@ -74,6 +75,8 @@ pub(super) struct Sequence {
     pub(super) drafts: Vec<u32>,
     /// How many to guess next; `None` when this sequence does not speculate.
     pub(super) draft_len: Option<DraftLength>,
+    /// Its prefix blocks on disk, while it waits.
+    pub(super) disk: DiskLookup,
 }
 
 pub(super) struct EngineCore {
@@ -89,8 +92,9 @@ pub(super) struct EngineCore {
     pub(super) waiting: VecDeque<u64>,
     /// In admission order: the last is the first to be preempted.
     pub(super) running: Vec<u64>,
-    /// The prefix cache's disk tier, if configured.
+    /// The prefix cache's disk tier, if configured, and the thread that reads from it.
     pub(super) disk: Option<Arc<DiskTier>>,
+    pub(super) loader: Option<DiskLoader>,
 }
 
 impl EngineCore {
@@ -116,12 +120,15 @@ impl EngineCore {
             waiting: VecDeque::new(),
             running: Vec::new(),
             disk,
+            loader: None,
         }
     }
 
     pub(super) fn run(&mut self, commands: mpsc::Receiver<Command>) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            // Idle (or every waiting sequence waits for the disk loader, whose answer
+            // comes as a command): block until a command comes.
+            if !self.has_work() {
                 match commands.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
@@ -142,7 +149,7 @@ impl EngineCore {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            if !self.running.is_empty() || !self.waiting.is_empty() {
+            if self.has_work() {
                 self.step();
             }
         }
@@ -152,6 +159,7 @@ impl EngineCore {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(r) => self.add_request(*r),
+            Command::Loaded(blocks) => self.loaded(*blocks),
             Command::Abort(id) => self.abort(id),
             Command::AbortAll => self.abort_all(),
             Command::Shutdown => {
@@ -221,6 +229,7 @@ impl EngineCore {
                 drafts: Vec::new(),
                 draft_len: (self.cfg.speculative.enabled() && params.speculative)
                     .then(|| DraftLength::new(self.cfg.speculative.num_speculative_tokens)),
+                disk: DiskLookup::Unchecked,
             },
         );
         id

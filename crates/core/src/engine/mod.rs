@@ -9,6 +9,7 @@
 
 mod core;
 pub mod detok;
+mod disk_load;
 mod output;
 mod runner;
 mod scheduler;
@@ -223,8 +224,8 @@ pub struct EngineStats {
     pub prefix_cache_hit_tokens: AtomicU64,
     /// Prefix-cache lookups by tier, in blocks: found in the pool, not in the pool, read
     /// from disk, not on disk (a lookup stops at its first miss in the last tier), and
-    /// the step loop's time loading blocks from disk into the pool (reading, checking,
-    /// copying).
+    /// the step loop's time copying blocks read from disk into the pool (the reading is
+    /// the loader thread's, in the disk tier's own counters).
     pub prefix_pool_hits: AtomicU64,
     pub prefix_pool_misses: AtomicU64,
     pub prefix_disk_hits: AtomicU64,
@@ -255,6 +256,8 @@ pub struct EngineStats {
 
 enum Command {
     Submit(Box<core::NewRequest>),
+    /// Prefix blocks the disk loader read for a waiting sequence.
+    Loaded(Box<disk_load::LoadedBlocks>),
     Abort(u64),
     AbortAll,
     Shutdown,
@@ -360,7 +363,15 @@ impl Engine {
             None => None,
         };
         let (tx, rx) = mpsc::channel();
+        let loader =
+            match &disk {
+                Some(d) => Some(disk_load::DiskLoader::start(d.clone(), tx.clone()).map_err(|e| {
+                    crate::Error::KvCache(format!("cannot start the prefix cache loader: {e}"))
+                })?),
+                None => None,
+            };
         let mut core = core::EngineCore::new(model, kv, codec.clone(), config, stats.clone(), disk.clone());
+        core.loader = loader;
         let thread = std::thread::Builder::new()
             .name("moeserve-engine".into())
             .spawn(move || core.run(rx))

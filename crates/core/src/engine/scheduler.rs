@@ -8,14 +8,16 @@
 //!    admitted sequence is preempted (its blocks are freed; it goes back to the front of
 //!    the queue and is recomputed later);
 //! 2. if nothing was preempted, waiting sequences are admitted first come, first served
-//!    while the budget, `max_num_seqs` and free blocks allow, reusing cached prefix blocks.
+//!    while the budget, `max_num_seqs` and free blocks allow, reusing cached prefix blocks;
+//!    one whose prefix goes on from the pool onto the disk tier is passed over until the
+//!    loader has read those blocks into the pool (see [`super::disk_load`]).
 
 use std::sync::atomic::Ordering;
 
 use super::core::EngineCore;
+use super::disk_load::DiskLookup;
 use crate::batch::LogitRows;
-use crate::kv::disk::DiskTier;
-use crate::kv::{block_hash, BlockPool, BlockTable, KvStorage};
+use crate::kv::{block_hash, BlockTable};
 
 /// What one step computes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -78,18 +80,25 @@ impl EngineCore {
         }
 
         // 2. Admissions, first come first served, unless this step had to preempt.
+        // Sequences whose prefix is being read from disk are passed over until it is in
+        // the pool; the others keep their order.
+        let mut next = 0;
         while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(&sid) = self.waiting.front() else { break };
+            let Some(&sid) = self.waiting.get(next) else { break };
             let (rid, index, fresh) = {
                 let s = &self.seqs[&sid];
                 (s.request, s.index, s.computed == 0 && s.table.is_empty())
             };
             let req = &self.requests[&rid];
             let use_cache = (self.cfg.enable_prefix_caching || index > 0) && req.prompt_logprobs.is_none();
-            let cached = if fresh && use_cache {
+            if fresh && use_cache && self.wait_for_disk(sid) {
+                next += 1;
+                continue;
+            }
+            let (cached, lookups) = if fresh && use_cache {
                 self.attach_cached_prefix(sid)
             } else {
-                0
+                (0, PrefixLookups::default())
             };
             let seq = self.seqs.get_mut(&sid).unwrap();
             seq.computed = cached;
@@ -104,7 +113,10 @@ impl EngineCore {
             seq.table
                 .reserve(&mut self.pool, cached + chunk, bs)
                 .expect("checked free blocks");
-            self.waiting.pop_front();
+            // Counted once admitted (a sequence that must wait for blocks tries again).
+            lookups.count(&self.stats);
+            seq.disk = DiskLookup::Done(None);
+            self.waiting.remove(next);
             self.running.push(sid);
             let req = self.requests.get_mut(&rid).unwrap();
             if !req.admitted && index == 0 {
@@ -193,6 +205,8 @@ impl EngineCore {
         seq.computed = 0;
         seq.hashes.clear();
         seq.drafts.clear();
+        // Its blocks may have left the pool by the time it is admitted again.
+        seq.disk = DiskLookup::Unchecked;
         self.waiting.push_front(sid);
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
     }
@@ -220,75 +234,81 @@ impl EngineCore {
     }
 
     /// Shares the longest cached prefix of `sid`'s tokens (never the last token, whose
-    /// logits are needed): blocks in the pool are shared; past the first block the pool
-    /// lacks, blocks on disk are read into fresh pool blocks and registered there.
-    /// Returns the number of tokens it covers.
-    ///
-    /// The disk reads happen here, on the step loop, at admission: a block is a few
-    /// hundred KiB that the page cache usually holds, and reading it costs far less than
-    /// computing it.
-    fn attach_cached_prefix(&mut self, sid: u64) -> usize {
+    /// logits are needed): blocks in the pool are shared; a block the pool lacks that the
+    /// disk loader read for this sequence is copied into a fresh pool block and
+    /// registered there. Returns the number of tokens covered and the lookups by tier.
+    fn attach_cached_prefix(&mut self, sid: u64) -> (usize, PrefixLookups) {
         let bs = self.kv.block_size();
+        let disk_on = self.disk.is_some();
         let seq = self.seqs.get_mut(&sid).unwrap();
+        let loaded = match &seq.disk {
+            DiskLookup::Done(Some(l)) => Some(l.clone()),
+            _ => None,
+        };
+        let mut n = PrefixLookups::default();
+        let started = std::time::Instant::now();
         let mut parent = 0;
-        let (mut pool_hits, mut disk_hits) = (0u64, 0u64);
-        let mut disk_time = std::time::Duration::ZERO;
         for b in 0..(seq.tokens.len() - 1) / bs {
             let toks = &seq.tokens[b * bs..(b + 1) * bs];
             let h = block_hash(parent, toks);
+            let from_disk = loaded.as_ref().and_then(|l| l.bytes_of(b, h));
             if let Some(block) = self.pool.lookup(h, toks) {
                 seq.table.push_shared(&mut self.pool, block);
-                pool_hits += 1;
+                if from_disk.is_some() {
+                    // Read for it, then found in the pool (another sequence's copy).
+                    n.pool_misses += 1;
+                    n.disk_hits += 1;
+                } else {
+                    n.pool_hits += 1;
+                }
             } else {
-                self.stats.prefix_pool_misses.fetch_add(1, Ordering::Relaxed);
-                let Some(disk) = &self.disk else { break };
-                let started = std::time::Instant::now();
-                let loaded = load_block(disk, &mut self.pool, &mut self.kv, h, toks);
-                disk_time += started.elapsed();
-                let Some(block) = loaded else {
-                    self.stats.prefix_disk_misses.fetch_add(1, Ordering::Relaxed);
+                n.pool_misses += 1;
+                let installed = from_disk.and_then(|bytes| {
+                    let block = self.pool.allocate()?;
+                    if let Err(e) = self.kv.set_block_bytes(block, bytes) {
+                        // The fingerprint covers the layout: only a damaged store gets here.
+                        tracing::warn!("prefix cache on disk: {e}");
+                        self.pool.release(block);
+                        return None;
+                    }
+                    self.pool.register(block, h, toks);
+                    Some(block)
+                });
+                let Some(block) = installed else {
+                    n.disk_misses += disk_on as u64;
                     break;
                 };
                 seq.table.push_owned(block);
-                disk_hits += 1;
+                n.disk_hits += 1;
             }
             seq.hashes.push(h);
             parent = h;
         }
-        self.stats
-            .prefix_pool_hits
-            .fetch_add(pool_hits, Ordering::Relaxed);
-        self.stats
-            .prefix_disk_hits
-            .fetch_add(disk_hits, Ordering::Relaxed);
-        self.stats
-            .prefix_disk_load_ns
-            .fetch_add(disk_time.as_nanos() as u64, Ordering::Relaxed);
-        seq.hashes.len() * bs
+        if loaded.is_some() {
+            self.stats
+                .prefix_disk_load_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        (seq.hashes.len() * bs, n)
     }
 }
 
-/// Reads block `hash` from disk into a fresh pool block (reference count one) and
-/// registers it in the pool. `None` when it is not on disk (or its record is bad) or no
-/// pool block is free.
-fn load_block(
-    disk: &DiskTier,
-    pool: &mut BlockPool,
-    kv: &mut KvStorage,
-    hash: u64,
-    tokens: &[u32],
-) -> Option<u32> {
-    if pool.num_free() == 0 {
-        return None;
+/// One admission's prefix-cache lookups, in blocks, by tier.
+#[derive(Debug, Default, Clone, Copy)]
+struct PrefixLookups {
+    pool_hits: u64,
+    pool_misses: u64,
+    disk_hits: u64,
+    disk_misses: u64,
+}
+
+impl PrefixLookups {
+    fn count(self, s: &super::EngineStats) {
+        s.prefix_pool_hits.fetch_add(self.pool_hits, Ordering::Relaxed);
+        s.prefix_pool_misses
+            .fetch_add(self.pool_misses, Ordering::Relaxed);
+        s.prefix_disk_hits.fetch_add(self.disk_hits, Ordering::Relaxed);
+        s.prefix_disk_misses
+            .fetch_add(self.disk_misses, Ordering::Relaxed);
     }
-    let bytes = disk.store().get(hash, tokens)?;
-    let block = pool.allocate()?;
-    if let Err(e) = kv.set_block_bytes(block, &bytes) {
-        // The fingerprint covers the layout, so only a damaged store gets here.
-        tracing::warn!("prefix cache on disk: {e}");
-        pool.release(block);
-        return None;
-    }
-    pool.register(block, hash, tokens);
-    Some(block)
 }

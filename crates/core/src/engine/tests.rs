@@ -1406,3 +1406,161 @@ fn the_disk_tier_keeps_its_byte_bound() {
     let e = start_with_disk(name, tmp.path(), bound, EngineConfig::default());
     assert_eq!(run(&e, &filler(200, 23), greedy(1)).usage.cached_tokens, 192);
 }
+
+/// Held by the tests that slow the disk loader down (its delay is process-wide).
+static SLOW_LOADER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// While a request's prefix is read from disk, the running sequences keep decoding and
+/// the request is admitted once its blocks have arrived; a request dropped while it
+/// waits for the disk leaves nothing behind.
+#[test]
+fn other_sequences_decode_while_a_prefix_loads_from_disk() {
+    let _slow_loader = SLOW_LOADER.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3";
+    let (a, c) = (filler(600, 31), filler(600, 32));
+    let want = cold_run(name, &a, 4);
+    let first = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    run(&first, &a, greedy(4));
+    run(&first, &c, greedy(4));
+    drop(first);
+
+    let e = Arc::new(start_with_disk(
+        name,
+        tmp.path(),
+        1 << 30,
+        EngineConfig::default(),
+    ));
+    let long = e
+        .submit(GenerateRequest {
+            prompt: filler(20, 33),
+            params: greedy(1500),
+        })
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let streamer = std::thread::spawn(move || {
+        let mut h = long;
+        while let Some(ev) = h.blocking_next() {
+            if matches!(ev, EngineEvent::Delta { .. }) {
+                let _ = tx.send(Instant::now());
+            }
+            if matches!(ev, EngineEvent::Done(_)) {
+                break;
+            }
+        }
+    });
+    rx.recv().unwrap();
+    super::disk_load::LOAD_DELAY_MS.store(400, Ordering::Relaxed);
+    let asked = Instant::now();
+    let got = run(&e, &a, greedy(4));
+    let answered = Instant::now();
+    // The abandoned one: submitted, dropped while its blocks load.
+    let dropped = e
+        .submit(GenerateRequest {
+            prompt: c.clone(),
+            params: greedy(4),
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(dropped);
+    super::disk_load::LOAD_DELAY_MS.store(0, Ordering::Relaxed);
+    assert!(answered - asked >= Duration::from_millis(400));
+    assert_eq!(got.usage.cached_tokens, 592);
+    assert_eq!(got.choices, want.choices);
+    assert_eq!(disk_hits(&e), 37);
+    let during = rx
+        .try_iter()
+        .filter(|t| *t > asked && *t < asked + Duration::from_millis(400))
+        .count();
+    assert!(
+        during > 20,
+        "the stream got {during} tokens while the prefix loaded"
+    );
+    streamer.join().unwrap();
+    wait_until("all blocks released", || {
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            && e.stats().waiting.load(Ordering::Relaxed) == 0
+    });
+    // The dropped request's blocks were dropped with it; C is read again.
+    let again = run(&e, &c, greedy(4));
+    assert_eq!(again.usage.cached_tokens, 592);
+    assert_eq!(again.choices, cold_run(name, &c, 4).choices);
+}
+
+/// A burst of requests sharing one prefix after a restart reads it from disk once: the
+/// later ones wait for the first one's load.
+#[test]
+fn a_burst_on_one_prefix_reads_it_from_disk_once() {
+    let _slow_loader = SLOW_LOADER.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3";
+    let prefix = filler(600, 41);
+    let with = |s: u32| prefix.iter().copied().chain([s, s + 1]).collect::<Vec<u32>>();
+    let first = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    run(&first, &with(5), greedy(2));
+    drop(first);
+    let e = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    super::disk_load::LOAD_DELAY_MS.store(200, Ordering::Relaxed);
+    let handles: Vec<RequestHandle> = (0..4)
+        .map(|i| {
+            e.submit(GenerateRequest {
+                prompt: with(10 + 2 * i),
+                params: greedy(2),
+            })
+            .unwrap()
+        })
+        .collect();
+    let outcomes: Vec<Outcome> = handles.into_iter().map(collect).collect();
+    super::disk_load::LOAD_DELAY_MS.store(0, Ordering::Relaxed);
+    for o in &outcomes {
+        assert_eq!(o.usage.cached_tokens, 592);
+    }
+    assert_eq!(e.disk_tier().unwrap().stats().hits.load(Ordering::Relaxed), 37);
+    assert_eq!(
+        disk_hits(&e),
+        4 * 37,
+        "every request's shared blocks came from disk"
+    );
+}
+
+/// A longer prompt does not settle for a shorter prompt's load of the same prefix; more
+/// prefixes than loads may run at once wait their turn and all get their blocks.
+#[test]
+fn loads_cover_each_prompt_and_wait_their_turn() {
+    let _slow_loader = SLOW_LOADER.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3";
+    let long = filler(900, 51);
+    let others: Vec<Vec<u32>> = (0..6).map(|i| filler(300, 60 + i)).collect();
+    let first = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    run(&first, &long, greedy(1));
+    for p in &others {
+        run(&first, p, greedy(1));
+    }
+    drop(first);
+    let e = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
+    super::disk_load::LOAD_DELAY_MS.store(100, Ordering::Relaxed);
+    let submit = |prompt: Vec<u32>| {
+        e.submit(GenerateRequest {
+            prompt,
+            params: greedy(2),
+        })
+        .unwrap()
+    };
+    // The short one first: its load covers 37 blocks; the long one needs 56.
+    let short = submit(long[..600].iter().copied().chain([1, 2]).collect());
+    let whole = submit(long.iter().copied().chain([3]).collect());
+    let rest: Vec<RequestHandle> = others
+        .iter()
+        .map(|p| submit(p.iter().copied().chain([4]).collect()))
+        .collect();
+    assert_eq!(collect(short).usage.cached_tokens, 592);
+    assert_eq!(collect(whole).usage.cached_tokens, 896);
+    for h in rest {
+        assert_eq!(collect(h).usage.cached_tokens, 288);
+    }
+    super::disk_load::LOAD_DELAY_MS.store(0, Ordering::Relaxed);
+    wait_until("all blocks released", || {
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+    });
+}

@@ -291,6 +291,12 @@ impl DiskBlockStore {
         self.index.lock().unwrap().entries.contains_key(&hash)
     }
 
+    /// Whether a read of `hash` may find it: indexed, or (for a follower, whose index
+    /// misses what the owner wrote after it opened) its file exists.
+    pub fn may_contain(&self, hash: u64) -> bool {
+        self.contains(hash) || (!self.is_owner() && self.path(hash).exists())
+    }
+
     fn path(&self, hash: u64) -> PathBuf {
         self.dir.join(format!("{hash:016x}.{EXTENSION}"))
     }
@@ -382,8 +388,12 @@ impl DiskBlockStore {
             .bytes_read
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let mut index = self.index.lock().unwrap();
-        let at = index.now();
-        index.touch(hash, buf.len() as u64, at);
+        // The owner's writer may have evicted it since the read: keep it out of the
+        // index then (its file is gone). A follower learns of the owner's blocks here.
+        if !self.is_owner() || index.entries.contains_key(&hash) {
+            let at = index.now();
+            index.touch(hash, buf.len() as u64, at);
+        }
         drop(index);
         if self.is_owner() {
             // The file's time is the use order a restart reads back.
