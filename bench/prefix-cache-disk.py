@@ -16,6 +16,10 @@ last sentence. Then:
      --drop-caches (root) the kernel's page cache is dropped before the restart, so the
      blocks come from the device, not from memory.
 
+With --stream-beside, a long stream decodes beside the disk-warm prompts: the largest gap
+between its tokens during a disk-warm prompt, against its median gap, shows how much
+loading blocks stalls the running sequences.
+
 TTFT is measured by streaming /v1/completions with max_tokens 1. Prints one JSON object:
 medians per length and tier, their ratios to cold, and, from /metrics, where a block's
 load goes: reading and checking it (the loader thread) and copying it into the pool (the
@@ -33,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -117,6 +122,9 @@ class Server:
     def metrics(self):
         out = {}
         for line in self.get("/metrics")[1].splitlines():
+            m = re.match(r'^moeserve_cache_config_info\{block_size="(\d+)"', line)
+            if m:
+                out["block_size"] = int(m.group(1))
             m = re.match(r"^(moeserve_prefix_cache_\S+) (\S+)$", line)
             if m:
                 out[m.group(1)] = float(m.group(2))
@@ -125,6 +133,40 @@ class Server:
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
+
+
+class BackgroundStream(threading.Thread):
+    """A long greedy stream whose chunk times show how the engine's steps run while the
+    disk-warm prompts load."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.server, self.times, self.stop = server, [], threading.Event()
+
+    def run(self):
+        c = self.server.conn()
+        body = {"model": self.server.model_id(), "prompt": "Count on and on:", "max_tokens": 3000,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        try:
+            c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            r = c.getresponse()
+            for line in r:
+                if self.stop.is_set():
+                    break
+                if line.startswith(b"data: {"):
+                    self.times.append(time.perf_counter())
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            c.close()
+
+    def gaps_within(self, windows):
+        """The largest gap between chunks that ends inside each window, and the median gap
+        outside them."""
+        inside, outside = [], []
+        for a, b in zip(self.times, self.times[1:]):
+            (inside if any(s <= b <= e for s, e in windows) else outside).append(b - a)
+        return max(inside, default=0.0), statistics.median(outside) if outside else 0.0
 
 
 def count_tokens(server, text):
@@ -161,6 +203,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the kernel's page cache before the restart (needs root)")
+    ap.add_argument("--stream-beside", action="store_true",
+                    help="run a long stream beside the disk-warm prompts and report its token gaps")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra flag for the server (repeat)")
     a = ap.parse_args()
@@ -189,10 +233,27 @@ def main():
                 f.write("3\n")
         s = Server(a.binary, a.model, cache_dir, a.server_arg)
         s.ttft("warm up the server")
+        stream = BackgroundStream(s) if a.stream_beside else None
+        if stream:
+            stream.start()
+            while len(stream.times) < 20:
+                if not stream.is_alive():
+                    sys.exit("the background stream ended early")
+                time.sleep(0.05)
+        windows = []
         for (n, r), (_, _, p3) in prompts.items():
+            if stream:
+                time.sleep(0.3)
+            start = time.perf_counter()
             t, c = s.ttft(p3)
+            # The stalled step ends with the first token: count the chunk right after it.
+            windows.append((start, start + t + 0.1))
             times[(n, "disk")].append(t)
             cached[(n, "disk")].append(c)
+        if stream:
+            time.sleep(0.3)
+            stream.stop.set()
+            max_gap, median_gap = stream.gaps_within(windows)
         m = s.metrics()
         s.stop()
     finally:
@@ -210,12 +271,23 @@ def main():
     read_s = m.get("moeserve_prefix_cache_disk_read_seconds_total", 0)
     read_b = m.get("moeserve_prefix_cache_disk_read_bytes_total", 0)
     load_s = m.get("moeserve_prefix_cache_disk_load_seconds_total", 0)
+    if a.stream_beside:
+        result["stream_during_disk_loads"] = {
+            "median_gap_ms": round(median_gap * 1e3, 1),
+            "max_gap_while_loading_ms": round(max_gap * 1e3, 1),
+        }
+    for n in lengths:
+        L = result["lengths"][str(n)]
+        blocks = max(L["cached_tokens"]["disk"][0], 1) / m.get("block_size", 16)
+        # What a disk-warm prompt costs over a pool-warm one, per block read.
+        L["disk_minus_pool_ms_per_block"] = round((L["ttft_ms"]["disk"] - L["ttft_ms"]["pool"]) / blocks, 3)
     result["disk_tier"] = {
         "blocks_loaded": int(hits),
         "block_bytes": int(read_b / hits) if hits else None,
         "install_ms_per_block": round(load_s / hits * 1e3, 3) if hits else None,
-        "read_ms_per_block": round(read_s / hits * 1e3, 3) if hits else None,
-        "read_mb_s": round(read_b / read_s / 1e6, 1) if read_s else None,
+        # Summed over the loader's parallel reads (4 at once).
+        "read_ms_per_block_per_reader": round(read_s / hits * 1e3, 3) if hits else None,
+        "read_mb_s_per_reader": round(read_b / read_s / 1e6, 1) if read_s else None,
     }
     print(json.dumps(result, indent=2))
 

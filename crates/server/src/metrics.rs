@@ -220,7 +220,7 @@ impl Metrics {
             ),
             disk_read_seconds: seconds(
                 "moeserve_prefix_cache_disk_read_seconds_total",
-                "Time reading and checking block files, on the loader thread (read throughput: bytes over seconds).",
+                "Time reading and checking block files, summed over the loader's parallel reads (throughput per reader: bytes over seconds).",
             ),
             disk_written_bytes: total(
                 "moeserve_prefix_cache_disk_written_bytes_total",

@@ -3,7 +3,7 @@
 //! and each kept for a time; a restart forgets them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -15,8 +15,56 @@ pub struct StoredResponse {
     pub response: ResponseObject,
     /// The conversation up to and including this response's answer, as chat messages
     /// (without its instructions, which a continuation does not inherit).
-    pub conversation: Vec<Value>,
+    pub conversation: Conversation,
     at: Instant,
+}
+
+/// A conversation as a chain of turns shared by the responses that continue it: each
+/// stored response adds only its own turn (its input and its answer), so a chain of `n`
+/// responses keeps `n` turns, not `n` growing copies of the whole conversation. A turn
+/// lives as long as some response continues from it, stored or not.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation(Option<Arc<Turn>>);
+
+#[derive(Debug)]
+pub struct Turn {
+    messages: Vec<Value>,
+    before: Conversation,
+}
+
+impl Conversation {
+    /// This conversation followed by `messages`.
+    pub fn then(&self, messages: Vec<Value>) -> Conversation {
+        Conversation(Some(Arc::new(Turn {
+            messages,
+            before: self.clone(),
+        })))
+    }
+
+    /// Every message, first to last.
+    pub fn messages(&self) -> Vec<Value> {
+        let mut turns = vec![];
+        let mut at = &self.0;
+        while let Some(turn) = at {
+            turns.push(&turn.messages);
+            at = &turn.before.0;
+        }
+        turns.into_iter().rev().flatten().cloned().collect()
+    }
+}
+
+impl Drop for Turn {
+    /// Frees a long chain one turn at a time (dropping it recursively could overflow
+    /// the stack).
+    fn drop(&mut self) {
+        let mut next = self.before.0.take();
+        while let Some(turn) = next {
+            match Arc::try_unwrap(turn) {
+                Ok(mut t) => next = t.before.0.take(),
+                Err(_) => break, // still shared
+            }
+        }
+    }
 }
 
 pub struct ResponseStore {
@@ -45,7 +93,7 @@ impl ResponseStore {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn put(&self, response: ResponseObject, conversation: Vec<Value>) {
+    pub fn put(&self, response: ResponseObject, conversation: Conversation) {
         if self.max == 0 {
             return;
         }
@@ -62,6 +110,12 @@ impl ResponseStore {
             }
             inner.order.pop_front();
             inner.entries.remove(&oldest);
+        }
+        // Ids of deleted responses stay in the order until reached; past twice the bound,
+        // drop them all.
+        if inner.order.len() >= 2 * self.max {
+            let Inner { entries, order } = &mut *inner;
+            order.retain(|id| entries.contains_key(id));
         }
         let id = response.id.clone();
         inner.order.push_back(id.clone());
@@ -111,27 +165,56 @@ mod tests {
         ResponseObject::start(id.into(), "m".into(), &req)
     }
 
+    /// Turns are shared down a chain and read back in order; a long chain drops.
+    #[test]
+    fn conversations_share_their_turns() {
+        let msg = |s: &str| serde_json::json!({"role": "user", "content": s});
+        let a = Conversation::default().then(vec![msg("1"), msg("2")]);
+        let b = a.then(vec![msg("3")]);
+        let c = a.then(vec![msg("x")]);
+        assert_eq!(b.messages(), vec![msg("1"), msg("2"), msg("3")]);
+        assert_eq!(c.messages(), vec![msg("1"), msg("2"), msg("x")]);
+        drop(a);
+        assert_eq!(b.messages().len(), 3, "a's turn lives on in b and c");
+        let mut long = Conversation::default();
+        for i in 0..200_000 {
+            long = long.then(vec![msg(&i.to_string())]);
+        }
+        drop(long);
+    }
+
     #[test]
     fn bounded_in_number_and_time() {
         let store = ResponseStore::new(2, Duration::from_secs(3600));
         for id in ["a", "b", "c"] {
-            store.put(response(id), vec![]);
+            store.put(response(id), Conversation::default());
         }
         assert!(store.get("a").is_none(), "the oldest went first");
         assert!(store.get("b").is_some() && store.get("c").is_some());
         assert!(store.delete("b") && !store.delete("b"));
-        store.put(response("d"), vec![]);
+        store.put(response("d"), Conversation::default());
         assert_eq!(store.len(), 2);
 
         let store = ResponseStore::new(10, Duration::from_millis(20));
-        store.put(response("a"), vec![]);
+        store.put(response("a"), Conversation::default());
         std::thread::sleep(Duration::from_millis(40));
         assert!(store.get("a").is_none(), "expired");
-        store.put(response("b"), vec![]);
+        store.put(response("b"), Conversation::default());
         assert_eq!(store.len(), 1);
 
+        // Deleting keeps the order queue bounded.
+        let store = ResponseStore::new(4, Duration::from_secs(3600));
+        store.put(response("keep"), Conversation::default());
+        for i in 0..100 {
+            let id = format!("r{i}");
+            store.put(response(&id), Conversation::default());
+            store.delete(&id);
+        }
+        assert!(store.lock().order.len() <= 8);
+        assert!(store.get("keep").is_some());
+
         let none = ResponseStore::new(0, Duration::from_secs(1));
-        none.put(response("a"), vec![]);
+        none.put(response("a"), Conversation::default());
         assert!(none.is_empty());
     }
 }

@@ -99,14 +99,7 @@ impl DiskLoader {
                     ));
                     // Whatever happens, an answer goes back: sequences wait for it.
                     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let mut blocks = Vec::with_capacity(job.blocks.len());
-                        for (hash, tokens) in job.blocks {
-                            let Some(bytes) = tier.store().get(hash, &tokens) else {
-                                break;
-                            };
-                            blocks.push((hash, tokens, bytes));
-                        }
-                        blocks
+                        read_in_order(&tier, job.blocks)
                     }));
                     let blocks = read.unwrap_or_else(|_| {
                         tracing::error!(
@@ -135,6 +128,42 @@ impl DiskLoader {
     fn live_loads(&self) -> usize {
         self.in_flight.len() + self.held.iter().filter(|w| w.strong_count() > 0).count()
     }
+}
+
+/// Files read at once by one load: a single reader waits out each read's latency in
+/// turn (the device idles between them); a few in flight keep it busy.
+const PARALLEL_READS: usize = 4;
+
+/// Reads `blocks` in prefix order, up to the first that is not on disk (or is bad),
+/// `PARALLEL_READS` at a time.
+fn read_in_order(tier: &DiskTier, blocks: Vec<(u64, Vec<u32>)>) -> Vec<(u64, Vec<u32>, Vec<u8>)> {
+    let mut out = Vec::with_capacity(blocks.len());
+    let mut blocks = blocks.into_iter().peekable();
+    while blocks.peek().is_some() {
+        let window: Vec<(u64, Vec<u32>)> = blocks.by_ref().take(4 * PARALLEL_READS).collect();
+        let mut read: Vec<Option<Vec<u8>>> = vec![None; window.len()];
+        std::thread::scope(|s| {
+            for (lane, slots) in read.chunks_mut(4).enumerate() {
+                let window = &window;
+                s.spawn(move || {
+                    for (i, slot) in slots.iter_mut().enumerate() {
+                        let (hash, tokens) = &window[lane * 4 + i];
+                        *slot = tier.store().get(*hash, tokens);
+                        if slot.is_none() {
+                            break; // the blocks after it are of no use
+                        }
+                    }
+                });
+            }
+        });
+        for ((hash, tokens), bytes) in window.into_iter().zip(read) {
+            let Some(bytes) = bytes else {
+                return out;
+            };
+            out.push((hash, tokens, bytes));
+        }
+    }
+    out
 }
 
 impl EngineCore {

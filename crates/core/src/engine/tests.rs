@@ -1296,16 +1296,18 @@ fn corrupt_and_truncated_block_files_are_misses() {
             .unwrap()
             .clone()
     };
-    // Block 5: one payload byte flipped. Block 10: cut short.
+    // Block 5: one payload byte flipped. Block 17: cut short. (The loader reads 16
+    // blocks at a time, 4 files at once; block 17 is in the window after block 5's, so
+    // the miss at 5 keeps it unread.)
     let five = file_of(hashes[5]);
     let mut bytes = std::fs::read(&five).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&five, bytes).unwrap();
-    let ten = file_of(hashes[10]);
-    let bytes = std::fs::read(&ten).unwrap();
-    let ten_len = bytes.len();
-    std::fs::write(&ten, &bytes[..bytes.len() - 100]).unwrap();
+    let late = file_of(hashes[17]);
+    let bytes = std::fs::read(&late).unwrap();
+    let late_len = bytes.len();
+    std::fs::write(&late, &bytes[..bytes.len() - 100]).unwrap();
 
     let second = start_with_disk(name, tmp.path(), 1 << 30, EngineConfig::default());
     let got = run(&second, &a, greedy(8));
@@ -1320,7 +1322,7 @@ fn corrupt_and_truncated_block_files_are_misses() {
     assert_eq!(corrupt, 1);
     // Removed, then recomputed and written again (the third engine reads through it).
     assert!(second.flush_prefix_cache(Duration::from_secs(10)));
-    assert_eq!(five.metadata().unwrap().len(), ten_len as u64);
+    assert_eq!(five.metadata().unwrap().len(), late_len as u64);
     let again = run(&second, &a, greedy(8));
     assert_eq!(again.choices, want.choices);
     drop(second);
@@ -1329,15 +1331,15 @@ fn corrupt_and_truncated_block_files_are_misses() {
     assert_eq!(got.choices, want.choices);
     assert_eq!(
         got.usage.cached_tokens,
-        10 * 16,
-        "stops at the truncated block 10"
+        17 * 16,
+        "stops at the truncated block 17"
     );
     assert_eq!(
         third.disk_tier().unwrap().stats().corrupt.load(Ordering::Relaxed),
         1
     );
     assert!(third.flush_prefix_cache(Duration::from_secs(10)));
-    assert_eq!(ten.metadata().unwrap().len(), ten_len as u64, "rewritten whole");
+    assert_eq!(late.metadata().unwrap().len(), late_len as u64, "rewritten whole");
 }
 
 /// Another model, or the same model with another KV dtype, on the same directory gets

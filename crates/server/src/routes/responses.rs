@@ -22,6 +22,7 @@ use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{Block, BlockEvent, BlockKind, Blocks, Fold, Update};
 use crate::state::SharedState;
+use crate::store::Conversation;
 
 fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
@@ -161,8 +162,8 @@ fn finish(resp: &mut ResponseObject, blocks: &Blocks, ids: &[ItemIds], fold: &Fo
     });
 }
 
-/// The conversation with this response's answer added, as a continuation sees it: its
-/// text and calls as one assistant message (the thought left out).
+/// This turn's messages (`input`) with the response's answer added, as a continuation
+/// sees it: its text and calls as one assistant message (the thought left out).
 fn with_answer(mut conversation: Vec<Value>, resp: &ResponseObject) -> Vec<Value> {
     let mut calls = Vec::new();
     for item in &resp.output {
@@ -210,7 +211,7 @@ pub async fn create(
     ApiJson(req): ApiJson<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
     req.check()?;
-    let mut conversation = match &req.previous_response_id {
+    let history = match &req.previous_response_id {
         Some(id) => {
             state
                 .responses
@@ -218,9 +219,11 @@ pub async fn create(
                 .ok_or_else(|| not_found(id, Some("previous_response_id")))?
                 .conversation
         }
-        None => Vec::new(),
+        None => Conversation::default(),
     };
-    conversation.extend(input_messages(req.input.as_ref().expect("checked"))?);
+    let input = input_messages(req.input.as_ref().expect("checked"))?;
+    let mut conversation = history.messages();
+    conversation.extend(input.iter().cloned());
     let chat = req.to_chat(&conversation)?;
     let ChatRun {
         model,
@@ -243,7 +246,7 @@ pub async fn create(
         if resp.store {
             state
                 .responses
-                .put(resp.clone(), with_answer(conversation, &resp));
+                .put(resp.clone(), history.then(with_answer(input, &resp)));
         }
         return Ok(Json(resp).into_response());
     }
@@ -335,7 +338,7 @@ pub async fn create(
         }
         finish(&mut resp, &blocks, &ids, &fold);
         if resp.store {
-            state.responses.put(resp.clone(), with_answer(conversation, &resp));
+            state.responses.put(resp.clone(), history.then(with_answer(input, &resp)));
         }
         let sequence_number = next();
         yield named(match resp.status {
