@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 mod ecosystem;
 mod prefix_disk;
 mod progress;
+mod web;
 
 const MODEL: &str = "qwen3_moe";
 

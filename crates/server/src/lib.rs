@@ -63,10 +63,26 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/messages/count_tokens", post(routes::messages::count_tokens))
         .route_layer(mw::from_fn_with_state(state.clone(), middleware::auth))
         .layer(mw::map_response(middleware::anthropic_errors));
+    // The built-in page is open to anyone who can reach the server (it asks for the key
+    // when the API needs one); its numbers are behind the key like the API.
+    let web = if state.settings.web_ui {
+        Router::new()
+            .route("/", get(routes::web::index))
+            .route("/ui/app.js", get(routes::web::app_js))
+            .route("/ui/style.css", get(routes::web::style))
+            .merge(
+                Router::new()
+                    .route("/ui/stats", get(routes::web::stats))
+                    .route_layer(mw::from_fn_with_state(state.clone(), middleware::auth)),
+            )
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(protected)
         .merge(anthropic)
         .merge(public_metrics)
+        .merge(web)
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .fallback(middleware::not_found)

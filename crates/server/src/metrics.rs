@@ -43,6 +43,7 @@ pub struct Metrics {
     disk_dropped_writes: IntCounter,
     disk_write_errors: IntCounter,
     preemptions: IntCounter,
+    aborted: IntCounter,
     expert_tokens: IntCounterVec,
     steps: IntCounter,
     step_seconds: Counter,
@@ -250,6 +251,10 @@ impl Metrics {
                 "moeserve_preemptions_total",
                 "Sequences preempted for lack of KV blocks.",
             ),
+            aborted: total(
+                "moeserve_requests_aborted_total",
+                "Requests the engine stopped before their end (the client went away, the shutdown's drain time ran out, a failed forward call); their KV blocks are freed.",
+            ),
             expert_tokens,
             steps: total(
                 "moeserve_engine_steps_total",
@@ -293,6 +298,27 @@ impl Metrics {
         }
     }
 
+    /// Time to first token summed over the endpoints: bucket upper bounds (seconds, the
+    /// last `+Inf`), the cumulative count at each, and the count.
+    pub fn ttft_buckets(&self) -> (Vec<f64>, Vec<u64>, u64) {
+        use prometheus::core::Collector;
+        let mut le: Vec<f64> = latency_buckets();
+        le.push(f64::INFINITY);
+        let mut cumulative = vec![0u64; le.len()];
+        let mut count = 0;
+        for family in self.ttft.collect() {
+            for m in family.get_metric() {
+                let h = m.get_histogram();
+                for (i, b) in h.get_bucket().iter().enumerate().take(le.len() - 1) {
+                    cumulative[i] += b.cumulative_count();
+                }
+                count += h.get_sample_count();
+            }
+        }
+        *cumulative.last_mut().unwrap() = count;
+        (le, cumulative, count)
+    }
+
     /// The Prometheus text exposition, with engine gauges refreshed (`block_size`: the
     /// pool's tokens per block).
     pub fn render(&self, engine: Option<&EngineStats>, disk: Option<&DiskTier>, block_size: usize) -> String {
@@ -327,6 +353,7 @@ impl Metrics {
             }
             catch_up_seconds(&self.disk_load_seconds, load(&s.prefix_disk_load_ns));
             catch_up(&self.preemptions, load(&s.preemptions));
+            catch_up(&self.aborted, load(&s.aborted_requests));
             catch_up(&self.steps, load(&s.steps));
             catch_up_seconds(&self.step_seconds, load(&s.step_ns));
             catch_up_seconds(&self.forward_seconds, load(&s.forward_ns));

@@ -48,6 +48,7 @@ pub struct Settings {
     pub responses_store_max: usize,
     pub responses_store_ttl_secs: u64,
     pub log_format: String,
+    pub web_ui: bool,
 }
 
 /// The same settings as flags; each also reads `MOESERVE_<NAME>` from the environment.
@@ -155,6 +156,12 @@ pub struct SettingsArgs {
     /// Log format: text or json.
     #[arg(long, env = "MOESERVE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Serve the built-in page (chat and dashboard) at / (true/false).
+    #[arg(long, env = "MOESERVE_WEB_UI")]
+    pub web_ui: Option<bool>,
+    /// Do not serve the built-in page (the same as --web-ui false).
+    #[arg(long, conflicts_with = "web_ui")]
+    pub no_web_ui: bool,
 }
 
 impl Settings {
@@ -213,8 +220,12 @@ impl Settings {
             shutdown_timeout_secs,
             responses_store_max,
             responses_store_ttl_secs,
-            log_format
+            log_format,
+            web_ui
         );
+        if args.no_web_ui {
+            s.web_ui = false;
+        }
         s.api_keys.retain(|k| !k.is_empty());
         anyhow::ensure!(
             s.request_timeout_secs >= 0.0

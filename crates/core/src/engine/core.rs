@@ -246,6 +246,7 @@ impl EngineCore {
         let Some(req) = self.requests.remove(&id) else {
             return;
         };
+        self.stats.aborted_requests.fetch_add(1, Ordering::Relaxed);
         if !req.admitted {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         }

@@ -232,6 +232,9 @@ pub struct EngineStats {
     pub prefix_disk_misses: AtomicU64,
     pub prefix_disk_load_ns: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Requests the engine stopped before their end: the client went away, the
+    /// shutdown's drain time ran out, or the forward call failed.
+    pub aborted_requests: AtomicU64,
     pub steps: AtomicU64,
     /// Time in whole engine steps (scheduling, forward, sampling, streaming), in the
     /// model's forward calls, in choosing the next tokens (logit processing, sampling,

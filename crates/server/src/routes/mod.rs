@@ -9,6 +9,7 @@ pub mod models;
 pub mod openapi;
 pub mod responses;
 pub mod tokenize;
+pub mod web;
 
 use std::time::{Duration, Instant};
 
