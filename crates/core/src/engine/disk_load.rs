@@ -20,8 +20,8 @@ use std::sync::{mpsc, Arc, Weak};
 
 use super::core::EngineCore;
 use super::Command;
-use crate::kv::block_hash;
 use crate::kv::disk::DiskTier;
+use crate::kv::prefix_blocks;
 
 /// Loads under way plus loads read and not yet consumed by their sequences' admission.
 pub(super) const MAX_LIVE_LOADS: usize = 4;
@@ -84,12 +84,24 @@ pub(super) struct DiskLoader {
     in_flight: Vec<LoadInFlight>,
     /// Loads read and still held by sequences waiting for admission.
     held: Vec<Weak<LoadedBlocks>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DiskLoader {
+    /// Stops the thread and waits for it: it holds the disk tier, whose writer must
+    /// finish when the engine is dropped, not whenever this thread lets go.
+    fn drop(&mut self) {
+        self.jobs = mpsc::channel().0;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl DiskLoader {
     pub(super) fn start(tier: Arc<DiskTier>, engine: mpsc::Sender<Command>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<LoadJob>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("moeserve-kv-load".into())
             .spawn(move || {
                 for job in rx {
@@ -122,6 +134,7 @@ impl DiskLoader {
             next_id: 0,
             in_flight: Vec::new(),
             held: Vec::new(),
+            thread: Some(thread),
         })
     }
 
@@ -183,13 +196,9 @@ impl EngineCore {
         }
         // The blocks after the pool's: from the first the pool lacks to the last full
         // block before the prompt's last token.
-        let mut parent = 0;
         let mut start = None;
         let mut wanted = vec![];
-        for b in 0..(seq.tokens.len() - 1) / bs {
-            let toks = &seq.tokens[b * bs..(b + 1) * bs];
-            let h = block_hash(parent, toks);
-            parent = h;
+        for (b, h, toks) in prefix_blocks(&seq.tokens, bs) {
             if start.is_none() {
                 if self.pool.lookup(h, toks).is_some() {
                     continue;

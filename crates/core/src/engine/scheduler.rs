@@ -10,14 +10,14 @@
 //! 2. if nothing was preempted, waiting sequences are admitted first come, first served
 //!    while the budget, `max_num_seqs` and free blocks allow, reusing cached prefix blocks;
 //!    one whose prefix goes on from the pool onto the disk tier is passed over until the
-//!    loader has read those blocks into the pool (see [`super::disk_load`]).
+//!    loader has read those blocks (see [`super::disk_load`]).
 
 use std::sync::atomic::Ordering;
 
 use super::core::EngineCore;
 use super::disk_load::DiskLookup;
 use crate::batch::LogitRows;
-use crate::kv::{block_hash, BlockTable};
+use crate::kv::{prefix_blocks, BlockTable};
 
 /// What one step computes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,8 +80,8 @@ impl EngineCore {
         }
 
         // 2. Admissions, first come first served, unless this step had to preempt.
-        // Sequences whose prefix is being read from disk are passed over until it is in
-        // the pool; the others keep their order.
+        // Sequences whose prefix is being read from disk are passed over until it has
+        // arrived; the others keep their order.
         let mut next = 0;
         while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&sid) = self.waiting.get(next) else { break };
@@ -247,10 +247,7 @@ impl EngineCore {
         };
         let mut n = PrefixLookups::default();
         let started = std::time::Instant::now();
-        let mut parent = 0;
-        for b in 0..(seq.tokens.len() - 1) / bs {
-            let toks = &seq.tokens[b * bs..(b + 1) * bs];
-            let h = block_hash(parent, toks);
+        for (b, h, toks) in prefix_blocks(&seq.tokens, bs) {
             let from_disk = loaded.as_ref().and_then(|l| l.bytes_of(b, h));
             if let Some(block) = self.pool.lookup(h, toks) {
                 seq.table.push_shared(&mut self.pool, block);
@@ -282,7 +279,6 @@ impl EngineCore {
                 n.disk_hits += 1;
             }
             seq.hashes.push(h);
-            parent = h;
         }
         if loaded.is_some() {
             self.stats

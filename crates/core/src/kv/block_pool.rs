@@ -141,6 +141,19 @@ pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
     h.finish()
 }
 
+/// The full blocks of a prompt that the prefix cache may hold (all but its last token,
+/// whose logits are needed), in order: index, chained hash, tokens.
+pub fn prefix_blocks(tokens: &[u32], block_size: usize) -> impl Iterator<Item = (usize, u64, &[u32])> {
+    let mut parent = 0;
+    tokens[..tokens.len().saturating_sub(1)]
+        .chunks_exact(block_size)
+        .enumerate()
+        .map(move |(b, toks)| {
+            parent = block_hash(parent, toks);
+            (b, parent, toks)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ pub mod disk;
 mod layout;
 mod storage;
 
-pub use block_pool::{block_hash, BlockPool};
+pub use block_pool::{block_hash, prefix_blocks, BlockPool};
 pub use block_table::BlockTable;
 pub use layout::{KvDtype, KvLayout};
 pub use storage::{KvLayer, KvStorage};
