@@ -6,5 +6,6 @@
 
 pub mod loadgen;
 pub mod measure;
+pub mod reference;
 pub mod soak;
 pub mod speculative;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use moeserve_bench::{loadgen, measure, soak, speculative};
+use moeserve_bench::{loadgen, measure, reference, soak, speculative};
 use moeserve_core::{DType, LoadOptions};
 
 #[derive(Parser)]
@@ -28,6 +28,9 @@ enum Command {
     /// C clients for S seconds of mixed traffic with hang-ups and bad requests; then the
     /// server must be idle, answer, and not have grown. Fails on any unexpected answer.
     Soak(soak::SoakArgs),
+    /// The fixture models against transformers' logits and greedy tokens on a device
+    /// (how a GPU machine without a Rust toolchain checks the GPU backend).
+    Reference(reference::ReferenceArgs),
 }
 
 #[derive(clap::Args)]
@@ -41,9 +44,16 @@ struct MemoryBenchArgs {
 #[derive(clap::Args)]
 struct EngineBenchArgs {
     /// A .gguf file, checkpoint directory or Hugging Face repo id; `random-moe` builds
-    /// the medium random MoE (hidden 1024, 16 layers, 32 experts top-4) in memory.
+    /// the medium random MoE (hidden 1024, 16 layers, 32 experts top-4) in memory,
+    /// `random:<config.json>` any checkpoint's shape with random weights.
     #[arg(long, env = "MOESERVE_MODEL")]
     model: String,
+    /// Where the model runs: cpu, or cuda[:N] (a build with --features cuda).
+    #[arg(long, default_value = "cpu", env = "MOESERVE_DEVICE")]
+    device: String,
+    /// Compute dtype (default: f32 on CPU, bf16 on a GPU).
+    #[arg(long, value_parser = moeserve_core::parse_compute_dtype)]
+    dtype: Option<DType>,
     /// Concurrency levels, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     concurrency: Vec<usize>,
@@ -82,9 +92,12 @@ struct KernelBenchArgs {
     /// Measurements per batch size, averaged (as llama-bench's `-r`, 5 by default).
     #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     repetitions: usize,
-    /// Compute dtype (default: f32 on CPU).
+    /// Compute dtype (default: f32 on CPU, bf16 on a GPU).
     #[arg(long, value_parser = moeserve_core::parse_compute_dtype)]
     dtype: Option<DType>,
+    /// Where the model runs: cpu, or cuda[:N] (a build with --features cuda).
+    #[arg(long, default_value = "cpu", env = "MOESERVE_DEVICE")]
+    device: String,
     /// KV cache element type: auto (f16 for quantized GGUF models, else f32), f32 or f16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
@@ -113,6 +126,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(speculative::run(args))),
         Command::Memory(args) => run_memory_bench(args),
+        Command::Reference(args) => {
+            init_logging();
+            reference::run(args)
+        }
         Command::Soak(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -137,14 +154,20 @@ fn init_logging() {
 }
 
 fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
+    let device = moeserve_core::device_from_setting(&args.device).map_err(anyhow::Error::msg)?;
+    let kv_cache_dtype =
+        moeserve_core::parse_kv_dtype_setting(&args.kv_cache_dtype).map_err(anyhow::Error::msg)?;
     let opts = LoadOptions {
+        device: device.clone(),
         dtype: args.dtype,
-        kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&args.kv_cache_dtype)
-            .map_err(anyhow::Error::msg)?,
+        kv_cache_dtype,
         ..LoadOptions::default()
     };
     let (model, name, dtype) = match measure::random_config(&args.model) {
-        Some(cfg) => (measure::random_model(&cfg)?, args.model.clone(), DType::F32),
+        Some(cfg) => {
+            let (model, dtype) = random_on(cfg?, &device, args.dtype, kv_cache_dtype)?;
+            (model, args.model.clone(), dtype)
+        }
         None => {
             let l = moeserve_core::load(&args.model, &opts)?;
             (l.model, l.name, l.dtype)
@@ -192,6 +215,23 @@ fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A random model of `cfg`'s shape on `device`, in `dtype` or the device's default, with
+/// the KV cache dtype asked for or the device's default (as loading a checkpoint does).
+fn random_on(
+    mut cfg: moeserve_core::config::ModelConfig,
+    device: &moeserve_core::Device,
+    dtype: Option<DType>,
+    kv_cache_dtype: Option<moeserve_core::KvDtype>,
+) -> anyhow::Result<(Box<dyn moeserve_core::CausalLm>, DType)> {
+    let dtype = dtype.unwrap_or_else(|| moeserve_core::models::default_dtype(device));
+    cfg.kv_cache_dtype = kv_cache_dtype.unwrap_or(if device.is_cpu() {
+        moeserve_core::KvDtype::F32
+    } else {
+        moeserve_core::KvDtype::F16
+    });
+    Ok((measure::random_model_on(&cfg, dtype, device)?, dtype))
+}
+
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -202,12 +242,23 @@ fn rayon_threads() -> usize {
 fn run_engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     use measure as bench;
     use moeserve_core::engine::{Engine, EngineConfig};
+    let device = moeserve_core::device_from_setting(&args.device).map_err(anyhow::Error::msg)?;
     let (model, codec, name) = if let Some(cfg) = bench::random_config(&args.model) {
+        let cfg = cfg?;
         // No tokenizer comes with random weights: a byte-level stand-in only decodes ids.
         let codec = moeserve_core::TextCodec::byte_fallback(cfg.vocab_size);
-        (bench::random_model(&cfg)?, codec, args.model.clone())
+        (
+            random_on(cfg, &device, args.dtype, None)?.0,
+            codec,
+            args.model.clone(),
+        )
     } else {
-        let l = moeserve_core::load(&args.model, &LoadOptions::default())?;
+        let opts = LoadOptions {
+            device,
+            dtype: args.dtype,
+            ..LoadOptions::default()
+        };
+        let l = moeserve_core::load(&args.model, &opts)?;
         (l.model, l.codec, l.name)
     };
     let max_seqs = args.concurrency.iter().copied().max().unwrap_or(1);

@@ -103,7 +103,7 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn cache_for(model: &dyn CausalLm, batch: usize, per_seq: usize) -> Result<(KvStorage, Vec<BlockTable>)> {
     let block_size = 16;
     let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
-    let kv = KvStorage::new(model.kv_layout(), block_size, blocks)?;
+    let kv = KvStorage::new_on(model.kv_layout(), block_size, blocks, model.device())?;
     let mut alloc = BlockPool::new(blocks);
     let mut tables = Vec::with_capacity(batch);
     for _ in 0..batch {
@@ -246,19 +246,32 @@ pub fn medium_deepseek_config() -> moeserve_core::config::ModelConfig {
     moeserve_core::config::ModelConfig::from_hf(&hf).expect("valid config")
 }
 
-/// By name, for the bench commands: `random-moe` or `random-deepseek`.
-pub fn random_config(name: &str) -> Option<moeserve_core::config::ModelConfig> {
+/// By name, for the bench commands: `random-moe`, `random-deepseek`, or
+/// `random:<config.json>` (any checkpoint's shape, its weights random: how a model too
+/// large to carry is measured where only its config is).
+pub fn random_config(name: &str) -> Option<Result<moeserve_core::config::ModelConfig>> {
     match name {
-        "random-moe" => Some(medium_moe_config()),
-        "random-deepseek" => Some(medium_deepseek_config()),
-        _ => None,
+        "random-moe" => Some(Ok(medium_moe_config())),
+        "random-deepseek" => Some(Ok(medium_deepseek_config())),
+        _ => name
+            .strip_prefix("random:")
+            .map(|path| moeserve_core::config::ModelConfig::from_file(std::path::Path::new(path))),
     }
 }
 
-/// A model of `cfg`'s shape with random weights (N(0, 0.02)), built in memory.
+/// A model of `cfg`'s shape with random weights (N(0, 0.02)), built in memory in f32 on
+/// the CPU.
 pub fn random_model(cfg: &moeserve_core::config::ModelConfig) -> Result<Box<dyn CausalLm>> {
-    let store =
-        moeserve_core::weights::WeightStore::random(0.02, candle_core::DType::F32, &candle_core::Device::Cpu);
+    random_model_on(cfg, candle_core::DType::F32, &candle_core::Device::Cpu)
+}
+
+/// A model of `cfg`'s shape with random weights in `dtype` on `device`.
+pub fn random_model_on(
+    cfg: &moeserve_core::config::ModelConfig,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Box<dyn CausalLm>> {
+    let store = moeserve_core::weights::WeightStore::random(0.02, dtype, device);
     moeserve_core::models::build_model(cfg, &store)
 }
 

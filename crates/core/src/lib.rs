@@ -43,6 +43,26 @@ pub fn parse_compute_dtype(s: &str) -> std::result::Result<DType, String> {
     }
 }
 
+/// The device a `device` setting names: `cpu`, `cuda` (GPU 0) or `cuda:N`. CUDA needs a
+/// binary built with `--features cuda` and an NVIDIA GPU; either missing is an error that
+/// says so.
+pub fn device_from_setting(s: &str) -> std::result::Result<Device, String> {
+    let ordinal = match s.trim().to_ascii_lowercase().as_str() {
+        "" | "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => return Err(format!("unknown device {s:?} (cpu, cuda or cuda:N)")),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(format!(
+            "device {s:?}: this moeserve was built without CUDA (build it with `--features cuda`)"
+        ));
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("device {s:?}: {e}"))
+}
+
 /// A dtype setting: `auto` (or empty) leaves the choice to the loader.
 pub fn parse_dtype_setting(s: &str) -> std::result::Result<Option<DType>, String> {
     match s {
@@ -110,7 +130,13 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let files = source::resolve_with(spec, &opts.progress)?;
     let mut cfg = ModelConfig::from_file(&files.config)?;
-    cfg.kv_cache_dtype = opts.kv_cache_dtype.unwrap_or(KvDtype::F32);
+    // On a GPU the cache is f16 unless asked otherwise: attention there reads bf16-sized
+    // values anyway, and the budget holds twice the tokens.
+    cfg.kv_cache_dtype = opts.kv_cache_dtype.unwrap_or(if opts.device.is_cpu() {
+        KvDtype::F32
+    } else {
+        KvDtype::F16
+    });
     let dtype = opts.dtype.unwrap_or_else(|| models::default_dtype(&opts.device));
     tracing::info!(
         "loading {} ({}, {} layers, {:?}) from {}",
@@ -141,11 +167,13 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let ckpt = gguf::GgufCheckpoint::open(path)?;
     let mut cfg = gguf::model_config(&ckpt)?;
-    cfg.kv_cache_dtype = opts.kv_cache_dtype.unwrap_or(if ckpt.is_quantized() {
-        KvDtype::F16
-    } else {
-        KvDtype::F32
-    });
+    cfg.kv_cache_dtype = opts
+        .kv_cache_dtype
+        .unwrap_or(if ckpt.is_quantized() || !opts.device.is_cpu() {
+            KvDtype::F16
+        } else {
+            KvDtype::F32
+        });
     let codec = TextCodec::from_gguf(ckpt.metadata(), path)?;
     let weight_files = ckpt.files.iter().map(|f| f.path.clone()).collect();
     if opts.dtype.is_some_and(|d| d != DType::F32) {
@@ -208,5 +236,22 @@ mod tests {
         assert_eq!(super::parse_memory_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(super::parse_memory_size("2 GiB").unwrap(), 2 << 30);
         assert!(super::parse_memory_size("12 parsecs").is_err());
+    }
+
+    /// Device settings: the CPU by any of its names; a GPU by ordinal, refused with the
+    /// way out when this build has no CUDA; anything else named as unknown.
+    #[test]
+    fn device_settings_parse() {
+        for cpu in ["", "cpu", "CPU"] {
+            assert!(super::device_from_setting(cpu).unwrap().is_cpu());
+        }
+        for bad in ["tpu", "cuda:x", "cuda:-1"] {
+            let e = super::device_from_setting(bad).unwrap_err();
+            assert!(e.contains("unknown device"), "{e}");
+        }
+        if !candle_core::utils::cuda_is_available() {
+            let e = super::device_from_setting("cuda:1").unwrap_err();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
     }
 }

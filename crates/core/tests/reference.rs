@@ -32,7 +32,32 @@ struct PromptReference {
     top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
+/// Whether the suite runs through the GPU backend's kernels (on the CPU): false here;
+/// tests/gpu_backend.rs includes this file as a module with its own `GPU_KERNELS` true.
+#[allow(dead_code)]
+const GPU_KERNELS: bool = false;
+
+/// Where the suite runs: the CPU, or the GPU `MOESERVE_TEST_DEVICE` names (`cuda`,
+/// `cuda:N`; a test binary built with `--features cuda`, how the device check runs the
+/// suite on a GPU), in f32 with an f32 cache either way.
+fn test_device() -> candle_core::Device {
+    let name = std::env::var("MOESERVE_TEST_DEVICE").unwrap_or_default();
+    moeserve_core::device_from_setting(&name).unwrap()
+}
+
+fn load_options() -> LoadOptions {
+    LoadOptions {
+        device: test_device(),
+        dtype: Some(candle_core::DType::F32),
+        kv_cache_dtype: Some(moeserve_core::KvDtype::F32),
+        ..LoadOptions::default()
+    }
+}
+
+/// A fixture's path. Every test starts here, so this is where the backend is chosen,
+/// before any model loads.
 fn fixture(name: &str) -> PathBuf {
+    moeserve_core::backend::use_gpu_kernels_on_cpu(crate::GPU_KERNELS);
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
         .join(name)
@@ -52,12 +77,12 @@ struct Runner {
 
 impl Runner {
     fn new(dir: &std::path::Path) -> Self {
-        let loaded = moeserve_core::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let loaded = moeserve_core::load(dir.to_str().unwrap(), &load_options()).unwrap();
         Self::with_model(loaded.model)
     }
 
     fn with_model(model: Box<dyn CausalLm>) -> Self {
-        let kv = KvStorage::new(model.kv_layout(), 16, 128).unwrap();
+        let kv = KvStorage::new_on(model.kv_layout(), 16, 128, model.device()).unwrap();
         let alloc = BlockPool::new(kv.num_blocks());
         Runner { model, kv, alloc }
     }
@@ -278,8 +303,7 @@ fn check_mtp_module(path: &std::path::Path, tol: f32) {
     .unwrap();
     let mut runner = Runner::new(path);
     assert!(runner.model.has_mtp());
-    let plain =
-        moeserve_core::load(fixture("deepseek_v3").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let plain = moeserve_core::load(fixture("deepseek_v3").to_str().unwrap(), &load_options()).unwrap();
     assert!(!plain.model.has_mtp());
     assert_eq!(
         runner.model.kv_layout().num_layers,
@@ -468,7 +492,7 @@ fn absorbed_latent_attention_equals_naive() {
             let store = moeserve_core::weights::WeightStore::from_safetensors(
                 &[dir.join("model.safetensors")],
                 candle_core::DType::F32,
-                &candle_core::Device::Cpu,
+                &test_device(),
             )
             .unwrap();
             Runner::with_model(moeserve_core::models::build_model(&cfg, &store).unwrap())

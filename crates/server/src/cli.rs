@@ -48,6 +48,9 @@ struct GenerateArgs {
     /// Compute dtype (default: f32 on CPU).
     #[arg(long, value_parser = moeserve_core::parse_compute_dtype, env = "MOESERVE_DTYPE")]
     dtype: Option<DType>,
+    /// Where the model runs: cpu, or cuda[:N] (a binary built with --features cuda).
+    #[arg(long, default_value = "cpu", env = "MOESERVE_DEVICE")]
+    device: String,
     /// KV cache memory budget: bytes, or with a unit (512MiB, 2GiB).
     #[arg(long, default_value = "256MiB", env = "MOESERVE_KV_CACHE_MEMORY")]
     kv_cache_memory: String,
@@ -97,12 +100,18 @@ pub fn run() -> ExitCode {
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
+        device: moeserve_core::device_from_setting(&args.device).map_err(anyhow::Error::msg)?,
         dtype: args.dtype,
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&args.model, &opts)?;
     let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
-    let mut kv = KvStorage::with_memory_budget(loaded.model.kv_layout(), args.block_size, budget)?;
+    let mut kv = KvStorage::with_memory_budget_on(
+        loaded.model.kv_layout(),
+        args.block_size,
+        budget,
+        loaded.model.device(),
+    )?;
     let mut alloc = BlockPool::new(kv.num_blocks());
     let prompt = loaded.codec.encode(&args.prompt)?;
     if prompt.is_empty() {

@@ -132,6 +132,8 @@ fn log_failure(
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?;
     moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype).map_err(anyhow::Error::msg)?;
+    // A device this binary cannot use is refused before anything listens.
+    moeserve_core::device_from_setting(&settings.device).map_err(anyhow::Error::msg)?;
     let addr = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

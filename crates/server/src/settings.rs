@@ -19,6 +19,7 @@ pub struct Settings {
     pub model: String,
     pub served_model_name: String,
     pub dtype: String,
+    pub device: String,
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<String>,
@@ -67,6 +68,10 @@ pub struct SettingsArgs {
     /// Compute dtype for safetensors checkpoints: f32, bf16, f16 (default: fastest on the device).
     #[arg(long, env = "MOESERVE_DTYPE")]
     pub dtype: Option<String>,
+    /// Where the model runs: cpu, or cuda[:N] for an NVIDIA GPU (a binary built with
+    /// --features cuda).
+    #[arg(long, env = "MOESERVE_DEVICE")]
+    pub device: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "MOESERVE_HOST")]
     pub host: Option<String>,
@@ -192,6 +197,7 @@ impl Settings {
             model,
             served_model_name,
             dtype,
+            device,
             host,
             port,
             api_keys,

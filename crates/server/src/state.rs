@@ -95,11 +95,11 @@ pub(crate) fn load(
     progress: moeserve_core::progress::Reporter,
 ) -> anyhow::Result<LoadedEngine> {
     let opts = LoadOptions {
+        device: moeserve_core::device_from_setting(&settings.device).map_err(anyhow::Error::msg)?,
         dtype: moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?,
         kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype)
             .map_err(anyhow::Error::msg)?,
         progress,
-        ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&settings.model, &opts)?;
     let template = match loaded.codec.chat_template() {

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 /// Q4_K, Q5_K, Q6_K) repacked for the integer kernel with 16-bit activations
 /// ([`PackedQuantMatrix`]); dense f32 weights of a few rows (MoE routers' gates) for plain
 /// dot products; everything else (Q2_K, Q3_K, dense f16/bf16/f32) for candle's `QMatMul`.
+/// For the GPU backend every weight is candle's (cuBLAS for dense weights, candle's CUDA
+/// quantized matmul for GGUF's).
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Packed(Box<PackedQuantMatrix>),
@@ -29,6 +31,13 @@ const SMALL_ROWS: usize = 256;
 
 impl Matrix {
     pub fn new(weight: QMatMul) -> Result<Self> {
+        let device = match &weight {
+            QMatMul::QTensor(q) => q.device(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+        };
+        if super::gpu_kernels(&device) {
+            return Ok(Matrix::Candle(weight));
+        }
         Ok(match &weight {
             QMatMul::QTensor(q) => match PackedQuantMatrix::from_qtensor(q)? {
                 Some(packed) => Matrix::Packed(Box::new(packed)),
@@ -64,6 +73,19 @@ impl Matrix {
     /// and splits the work over the threads once, which at batch 1 is a good part of a
     /// projection's cost.
     pub fn fuse(parts: &[&Matrix]) -> Option<Matrix> {
+        // Dense weights of the GPU backend: one weight of their rows stacked.
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|m| match m {
+                Matrix::Candle(QMatMul::Tensor(t)) if super::gpu_kernels(t.device()) => Some(t),
+                _ => None,
+            })
+            .collect();
+        if let Some(dense) = dense.filter(|d| d.iter().all(|t| t.dtype() == d[0].dtype())) {
+            return Tensor::cat(&dense, 0)
+                .ok()
+                .map(|t| Matrix::Candle(QMatMul::Tensor(t)));
+        }
         let packed: Option<Vec<&PackedQuantMatrix>> = parts
             .iter()
             .map(|m| match m {
@@ -89,6 +111,9 @@ pub enum StackedMatrix {
     /// Formats without a stacked kernel (Q2_K, Q3_K, or packed widths not in whole row
     /// groups): one matrix per expert, cut at load.
     PerExpert(Vec<Matrix>),
+    /// GGUF's stacked tensor as it is, on a CUDA device, for candle's indexed MoE kernel
+    /// (the formats in [`gpu::experts::INDEXED_MOE_DTYPES`](super::gpu::experts)).
+    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
 }
 
 impl StackedMatrix {
@@ -97,6 +122,7 @@ impl StackedMatrix {
         Ok(match self {
             StackedMatrix::Packed { m, out } => (m.rows() / out, *out, m.cols()),
             StackedMatrix::Dense(t) => t.dims3()?,
+            StackedMatrix::Quantized(q) => q.shape().dims3()?,
             StackedMatrix::PerExpert(ms) => {
                 let (out, cols) = match ms.first() {
                     Some(m) => m.shape()?,
@@ -146,6 +172,19 @@ impl StackedMatrix {
     /// The stacked `[experts, out, in]` weight `w` in the form its kernel wants.
     pub fn new(w: QMatMul) -> Result<Self> {
         Ok(match w {
+            // The GPU backend: kept quantized where candle's CUDA kernel reads the format,
+            // else dense (bf16 on a GPU, f32 when checked on the CPU).
+            QMatMul::QTensor(q) if super::gpu_kernels(&q.device()) => {
+                q.shape().dims3()?;
+                let device = q.device();
+                if device.is_cuda() && super::gpu::experts::INDEXED_MOE_DTYPES.contains(&q.dtype()) {
+                    StackedMatrix::Quantized(q)
+                } else {
+                    let dense = q.dequantize(&device)?;
+                    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+                    StackedMatrix::Dense(dense.to_dtype(dtype)?)
+                }
+            }
             QMatMul::QTensor(q) => {
                 let (experts, out, _) = q.shape().dims3()?;
                 match PackedQuantMatrix::from_qtensor(&q)? {

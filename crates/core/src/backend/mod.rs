@@ -4,14 +4,23 @@
 //! weights in the types defined here ([`Matrix`], [`StackedMatrix`]) and never look at
 //! dtypes or instruction sets.
 //!
-//! Only the CPU backend exists ([`cpu`]: hand-written kernels on host memory, and the
-//! thread-pool policy of a forward pass). A GPU backend is a sibling folder with the same
-//! functions, chosen in the `match`es below; its KV storage, weights and activations live
-//! on its device, and what must come back to the host (router scores, logits) comes back
-//! through [`to_host`], by name, never by a silent copy.
+//! Two backends:
+//! - [`cpu`]: hand-written kernels on host memory, and the thread-pool policy of a
+//!   forward pass;
+//! - [`gpu`]: candle's tensor ops, which candle runs on an NVIDIA GPU with cuBLAS and its
+//!   own CUDA kernels (built with `--features cuda`). Its weights, activations and KV
+//!   storage live on the device; what must come back to the host (router scores,
+//!   logits) comes back through [`to_host`], by name, never by a silent copy. It is
+//!   device-generic, so it also runs on the CPU ([`use_gpu_kernels_on_cpu`]): that is
+//!   how CI, which has no GPU, checks its code against the reference fixtures.
+//!
+//! The functions below choose by the device of their inputs (and the KV buffers' kind).
 
 pub mod cpu;
+pub mod gpu;
 mod matrix;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
 
@@ -19,21 +28,30 @@ pub use cpu::attention::{AttnGeometry, AttnSeq};
 pub use cpu::kv_buffer::KvBuffer;
 pub use matrix::{Matrix, Routing, StackedMatrix, StackedMlp};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kv::KvLayer;
 
-/// The error for a kernel that `device` has no implementation of.
-fn no_kernel(op: &str, device: &Device) -> Error {
-    Error::Backend(format!(
-        "no {op} kernel for device {device:?} (only the CPU backend is built)"
-    ))
+static GPU_KERNELS_ON_CPU: AtomicBool = AtomicBool::new(false);
+
+/// Runs CPU tensors through the GPU backend's kernels instead of the hand-written CPU
+/// ones, for the whole process: how the GPU backend's code is tested on a machine with
+/// no GPU. Set it before loading a model (weights take their backend's form at load, and
+/// the KV pool its backend's buffers).
+pub fn use_gpu_kernels_on_cpu(on: bool) {
+    GPU_KERNELS_ON_CPU.store(on, Ordering::SeqCst);
+}
+
+/// Whether tensors on `device` go through the GPU backend.
+pub fn gpu_kernels(device: &Device) -> bool {
+    !device.is_cpu() || GPU_KERNELS_ON_CPU.load(Ordering::Relaxed)
 }
 
 /// `x W^T` (`[.., in]` -> `[.., out]`).
 pub fn matmul(w: &Matrix, x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::matmul(w, x),
-        other => Err(no_kernel("matmul", other)),
+    if gpu_kernels(x.device()) {
+        gpu::matmul(w, x)
+    } else {
+        cpu::matmul(w, x)
     }
 }
 
@@ -41,53 +59,57 @@ pub fn matmul(w: &Matrix, x: &Tensor) -> Result<Tensor> {
 /// its experts' gated MLP (`down(silu(gate x) * up x)`, weights stacked per expert),
 /// weighted and summed back into its row. One call per layer: the grouped kernel.
 pub fn grouped_experts(x: &Tensor, routing: &Routing, experts: &StackedMlp) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::experts::forward(x, routing, experts),
-        other => Err(no_kernel("grouped experts", other)),
+    if gpu_kernels(x.device()) {
+        gpu::experts::forward(x, routing, experts)
+    } else {
+        cpu::experts::forward(x, routing, experts)
     }
 }
 
 /// RMS norm of each row of `x` (its last dimension) with `weight` (f32), in f32 whatever
 /// the compute dtype, as the reference implementations do.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::norm::rms_norm(x, weight, eps),
-        other => Err(no_kernel("rms_norm", other)),
+    if gpu_kernels(x.device()) {
+        gpu::rms_norm(x, weight, eps)
+    } else {
+        cpu::norm::rms_norm(x, weight, eps)
     }
 }
 
 /// `(x + residual, rms_norm(x + residual))`: the residual stream after a sublayer and the
 /// next sublayer's input, in one pass over the rows.
 pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    match x.device() {
-        Device::Cpu => cpu::norm::add_rms_norm(x, residual, weight, eps),
-        other => Err(no_kernel("add_rms_norm", other)),
+    if gpu_kernels(x.device()) {
+        let sum = (x + residual)?;
+        let normed = gpu::rms_norm(&sum, weight, eps)?;
+        Ok((sum, normed))
+    } else {
+        cpu::norm::add_rms_norm(x, residual, weight, eps)
     }
 }
 
 /// `x` (`[tokens, sum(widths)]`) cut into its column ranges, each `[tokens, width]`: the
 /// parts of a fused projection.
 pub fn split_columns(x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
-    match x.device() {
-        Device::Cpu => cpu::split_columns(x, widths),
-        other => Err(no_kernel("split_columns", other)),
+    if gpu_kernels(x.device()) {
+        gpu::split_columns(x, widths)
+    } else {
+        cpu::split_columns(x, widths)
     }
 }
 
 /// `silu(gate) * up` from a fused gate/up output (`[tokens, 2 * width]`, gate first).
 pub fn swiglu(gate_up: &Tensor, width: usize) -> Result<Tensor> {
-    match gate_up.device() {
-        Device::Cpu => cpu::rows::swiglu(gate_up, width),
-        other => Err(no_kernel("swiglu", other)),
+    if gpu_kernels(gate_up.device()) {
+        gpu::swiglu(gate_up, width)
+    } else {
+        cpu::rows::swiglu(gate_up, width)
     }
 }
 
 /// `silu(gate) * up` from separate gate and up outputs.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match gate.device() {
-        Device::Cpu => Ok((gate.silu()? * up)?),
-        other => Err(no_kernel("silu_mul", other)),
-    }
+    Ok((gate.silu()? * up)?)
 }
 
 /// Rotary position embedding of `x` (`[tokens, heads * head_dim]`): the first
@@ -101,9 +123,10 @@ pub fn rotary(
     positions: &[usize],
     interleaved: bool,
 ) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::rotary::rotate(x, tables, heads, positions, interleaved),
-        other => Err(no_kernel("rotary", other)),
+    if gpu_kernels(x.device()) {
+        gpu::rotary(x, tables, heads, positions, interleaved)
+    } else {
+        cpu::rotary::rotate(x, tables, heads, positions, interleaved)
     }
 }
 
@@ -115,9 +138,9 @@ pub fn write_kv(
     slots: &[usize],
     kv: (&Tensor, Option<&Tensor>),
 ) -> Result<()> {
-    match kv.0.device() {
-        Device::Cpu => cpu::attention::write_kv_tensors(layer, g, slots, kv),
-        other => Err(no_kernel("write_kv", other)),
+    match layer.keys {
+        KvBuffer::Device(_) => gpu::attention::write_kv(layer, g, slots, kv),
+        _ => cpu::attention::write_kv_tensors(layer, g, slots, kv),
     }
 }
 
@@ -125,18 +148,18 @@ pub fn write_kv(
 /// sequence's cached positions, reading the cache in place through the block tables.
 /// Returns `[tokens, heads * value_dim]` in f32.
 pub fn paged_attention(q: &Tensor, layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeometry) -> Result<Tensor> {
-    match q.device() {
-        Device::Cpu => cpu::attention::attend_tensor(q, layer, seqs, g),
-        other => Err(no_kernel("paged_attention", other)),
+    match layer.keys {
+        KvBuffer::Device(_) => gpu::attention::paged_attention(q, layer, seqs, g),
+        _ => cpu::attention::attend_tensor(q, layer, seqs, g),
     }
 }
 
 /// The cached key vectors (`width` values each) at `slots`, as `[slots, width]` f32: the
 /// reference form of latent attention reads its latents back this way.
-pub fn read_kv(layer: &KvLayer, slots: &[usize], width: usize, device: &Device) -> Result<Tensor> {
-    match device {
-        Device::Cpu => cpu::attention::read_keys(layer, slots, width),
-        other => Err(no_kernel("read_kv", other)),
+pub fn read_kv(layer: &KvLayer, slots: &[usize], width: usize) -> Result<Tensor> {
+    match layer.keys {
+        KvBuffer::Device(_) => gpu::attention::read_keys(layer, slots, width),
+        _ => cpu::attention::read_keys(layer, slots, width),
     }
 }
 
@@ -165,16 +188,18 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// worker of the thread pool with the other workers kept spinning for work until it
 /// returns ([`cpu::pool::with_hot_workers`]).
 pub fn forward_pass<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
-    match device {
-        Device::Cpu => cpu::pool::with_hot_workers(f),
-        _ => f(),
+    if gpu_kernels(device) {
+        f()
+    } else {
+        cpu::pool::with_hot_workers(f)
     }
 }
 
 /// A zeroed KV buffer of `len` elements for `device`.
 pub fn kv_buffer(device: &Device, dtype: crate::kv::KvDtype, len: usize) -> Result<KvBuffer> {
-    match device {
-        Device::Cpu => Ok(KvBuffer::zeros(dtype, len)),
-        other => Err(no_kernel("KV storage", other)),
+    if gpu_kernels(device) {
+        KvBuffer::zeros_on(dtype, len, device)
+    } else {
+        Ok(KvBuffer::zeros(dtype, len))
     }
 }

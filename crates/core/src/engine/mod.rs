@@ -321,7 +321,12 @@ impl Engine {
     /// Allocates the KV pool and starts the step loop on its own thread.
     pub fn start(model: Box<dyn CausalLm>, codec: Arc<TextCodec>, config: EngineConfig) -> Result<Self> {
         let layout: KvLayout = model.kv_layout();
-        let kv = KvStorage::with_memory_budget(layout, config.block_size, config.kv_cache_memory)?;
+        let kv = KvStorage::with_memory_budget_on(
+            layout,
+            config.block_size,
+            config.kv_cache_memory,
+            model.device(),
+        )?;
         let cfg = model.config();
         let stats = Arc::new(EngineStats {
             expert_tokens: cfg
@@ -496,7 +501,13 @@ impl Engine {
 
 /// Opens the model's subdirectory of the disk tier and starts its writer.
 fn open_disk_tier(d: &DiskCacheConfig, model: &dyn CausalLm, kv: &KvStorage) -> Result<DiskTier> {
-    let fingerprint = kv_fingerprint(d.weights_identity, model.config(), kv.layout(), kv.block_size());
+    let fingerprint = kv_fingerprint(
+        d.weights_identity,
+        model.config(),
+        kv.layout(),
+        kv.record_format(),
+        kv.block_size(),
+    );
     let fail = |e: std::io::Error| {
         crate::Error::KvCache(format!("the prefix cache directory {}: {e}", d.dir.display()))
     };

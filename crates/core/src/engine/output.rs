@@ -301,7 +301,11 @@ impl EngineCore {
             let block = seq.table.blocks()[b];
             self.pool.register(block, h, toks);
             if let Some(disk) = self.disk.as_ref().filter(|d| d.wants(h)) {
-                disk.write(h, toks, self.kv.block_bytes(block));
+                // A block that cannot be read back (a device error) is not cached on disk.
+                match self.kv.block_bytes(block) {
+                    Ok(bytes) => disk.write(h, toks, bytes),
+                    Err(e) => tracing::warn!("block {block} not written to the disk cache: {e}"),
+                }
             }
             seq.hashes.push(h);
         }

@@ -1078,6 +1078,10 @@ impl crate::models::CausalLm for MtpWithAnswerKey {
         self.inner.kv_layout()
     }
 
+    fn device(&self) -> &candle_core::Device {
+        self.inner.device()
+    }
+
     fn forward(
         &self,
         batch: &crate::ForwardBatch,

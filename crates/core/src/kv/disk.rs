@@ -116,11 +116,13 @@ pub fn weights_identity(paths: &[PathBuf]) -> io::Result<u64> {
 
 /// The fingerprint of a model's KV blocks: its weights, its config (architecture, rope,
 /// attention shapes: everything the model code reads), the KV layout and element type,
+/// how the backend lays a block out ([`KvStorage::record_format`](super::KvStorage::record_format)),
 /// the block size, and the byte order the records are read back in.
 pub fn kv_fingerprint(
     weights: u64,
     config: &crate::config::ModelConfig,
     layout: super::KvLayout,
+    record_format: &str,
     block_size: usize,
 ) -> Fingerprint {
     Fingerprint::of(&[
@@ -128,6 +130,7 @@ pub fn kv_fingerprint(
         &weights.to_le_bytes(),
         format!("{config:?}").as_bytes(),
         format!("{layout:?}").as_bytes(),
+        record_format.as_bytes(),
         &(block_size as u64).to_le_bytes(),
         if cfg!(target_endian = "little") {
             b"le"
@@ -650,18 +653,19 @@ mod tests {
             value_dim: 8,
             dtype: crate::kv::KvDtype::F32,
         };
-        let f = kv_fingerprint(a, &cfg, layout, 16);
-        assert_eq!(f, kv_fingerprint(a, &cfg, layout, 16));
-        assert_ne!(f, kv_fingerprint(a ^ 1, &cfg, layout, 16));
-        assert_ne!(f, kv_fingerprint(a, &cfg, layout, 32));
+        let f = kv_fingerprint(a, &cfg, layout, "host", 16);
+        assert_eq!(f, kv_fingerprint(a, &cfg, layout, "host", 16));
+        assert_ne!(f, kv_fingerprint(a ^ 1, &cfg, layout, "host", 16));
+        assert_ne!(f, kv_fingerprint(a, &cfg, layout, "host", 32));
+        assert_ne!(f, kv_fingerprint(a, &cfg, layout, "rows", 16));
         let half = crate::kv::KvLayout {
             dtype: crate::kv::KvDtype::F16,
             ..layout
         };
-        assert_ne!(f, kv_fingerprint(a, &cfg, half, 16));
+        assert_ne!(f, kv_fingerprint(a, &cfg, half, "host", 16));
         let mut other = cfg.clone();
         other.rms_norm_eps *= 2.0;
-        assert_ne!(f, kv_fingerprint(a, &other, layout, 16));
+        assert_ne!(f, kv_fingerprint(a, &other, layout, "host", 16));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! this only stores, and maps a position to its slot.
 
 use super::KvLayout;
-use crate::backend::KvBuffer;
+use crate::backend::{self, KvBuffer};
 use crate::error::{Error, Result};
 
 /// One layer's share of the pool: `[num_blocks, num_kv_heads, block_size, dim]` row-major,
@@ -21,7 +21,18 @@ pub struct KvStorage {
 }
 
 impl KvStorage {
+    /// A pool in host memory, for the CPU kernels.
     pub fn new(layout: KvLayout, block_size: usize, num_blocks: usize) -> Result<Self> {
+        Self::new_on(layout, block_size, num_blocks, &candle_core::Device::Cpu)
+    }
+
+    /// A pool for the kernels that run on `device` ([`backend::kv_buffer`]).
+    pub fn new_on(
+        layout: KvLayout,
+        block_size: usize,
+        num_blocks: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
             return Err(Error::KvCache(format!(
                 "block size ({block_size}) and block count ({num_blocks}) must be positive"
@@ -29,11 +40,21 @@ impl KvStorage {
         }
         let slots = block_size * num_blocks;
         let layers = (0..layout.num_layers)
-            .map(|_| KvLayer {
-                keys: KvBuffer::zeros(layout.dtype, slots * layout.num_kv_heads * layout.key_dim),
-                values: KvBuffer::zeros(layout.dtype, slots * layout.num_kv_heads * layout.value_dim),
+            .map(|_| {
+                Ok(KvLayer {
+                    keys: backend::kv_buffer(
+                        device,
+                        layout.dtype,
+                        slots * layout.num_kv_heads * layout.key_dim,
+                    )?,
+                    values: backend::kv_buffer(
+                        device,
+                        layout.dtype,
+                        slots * layout.num_kv_heads * layout.value_dim,
+                    )?,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Self {
             layout,
             block_size,
@@ -42,8 +63,18 @@ impl KvStorage {
         })
     }
 
-    /// As many blocks as fit in `memory_bytes`.
+    /// As many blocks as fit in `memory_bytes`, in host memory.
     pub fn with_memory_budget(layout: KvLayout, block_size: usize, memory_bytes: usize) -> Result<Self> {
+        Self::with_memory_budget_on(layout, block_size, memory_bytes, &candle_core::Device::Cpu)
+    }
+
+    /// As many blocks as fit in `memory_bytes`, for the kernels that run on `device`.
+    pub fn with_memory_budget_on(
+        layout: KvLayout,
+        block_size: usize,
+        memory_bytes: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
         let per_block = layout.bytes_per_token() * block_size;
         let num_blocks = memory_bytes / per_block.max(1);
         if num_blocks == 0 {
@@ -51,7 +82,7 @@ impl KvStorage {
                 "a budget of {memory_bytes} bytes holds no block: one block of {block_size} tokens needs {per_block} bytes"
             )));
         }
-        Self::new(layout, block_size, num_blocks)
+        Self::new_on(layout, block_size, num_blocks, device)
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -83,15 +114,26 @@ impl KvStorage {
 
     /// A block's keys and values in every layer, as bytes (the disk tier's payload). A
     /// block is contiguous in each layer's buffer (`[num_blocks, ..]` row-major).
-    pub fn block_bytes(&self, block: u32) -> Vec<u8> {
+    pub fn block_bytes(&self, block: u32) -> Result<Vec<u8>> {
         let (k, v) = self.block_elements();
         let b = block as usize;
         let mut out = Vec::with_capacity(self.block_record_len());
         for layer in &self.layers {
-            layer.keys.bytes_into(b * k, k, &mut out);
-            layer.values.bytes_into(b * v, v, &mut out);
+            layer.keys.bytes_into(b * k, k, &mut out)?;
+            layer.values.bytes_into(b * v, v, &mut out)?;
         }
-        out
+        Ok(out)
+    }
+
+    /// How a block's record lays out its values: the kernels' layout. The CPU kernels
+    /// store keys transposed within a block ([`AttnGeometry::keys_transposed`](crate::backend::AttnGeometry::keys_transposed)),
+    /// the GPU backend stores every vector as a row; records of one are not the other's,
+    /// so the disk tier keys them apart.
+    pub fn record_format(&self) -> &'static str {
+        match self.layers.first().map(|l| &l.keys) {
+            Some(KvBuffer::Device(_)) => "rows",
+            _ => "host",
+        }
     }
 
     /// Fills a block from [`block_bytes`](Self::block_bytes)'s output.
@@ -109,9 +151,9 @@ impl KvStorage {
         let b = block as usize;
         let mut at = 0;
         for layer in &mut self.layers {
-            layer.keys.set_bytes(b * k, &bytes[at..at + k * size]);
+            layer.keys.set_bytes(b * k, &bytes[at..at + k * size])?;
             at += k * size;
-            layer.values.set_bytes(b * v, &bytes[at..at + v * size]);
+            layer.values.set_bytes(b * v, &bytes[at..at + v * size])?;
             at += v * size;
         }
         Ok(())
@@ -185,7 +227,7 @@ mod tests {
                 layer.keys.write(0, &keys);
                 layer.values.write(0, &values);
             }
-            let record = kv.block_bytes(1);
+            let record = kv.block_bytes(1).unwrap();
             assert_eq!(record.len(), kv.block_record_len());
             assert_eq!(record.len(), 4 * layout.bytes_per_token());
             let read = |kv: &KvStorage, l: usize| {

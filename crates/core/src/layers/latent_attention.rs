@@ -201,7 +201,7 @@ impl LatentAttention {
             let slots: Vec<usize> = (0..n)
                 .map(|p| s.block_table[p / ctx.block_size] as usize * ctx.block_size + p % ctx.block_size)
                 .collect();
-            let cached = backend::read_kv(kv, &slots, width, dev)?.to_dtype(dtype)?;
+            let cached = backend::read_kv(kv, &slots, width)?.to_dtype(dtype)?;
             let k_pe = cached.narrow(1, 0, rope_d)?; // [n, rope]
             let c = cached.narrow(1, rope_d, lora)?.contiguous()?; // [n, lora]
                                                                    // k_nope[h] = c W_uk[h]^T, v[h] = c W_uv[h]^T.

@@ -229,6 +229,10 @@ impl CausalLm for DecoderModel {
         &self.cfg
     }
 
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
     fn kv_layout(&self) -> KvLayout {
         let mut layout = super::kv_layout(&self.cfg);
         // The MTP layer keeps its attention KV as one more layer of the same pool.

@@ -16,6 +16,9 @@ use crate::weights::WeightStore;
 pub trait CausalLm: Send + Sync {
     fn config(&self) -> &ModelConfig;
 
+    /// Where the weights live and the forward pass runs; the KV pool is allocated there.
+    fn device(&self) -> &Device;
+
     /// What the KV cache must hold per token.
     fn kv_layout(&self) -> KvLayout;
 

@@ -86,6 +86,9 @@ fn expert_matmul(w: &StackedMatrix, e: usize, x: &[f32]) -> Result<Vec<f32>> {
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         }
+        StackedMatrix::Quantized(_) => Err(Error::Backend(
+            "quantized stacked experts on a GPU reached the CPU kernel".into(),
+        )),
         StackedMatrix::PerExpert(ms) => {
             let m: &Matrix = ms
                 .get(e)

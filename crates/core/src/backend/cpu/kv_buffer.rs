@@ -1,12 +1,19 @@
-//! Host memory for the KV cache.
+//! The KV cache's memory: host memory for the CPU kernels, a device tensor for the GPU
+//! backend.
 
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
 use crate::kv::KvDtype;
 
-/// One layer's cached keys (or values) in host memory, in the cache's element type: the
-/// physical storage the CPU attention kernel reads in place.
+/// One layer's cached keys (or values) in the cache's element type: in host memory, the
+/// physical storage the CPU attention kernel reads in place, or as one flat tensor on
+/// the device the GPU backend's kernels read and write ([`KvBuffer::Device`]).
 pub enum KvBuffer {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
+    /// A 1-D tensor of the cache's dtype on the model's device.
+    Device(Tensor),
 }
 
 /// Writes a zero into every 4 KiB page of `v` (volatile: the compiler knows the memory
@@ -45,10 +52,28 @@ impl KvBuffer {
         }
     }
 
+    /// A zeroed buffer on `device` for the GPU backend.
+    pub fn zeros_on(dtype: KvDtype, len: usize, device: &candle_core::Device) -> Result<Self> {
+        let dtype = match dtype {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        };
+        Ok(KvBuffer::Device(Tensor::zeros(len, dtype, device)?))
+    }
+
     pub fn len(&self) -> usize {
         match self {
             KvBuffer::F32(v) => v.len(),
             KvBuffer::F16(v) => v.len(),
+            KvBuffer::Device(t) => t.elem_count(),
+        }
+    }
+
+    /// The device tensor of a [`KvBuffer::Device`].
+    pub fn device_tensor(&self) -> Option<&Tensor> {
+        match self {
+            KvBuffer::Device(t) => Some(t),
+            _ => None,
         }
     }
 
@@ -62,6 +87,11 @@ impl KvBuffer {
         match self {
             KvBuffer::F32(v) => v[at..at + src.len()].copy_from_slice(src),
             KvBuffer::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+            KvBuffer::Device(t) => {
+                let src = Tensor::from_slice(src, src.len(), t.device()).and_then(|s| s.to_dtype(t.dtype()));
+                src.and_then(|s| t.slice_set(&s, 0, at))
+                    .expect("a write inside a device KV buffer");
+            }
         }
     }
 
@@ -71,6 +101,11 @@ impl KvBuffer {
             return self.write(at, src);
         }
         match self {
+            KvBuffer::Device(_) => {
+                for (i, &x) in src.iter().enumerate() {
+                    self.write(at + i * stride, &[x]);
+                }
+            }
             KvBuffer::F32(v) => {
                 for (i, &x) in src.iter().enumerate() {
                     v[at + i * stride] = x;
@@ -94,16 +129,28 @@ impl KvBuffer {
 
     /// Appends the stored bits of `len` values from `at` to `out`, little-endian (the disk
     /// tier's record of a block).
-    pub fn bytes_into(&self, at: usize, len: usize, out: &mut Vec<u8>) {
+    pub fn bytes_into(&self, at: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
         match self {
             KvBuffer::F32(v) => out.extend(v[at..at + len].iter().flat_map(|x| x.to_le_bytes())),
             KvBuffer::F16(v) => out.extend(v[at..at + len].iter().flat_map(|x| x.to_bits().to_le_bytes())),
+            KvBuffer::Device(t) => {
+                let part = t.narrow(0, at, len)?;
+                match t.dtype() {
+                    DType::F16 => out.extend(
+                        part.to_vec1::<half::f16>()?
+                            .iter()
+                            .flat_map(|x| x.to_bits().to_le_bytes()),
+                    ),
+                    _ => out.extend(part.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes())),
+                }
+            }
         }
+        Ok(())
     }
 
     /// Stores values from their bits as [`bytes_into`](Self::bytes_into) wrote them;
     /// `src` holds `src.len() / element size` values, written from `at`.
-    pub fn set_bytes(&mut self, at: usize, src: &[u8]) {
+    pub fn set_bytes(&mut self, at: usize, src: &[u8]) -> Result<()> {
         match self {
             KvBuffer::F32(v) => {
                 for (d, s) in v[at..].iter_mut().zip(src.chunks_exact(4)) {
@@ -115,7 +162,27 @@ impl KvBuffer {
                     *d = half::f16::from_bits(u16::from_le_bytes(s.try_into().expect("2 bytes")));
                 }
             }
+            KvBuffer::Device(t) => {
+                let values = match t.dtype() {
+                    DType::F16 => {
+                        let v: Vec<half::f16> = src
+                            .chunks_exact(2)
+                            .map(|s| half::f16::from_bits(u16::from_le_bytes(s.try_into().expect("2 bytes"))))
+                            .collect();
+                        Tensor::from_vec(v, src.len() / 2, t.device())
+                    }
+                    _ => {
+                        let v: Vec<f32> = src
+                            .chunks_exact(4)
+                            .map(|s| f32::from_le_bytes(s.try_into().expect("4 bytes")))
+                            .collect();
+                        Tensor::from_vec(v, src.len() / 4, t.device())
+                    }
+                };
+                t.slice_set(&values?, 0, at)?;
+            }
         }
+        Ok(())
     }
 
     /// Appends `len` values from `at`, widened to f32, to `out`.
@@ -123,6 +190,12 @@ impl KvBuffer {
         match self {
             KvBuffer::F32(v) => out.extend_from_slice(&v[at..at + len]),
             KvBuffer::F16(v) => out.extend(v[at..at + len].iter().map(|x| x.to_f32())),
+            KvBuffer::Device(t) => out.extend(
+                t.narrow(0, at, len)
+                    .and_then(|p| p.to_dtype(DType::F32))
+                    .and_then(|p| p.to_vec1::<f32>())
+                    .expect("a range inside a device KV buffer"),
+            ),
         }
     }
 }
