@@ -268,7 +268,14 @@ mod tests {
                 let want = crate::backend::cpu::experts::forward(&x, routing, &mlp).unwrap();
                 for m in [&mlp, &separate] {
                     let got = forward(&x, routing, m).unwrap();
-                    let diff = (&want - &got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let diff = (&want - &got)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
                     let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                     // bf16 keeps 8 bits: the two paths round at different places (the
                     // CPU kernel's SwiGLU is in f32).
