@@ -6,20 +6,26 @@
 # on; the checkpoints themselves are too large to carry).
 #
 # Build here, with the CUDA toolkit (or ../shared/tools/cuda-build.sh on the project's
-# build machines, which has none):
+# build machines, which have none; its binaries go in target-cuda/):
 #   cargo build --release -p moeserve-bench --features cuda
 #   mkdir -p .device-bin && cp target/release/moeserve-bench .device-bin/ && strip .device-bin/moeserve-bench
 # Run there, from the repository root (results under $OUT, default gpu-check-out/):
 #   bench/gpu-check.sh [.device-bin/moeserve-bench]
+# A binary from cuda-build.sh links empty stubs of the CUDA libraries; preload the real
+# ones there first:
+#   export LD_PRELOAD="libcuda.so.1 libcudart.so.13 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10"
 #
 # Prints: the GPU; the fixtures' max logit difference and greedy-token agreement in f32
-# (the pass bar: 1e-3, 1e-4 for DeepSeek) and in bf16; forward prefill and decode tok/s
-# at batch 1, 16 and 64; engine output tok/s at 1, 16 and 64 concurrent streams.
+# (the pass bar: 1e-3, 1e-4 for DeepSeek, every greedy token) and in bf16 (the bar:
+# twice transformers' own bf16 error, tests/fixtures/models/*/bf16.json); forward
+# prefill and decode tok/s at batch 1, 16 and 64; engine output tok/s at 1, 16 and 64
+# concurrent streams. The medium MoE is bench/medium-moe-config.json (the shape
+# bench/make-medium-moe.py writes) with random weights.
 set -uo pipefail
 BIN=${1:-.device-bin/moeserve-bench}
 OUT=${OUT:-gpu-check-out}
 DEVICE=${DEVICE:-cuda}
-MEDIUM=${MEDIUM_CONFIG:-models/medium-moe/hf/config.json}
+MEDIUM=${MEDIUM_CONFIG:-bench/medium-moe-config.json}
 mkdir -p "$OUT"
 status=0
 step() {

@@ -5,6 +5,8 @@
 
 Writes OUT_DIR/config.json, OUT_DIR/model.safetensors (bf16, ~1.4 B parameters, ~2.7 GB)
 and the tokenizer files. bench/medium-moe.sh turns it into Q8_0 and Q4_K_M GGUFs.
+bench/medium-moe-config.json is its config.json (bench/gpu-check.sh runs that shape
+with random weights on a GPU machine).
 
 Why random: no MoE of this size can be fetched here, and speed does not depend on the
 values. The shape is the one the benchmarking issue asks for: 24 layers, hidden 1024,

@@ -16,8 +16,19 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Loads a fixture. With `MOESERVE_TEST_GPU_KERNELS=1` every layer runs through
+/// `backend::gpu` (on the CPU, the KV pool in its device-tensor form): how CI checks
+/// that the scheduler, the prefix cache and its disk tier, speculation and constraints
+/// work unchanged over the GPU backend (`.ci/run` runs these tests both ways).
+fn load(name: &str, opts: &LoadOptions) -> crate::LoadedModel {
+    if std::env::var("MOESERVE_TEST_GPU_KERNELS").is_ok_and(|v| v == "1") {
+        crate::backend::use_gpu_kernels_on_cpu(true);
+    }
+    crate::load(fixture(name).to_str().unwrap(), opts).unwrap()
+}
+
 fn start(name: &str, cfg: EngineConfig) -> Engine {
-    let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let loaded = load(name, &LoadOptions::default());
     Engine::start(loaded.model, Arc::new(loaded.codec), cfg).unwrap()
 }
 
@@ -507,7 +518,7 @@ fn every_stop_condition_ends_with_the_right_reason() {
 
 #[test]
 fn streamed_text_is_whole_characters_and_adds_up() {
-    let loaded = crate::load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let loaded = load("llama", &LoadOptions::default());
     let codec = &loaded.codec;
     for s in ["Café 東京 🚀🙂 naïve résumé", "こんにちは, 北京!", "👨‍👩‍👧‍👦 family"]
     {
@@ -900,7 +911,7 @@ fn greedy_outputs_are_identical_with_speculation_on_and_off() {
             let mut cfg = with_speculation(method, 1);
             if pool == 0 {
                 // 12 blocks for 17 requests that need 3 to 5 each: preemption.
-                let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+                let loaded = load(name, &LoadOptions::default());
                 cfg.kv_cache_memory = loaded.model.kv_layout().bytes_per_token() * 16 * 12;
             }
             let e = start(name, cfg);
@@ -1125,7 +1136,7 @@ fn accepted_mtp_drafts_keep_greedy_output_and_the_pool() {
     let off = run(&start(name, EngineConfig::default()), &prompt, greedy(48));
     let mut answer = prompt.clone();
     answer.extend(&off.choices[0].tokens);
-    let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let loaded = load(name, &LoadOptions::default());
     let model = Box::new(MtpWithAnswerKey {
         inner: loaded.model,
         answer,
@@ -1163,7 +1174,7 @@ fn start_with_disk_opts(
     cfg: EngineConfig,
     opts: &LoadOptions,
 ) -> Engine {
-    let loaded = crate::load(fixture(name).to_str().unwrap(), opts).unwrap();
+    let loaded = load(name, opts);
     let weights_identity = crate::kv::disk::weights_identity(&loaded.weight_files).unwrap();
     let cfg = EngineConfig {
         prefix_cache_disk: Some(DiskCacheConfig {
@@ -1252,7 +1263,7 @@ fn blocks_evicted_from_a_small_pool_are_read_back_from_disk() {
     let want = cold_run(name, &a, 8);
     // A pool of 50 blocks (800 tokens): the second prompt evicts the first one's blocks.
     let bytes_per_block = {
-        let loaded = crate::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let loaded = load(name, &LoadOptions::default());
         loaded.model.kv_layout().bytes_per_token() * 16
     };
     let cfg = EngineConfig {
