@@ -19,6 +19,8 @@
 pub mod cpu;
 pub mod gpu;
 mod matrix;
+#[cfg(test)]
+pub(crate) mod test_util;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,7 +30,7 @@ pub use cpu::attention::{AttnGeometry, AttnSeq};
 pub use cpu::kv_buffer::KvBuffer;
 pub use matrix::{Matrix, Routing, StackedMatrix, StackedMlp};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::KvLayer;
 
 static GPU_KERNELS_ON_CPU: AtomicBool = AtomicBool::new(false);
@@ -128,6 +130,43 @@ pub fn rotary(
     } else {
         cpu::rotary::rotate(x, tables, heads, positions, interleaved)
     }
+}
+
+/// Checks a rotary call's shapes (both backends' kernels start here) and returns the
+/// head dimension.
+pub(crate) fn check_rotary(x: &Tensor, cos: &Tensor, heads: usize, positions: &[usize]) -> Result<usize> {
+    let (t, width) = x.dims2()?;
+    let (max_positions, half) = cos.dims2()?;
+    if t != positions.len() || heads == 0 || width % heads != 0 || 2 * half > width / heads {
+        return Err(Error::InvalidBatch(format!(
+            "rotary embedding of {t} tokens of {width} values in {heads} heads, {} positions, {half} pairs",
+            positions.len()
+        )));
+    }
+    if let Some(&p) = positions.iter().find(|&&p| p >= max_positions) {
+        return Err(Error::InvalidBatch(format!(
+            "position {p} is beyond the rotary table's {max_positions}"
+        )));
+    }
+    Ok(width / heads)
+}
+
+/// Checks that a batch's keys and values fill exactly the cache rows of its `slots`
+/// (both backends' writes start here).
+pub(crate) fn check_kv_write(
+    g: &AttnGeometry,
+    slots: &[usize],
+    (keys, values): (&Tensor, Option<&Tensor>),
+) -> Result<()> {
+    let rows = slots.len() * g.num_kv_heads;
+    if keys.elem_count() != rows * g.head_dim || values.is_some_and(|v| v.elem_count() != rows * g.value_dim)
+    {
+        return Err(Error::InvalidBatch(format!(
+            "keys/values of {} tokens do not fit the cache geometry {g:?}",
+            slots.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Writes a batch's keys (`[tokens, kv_heads * head_dim]`) and values (`[tokens, kv_heads

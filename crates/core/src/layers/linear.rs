@@ -94,20 +94,9 @@ impl Projections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_util::max_diff;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{DType, Device};
-
-    /// The largest absolute difference between two tensors of one shape.
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Fused projections give each part's output exactly as the separate layers do, and
     /// layers that cannot be fused (dense weights, ragged row groups) stay separate.

@@ -93,14 +93,7 @@ pub(crate) fn write_kv_tensors(
     slots: &[usize],
     (keys, values): (&Tensor, Option<&Tensor>),
 ) -> Result<()> {
-    let rows = slots.len() * g.num_kv_heads;
-    if keys.elem_count() != rows * g.head_dim || values.is_some_and(|v| v.elem_count() != rows * g.value_dim)
-    {
-        return Err(Error::InvalidBatch(format!(
-            "keys/values of {} tokens do not fit the cache geometry {g:?}",
-            slots.len()
-        )));
-    }
+    crate::backend::check_kv_write(g, slots, (keys, values))?;
     with_f32(keys, |k| match values {
         Some(v) => with_f32(v, |v| write_kv(layer, g, slots, k, v)),
         None => {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::host::with_f32;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// `x` (`[tokens, heads * head_dim]`) rotated: in each head, the first `2 * half` values
 /// as `half` pairs (adjacent when `interleaved`, else `half` apart), by the angles of row
@@ -17,20 +17,8 @@ pub(crate) fn rotate(
     positions: &[usize],
     interleaved: bool,
 ) -> Result<Tensor> {
-    let (t, width) = x.dims2()?;
-    let (max_positions, half) = cos.dims2()?;
-    if t != positions.len() || heads == 0 || width % heads != 0 || 2 * half > width / heads {
-        return Err(Error::InvalidBatch(format!(
-            "rotary embedding of {t} tokens of {width} values in {heads} heads, {} positions, {half} pairs",
-            positions.len()
-        )));
-    }
-    if let Some(&p) = positions.iter().find(|&&p| p >= max_positions) {
-        return Err(Error::InvalidBatch(format!(
-            "position {p} is beyond the rotary table's {max_positions}"
-        )));
-    }
-    let head_dim = width / heads;
+    let head_dim = crate::backend::check_rotary(x, cos, heads, positions)?;
+    let (t, half) = (positions.len(), cos.dims2()?.1);
     let out = with_f32(cos, |cos| {
         with_f32(sin, |sin| {
             with_f32(x, |x| {
@@ -61,5 +49,5 @@ pub(crate) fn rotate(
             })
         })
     })???;
-    Ok(Tensor::from_vec(out, (t, width), x.device())?)
+    Ok(Tensor::from_vec(out, (t, heads * head_dim), x.device())?)
 }

@@ -34,14 +34,7 @@ pub(crate) fn write_kv(
     slots: &[usize],
     (keys, values): (&Tensor, Option<&Tensor>),
 ) -> Result<()> {
-    let rows = slots.len() * g.num_kv_heads;
-    if keys.elem_count() != rows * g.head_dim || values.is_some_and(|v| v.elem_count() != rows * g.value_dim)
-    {
-        return Err(Error::InvalidBatch(format!(
-            "keys/values of {} tokens do not fit the cache geometry {g:?}",
-            slots.len()
-        )));
-    }
+    crate::backend::check_kv_write(g, slots, (keys, values))?;
     let ids: Vec<u32> = slots
         .iter()
         .flat_map(|&slot| (0..g.num_kv_heads).map(move |h| row(g, slot, h)))
@@ -292,20 +285,9 @@ pub(crate) fn read_keys(layer: &KvLayer, slots: &[usize], width: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_util::{max_diff, random_values as random};
     use crate::kv::KvDtype;
     use candle_core::Device;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn layers(g: &AttnGeometry, blocks: usize, dtype: KvDtype) -> (KvLayer, KvLayer) {
         let slots = blocks * g.block_size * g.num_kv_heads;
@@ -400,14 +382,7 @@ mod tests {
                     .unwrap();
                     let want = crate::backend::cpu::attention::attend_tensor(&q, &host, &seqs, g).unwrap();
                     let got = paged_attention(&q, &device, &seqs, g).unwrap();
-                    let diff = (want - got)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = max_diff(&want, &got);
                     assert!(diff < 1e-5, "{g:?} {dtype:?} step {step}: {diff}");
                 }
                 if g.value_offset.is_some() {

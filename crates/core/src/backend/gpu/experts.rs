@@ -188,23 +188,9 @@ fn indexed_quantized(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_util::{max_abs, max_diff, random};
     use crate::backend::{StackedMatrix, StackedMlp};
     use candle_core::quantized::QMatMul;
-    use candle_core::Device;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// Both dense paths (one expert at a time, the padded batch) agree with the CPU
     /// kernel, with gate and up fused or apart, in f32 and bf16 weights.
@@ -268,15 +254,7 @@ mod tests {
                 let want = crate::backend::cpu::experts::forward(&x, routing, &mlp).unwrap();
                 for m in [&mlp, &separate] {
                     let got = forward(&x, routing, m).unwrap();
-                    let diff = (&want - &got)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let (diff, scale) = (max_diff(&want, &got), max_abs(&want));
                     // bf16 keeps 8 bits: the two paths round at different places (the
                     // CPU kernel's SwiGLU is in f32).
                     let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };

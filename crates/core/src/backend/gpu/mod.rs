@@ -84,20 +84,8 @@ pub(crate) fn rotary(
     positions: &[usize],
     interleaved: bool,
 ) -> Result<Tensor> {
-    let (t, width) = x.dims2()?;
-    let (max_positions, half) = cos.dims2()?;
-    if t != positions.len() || heads == 0 || width % heads != 0 || 2 * half > width / heads {
-        return Err(Error::InvalidBatch(format!(
-            "rotary embedding of {t} tokens of {width} values in {heads} heads, {} positions, {half} pairs",
-            positions.len()
-        )));
-    }
-    if let Some(&p) = positions.iter().find(|&&p| p >= max_positions) {
-        return Err(Error::InvalidBatch(format!(
-            "position {p} is beyond the rotary table's {max_positions}"
-        )));
-    }
-    let head_dim = width / heads;
+    let head_dim = crate::backend::check_rotary(x, cos, heads, positions)?;
+    let (t, half) = (positions.len(), cos.dims2()?.1);
     let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
     let ids = Tensor::from_vec(ids, t, x.device())?;
     let cos = cos.index_select(&ids, 0)?.reshape((t, 1, half))?;
@@ -117,38 +105,13 @@ pub(crate) fn rotary(
         let rotated = rope(&x.narrow(3, 0, 2 * half)?)?;
         Tensor::cat(&[&rotated, &x.narrow(3, 2 * half, head_dim - 2 * half)?], 3)?
     };
-    Ok(out.reshape((t, width))?)
+    Ok(out.reshape((t, heads * head_dim))?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::backend::test_util::{max_diff, random};
 
     /// Rotary, full and partial, interleaved or not, agrees with the CPU kernel.
     #[test]
