@@ -90,9 +90,12 @@ pub fn run(args: ReferenceArgs) -> anyhow::Result<()> {
     let mut failed = 0;
     for name in &names {
         let dir = args.fixtures.join(name);
-        let bf16: Option<Bf16Reference> = std::fs::read_to_string(dir.join("bf16.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok());
+        // No bf16.json: no bf16 bar (fixtures the bf16 generator does not make); one
+        // that does not parse is an error, not a fixture left unjudged.
+        let bf16: Option<Bf16Reference> = match std::fs::read_to_string(dir.join("bf16.json")) {
+            Ok(s) => Some(serde_json::from_str(&s).with_context(|| format!("{name}/bf16.json"))?),
+            Err(_) => None,
+        };
         // The bar for this dtype, if there is one.
         let tol = match args.dtype {
             DType::F32 if name.starts_with("deepseek") => Some(1e-4),

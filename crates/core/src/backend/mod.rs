@@ -133,8 +133,13 @@ pub fn rotary(
 }
 
 /// Checks a rotary call's shapes (both backends' kernels start here) and returns the
-/// head dimension.
-pub(crate) fn check_rotary(x: &Tensor, cos: &Tensor, heads: usize, positions: &[usize]) -> Result<usize> {
+/// head dimension and the number of rotated pairs per head.
+pub(crate) fn check_rotary(
+    x: &Tensor,
+    cos: &Tensor,
+    heads: usize,
+    positions: &[usize],
+) -> Result<(usize, usize)> {
     let (t, width) = x.dims2()?;
     let (max_positions, half) = cos.dims2()?;
     if t != positions.len() || heads == 0 || width % heads != 0 || 2 * half > width / heads {
@@ -148,7 +153,7 @@ pub(crate) fn check_rotary(x: &Tensor, cos: &Tensor, heads: usize, positions: &[
             "position {p} is beyond the rotary table's {max_positions}"
         )));
     }
-    Ok(width / heads)
+    Ok((width / heads, half))
 }
 
 /// Checks that a batch's keys and values fill exactly the cache rows of its `slots`

@@ -17,8 +17,8 @@ pub(crate) fn rotate(
     positions: &[usize],
     interleaved: bool,
 ) -> Result<Tensor> {
-    let head_dim = crate::backend::check_rotary(x, cos, heads, positions)?;
-    let (t, half) = (positions.len(), cos.dims2()?.1);
+    let (head_dim, half) = crate::backend::check_rotary(x, cos, heads, positions)?;
+    let t = positions.len();
     let out = with_f32(cos, |cos| {
         with_f32(sin, |sin| {
             with_f32(x, |x| {

@@ -84,8 +84,8 @@ pub(crate) fn rotary(
     positions: &[usize],
     interleaved: bool,
 ) -> Result<Tensor> {
-    let head_dim = crate::backend::check_rotary(x, cos, heads, positions)?;
-    let (t, half) = (positions.len(), cos.dims2()?.1);
+    let (head_dim, half) = crate::backend::check_rotary(x, cos, heads, positions)?;
+    let t = positions.len();
     let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
     let ids = Tensor::from_vec(ids, t, x.device())?;
     let cos = cos.index_select(&ids, 0)?.reshape((t, 1, half))?;
