@@ -103,7 +103,7 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn cache_for(model: &dyn CausalLm, batch: usize, per_seq: usize) -> Result<(KvStorage, Vec<BlockTable>)> {
     let block_size = 16;
     let blocks = batch * BlockTable::blocks_for(per_seq, block_size);
-    let kv = KvStorage::new_on(model.kv_layout(), block_size, blocks, model.device())?;
+    let kv = KvStorage::for_model(model, block_size, blocks)?;
     let mut alloc = BlockPool::new(blocks);
     let mut tables = Vec::with_capacity(batch);
     for _ in 0..batch {

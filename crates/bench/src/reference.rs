@@ -141,7 +141,7 @@ fn check(dir: &Path, device: &moeserve_core::Device, dtype: DType) -> anyhow::Re
         ..LoadOptions::default()
     };
     let model = moeserve_core::load(dir.to_str().context("a UTF-8 path")?, &opts)?.model;
-    let kv = KvStorage::new_on(model.kv_layout(), 16, 256, model.device())?;
+    let kv = KvStorage::for_model(model.as_ref(), 16, 256)?;
     let mut runner = Runner {
         alloc: BlockPool::new(kv.num_blocks()),
         kv,

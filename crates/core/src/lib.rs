@@ -89,8 +89,36 @@ pub struct LoadOptions {
     /// KV cache element type; `None`: f16 for quantized GGUF models (their weights are
     /// already approximate, and llama.cpp caches in f16 too), f32 otherwise.
     pub kv_cache_dtype: Option<KvDtype>,
+    /// The kernels the model runs; `None`: the default for the device
+    /// ([`backend::Backend::for_device`]: the GPU backend on a GPU, else the CPU kernel
+    /// set `MOESERVE_CPU` names or the best the CPU has).
+    pub backend: Option<backend::Backend>,
     /// Where download and loading progress goes (default: throttled log lines).
     pub progress: progress::Reporter,
+}
+
+impl LoadOptions {
+    /// The backend these options load a model for.
+    pub fn backend(&self) -> Result<backend::Backend> {
+        match self.backend {
+            Some(b) => {
+                if let backend::Backend::Cpu(isa) = b {
+                    if !isa.supported() || !self.device.is_cpu() {
+                        return Err(Error::Backend(format!(
+                            "the {isa} CPU kernels cannot run {}",
+                            if self.device.is_cpu() {
+                                "on this CPU"
+                            } else {
+                                "a model on a GPU"
+                            }
+                        )));
+                    }
+                }
+                Ok(b)
+            }
+            None => backend::Backend::for_device(&self.device),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -99,6 +127,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             kv_cache_dtype: None,
+            backend: None,
             progress: progress::Reporter::default(),
         }
     }
@@ -118,6 +147,8 @@ pub struct LoadedModel {
 /// Resolves `spec` (a `.gguf` file, a checkpoint directory or a Hugging Face repo id) and
 /// loads it.
 pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    // An unworkable kernel choice fails before anything is fetched or read.
+    opts.backend()?;
     let path = std::path::Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
         if !path.is_file() {
@@ -151,6 +182,7 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
             .unwrap_or_default()
     );
     let store = weights::WeightStore::from_safetensors(&files.weights, dtype, &opts.device)?
+        .with_backend(opts.backend()?)
         .with_fp8_blocks(cfg.fp8_weight_block)
         .with_reporter(opts.progress.clone());
     let model = models::build_model(&cfg, &store)?;
@@ -190,7 +222,9 @@ fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> 
         ckpt.files.len(),
         cfg.kv_cache_dtype
     );
-    let store = weights::WeightStore::from_gguf(ckpt, &opts.device).with_reporter(opts.progress.clone());
+    let store = weights::WeightStore::from_gguf(ckpt, &opts.device)
+        .with_backend(opts.backend()?)
+        .with_reporter(opts.progress.clone());
     let model = models::build_model(&cfg, &store)?;
     let name = path
         .file_name()

@@ -19,6 +19,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::backend::{Backend, Isa};
 use crate::error::{Error, Result};
 use crate::progress::{LoadProgress, LoadStage, Reporter};
 
@@ -48,6 +49,8 @@ pub struct WeightStore {
     /// FP8 checkpoints: the block size of their `weight_scale_inv` tensors.
     fp8_block: Option<(usize, usize)>,
     device: Device,
+    /// The kernels the model's layers will run, which decides the form weights take.
+    backend: Backend,
     dtype: DType,
     progress: Mutex<Progress>,
     reporter: Reporter,
@@ -114,6 +117,11 @@ impl WeightStore {
             source,
             fp8_block: None,
             device: device.clone(),
+            backend: if device.is_cpu() {
+                Backend::Cpu(Isa::best())
+            } else {
+                Backend::Gpu
+            },
             dtype,
             progress: Mutex::new(Progress {
                 step: LoadProgress {
@@ -128,6 +136,17 @@ impl WeightStore {
             }),
             reporter: Reporter::default(),
         }
+    }
+
+    /// The backend the model's layers run (default: the GPU's on a GPU, else the CPU's
+    /// best kernel set); the weights take its form.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Where loading progress goes (default: throttled log lines).

@@ -50,14 +50,15 @@ fn load_options() -> LoadOptions {
         device: test_device(),
         dtype: Some(candle_core::DType::F32),
         kv_cache_dtype: Some(moeserve_core::KvDtype::F32),
+        // The GPU backend's kernels, or the default for the device: on the CPU the kernel
+        // set MOESERVE_CPU names (how CI runs this suite through each set) or the best.
+        backend: crate::GPU_KERNELS.then_some(moeserve_core::backend::Backend::Gpu),
         ..LoadOptions::default()
     }
 }
 
-/// A fixture's path. Every test starts here, so this is where the backend is chosen,
-/// before any model loads.
+/// A fixture's path.
 fn fixture(name: &str) -> PathBuf {
-    moeserve_core::backend::use_gpu_kernels_on_cpu(crate::GPU_KERNELS);
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
         .join(name)
@@ -82,7 +83,7 @@ impl Runner {
     }
 
     fn with_model(model: Box<dyn CausalLm>) -> Self {
-        let kv = KvStorage::new_on(model.kv_layout(), 16, 128, model.device()).unwrap();
+        let kv = KvStorage::for_model(model.as_ref(), 16, 128).unwrap();
         let alloc = BlockPool::new(kv.num_blocks());
         Runner { model, kv, alloc }
     }

@@ -111,6 +111,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         args.block_size,
         budget,
         loaded.model.device(),
+        loaded.model.backend(),
     )?;
     let mut alloc = BlockPool::new(kv.num_blocks());
     let prompt = loaded.codec.encode(&args.prompt)?;

@@ -132,8 +132,15 @@ fn log_failure(
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?;
     moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype).map_err(anyhow::Error::msg)?;
-    // A device this binary cannot use is refused before anything listens.
-    moeserve_core::device_from_setting(&settings.device).map_err(anyhow::Error::msg)?;
+    // A device this binary cannot use, or a kernel set (MOESERVE_CPU) this CPU cannot
+    // run, is refused before anything listens.
+    let device = moeserve_core::device_from_setting(&settings.device).map_err(anyhow::Error::msg)?;
+    let backend = moeserve_core::LoadOptions {
+        device,
+        ..Default::default()
+    }
+    .backend()?;
+    tracing::info!("kernels: {}", backend.describe());
     let addr = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -151,12 +158,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
         loading: Default::default(),
     });
+    state.metrics.set_kernels(backend);
     let loader = state.clone();
     // A bar only where a person watches: a terminal, with text logs.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr()) && settings.log_format != "json";
     let reporter =
         progress::StartupProgress::new(state.loading.clone(), terminal, Duration::from_secs(5)).reporter();
-    tokio::task::spawn_blocking(move || match state::load(&loader.settings, reporter) {
+    tokio::task::spawn_blocking(move || match state::load(&loader.settings, backend, reporter) {
         Ok(m) => {
             tracing::info!(
                 "serving {} at http://{}:{}",

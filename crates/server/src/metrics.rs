@@ -28,6 +28,7 @@ pub struct Metrics {
     /// 0-1 fraction, and the pool's shape as labels.
     kv_usage: Gauge,
     cache_config_info: IntGaugeVec,
+    kernels_info: IntGaugeVec,
     prefix_hits: IntCounter,
     /// The prefix cache by tier (pool, disk), in blocks.
     prefix_block_hits: IntCounterVec,
@@ -149,6 +150,17 @@ impl Metrics {
         registry
             .register(Box::new(cache_config_info.clone()))
             .expect("unique metric");
+        let kernels_info = IntGaugeVec::new(
+            Opts::new(
+                "moeserve_kernels_info",
+                "The kernels the model runs, as labels (value 1): the backend (cpu or gpu), the CPU kernel set (avx512, avx2, neon, portable; MOESERVE_CPU forces one) and the optional extensions it uses.",
+            ),
+            &["backend", "cpu_set", "extensions"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(kernels_info.clone()))
+            .expect("unique metric");
         let spec_accepted_per_position = IntCounterVec::new(
             Opts::new(
                 "moeserve_spec_decode_num_accepted_tokens_per_pos_total",
@@ -193,6 +205,7 @@ impl Metrics {
             kv_total: gauge("moeserve_kv_cache_blocks_total", "KV cache blocks in the pool."),
             kv_usage,
             cache_config_info,
+            kernels_info,
             prefix_hits: total(
                 "moeserve_prefix_cache_hit_tokens_total",
                 "Prompt tokens served from the prefix cache (pool and disk).",
@@ -321,6 +334,19 @@ impl Metrics {
 
     /// The Prometheus text exposition, with engine gauges refreshed (`block_size`: the
     /// pool's tokens per block).
+    /// Names the kernels the model runs (once, at start).
+    pub fn set_kernels(&self, backend: moeserve_core::backend::Backend) {
+        use moeserve_core::backend::Backend;
+        let (name, set, extensions) = match backend {
+            Backend::Cpu(isa) => ("cpu", isa.name(), isa.extensions().join(",")),
+            Backend::Gpu => ("gpu", "", String::new()),
+        };
+        self.kernels_info.reset();
+        self.kernels_info
+            .with_label_values(&[name, set, &extensions])
+            .set(1);
+    }
+
     pub fn render(&self, engine: Option<&EngineStats>, disk: Option<&DiskTier>, block_size: usize) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = engine {

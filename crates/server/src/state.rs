@@ -92,6 +92,7 @@ impl AppState {
 
 pub(crate) fn load(
     settings: &Settings,
+    backend: moeserve_core::backend::Backend,
     progress: moeserve_core::progress::Reporter,
 ) -> anyhow::Result<LoadedEngine> {
     let opts = LoadOptions {
@@ -99,6 +100,7 @@ pub(crate) fn load(
         dtype: moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?,
         kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype)
             .map_err(anyhow::Error::msg)?,
+        backend: Some(backend),
         progress,
     };
     let loaded = moeserve_core::load(&settings.model, &opts)?;

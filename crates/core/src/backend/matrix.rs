@@ -4,6 +4,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Tensor};
 
 use super::cpu::quant::PackedQuantMatrix;
+use super::Backend;
 use crate::error::{Error, Result};
 
 /// The weights of one linear layer, `[out, in]`, chosen once at load for the kernel that
@@ -30,16 +31,13 @@ pub enum Matrix {
 const SMALL_ROWS: usize = 256;
 
 impl Matrix {
-    pub fn new(weight: QMatMul) -> Result<Self> {
-        let device = match &weight {
-            QMatMul::QTensor(q) => q.device(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
-        };
-        if super::gpu_kernels(&device) {
+    /// The form `backend`'s kernels multiply `weight` in.
+    pub fn new(weight: QMatMul, backend: Backend) -> Result<Self> {
+        let Backend::Cpu(isa) = backend else {
             return Ok(Matrix::Candle(weight));
-        }
+        };
         Ok(match &weight {
-            QMatMul::QTensor(q) => match PackedQuantMatrix::from_qtensor(q)? {
+            QMatMul::QTensor(q) => match PackedQuantMatrix::from_qtensor(q, isa)? {
                 Some(packed) => Matrix::Packed(Box::new(packed)),
                 None => Matrix::Candle(weight),
             },
@@ -72,12 +70,12 @@ impl Matrix {
     /// all packed alike and fill whole row groups: one matmul quantizes the input once
     /// and splits the work over the threads once, which at batch 1 is a good part of a
     /// projection's cost.
-    pub fn fuse(parts: &[&Matrix]) -> Option<Matrix> {
+    pub fn fuse(parts: &[&Matrix], backend: Backend) -> Option<Matrix> {
         // Dense weights of the GPU backend: one weight of their rows stacked.
         let dense: Option<Vec<&Tensor>> = parts
             .iter()
             .map(|m| match m {
-                Matrix::Candle(QMatMul::Tensor(t)) if super::gpu_kernels(t.device()) => Some(t),
+                Matrix::Candle(QMatMul::Tensor(t)) if backend == Backend::Gpu => Some(t),
                 _ => None,
             })
             .collect();
@@ -135,7 +133,11 @@ impl StackedMatrix {
 
     /// Expert by expert, `a`'s rows then `b`'s (the gate and up projections of each
     /// expert side by side, for one matmul per expert), when both are stacked alike.
-    pub fn interleave(a: &StackedMatrix, b: &StackedMatrix) -> Result<Option<StackedMatrix>> {
+    pub fn interleave(
+        a: &StackedMatrix,
+        b: &StackedMatrix,
+        backend: Backend,
+    ) -> Result<Option<StackedMatrix>> {
         Ok(match (a, b) {
             (StackedMatrix::Packed { m: ma, out: oa }, StackedMatrix::Packed { m: mb, out: ob }) => {
                 let experts = ma.rows() / oa;
@@ -159,8 +161,11 @@ impl StackedMatrix {
                 Some(StackedMatrix::Dense(Tensor::cat(&[ta, tb], 1)?))
             }
             (StackedMatrix::PerExpert(ma), StackedMatrix::PerExpert(mb)) => {
-                let fused: Option<Vec<Matrix>> =
-                    ma.iter().zip(mb).map(|(x, y)| Matrix::fuse(&[x, y])).collect();
+                let fused: Option<Vec<Matrix>> = ma
+                    .iter()
+                    .zip(mb)
+                    .map(|(x, y)| Matrix::fuse(&[x, y], backend))
+                    .collect();
                 fused.map(StackedMatrix::PerExpert)
             }
             _ => None,
@@ -170,11 +175,11 @@ impl StackedMatrix {
 
 impl StackedMatrix {
     /// The stacked `[experts, out, in]` weight `w` in the form its kernel wants.
-    pub fn new(w: QMatMul) -> Result<Self> {
-        Ok(match w {
+    pub fn new(w: QMatMul, backend: Backend) -> Result<Self> {
+        Ok(match (w, backend) {
             // The GPU backend: kept quantized where candle's CUDA kernel reads the format,
             // else dense (bf16 on a GPU, f32 when checked on the CPU).
-            QMatMul::QTensor(q) if super::gpu_kernels(&q.device()) => {
+            (QMatMul::QTensor(q), Backend::Gpu) => {
                 q.shape().dims3()?;
                 let device = q.device();
                 if device.is_cuda() && super::gpu::experts::INDEXED_MOE_DTYPES.contains(&q.dtype()) {
@@ -185,18 +190,18 @@ impl StackedMatrix {
                     StackedMatrix::Dense(dense.to_dtype(dtype)?)
                 }
             }
-            QMatMul::QTensor(q) => {
+            (QMatMul::QTensor(q), Backend::Cpu(isa)) => {
                 let (experts, out, _) = q.shape().dims3()?;
-                match PackedQuantMatrix::from_qtensor(&q)? {
+                match PackedQuantMatrix::from_qtensor(&q, isa)? {
                     Some(m) if out.is_multiple_of(16) => StackedMatrix::Packed { m: Box::new(m), out },
                     _ => StackedMatrix::PerExpert(
                         (0..experts)
-                            .map(|e| Matrix::new(QMatMul::from_qtensor(expert_slice(&q, e)?)?))
+                            .map(|e| Matrix::new(QMatMul::from_qtensor(expert_slice(&q, e)?)?, backend))
                             .collect::<Result<_>>()?,
                     ),
                 }
             }
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            (QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => {
                 t.dims3()?;
                 StackedMatrix::Dense(t)
             }
@@ -258,7 +263,12 @@ pub(crate) enum GateUp {
 }
 
 impl StackedMlp {
-    pub fn new(gate: StackedMatrix, up: StackedMatrix, down: StackedMatrix) -> Result<Self> {
+    pub fn new(
+        gate: StackedMatrix,
+        up: StackedMatrix,
+        down: StackedMatrix,
+        backend: Backend,
+    ) -> Result<Self> {
         let (experts, width, _) = gate.shape()?;
         let (down_experts, _, down_in) = down.shape()?;
         if up.shape()?.0 != experts || down_experts != experts || down_in != width {
@@ -269,7 +279,7 @@ impl StackedMlp {
                 down.shape()?
             )));
         }
-        let gate_up = match StackedMatrix::interleave(&gate, &up)? {
+        let gate_up = match StackedMatrix::interleave(&gate, &up, backend)? {
             Some(fused) => GateUp::Fused(fused),
             None => GateUp::Separate(gate, up),
         };

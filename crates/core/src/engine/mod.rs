@@ -326,6 +326,7 @@ impl Engine {
             config.block_size,
             config.kv_cache_memory,
             model.device(),
+            model.backend(),
         )?;
         let cfg = model.config();
         let stats = Arc::new(EngineStats {

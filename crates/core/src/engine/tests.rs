@@ -21,10 +21,11 @@ fn fixture(name: &str) -> PathBuf {
 /// that the scheduler, the prefix cache and its disk tier, speculation and constraints
 /// work unchanged over the GPU backend (`.ci/run` runs these tests both ways).
 fn load(name: &str, opts: &LoadOptions) -> crate::LoadedModel {
+    let mut opts = opts.clone();
     if std::env::var("MOESERVE_TEST_GPU_KERNELS").is_ok_and(|v| v == "1") {
-        crate::backend::use_gpu_kernels_on_cpu(true);
+        opts.backend = Some(crate::backend::Backend::Gpu);
     }
-    crate::load(fixture(name).to_str().unwrap(), opts).unwrap()
+    crate::load(fixture(name).to_str().unwrap(), &opts).unwrap()
 }
 
 fn start(name: &str, cfg: EngineConfig) -> Engine {
@@ -1091,6 +1092,10 @@ impl crate::models::CausalLm for MtpWithAnswerKey {
 
     fn device(&self) -> &candle_core::Device {
         self.inner.device()
+    }
+
+    fn backend(&self) -> crate::backend::Backend {
+        self.inner.backend()
     }
 
     fn forward(

@@ -3,7 +3,10 @@
 //! this only stores, and maps a position to its slot.
 
 use super::KvLayout;
-use crate::backend::{self, KvBuffer};
+use crate::backend::{Backend, Isa, KvBuffer};
+
+/// Host buffers: what every CPU kernel set reads.
+const HOST: Backend = Backend::Cpu(Isa::Portable);
 use crate::error::{Error, Result};
 
 /// One layer's share of the pool: `[num_blocks, num_kv_heads, block_size, dim]` row-major,
@@ -23,15 +26,27 @@ pub struct KvStorage {
 impl KvStorage {
     /// A pool in host memory, for the CPU kernels.
     pub fn new(layout: KvLayout, block_size: usize, num_blocks: usize) -> Result<Self> {
-        Self::new_on(layout, block_size, num_blocks, &candle_core::Device::Cpu)
+        Self::new_on(layout, block_size, num_blocks, &candle_core::Device::Cpu, HOST)
     }
 
-    /// A pool for the kernels that run on `device` ([`backend::kv_buffer`]).
+    /// A pool for `model`'s kernels, where they run.
+    pub fn for_model(model: &dyn crate::CausalLm, block_size: usize, num_blocks: usize) -> Result<Self> {
+        Self::new_on(
+            model.kv_layout(),
+            block_size,
+            num_blocks,
+            model.device(),
+            model.backend(),
+        )
+    }
+
+    /// A pool for `backend`'s kernels on `device` ([`Backend::kv_buffer`]).
     pub fn new_on(
         layout: KvLayout,
         block_size: usize,
         num_blocks: usize,
         device: &candle_core::Device,
+        backend: Backend,
     ) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
             return Err(Error::KvCache(format!(
@@ -42,12 +57,12 @@ impl KvStorage {
         let layers = (0..layout.num_layers)
             .map(|_| {
                 Ok(KvLayer {
-                    keys: backend::kv_buffer(
+                    keys: backend.kv_buffer(
                         device,
                         layout.dtype,
                         slots * layout.num_kv_heads * layout.key_dim,
                     )?,
-                    values: backend::kv_buffer(
+                    values: backend.kv_buffer(
                         device,
                         layout.dtype,
                         slots * layout.num_kv_heads * layout.value_dim,
@@ -65,15 +80,16 @@ impl KvStorage {
 
     /// As many blocks as fit in `memory_bytes`, in host memory.
     pub fn with_memory_budget(layout: KvLayout, block_size: usize, memory_bytes: usize) -> Result<Self> {
-        Self::with_memory_budget_on(layout, block_size, memory_bytes, &candle_core::Device::Cpu)
+        Self::with_memory_budget_on(layout, block_size, memory_bytes, &candle_core::Device::Cpu, HOST)
     }
 
-    /// As many blocks as fit in `memory_bytes`, for the kernels that run on `device`.
+    /// As many blocks as fit in `memory_bytes`, for `backend`'s kernels on `device`.
     pub fn with_memory_budget_on(
         layout: KvLayout,
         block_size: usize,
         memory_bytes: usize,
         device: &candle_core::Device,
+        backend: Backend,
     ) -> Result<Self> {
         let per_block = layout.bytes_per_token() * block_size;
         let num_blocks = memory_bytes / per_block.max(1);
@@ -82,7 +98,7 @@ impl KvStorage {
                 "a budget of {memory_bytes} bytes holds no block: one block of {block_size} tokens needs {per_block} bytes"
             )));
         }
-        Self::new_on(layout, block_size, num_blocks, device)
+        Self::new_on(layout, block_size, num_blocks, device, backend)
     }
 
     pub fn layout(&self) -> KvLayout {

@@ -1,7 +1,7 @@
 use candle_core::{DType, Tensor};
 
 use super::{Linear, RmsNorm, RotaryEmbedding};
-use crate::backend::{self, AttnGeometry};
+use crate::backend::{self, AttnGeometry, Backend};
 use crate::config::{MlaConfig, ModelConfig};
 use crate::error::Result;
 use crate::kv::KvLayer;
@@ -45,6 +45,7 @@ pub struct LatentAttention {
     o_proj: Linear,
     num_heads: usize,
     mla: MlaConfig,
+    backend: Backend,
 }
 
 impl LatentAttention {
@@ -98,6 +99,7 @@ impl LatentAttention {
             o_proj: Linear::load(store, &format!("{prefix}.o_proj"), nh * v, h, cfg.o_bias)?,
             num_heads: nh,
             mla,
+            backend: store.backend(),
         })
     }
 
@@ -156,7 +158,7 @@ impl LatentAttention {
                 .to_dtype(DType::F32)?
                 .reshape((t, nh * (rope_d + lora)))?;
             let q_full = rope.apply(&q_full, nh, ctx.positions)?;
-            let o = backend::paged_attention(&q_full, kv, ctx.seqs, g)?;
+            let o = self.backend.paged_attention(&q_full, kv, ctx.seqs, g)?;
             let o = o.reshape((t, nh, lora))?.to_dtype(x.dtype())?;
             // Per head: W_uv times the attended latent.
             o.transpose(0, 1)?

@@ -1,7 +1,7 @@
 use candle_core::quantized::QMatMul;
 use candle_core::Tensor;
 
-use crate::backend::{self, Matrix};
+use crate::backend::{Backend, Matrix};
 use crate::error::Result;
 use crate::weights::WeightStore;
 
@@ -12,13 +12,15 @@ use crate::weights::WeightStore;
 pub struct Linear {
     weight: Matrix,
     bias: Option<Tensor>,
+    backend: Backend,
 }
 
 impl Linear {
-    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Result<Self> {
+    pub fn new(weight: QMatMul, bias: Option<Tensor>, backend: Backend) -> Result<Self> {
         Ok(Self {
-            weight: Matrix::new(weight)?,
+            weight: Matrix::new(weight, backend)?,
             bias,
+            backend,
         })
     }
 
@@ -36,7 +38,7 @@ impl Linear {
         } else {
             None
         };
-        Self::new(weight, bias)
+        Self::new(weight, bias, store.backend())
     }
 
     /// One layer computing all of `parts` (projections of the same input: q/k/v,
@@ -51,13 +53,23 @@ impl Linear {
         } else {
             return Ok(None);
         };
+        let Some(backend) = parts.first().map(|l| l.backend) else {
+            return Ok(None);
+        };
+        if parts.iter().any(|l| l.backend != backend) {
+            return Ok(None);
+        }
         let weights: Vec<&Matrix> = parts.iter().map(|l| &l.weight).collect();
-        Ok(Matrix::fuse(&weights).map(|weight| Self { weight, bias }))
+        Ok(Matrix::fuse(&weights, backend).map(|weight| Self {
+            weight,
+            bias,
+            backend,
+        }))
     }
 
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = backend::matmul(&self.weight, x)?;
+        let y = self.backend.matmul(&self.weight, x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -85,7 +97,7 @@ impl Projections {
     /// Each part's output (`[tokens, width]`), in order.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
-            Projections::Fused(l, widths) => backend::split_columns(&l.forward(x)?, widths),
+            Projections::Fused(l, widths) => l.backend.split_columns(&l.forward(x)?, widths),
             Projections::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
         }
     }
@@ -95,6 +107,11 @@ impl Projections {
 mod tests {
     use super::*;
     use crate::backend::test_util::max_diff;
+    use crate::backend::Isa;
+
+    fn cpu() -> Backend {
+        Backend::Cpu(Isa::best())
+    }
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{DType, Device};
 
@@ -108,7 +125,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let b = bias.then(|| Tensor::randn(0f32, 1.0, rows, &dev).unwrap());
-            Linear::new(QMatMul::from_qtensor(q).unwrap(), b).unwrap()
+            Linear::new(QMatMul::from_qtensor(q).unwrap(), b, cpu()).unwrap()
         };
         for bias in [false, true] {
             let parts = vec![layer(32, GgmlDType::Q4_1, bias), layer(16, GgmlDType::Q4_1, bias)];
@@ -178,7 +195,7 @@ mod tests {
         ];
         for (dtype, bound) in cases {
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let linear = Linear::new(QMatMul::from_qtensor(q).unwrap(), None).unwrap();
+            let linear = Linear::new(QMatMul::from_qtensor(q).unwrap(), None, cpu()).unwrap();
             let got = linear.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
             let rel = norm(&(&got - &want).unwrap()) / norm(&want);
             eprintln!("{dtype:?}: relative error {rel:.5}");
@@ -194,7 +211,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
-        let l = Linear::new(QMatMul::Tensor(w.clone()), Some(b.clone())).unwrap();
+        let l = Linear::new(QMatMul::Tensor(w.clone()), Some(b.clone()), cpu()).unwrap();
         assert!(matches!(l.weight, Matrix::SmallF32 { .. }));
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
         let got = l.forward(&x).unwrap();

@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 
 use super::{Linear, Projections};
-use crate::backend;
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::weights::WeightStore;
 
@@ -12,6 +12,7 @@ pub struct GatedMlp {
     /// gate and up, fused into one matmul where the weights allow.
     gate_up: Projections,
     down: Linear,
+    backend: Backend,
 }
 
 impl GatedMlp {
@@ -47,13 +48,16 @@ impl GatedMlp {
         Ok(Self {
             gate_up: Projections::new(vec![gate, up], vec![intermediate; 2])?,
             down: Linear::load(store, &format!("{prefix}.{down}"), intermediate, hidden, bias)?,
+            backend: store.backend(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.gate_up {
-            Projections::Fused(gate_up, widths) => backend::swiglu(&gate_up.forward(x)?, widths[0])?,
-            Projections::Separate(parts) => backend::silu_mul(&parts[0].forward(x)?, &parts[1].forward(x)?)?,
+            Projections::Fused(gate_up, widths) => self.backend.swiglu(&gate_up.forward(x)?, widths[0])?,
+            Projections::Separate(parts) => self
+                .backend
+                .silu_mul(&parts[0].forward(x)?, &parts[1].forward(x)?)?,
         };
         self.down.forward(&h)
     }

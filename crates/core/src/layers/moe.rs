@@ -2,7 +2,7 @@ use candle_core::Tensor;
 
 use super::{GatedMlp, Linear};
 use crate::backend::cpu::vmath::softmax_rows;
-use crate::backend::{self, Routing, StackedMatrix, StackedMlp};
+use crate::backend::{self, Backend, Routing, StackedMatrix, StackedMlp};
 use crate::config::{ExpertNaming, MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::weights::WeightStore;
@@ -126,6 +126,7 @@ pub struct MoeBlock {
     router: ExpertRouter,
     experts: StackedMlp,
     shared: Option<SharedExpert>,
+    backend: Backend,
 }
 
 impl MoeBlock {
@@ -146,12 +147,13 @@ impl MoeBlock {
             let names: Vec<String> = (0..cfg.num_experts)
                 .map(|e| format!("{prefix}.experts.{e}.{proj}.weight"))
                 .collect();
-            StackedMatrix::new(store.get_stacked_matmul(&names, out, inp)?)
+            StackedMatrix::new(store.get_stacked_matmul(&names, out, inp)?, store.backend())
         };
         let experts = StackedMlp::new(
             stacked(gate, width, hidden)?,
             stacked(up, width, hidden)?,
             stacked(down, hidden, width)?,
+            store.backend(),
         )?;
         let shared = match cfg.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
@@ -174,6 +176,7 @@ impl MoeBlock {
             router,
             experts,
             shared,
+            backend: store.backend(),
         })
     }
 
@@ -181,7 +184,7 @@ impl MoeBlock {
     /// received.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>)> {
         let routing = self.router.route(x)?;
-        let routed = backend::grouped_experts(x, &routing, &self.experts)?;
+        let routed = self.backend.grouped_experts(x, &routing, &self.experts)?;
         Ok((self.add_shared(x, routed)?, routing.counts()))
     }
 

@@ -2,7 +2,7 @@ use std::f64::consts::PI;
 
 use candle_core::{Device, Tensor};
 
-use crate::backend;
+use crate::backend::Backend;
 use crate::config::{RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 
@@ -17,10 +17,11 @@ pub struct RotaryEmbedding {
     sin: Tensor,
     max_positions: usize,
     interleaved: bool,
+    backend: Backend,
 }
 
 impl RotaryEmbedding {
-    pub fn new(cfg: &RopeConfig, max_positions: usize, device: &Device) -> Result<Self> {
+    pub fn new(cfg: &RopeConfig, max_positions: usize, device: &Device, backend: Backend) -> Result<Self> {
         let half = cfg.rotary_dim / 2;
         let mut inv_freq = inverse_frequencies(cfg);
         if let Some(factors) = &cfg.freq_factors {
@@ -44,6 +45,7 @@ impl RotaryEmbedding {
             sin: Tensor::from_vec(sin, (max_positions, half), device)?,
             max_positions,
             interleaved: cfg.interleaved,
+            backend,
         })
     }
 
@@ -60,7 +62,8 @@ impl RotaryEmbedding {
                 self.max_positions
             )));
         }
-        backend::rotary(x, (&self.cos, &self.sin), num_heads, positions, self.interleaved)
+        self.backend
+            .rotary(x, (&self.cos, &self.sin), num_heads, positions, self.interleaved)
     }
 }
 
@@ -142,7 +145,13 @@ mod tests {
             interleaved: false,
             freq_factors: None,
         };
-        let rope = RotaryEmbedding::new(&cfg, 16, &Device::Cpu).unwrap();
+        let rope = RotaryEmbedding::new(
+            &cfg,
+            16,
+            &Device::Cpu,
+            crate::backend::Backend::Cpu(crate::backend::Isa::best()),
+        )
+        .unwrap();
         let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.25 - 1.0).collect();
         let x = Tensor::from_vec(orig.clone(), (1, 16), &Device::Cpu).unwrap();
         let at = |p: usize| {

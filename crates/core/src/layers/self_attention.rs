@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 
 use super::{Linear, Projections, RmsNorm, RotaryEmbedding};
-use crate::backend::{self, AttnGeometry, AttnSeq};
+use crate::backend::{self, AttnGeometry, AttnSeq, Backend};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::Result;
 use crate::kv::KvLayer;
@@ -32,6 +32,7 @@ pub struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     scale: f32,
+    backend: Backend,
 }
 
 impl Attention {
@@ -67,6 +68,7 @@ impl Attention {
             num_kv_heads: nkv,
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
+            backend: store.backend(),
         })
     }
 
@@ -112,7 +114,7 @@ impl Attention {
             scale: self.scale,
         };
         backend::write_kv(kv, &geometry, ctx.slots, (&k, Some(&v)))?;
-        let out = backend::paged_attention(&q, kv, ctx.seqs, geometry)?;
+        let out = self.backend.paged_attention(&q, kv, ctx.seqs, geometry)?;
         self.o_proj.forward(&out.to_dtype(x.dtype())?)
     }
 }

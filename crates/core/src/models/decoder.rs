@@ -30,7 +30,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
 use super::CausalLm;
-use crate::backend::{self, AttnSeq};
+use crate::backend::{AttnSeq, Backend};
 use crate::batch::{ForwardBatch, ForwardOutput, LogitRows};
 use crate::config::{ExpertNaming, ModelConfig};
 use crate::error::{Error, Result};
@@ -180,6 +180,7 @@ pub struct DecoderModel {
     lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
+    backend: Backend,
     /// The multi-token prediction module, when the checkpoint has its weights.
     mtp: Option<MtpLayer>,
 }
@@ -196,8 +197,10 @@ impl DecoderModel {
             // Tied: the embedding matrix is the output projection. A quantized store hands
             // back its quantized form (the lookup needs it dense, the matmul does not).
             match store.get_matmul("model.embed_tokens.weight", v, h)? {
-                QMatMul::Tensor(_) => Linear::new(QMatMul::Tensor(embed_tokens.clone()), None)?,
-                quantized => Linear::new(quantized, None)?,
+                QMatMul::Tensor(_) => {
+                    Linear::new(QMatMul::Tensor(embed_tokens.clone()), None, store.backend())?
+                }
+                quantized => Linear::new(quantized, None, store.backend())?,
             }
         } else {
             Linear::load(store, "lm_head", h, v, false)?
@@ -217,8 +220,14 @@ impl DecoderModel {
             layers,
             norm,
             lm_head,
-            rope: RotaryEmbedding::new(&cfg.rope, cfg.max_position_embeddings, store.device())?,
+            rope: RotaryEmbedding::new(
+                &cfg.rope,
+                cfg.max_position_embeddings,
+                store.device(),
+                store.backend(),
+            )?,
             device: store.device().clone(),
+            backend: store.backend(),
             mtp,
         })
     }
@@ -233,6 +242,10 @@ impl CausalLm for DecoderModel {
         &self.device
     }
 
+    fn backend(&self) -> Backend {
+        self.backend
+    }
+
     fn kv_layout(&self) -> KvLayout {
         let mut layout = super::kv_layout(&self.cfg);
         // The MTP layer keeps its attention KV as one more layer of the same pool.
@@ -243,7 +256,7 @@ impl CausalLm for DecoderModel {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<ForwardOutput> {
         // The backend's execution policy: on the CPU the whole pass runs on one of rayon's
         // workers with the others spinning for work (see `backend::cpu::pool`).
-        backend::forward_pass(&self.device, || self.forward_in_pool(batch, kv))
+        self.backend.forward_pass(|| self.forward_in_pool(batch, kv))
     }
 
     fn has_mtp(&self) -> bool {
@@ -261,7 +274,7 @@ impl CausalLm for DecoderModel {
                 "the model has no multi-token prediction module".into(),
             ));
         };
-        backend::forward_pass(&self.device, || {
+        self.backend.forward_pass(|| {
             let plan = BatchPlan::new(batch, kv, &self.cfg)?;
             if hidden.dims() != [plan.token_ids.len(), self.cfg.hidden_size] {
                 return Err(Error::InvalidBatch(format!(

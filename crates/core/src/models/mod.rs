@@ -19,6 +19,9 @@ pub trait CausalLm: Send + Sync {
     /// Where the weights live and the forward pass runs; the KV pool is allocated there.
     fn device(&self) -> &Device;
 
+    /// The kernels its layers run (chosen at load); the KV pool takes their form.
+    fn backend(&self) -> crate::backend::Backend;
+
     /// What the KV cache must hold per token.
     fn kv_layout(&self) -> KvLayout;
 

@@ -12,7 +12,9 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::host::with_f32;
+use super::isa::Isa;
 use super::kv_buffer::KvBuffer;
+use super::simd::{self, F32x};
 use super::vmath::softmax_rows;
 use crate::error::{Error, Result};
 use crate::kv::KvLayer;
@@ -106,6 +108,7 @@ pub(crate) fn write_kv_tensors(
 /// [`paged_attention`] for a query tensor `[T, num_heads * head_dim]`, read in place;
 /// `[T, num_heads * value_dim]` back.
 pub(crate) fn attend_tensor(
+    isa: Isa,
     q: &Tensor,
     layer: &KvLayer,
     seqs: &[AttnSeq],
@@ -118,7 +121,7 @@ pub(crate) fn attend_tensor(
             q.elem_count()
         )));
     }
-    let out = with_f32(q, |q| paged_attention(q, layer, seqs, g))?;
+    let out = with_f32(q, |q| paged_attention(isa, q, layer, seqs, g))?;
     Ok(Tensor::from_vec(out, (t, g.num_heads * g.value_dim), q.device())?)
 }
 
@@ -164,7 +167,7 @@ pub fn write_kv(layer: &mut KvLayer, g: &AttnGeometry, slots: &[usize], keys: &[
 /// Causal attention of every query token over its sequence's cached positions
 /// `0..=pos`. `q` is `[T, num_heads, head_dim]`; returns `[T, num_heads, value_dim]`.
 /// The cache must already hold this batch's keys and values (see [`write_kv`]).
-pub fn paged_attention(q: &[f32], layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeometry) -> Vec<f32> {
+pub fn paged_attention(isa: Isa, q: &[f32], layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeometry) -> Vec<f32> {
     let num_tokens: usize = seqs.iter().map(|s| s.len).sum();
     debug_assert_eq!(q.len(), num_tokens * g.num_heads * g.head_dim);
     // token index -> (sequence, position)
@@ -224,7 +227,7 @@ pub fn paged_attention(q: &[f32], layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeom
     };
     match (&layer.keys, &layer.values) {
         (KvBuffer::F32(k), KvBuffer::F32(v)) => {
-            let kernel = attend_kernel::<f32>();
+            let kernel = attend_kernel::<f32>(isa);
             run(
                 // SAFETY: `attend_kernel` only returns kernels the CPU supports.
                 &|job, s, o| unsafe { kernel(job, k, v, s, o) },
@@ -233,7 +236,7 @@ pub fn paged_attention(q: &[f32], layer: &KvLayer, seqs: &[AttnSeq], g: AttnGeom
             )
         }
         (KvBuffer::F16(k), KvBuffer::F16(v)) => {
-            let kernel = attend_kernel::<half::f16>();
+            let kernel = attend_kernel::<half::f16>(isa);
             run(
                 // SAFETY: as above.
                 &|job, s, o| unsafe { kernel(job, k, v, s, o) },
@@ -255,28 +258,21 @@ type PrefetchFn<'a> = dyn Fn(usize, usize) + Sync + 'a;
 /// Hints one block of one head's keys (from `key_at`) and values (from `value_at`) into
 /// the cache. Latent attention has no separate values.
 fn prefetch_block<E>(keys: &[E], values: &[E], key_at: usize, value_at: usize, g: &AttnGeometry) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let elem = std::mem::size_of::<E>();
-        let runs = [
-            (keys.as_ptr().wrapping_add(key_at), g.block_size * g.head_dim),
-            (values.as_ptr().wrapping_add(value_at), g.block_size * g.value_dim),
-        ];
-        let n = if g.value_offset.is_some() || values.is_empty() {
-            1
-        } else {
-            2
-        };
-        for &(p, len) in &runs[..n] {
-            for line in (0..len * elem).step_by(64) {
-                // SAFETY: prefetching is a hint; it never faults, whatever the address.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(line)) };
-            }
+    let elem = std::mem::size_of::<E>();
+    let runs = [
+        (keys.as_ptr().wrapping_add(key_at), g.block_size * g.head_dim),
+        (values.as_ptr().wrapping_add(value_at), g.block_size * g.value_dim),
+    ];
+    let n = if g.value_offset.is_some() || values.is_empty() {
+        1
+    } else {
+        2
+    };
+    for &(p, len) in &runs[..n] {
+        for line in (0..len * elem).step_by(64) {
+            simd::prefetch((p as *const u8).wrapping_add(line));
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (keys, values, key_at, value_at, g);
 }
 
 /// Per-thread buffers of [`paged_attention`]'s tasks, reused from task to task.
@@ -336,12 +332,11 @@ struct AttendJob<'a> {
 trait KvElem: Copy + Send + Sync + 'static {
     fn widen(self) -> f32;
 
-    /// 16 values from `p`, widened.
+    /// `S::LANES` values from `p`, widened.
     ///
     /// # Safety
-    /// `p..p + 16` is readable; the CPU has AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// `p..p + S::LANES` is readable; the CPU has `S`'s features.
+    unsafe fn load<S: F32x>(p: *const Self) -> S::V;
 }
 
 impl KvElem for f32 {
@@ -350,12 +345,10 @@ impl KvElem for f32 {
         self
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+    #[inline(always)]
+    unsafe fn load<S: F32x>(p: *const Self) -> S::V {
         // SAFETY: by the caller's contract.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+        unsafe { S::load(p) }
     }
 }
 
@@ -371,72 +364,113 @@ impl KvElem for half::f16 {
         f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn load<S: F32x>(p: *const Self) -> S::V {
         // SAFETY: by the caller's contract.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        unsafe { S::load_f16(p as *const u16) }
     }
 }
 
 type AttendKernel<E> = unsafe fn(&AttendJob, &[E], &[E], &mut Scratch, &mut [f32]);
 
-/// The attention inner loops compiled for the best instruction set the CPU has (they are
-/// dot products and axpys over head_dim values; baseline x86-64 would do them 4 wide).
-fn attend_kernel<E: KvElem>() -> AttendKernel<E> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("fma") {
-            return attend_avx512::<E>;
-        }
-        if has!("avx2") && has!("fma") {
-            return attend_avx2::<E>;
-        }
+/// The attention kernel of kernel set `isa`.
+fn attend_kernel<E: KvElem>(isa: Isa) -> AttendKernel<E> {
+    match isa.runnable() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => attend_avx512::<E>,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => attend_avx2::<E>,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => attend_neon::<E>,
+        _ => attend_portable::<E>,
     }
-    attend_portable::<E>
 }
 
-/// The AVX-512 form, for head sizes in multiples of 16 (all real models) and up to 8
-/// query heads per task.
-///
-/// Scores, with transposed keys (block sizes in multiples of 16): 16 positions are the
-/// 16 lanes of one register per query head, one multiply-add per key dimension with the
-/// query element broadcast, every head of the task sharing each load (and f16 widening)
-/// of the keys ([`avx512::scores_transposed`]). Latent attention's untransposed keys:
-/// 16 positions at a time per query head, each position's partial products in one
-/// register, then one transposing reduction ([`fold_each16`]) turns the 16 registers
-/// into the 16 scores. Values: one pass over the positions per 16·W output values, every
-/// query head of the task accumulating in registers from one load of each cached vector.
+/// # Safety
+/// The CPU has the features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn attend_avx512<E: KvElem>(
+    job: &AttendJob,
+    k: &[E],
+    v: &[E],
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded.
+    unsafe { attend_simd::<simd::Avx512, E>(job, k, v, scratch, out) }
+}
+
+/// # Safety
+/// The CPU has the features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<E: KvElem>(job: &AttendJob, k: &[E], v: &[E], scratch: &mut Scratch, out: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe { attend_simd::<simd::Avx2, E>(job, k, v, scratch, out) }
+}
+
+/// # Safety
+/// The CPU has the features (every aarch64 CPU).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn attend_neon<E: KvElem>(job: &AttendJob, k: &[E], v: &[E], scratch: &mut Scratch, out: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe { attend_simd::<simd::Neon, E>(job, k, v, scratch, out) }
+}
+
+unsafe fn attend_portable<E: KvElem>(
+    job: &AttendJob,
+    k: &[E],
+    v: &[E],
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    attend(job, k, v, scratch, out)
+}
+
+/// The vector form, in any kernel set's vectors (`L = S::LANES` values of f32: 16 on
+/// AVX-512, 8 on AVX2, 4 on NEON), for head sizes in multiples of `L` (all real models)
+/// and up to 8 query heads per task.
+///
+/// Scores, with transposed keys (block sizes in multiples of `L`): `L` positions are the
+/// lanes of one register per query head, one multiply-add per key dimension with the
+/// query element broadcast, every head of the task sharing each load (and f16 widening)
+/// of the keys ([`scores_transposed`]). Latent attention's untransposed keys: `L`
+/// positions at a time per query head, each position's partial products in one
+/// register, then one transposing reduction ([`F32x::sums_of_each`]) turns the `L`
+/// registers into the `L` scores. Values: one pass over the positions per `L W` output
+/// values, every query head of the task accumulating in registers from one load of each
+/// cached vector ([`value_pass`]). How many accumulators a pass keeps follows the set's
+/// register count.
+///
+/// # Safety
+/// The CPU has `S`'s features.
+#[inline(always)]
+unsafe fn attend_simd<S: F32x, E: KvElem>(
     job: &AttendJob,
     keys: &[E],
     values: &[E],
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
-    use crate::backend::cpu::vmath::avx512::{fold_each16, Add};
-    use std::arch::x86_64::*;
+    let lanes = S::LANES;
     let g = job.g;
     let heads = job.q.len() / g.head_dim;
     let transposed = g.keys_transposed();
-    if !g.head_dim.is_multiple_of(16)
-        || !g.value_dim.is_multiple_of(16)
+    if !g.head_dim.is_multiple_of(lanes)
+        || !g.value_dim.is_multiple_of(lanes)
         || heads > 8
-        || (transposed && !g.block_size.is_multiple_of(16))
+        || (transposed && !g.block_size.is_multiple_of(lanes))
     {
         return attend(job, keys, values, scratch, out);
     }
     let n = job.len;
     let src = if g.value_offset.is_some() { keys } else { values };
-    // The last key element read from each position (transposed: 16 lanes from each
-    // 16-aligned chunk start, which stay inside the block's run).
+    // The last key element read from each position (transposed: `L` lanes from each
+    // `L`-aligned chunk start, which stay inside the block's run).
     let key_span = if transposed {
-        (g.head_dim - 1) * g.block_size + 16
+        (g.head_dim - 1) * g.block_size + lanes
     } else {
         g.head_dim
     };
@@ -448,7 +482,7 @@ unsafe fn attend_avx512<E: KvElem>(
             && scratch
                 .keys_at
                 .iter()
-                .step_by(16)
+                .step_by(lanes)
                 .all(|&at| at + key_span <= keys.len())
             && (transposed || scratch.keys_at.iter().all(|&at| at + g.head_dim <= keys.len()))
             && scratch.values_at.iter().all(|&at| at + g.value_dim <= src.len())
@@ -458,250 +492,288 @@ unsafe fn attend_avx512<E: KvElem>(
         keys_at,
         values_at,
     } = scratch;
-    if transposed {
-        use avx512::scores_transposed as st;
-        // Up to 16 accumulators: four chunks of 16 positions for up to 4 heads, two for
-        // more, single chunks for what remains.
-        let (wide, full, single): (usize, ScorePass<E>, ScorePass<E>) = match heads {
-            1 => (4, st::<E, 1, 4>, st::<E, 1, 1>),
-            2 => (4, st::<E, 2, 4>, st::<E, 2, 1>),
-            3 => (4, st::<E, 3, 4>, st::<E, 3, 1>),
-            4 => (4, st::<E, 4, 4>, st::<E, 4, 1>),
-            5 => (2, st::<E, 5, 2>, st::<E, 5, 1>),
-            6 => (2, st::<E, 6, 2>, st::<E, 6, 1>),
-            7 => (2, st::<E, 7, 2>, st::<E, 7, 1>),
-            _ => (2, st::<E, 8, 2>, st::<E, 8, 1>),
-        };
-        in_passes(n.div_ceil(16), wide, |c, whole| {
-            let pass = if whole { full } else { single };
-            // SAFETY: the chunks' key runs are inside `keys` (assert); `scores` holds
-            // `heads` rows of `n`.
-            unsafe { pass(job.q, keys, keys_at, 16 * c, g, job.scale, scores) };
-        });
-    } else {
-        for h in 0..heads {
-            let q = &job.q[h * g.head_dim..][..g.head_dim];
-            let row = &mut scores[h * n..][..n];
-            for j0 in (0..n).step_by(16) {
-                let m = 16.min(n - j0);
-                // A short last chunk repeats its last position; the store drops the extra.
-                let mut at = [0usize; 16];
-                for (i, a) in at.iter_mut().enumerate() {
-                    *a = keys_at[j0 + i.min(m - 1)];
-                }
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for c in 0..g.head_dim / 16 {
-                    // SAFETY: `c < head_dim / 16`; each key vector is inside `keys` (assert).
-                    let qc = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) };
-                    for i in 0..16 {
-                        let k = unsafe { E::load16(keys.as_ptr().add(at[i] + 16 * c)) };
-                        acc[i] = _mm512_fmadd_ps(qc, k, acc[i]);
-                    }
-                }
-                let s = _mm512_mul_ps(fold_each16::<Add>(&acc), _mm512_set1_ps(job.scale));
-                // SAFETY: `j0 + m <= n`, the row's length.
-                unsafe {
-                    _mm512_mask_storeu_ps(row.as_mut_ptr().add(j0), (1u32 << m).wrapping_sub(1) as u16, s)
-                };
+    let scores = scores.as_mut_slice();
+    // SAFETY (every pass): the chunks' key runs and the value vectors are inside their
+    // buffers (assert); `scores` holds `heads` rows of `n`; the CPU has `S`'s features.
+    unsafe {
+        if transposed {
+            // Accumulators: `H * P` of them, with `P` key loads and a broadcast beside.
+            let args = (job.q, keys, keys_at.as_slice(), g, job.scale);
+            match (S::MANY_REGISTERS, heads) {
+                (_, 1) => score_passes::<S, E, 1, 4>(args, scores),
+                (_, 2) => score_passes::<S, E, 2, 4>(args, scores),
+                (true, 3) => score_passes::<S, E, 3, 4>(args, scores),
+                (true, 4) => score_passes::<S, E, 4, 4>(args, scores),
+                (false, 3) => score_passes::<S, E, 3, 2>(args, scores),
+                (false, 4) => score_passes::<S, E, 4, 2>(args, scores),
+                (true, 5) => score_passes::<S, E, 5, 2>(args, scores),
+                (true, 6) => score_passes::<S, E, 6, 2>(args, scores),
+                (true, 7) => score_passes::<S, E, 7, 2>(args, scores),
+                (true, _) => score_passes::<S, E, 8, 2>(args, scores),
+                (false, 5) => score_passes::<S, E, 5, 1>(args, scores),
+                (false, 6) => score_passes::<S, E, 6, 1>(args, scores),
+                (false, 7) => score_passes::<S, E, 7, 1>(args, scores),
+                (false, _) => score_passes::<S, E, 8, 1>(args, scores),
             }
+        } else {
+            scores_untransposed::<S, E>(job, keys, keys_at, scores);
         }
     }
     softmax_rows(scores, n);
-    // Up to 4 chunks of 16 values per pass for up to 5 heads, 2 for more (at most 20
-    // accumulators), single chunks for what remains.
-    use avx512::value_pass as pass;
-    let (wide, full, single): (usize, ValuePass<E>, ValuePass<E>) = match heads {
-        1 => (4, pass::<E, 1, 4>, pass::<E, 1, 1>),
-        2 => (4, pass::<E, 2, 4>, pass::<E, 2, 1>),
-        3 => (4, pass::<E, 3, 4>, pass::<E, 3, 1>),
-        4 => (4, pass::<E, 4, 4>, pass::<E, 4, 1>),
-        5 => (4, pass::<E, 5, 4>, pass::<E, 5, 1>),
-        6 => (2, pass::<E, 6, 2>, pass::<E, 6, 1>),
-        7 => (2, pass::<E, 7, 2>, pass::<E, 7, 1>),
-        _ => (2, pass::<E, 8, 2>, pass::<E, 8, 1>),
-    };
-    in_passes(g.value_dim / 16, wide, |c, whole| {
-        let pass = if whole { full } else { single };
-        pass(scores, values_at, src, g.value_dim, c, out)
-    });
-}
-
-/// Walks chunks `0..chunks` in passes of `wide` while whole ones fit, then one at a time:
-/// `pass(first chunk, whether the pass is wide)`.
-#[inline(always)]
-fn in_passes(chunks: usize, wide: usize, mut pass: impl FnMut(usize, bool)) {
-    let mut c = 0;
-    while c < chunks {
-        let whole = c + wide <= chunks;
-        pass(c, whole);
-        c += if whole { wide } else { 1 };
+    let args = (scores as &[f32], values_at.as_slice(), src, g.value_dim);
+    // SAFETY: as above.
+    unsafe {
+        match (S::MANY_REGISTERS, heads) {
+            (_, 1) => value_passes::<S, E, 1, 4>(args, out),
+            (_, 2) => value_passes::<S, E, 2, 4>(args, out),
+            (true, 3) => value_passes::<S, E, 3, 4>(args, out),
+            (true, 4) => value_passes::<S, E, 4, 4>(args, out),
+            (true, 5) => value_passes::<S, E, 5, 4>(args, out),
+            (true, 6) => value_passes::<S, E, 6, 2>(args, out),
+            (true, 7) => value_passes::<S, E, 7, 2>(args, out),
+            (true, _) => value_passes::<S, E, 8, 2>(args, out),
+            (false, 3) => value_passes::<S, E, 3, 2>(args, out),
+            (false, 4) => value_passes::<S, E, 4, 2>(args, out),
+            (false, 5) => value_passes::<S, E, 5, 2>(args, out),
+            (false, 6) => value_passes::<S, E, 6, 2>(args, out),
+            (false, 7) => value_passes::<S, E, 7, 1>(args, out),
+            (false, _) => value_passes::<S, E, 8, 1>(args, out),
+        }
     }
 }
 
-/// One pass of [`avx512::scores_transposed`]: the task's queries, the keys, the key
-/// offsets, the first position, the geometry, the scale, the scores.
-#[cfg(target_arch = "x86_64")]
-type ScorePass<E> = unsafe fn(&[f32], &[E], &[usize], usize, &AttnGeometry, f32, &mut [f32]);
+/// What a score pass reads: the task's queries, the keys, each position's key offset,
+/// the geometry, the scale.
+type ScoreArgs<'a, E> = (&'a [f32], &'a [E], &'a [usize], &'a AttnGeometry, f32);
 
-/// One pass of [`avx512::value_pass`]: probabilities, value offsets, the value source,
-/// value_dim, the first chunk, the output.
-#[cfg(target_arch = "x86_64")]
-type ValuePass<E> = fn(&[f32], &[usize], &[E], usize, usize, &mut [f32]);
+/// What a value pass reads: the probabilities, each position's value offset, the value
+/// source, value_dim.
+type ValueArgs<'a, E> = (&'a [f32], &'a [usize], &'a [E], usize);
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::{AttnGeometry, KvElem};
-
-    /// How many positions ahead the value pass prefetches.
-    const VALUE_PREFETCH: usize = 32;
-
-    /// The scores of positions `j0..j0 + 16P` (the last chunk may run past the
-    /// sequence; those lanes are not stored) for the `H` query heads in `q`, from keys
-    /// stored transposed: per key dimension, one load of 16 positions per chunk and one
-    /// multiply-add per head and chunk, the `H * P` accumulators independent chains.
-    ///
-    /// # Safety
-    /// Keys are transposed with block sizes in multiples of 16, `j0` is a multiple of 16
-    /// below the sequence's length, and each chunk's run of `(head_dim - 1) * block_size
-    /// + 16` keys from its first position's offset is inside `keys`.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn scores_transposed<E: KvElem, const H: usize, const P: usize>(
-        q: &[f32],
-        keys: &[E],
-        keys_at: &[usize],
-        j0: usize,
-        g: &AttnGeometry,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        let (n, d, bs) = (keys_at.len(), g.head_dim, g.block_size);
-        assert!(q.len() >= H * d && scores.len() >= H * n && j0 < n);
-        let mut base = [std::ptr::null::<E>(); P];
-        for (p, b) in base.iter_mut().enumerate() {
-            // Chunks past the sequence read the last chunk again; nothing is stored.
-            let j = (j0 + 16 * p).min((n - 1) / 16 * 16);
-            // SAFETY: inside `keys` by the caller's contract.
-            *b = unsafe { keys.as_ptr().add(keys_at[j]) };
-        }
-        // Prefetch the keys of the next pass's chunks (scattered blocks: the hardware
-        // prefetchers cannot see them coming), one line per prefetch.
-        let elem = std::mem::size_of::<E>();
-        let step = (64 / (bs * elem)).max(1);
-        for p in 0..P {
-            let j = j0 + 16 * (P + p);
-            if j >= n {
-                break;
-            }
-            let next = keys.as_ptr().wrapping_add(keys_at[j]) as *const i8;
-            for e in (0..d).step_by(step) {
-                for line in (0..16 * elem).step_by(64) {
-                    // A hint: never faults, whatever the address.
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(e * bs * elem + line));
-                }
+/// The scores of every position, `P` chunks of `L` positions per pass while whole ones
+/// fit, then one chunk at a time.
+///
+/// # Safety
+/// As [`scores_transposed`] for every chunk.
+#[inline(always)]
+unsafe fn score_passes<S: F32x, E: KvElem, const H: usize, const P: usize>(
+    (q, keys, keys_at, g, scale): ScoreArgs<E>,
+    scores: &mut [f32],
+) {
+    let chunks = keys_at.len().div_ceil(S::LANES);
+    let mut c = 0;
+    while c < chunks {
+        // SAFETY: by the caller's contract.
+        unsafe {
+            if c + P <= chunks {
+                scores_transposed::<S, E, H, P>(q, keys, keys_at, S::LANES * c, g, scale, scores);
+                c += P;
+            } else {
+                scores_transposed::<S, E, H, 1>(q, keys, keys_at, S::LANES * c, g, scale, scores);
+                c += 1;
             }
         }
-        let mut acc = [[_mm512_setzero_ps(); P]; H];
+    }
+}
+
+/// The scores of positions `j0..j0 + L P` (the last chunk may run past the sequence;
+/// those lanes are not stored) for the `H` query heads in `q`, from keys stored
+/// transposed: per key dimension, one load of `L` positions per chunk and one
+/// multiply-add per head and chunk, the `H * P` accumulators independent chains.
+///
+/// # Safety
+/// Keys are transposed with block sizes in multiples of `L`, `j0` is a multiple of `L`
+/// below the sequence's length, each chunk's run of `(head_dim - 1) * block_size + L`
+/// keys from its first position's offset is inside `keys`; the CPU has `S`'s features.
+#[inline(always)]
+unsafe fn scores_transposed<S: F32x, E: KvElem, const H: usize, const P: usize>(
+    q: &[f32],
+    keys: &[E],
+    keys_at: &[usize],
+    j0: usize,
+    g: &AttnGeometry,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let lanes = S::LANES;
+    let (n, d, bs) = (keys_at.len(), g.head_dim, g.block_size);
+    assert!(q.len() >= H * d && scores.len() >= H * n && j0 < n);
+    let mut base = [std::ptr::null::<E>(); P];
+    for (p, b) in base.iter_mut().enumerate() {
+        // Chunks past the sequence read the last chunk again; nothing is stored.
+        let j = (j0 + lanes * p).min((n - 1) / lanes * lanes);
+        // SAFETY: inside `keys` by the caller's contract.
+        *b = unsafe { keys.as_ptr().add(keys_at[j]) };
+    }
+    // Prefetch the keys of the next pass's chunks (scattered blocks: the hardware
+    // prefetchers cannot see them coming), one line per prefetch.
+    let elem = std::mem::size_of::<E>();
+    let step = (64 / (bs * elem)).max(1);
+    for p in 0..P {
+        let j = j0 + lanes * (P + p);
+        if j >= n {
+            break;
+        }
+        let next = keys.as_ptr().wrapping_add(keys_at[j]) as *const u8;
+        for e in (0..d).step_by(step) {
+            for line in (0..lanes * elem).step_by(64) {
+                S::prefetch(next.wrapping_add(e * bs * elem + line));
+            }
+        }
+    }
+    // SAFETY (all): the CPU has `S`'s features; loads inside the chunks' runs
+    // (contract), `h * d + e < H * d <= q.len()` (assert).
+    unsafe {
+        let mut acc = [[S::zero(); P]; H];
         for e in 0..d {
-            let mut k = [_mm512_setzero_ps(); P];
+            let mut k = [S::zero(); P];
             for p in 0..P {
-                // SAFETY: element `e` of 16 positions of the chunk's run (contract).
-                k[p] = unsafe { E::load16(base[p].add(e * bs)) };
+                k[p] = E::load::<S>(base[p].add(e * bs));
             }
             for (h, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: `h * d + e < H * d <= q.len()` (assert).
-                let qe = _mm512_set1_ps(unsafe { *q.get_unchecked(h * d + e) });
+                let qe = S::splat(*q.get_unchecked(h * d + e));
                 for (a, k) in acc.iter_mut().zip(&k) {
-                    *a = _mm512_fmadd_ps(qe, *k, *a);
+                    *a = S::fmadd(qe, *k, *a);
                 }
             }
         }
-        let scale = _mm512_set1_ps(scale);
+        let scale = S::splat(scale);
         for (h, acc) in acc.iter().enumerate() {
             for (p, a) in acc.iter().enumerate() {
-                let j = j0 + 16 * p;
+                let j = j0 + lanes * p;
                 if j >= n {
                     break;
                 }
-                let m = 16.min(n - j);
-                // SAFETY: `j + m <= n`, inside row `h` of `scores` (assert).
-                unsafe {
-                    _mm512_mask_storeu_ps(
-                        scores.as_mut_ptr().add(h * n + j),
-                        (1u32 << m).wrapping_sub(1) as u16,
-                        _mm512_mul_ps(*a, scale),
-                    )
-                };
+                // `j + m <= n`: inside row `h` of `scores` (assert).
+                S::store_first(
+                    scores.as_mut_ptr().add(h * n + j),
+                    S::mul(*a, scale),
+                    lanes.min(n - j),
+                );
             }
         }
     }
+}
 
-    /// `out[h, 16c0..16(c0 + W)] = sum_j p[h, j] * value_j[16c0..16(c0 + W)]` for the `H`
-    /// heads of a task: `H * W` accumulators stay in registers through the pass.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) fn value_pass<E: KvElem, const H: usize, const W: usize>(
-        probs: &[f32],
-        values_at: &[usize],
-        src: &[E],
-        value_dim: usize,
-        c0: usize,
-        out: &mut [f32],
-    ) {
-        let n = values_at.len();
-        assert!(
-            probs.len() >= H * n
-                && out.len() >= H * value_dim
-                && 16 * (c0 + W) <= value_dim
-                && values_at.iter().all(|&at| at + value_dim <= src.len())
-        );
-        let mut acc = [[_mm512_setzero_ps(); W]; H];
-        let elem = std::mem::size_of::<E>();
+/// Latent attention's scores (keys untransposed, each position's vector contiguous):
+/// `L` positions at a time per head, each position's partial products in one register,
+/// then one transposing reduction for the `L` scores.
+///
+/// # Safety
+/// Each key vector is inside `keys`; `scores` holds the task's heads' rows; the CPU has
+/// `S`'s features.
+#[inline(always)]
+unsafe fn scores_untransposed<S: F32x, E: KvElem>(
+    job: &AttendJob,
+    keys: &[E],
+    keys_at: &[usize],
+    scores: &mut [f32],
+) {
+    let (lanes, g, n) = (S::LANES, job.g, job.len);
+    // SAFETY (all): by the caller's contract; `c < head_dim / L`.
+    unsafe {
+        for (h, q) in job.q.chunks_exact(g.head_dim).enumerate() {
+            let row = &mut scores[h * n..][..n];
+            for j0 in (0..n).step_by(lanes) {
+                let m = lanes.min(n - j0);
+                // A short last chunk repeats its last position; the store drops the extra.
+                let mut at = [0usize; 16];
+                for (i, a) in at.iter_mut().enumerate().take(lanes) {
+                    *a = keys_at[j0 + i.min(m - 1)];
+                }
+                let mut acc = [S::zero(); 16];
+                for c in 0..g.head_dim / lanes {
+                    let qc = S::load(q.as_ptr().add(lanes * c));
+                    for i in 0..lanes {
+                        let k = E::load::<S>(keys.as_ptr().add(at[i] + lanes * c));
+                        acc[i] = S::fmadd(qc, k, acc[i]);
+                    }
+                }
+                let s = S::mul(S::sums_of_each(&acc[..lanes]), S::splat(job.scale));
+                S::store_first(row.as_mut_ptr().add(j0), s, m);
+            }
+        }
+    }
+}
+
+/// The outputs, `W` chunks of `L` values per pass while whole ones fit, then one chunk
+/// at a time.
+///
+/// # Safety
+/// As [`value_pass`].
+#[inline(always)]
+unsafe fn value_passes<S: F32x, E: KvElem, const H: usize, const W: usize>(
+    args: ValueArgs<E>,
+    out: &mut [f32],
+) {
+    let chunks = args.3 / S::LANES;
+    let mut c = 0;
+    while c < chunks {
+        // SAFETY: by the caller's contract.
+        unsafe {
+            if c + W <= chunks {
+                value_pass::<S, E, H, W>(args, c, out);
+                c += W;
+            } else {
+                value_pass::<S, E, H, 1>(args, c, out);
+                c += 1;
+            }
+        }
+    }
+}
+
+/// `out[h, L c0..L (c0 + W)] = sum_j p[h, j] * value_j[L c0..L (c0 + W)]` for the `H`
+/// heads of a task: `H * W` accumulators stay in registers through the pass.
+///
+/// # Safety
+/// The CPU has `S`'s features.
+#[inline(always)]
+unsafe fn value_pass<S: F32x, E: KvElem, const H: usize, const W: usize>(
+    (probs, values_at, src, value_dim): ValueArgs<E>,
+    c0: usize,
+    out: &mut [f32],
+) {
+    /// How many positions ahead the value pass prefetches.
+    const VALUE_PREFETCH: usize = 32;
+    let lanes = S::LANES;
+    let n = values_at.len();
+    assert!(
+        probs.len() >= H * n
+            && out.len() >= H * value_dim
+            && lanes * (c0 + W) <= value_dim
+            && values_at.iter().all(|&at| at + value_dim <= src.len())
+    );
+    let elem = std::mem::size_of::<E>();
+    // SAFETY (all): the CPU has `S`'s features; loads and stores inside `src` and `out`
+    // by the assert.
+    unsafe {
+        let mut acc = [[S::zero(); W]; H];
         for (j, &at) in values_at.iter().enumerate() {
             // Prefetch the values a block ahead: cache blocks are scattered, so the
             // hardware prefetchers cannot see the next one coming.
             if let Some(&ahead) = values_at.get(j + VALUE_PREFETCH) {
-                let p = src.as_ptr().wrapping_add(ahead + 16 * c0) as *const i8;
-                for line in (0..16 * W * elem).step_by(64) {
-                    // A hint: never faults, whatever the address.
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
+                let p = src.as_ptr().wrapping_add(ahead + lanes * c0) as *const u8;
+                for line in (0..lanes * W * elem).step_by(64) {
+                    S::prefetch(p.wrapping_add(line));
                 }
             }
-            let mut v = [_mm512_setzero_ps(); W];
+            let mut v = [S::zero(); W];
             for (c, v) in v.iter_mut().enumerate() {
-                // SAFETY: inside `src` by the assert.
-                *v = unsafe { E::load16(src.as_ptr().add(at + 16 * (c0 + c))) };
+                *v = E::load::<S>(src.as_ptr().add(at + lanes * (c0 + c)));
             }
             for (h, acc) in acc.iter_mut().enumerate() {
-                let p = _mm512_set1_ps(probs[h * n + j]);
+                let p = S::splat(probs[h * n + j]);
                 for c in 0..W {
-                    acc[c] = _mm512_fmadd_ps(p, v[c], acc[c]);
+                    acc[c] = S::fmadd(p, v[c], acc[c]);
                 }
             }
         }
         for (h, acc) in acc.iter().enumerate() {
             for (c, a) in acc.iter().enumerate() {
-                // SAFETY: inside `out` by the assert.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(h * value_dim + 16 * (c0 + c)), *a) };
+                S::store(out.as_mut_ptr().add(h * value_dim + lanes * (c0 + c)), *a);
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<E: KvElem>(job: &AttendJob, k: &[E], v: &[E], scratch: &mut Scratch, out: &mut [f32]) {
-    attend(job, k, v, scratch, out)
-}
-
-unsafe fn attend_portable<E: KvElem>(
-    job: &AttendJob,
-    k: &[E],
-    v: &[E],
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
-    attend(job, k, v, scratch, out)
 }
 
 /// Softmax attention of `heads` query vectors over the same cached keys and values
@@ -854,9 +926,10 @@ mod tests {
     #[test]
     fn paged_matches_contiguous_for_mixed_prefill_and_decode() {
         // f32 cache: only summation order differs; f16: the cache's rounding (2^-11).
-        // Head size 12 runs the portable loops, multiples of 16 the AVX-512 ones where the
-        // CPU has them: one to eight query heads per key/value head, value sizes that fill
-        // whole register passes or leave a remainder, contexts shorter and longer than 16.
+        // Each kernel set this CPU runs: head sizes in multiples of its lanes (16 AVX-512,
+        // 8 AVX2, 4 NEON) run its vector form, others (12 on x86) the portable loops; one
+        // to eight query heads per key/value head, value sizes that fill whole register
+        // passes or leave a remainder, contexts shorter and longer than a chunk.
         for (heads, kv_heads, d, vd, lens) in [
             (4, 2, 12, 12, (11, 3, 6)),
             (4, 2, 32, 32, (11, 3, 6)),
@@ -873,9 +946,9 @@ mod tests {
             (14, 2, 16, 32, (50, 33, 2)),
             (16, 2, 16, 16, (75, 50, 3)),
         ] {
-            // Blocks of 4 run the portable loops over transposed keys; 16 and 32 the
-            // AVX-512 score kernel (chunks of 16 positions inside a block).
-            for block_size in [4, 16, 32] {
+            // Blocks in multiples of a set's lanes run its score kernel over transposed
+            // keys (chunks of lanes inside a block), others the portable loops.
+            for block_size in [4, 8, 16, 32] {
                 let g = AttnGeometry {
                     num_heads: heads,
                     num_kv_heads: kv_heads,
@@ -995,17 +1068,23 @@ mod tests {
             },
         ];
         let scale = g.scale;
-        let out = paged_attention(&q, kv.layer(0), &seqs, g);
         let want_a = naive(&qa, &ka, &va, len_a - 1, g, scale);
         let want_b = naive(&qb, &kb, &vb, cached_b, g, scale);
         let want: Vec<f32> = want_a.into_iter().chain(want_b).collect();
-        assert_eq!(out.len(), want.len());
-        let max_err = out
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(max_err < tolerance, "{dtype:?}, {g:?}: max abs error {max_err}");
+        // Every kernel set this CPU runs.
+        for isa in Isa::available() {
+            let out = paged_attention(isa, &q, kv.layer(0), &seqs, g);
+            assert_eq!(out.len(), want.len());
+            let max_err = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                max_err < tolerance,
+                "{isa}, {dtype:?}, {g:?}: max abs error {max_err}"
+            );
+        }
     }
 
     #[test]

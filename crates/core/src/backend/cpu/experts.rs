@@ -10,12 +10,13 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::host::with_f32;
+use super::isa::Isa;
 use super::rows::swiglu_host;
 use crate::backend::matrix::{GateUp, Matrix, Routing, StackedMatrix, StackedMlp};
 use crate::error::{Error, Result};
 
 /// `sum over e of weight[e, t] * mlp_e(x[t])` for each token `t`, in `x`'s dtype.
-pub(crate) fn forward(x: &Tensor, routing: &Routing, experts: &StackedMlp) -> Result<Tensor> {
+pub(crate) fn forward(isa: Isa, x: &Tensor, routing: &Routing, experts: &StackedMlp) -> Result<Tensor> {
     let (t, hidden) = x.dims2()?;
     let active: Vec<usize> = (0..routing.tokens.len())
         .filter(|&e| !routing.tokens[e].is_empty())
@@ -33,7 +34,7 @@ pub(crate) fn forward(x: &Tensor, routing: &Routing, experts: &StackedMlp) -> Re
                     }
                     gathered.extend_from_slice(&xv[r * hidden..][..hidden]);
                 }
-                expert_mlp(experts, e, &gathered)
+                expert_mlp(isa, experts, e, &gathered)
             })
             .collect::<Result<Vec<Vec<f32>>>>()
     })??;
@@ -54,25 +55,25 @@ pub(crate) fn forward(x: &Tensor, routing: &Routing, experts: &StackedMlp) -> Re
 }
 
 /// Expert `e`'s `down(silu(gate x) * up x)` for rows `x` (`[n, hidden]`).
-fn expert_mlp(experts: &StackedMlp, e: usize, x: &[f32]) -> Result<Vec<f32>> {
+fn expert_mlp(isa: Isa, experts: &StackedMlp, e: usize, x: &[f32]) -> Result<Vec<f32>> {
     let w = experts.width;
     let h = match &experts.gate_up {
-        GateUp::Fused(gate_up) => swiglu_host(&expert_matmul(gate_up, e, x)?, w),
+        GateUp::Fused(gate_up) => swiglu_host(isa, &expert_matmul(isa, gate_up, e, x)?, w),
         GateUp::Separate(gate, up) => {
-            let (g, u) = (expert_matmul(gate, e, x)?, expert_matmul(up, e, x)?);
+            let (g, u) = (expert_matmul(isa, gate, e, x)?, expert_matmul(isa, up, e, x)?);
             let mut gate_up = Vec::with_capacity(g.len() * 2);
             for (g, u) in g.chunks_exact(w).zip(u.chunks_exact(w)) {
                 gate_up.extend_from_slice(g);
                 gate_up.extend_from_slice(u);
             }
-            swiglu_host(&gate_up, w)
+            swiglu_host(isa, &gate_up, w)
         }
     };
-    expert_matmul(&experts.down, e, &h)
+    expert_matmul(isa, &experts.down, e, &h)
 }
 
 /// Rows `x` (`[n, in]`, f32) times expert `e`'s slice of `w`, `[n, out]` in f32.
-fn expert_matmul(w: &StackedMatrix, e: usize, x: &[f32]) -> Result<Vec<f32>> {
+fn expert_matmul(isa: Isa, w: &StackedMatrix, e: usize, x: &[f32]) -> Result<Vec<f32>> {
     match w {
         StackedMatrix::Packed { m, out } => m.matmul_rows(x, e * out..(e + 1) * out),
         StackedMatrix::Dense(t) => {
@@ -95,7 +96,7 @@ fn expert_matmul(w: &StackedMatrix, e: usize, x: &[f32]) -> Result<Vec<f32>> {
                 .ok_or_else(|| Error::InvalidBatch(format!("expert {e} of {}", ms.len())))?;
             let (_, cols) = m.shape()?;
             let xe = Tensor::from_vec(x.to_vec(), (x.len() / cols, cols), &candle_core::Device::Cpu)?;
-            with_f32(&super::matmul(m, &xe)?, |v| v.to_vec())
+            with_f32(&super::matmul(isa, m, &xe)?, |v| v.to_vec())
         }
     }
 }

@@ -1,18 +1,21 @@
 //! The CPU backend: kernels on host memory, hand-written where no crate does the job well
 //! (each file says why), and the thread-pool policy of a forward pass. Each kernel runs
-//! the best instruction set the CPU has, chosen at run time (AVX-512, AVX2, portable).
+//! in the kernel set ([`isa::Isa`]) the model chose at load: AVX-512, AVX2, NEON or
+//! portable.
 //! Activations are candle tensors in CPU memory; a kernel reads a contiguous f32 tensor
 //! in place ([`host::with_f32`]) and takes candle's own ops for other dtypes.
 
 pub mod attention;
 pub(crate) mod experts;
 pub(crate) mod host;
+pub mod isa;
 pub mod kv_buffer;
 pub(crate) mod norm;
 pub(crate) mod pool;
 pub mod quant;
 pub(crate) mod rotary;
 pub(crate) mod rows;
+pub(crate) mod simd;
 pub(crate) mod small_gemm;
 pub(crate) mod vmath;
 
@@ -23,7 +26,7 @@ use crate::error::{Error, Result};
 use host::with_f32;
 
 /// `x W^T` for `x` of any rank (`[.., in]` -> `[.., out]`), as candle's matmul.
-pub(crate) fn matmul(w: &Matrix, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn matmul(isa: isa::Isa, w: &Matrix, x: &Tensor) -> Result<Tensor> {
     let (cols, rows) = match w {
         Matrix::Candle(q) => return Ok(q.forward(x)?),
         Matrix::Packed(p) => (p.cols(), p.rows()),
@@ -39,7 +42,7 @@ pub(crate) fn matmul(w: &Matrix, x: &Tensor) -> Result<Tensor> {
     *shape.last_mut().expect("a last dimension") = rows;
     let y = match w {
         Matrix::Packed(p) => with_f32(x, |xs| p.matmul(xs))??,
-        Matrix::SmallF32 { w, cols } => with_f32(x, |xs| small_gemm::matmul(xs, w, *cols))?,
+        Matrix::SmallF32 { w, cols } => with_f32(x, |xs| small_gemm::matmul(isa, xs, w, *cols))?,
         Matrix::Candle(_) => unreachable!("returned above"),
     };
     Ok(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?)

@@ -9,23 +9,25 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::host::{assume_init_mut, filled_vec, with_f32};
+use super::isa::Isa;
 use super::vmath::fold16;
 use crate::error::{Error, Result};
 
 /// Each row of `x` (its last dimension) normed with `weight`, in f32 for f32 input, else
 /// through candle's `rms_norm` in f32 and back.
-pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+pub(crate) fn rms_norm(isa: Isa, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if x.dtype() != DType::F32 {
         let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, weight, eps)?;
         return Ok(y.to_dtype(x.dtype())?);
     }
-    let normed = with_f32(weight, |w| with_f32(x, |v| norm_rows(v, w, eps)))???;
+    let normed = with_f32(weight, |w| with_f32(x, |v| norm_rows(isa, v, w, eps)))???;
     Ok(Tensor::from_vec(normed, x.shape(), x.device())?)
 }
 
 /// `(x + residual, rms_norm(x + residual))` by the row kernel for f32 rows of equal shape,
 /// else by candle's ops.
 pub(crate) fn add_rms_norm(
+    isa: Isa,
     x: &Tensor,
     residual: &Tensor,
     weight: &Tensor,
@@ -37,7 +39,7 @@ pub(crate) fn add_rms_norm(
         || x.dims() != residual.dims()
     {
         let sum = (x + residual)?;
-        let normed = rms_norm(&sum, weight, eps)?;
+        let normed = rms_norm(isa, &sum, weight, eps)?;
         return Ok((sum, normed));
     }
     let (t, d) = x.dims2()?;
@@ -62,7 +64,7 @@ pub(crate) fn add_rms_norm(
                             .with_min_len(min_rows)
                             .enumerate()
                             .for_each(|(i, (n, s))| {
-                                norm_row(&x[i * d..][..d], Some((&r[i * d..][..d], s)), w, eps, n)
+                                norm_row(isa, &x[i * d..][..d], Some((&r[i * d..][..d], s)), w, eps, n)
                             })
                     })
                 }
@@ -80,7 +82,7 @@ pub(crate) fn add_rms_norm(
 }
 
 /// Each `w.len()`-wide row of `x` normed.
-fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
+fn norm_rows(isa: Isa, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
     let d = w.len();
     if d == 0 || !x.len().is_multiple_of(d) {
         return Err(Error::InvalidBatch(format!(
@@ -94,7 +96,7 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
             out.par_chunks_mut(d)
                 .zip(x.par_chunks(d))
                 .with_min_len(min_rows_per_task(x.len(), d))
-                .for_each(|(o, xr)| norm_row(xr, None, w, eps, o))
+                .for_each(|(o, xr)| norm_row(isa, xr, None, w, eps, o))
         })
     })
 }
@@ -113,13 +115,36 @@ fn min_rows_per_task(len: usize, d: usize) -> usize {
 /// A residual row to add, and the row the sum is written to.
 type Residual<'a> = (&'a [f32], &'a mut [MaybeUninit<f32>]);
 
-/// One row: `s = x (+ residual)`, `normed = s / rms(s) * weight`.
-fn norm_row(x: &[f32], residual: Option<Residual>, w: &[f32], eps: f32, normed: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features.
-        return unsafe { norm_row_avx512(x, residual, w, eps, normed) };
+/// One row: `s = x (+ residual)`, `normed = s / rms(s) * weight`, compiled for the
+/// kernel set (the plain loops vectorise 16, 8 or 4 lanes wide; NEON is the baseline of
+/// every aarch64 build).
+fn norm_row(
+    isa: Isa,
+    x: &[f32],
+    residual: Option<Residual>,
+    w: &[f32],
+    eps: f32,
+    normed: &mut [MaybeUninit<f32>],
+) {
+    match isa.runnable() {
+        // SAFETY (both): the model's kernel set is one the CPU runs.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { norm_row_avx512(x, residual, w, eps, normed) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { norm_row_avx2(x, residual, w, eps, normed) },
+        _ => norm_row_impl(x, residual, w, eps, normed),
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn norm_row_avx2(
+    x: &[f32],
+    residual: Option<Residual>,
+    w: &[f32],
+    eps: f32,
+    normed: &mut [MaybeUninit<f32>],
+) {
     norm_row_impl(x, residual, w, eps, normed)
 }
 
@@ -198,18 +223,21 @@ mod tests {
                     assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{a} vs {b}");
                 }
             };
-            let want = candle_nn::ops::rms_norm(&x, &weight, 1e-5).unwrap();
-            close(&rms_norm(&x, &weight, 1e-5).unwrap(), &want, 1e-5);
-            let (s, n) = add_rms_norm(&x, &r, &weight, 1e-5).unwrap();
-            let want_s = (&x + &r).unwrap();
-            close(&s, &want_s, 1e-5);
-            close(
-                &n,
-                &candle_nn::ops::rms_norm(&want_s, &weight, 1e-5).unwrap(),
-                1e-5,
-            );
-            let xb = x.to_dtype(DType::BF16).unwrap();
-            close(&rms_norm(&xb, &weight, 1e-5).unwrap(), &want, 2e-2);
+            // Every kernel set this CPU runs.
+            for isa in Isa::available() {
+                let want = candle_nn::ops::rms_norm(&x, &weight, 1e-5).unwrap();
+                close(&rms_norm(isa, &x, &weight, 1e-5).unwrap(), &want, 1e-5);
+                let (s, n) = add_rms_norm(isa, &x, &r, &weight, 1e-5).unwrap();
+                let want_s = (&x + &r).unwrap();
+                close(&s, &want_s, 1e-5);
+                close(
+                    &n,
+                    &candle_nn::ops::rms_norm(&want_s, &weight, 1e-5).unwrap(),
+                    1e-5,
+                );
+                let xb = x.to_dtype(DType::BF16).unwrap();
+                close(&rms_norm(isa, &xb, &weight, 1e-5).unwrap(), &want, 2e-2);
+            }
         }
     }
 }

@@ -1,22 +1,27 @@
 //! Dense f32 matmuls with few weight rows (MoE routers' gates, shared experts' gates):
-//! plain dot products, four rows at a time on AVX-512. candle's matmul is a thread-pool
-//! GEMM whose setup cost dominates at a decode step's few tokens.
+//! plain dot products, four rows at a time in the kernel set's vectors. candle's matmul
+//! is a thread-pool GEMM whose setup cost dominates at a decode step's few tokens.
+
+use super::isa::Isa;
+use super::simd::F32x;
 
 /// `x W^T` for a [`Matrix::SmallF32`](crate::backend::Matrix::SmallF32) weight: `x` is `[tokens, hidden]`, `w`
 /// `[experts, hidden]` (named for the MoE router's gate, the main user), both f32; the
 /// result is `[tokens, experts]`. Dot products vectorised for the CPU at hand; tokens split
 /// over the pool only when there are many (a prompt).
-pub(crate) fn matmul(x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
+pub(crate) fn matmul(isa: Isa, x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let experts = w.len() / hidden;
     let mut out = vec![0f32; x.len() / hidden * experts];
-    let rows = |(x, out): (&[f32], &mut [f32])| {
+    let rows = |(x, out): (&[f32], &mut [f32])| match isa.runnable() {
+        // SAFETY (each): the model's kernel set is one the CPU runs.
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { small_matmul_rows_avx512(x, w, hidden, out) };
-        }
-        small_matmul_rows(x, w, hidden, out)
+        Isa::Avx512 => unsafe { rows_avx512(x, w, hidden, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { rows_avx2(x, w, hidden, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { rows_neon(x, w, hidden, out) },
+        _ => small_matmul_rows(x, w, hidden, out),
     };
     // About 2 M multiply-adds per task (64 tokens of a 32x1024 gate).
     let per_task = (1usize << 21).div_ceil(w.len()).max(1);
@@ -28,41 +33,6 @@ pub(crate) fn matmul(x: &[f32], w: &[f32], hidden: usize) -> Vec<f32> {
         rows((x, &mut out));
     }
     out
-}
-
-/// [`small_matmul_rows`] with AVX-512: four experts at a time, so that each 16 values of the
-/// token's input are loaded once for four rows of the gate and the four running sums
-/// are independent chains of fused multiply-adds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn small_matmul_rows_avx512(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let experts = w.len() / hidden;
-    let whole = hidden / 16 * 16;
-    assert!(x.len() / hidden * experts <= out.len() && w.len() == experts * hidden);
-    for (xr, or) in x.chunks_exact(hidden).zip(out.chunks_exact_mut(experts)) {
-        let four = experts / 4 * 4;
-        for e in (0..four).step_by(4) {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for c in (0..whole).step_by(16) {
-                // SAFETY: `c + 16 <= whole <= hidden`, inside the token's row and inside
-                // rows `e..e + 4` of the gate (`e + 4 <= experts`).
-                unsafe {
-                    let a = _mm512_loadu_ps(xr.as_ptr().add(c));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let b = _mm512_loadu_ps(w.as_ptr().add((e + r) * hidden + c));
-                        *acc = _mm512_fmadd_ps(a, b, *acc);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                let wr = &w[(e + r) * hidden..(e + r + 1) * hidden];
-                let tail: f32 = xr[whole..].iter().zip(&wr[whole..]).map(|(a, b)| a * b).sum();
-                or[e + r] = _mm512_reduce_add_ps(*acc) + tail;
-            }
-        }
-        small_matmul_rows(xr, &w[four * hidden..], hidden, &mut or[four..]);
-    }
 }
 
 /// Plain dot products, 16 lanes so that they vectorise.
@@ -89,6 +59,65 @@ fn small_matmul_rows(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn rows_avx512(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe { rows_simd::<super::simd::Avx512>(x, w, hidden, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe { rows_simd::<super::simd::Avx2>(x, w, hidden, out) }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn rows_neon(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe { rows_simd::<super::simd::Neon>(x, w, hidden, out) }
+}
+
+/// [`small_matmul_rows`] in `S`'s vectors: four experts at a time, so that each vector of
+/// the token's input is loaded once for four rows of the gate and the four running sums
+/// are independent chains of fused multiply-adds.
+///
+/// # Safety
+/// The CPU has `S`'s features.
+#[inline(always)]
+unsafe fn rows_simd<S: F32x>(x: &[f32], w: &[f32], hidden: usize, out: &mut [f32]) {
+    let lanes = S::LANES;
+    let experts = w.len() / hidden;
+    let whole = hidden / lanes * lanes;
+    assert!(x.len() / hidden * experts <= out.len() && w.len() == experts * hidden);
+    for (xr, or) in x.chunks_exact(hidden).zip(out.chunks_exact_mut(experts)) {
+        let four = experts / 4 * 4;
+        for e in (0..four).step_by(4) {
+            // SAFETY (loads): `c + lanes <= whole <= hidden`, inside the token's row and
+            // inside rows `e..e + 4` of the gate (`e + 4 <= experts`); the CPU has `S`'s
+            // features (the caller's contract).
+            unsafe {
+                let mut acc = [S::zero(); 4];
+                for c in (0..whole).step_by(lanes) {
+                    let a = S::load(xr.as_ptr().add(c));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let b = S::load(w.as_ptr().add((e + r) * hidden + c));
+                        *acc = S::fmadd(a, b, *acc);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let wr = &w[(e + r) * hidden..(e + r + 1) * hidden];
+                    let tail: f32 = xr[whole..].iter().zip(&wr[whole..]).map(|(a, b)| a * b).sum();
+                    or[e + r] = S::reduce_add(*acc) + tail;
+                }
+            }
+        }
+        small_matmul_rows(xr, &w[four * hidden..], hidden, &mut or[four..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,10 +136,13 @@ mod tests {
             let w: Vec<f32> = (0..experts * hidden)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            // The dispatched form (AVX-512 where the CPU has it) and the portable one.
-            let mut portable = vec![0f32; tokens * experts];
-            small_matmul_rows(&x, &w, hidden, &mut portable);
-            for got in [matmul(&x, &w, hidden), portable] {
+            // Every kernel set this CPU runs, and the plain loops.
+            let mut plain = vec![0f32; tokens * experts];
+            small_matmul_rows(&x, &w, hidden, &mut plain);
+            let sets = Isa::available()
+                .into_iter()
+                .map(|isa| matmul(isa, &x, &w, hidden));
+            for got in sets.chain([plain]) {
                 assert_eq!(got.len(), tokens * experts);
                 for t in 0..tokens {
                     for e in 0..experts {

@@ -169,6 +169,66 @@ pub(crate) mod avx512 {
     }
 }
 
+/// Reductions across 256-bit registers.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// A lane-wise operation to fold with.
+    pub(crate) trait LaneOp {
+        /// # Safety
+        /// The CPU has AVX.
+        unsafe fn apply(a: __m256, b: __m256) -> __m256;
+    }
+
+    pub(crate) struct Add;
+    pub(crate) struct Max;
+
+    impl LaneOp for Add {
+        #[inline]
+        #[target_feature(enable = "avx")]
+        unsafe fn apply(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+    }
+
+    impl LaneOp for Max {
+        #[inline]
+        #[target_feature(enable = "avx")]
+        unsafe fn apply(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+    }
+
+    /// Lane `i` of the result is the fold of the 8 lanes of `v[i]` (the AVX2 form of
+    /// [`avx512::fold_each16`](super::avx512::fold_each16)): pairs interleaved and folded,
+    /// then the two 128-bit halves.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(crate) fn fold_each8<O: LaneOp>(v: &[__m256; 8]) -> __m256 {
+        // SAFETY (every `apply`): this function has AVX.
+        // Per 128-bit lane: [a0.a2, b0.b2, a1.a3, b1.b3] for each pair (a, b).
+        let mut t = [_mm256_setzero_ps(); 4];
+        for p in 0..4 {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            t[p] = unsafe { O::apply(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)) };
+        }
+        // Per 128-bit lane: the lane's folds of four registers.
+        let mut u = [_mm256_setzero_ps(); 2];
+        for p in 0..2 {
+            let (x, y) = (t[2 * p], t[2 * p + 1]);
+            u[p] = unsafe { O::apply(_mm256_shuffle_ps::<0x44>(x, y), _mm256_shuffle_ps::<0xEE>(x, y)) };
+        }
+        // Low halves: registers 0-3 (from u[0]), high halves: 4-7 (from u[1]).
+        unsafe {
+            O::apply(
+                _mm256_permute2f128_ps::<0x20>(u[0], u[1]),
+                _mm256_permute2f128_ps::<0x31>(u[0], u[1]),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +276,35 @@ mod tests {
             for t in [-6.0, 0.0, want, want + 0.1] {
                 assert_eq!(any_at_least(&s, t), s.iter().any(|&v| v >= t), "n = {n}, t = {t}");
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fold_each8_folds_each_register() {
+        use std::arch::x86_64::*;
+        if !is_x86_feature_detected!("avx") {
+            return;
+        }
+        let vals: Vec<[f32; 8]> = (0..8)
+            .map(|r| std::array::from_fn(|l| ((r * 31 + l * 17) % 23) as f32 - 11.0 + r as f32 * 0.25))
+            .collect();
+        // SAFETY: the CPU has AVX (checked above).
+        let (sums, maxes) = unsafe {
+            let regs: [__m256; 8] = std::array::from_fn(|r| _mm256_loadu_ps(vals[r].as_ptr()));
+            let (mut s, mut m) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(s.as_mut_ptr(), avx2::fold_each8::<avx2::Add>(&regs));
+            _mm256_storeu_ps(m.as_mut_ptr(), avx2::fold_each8::<avx2::Max>(&regs));
+            (s, m)
+        };
+        for r in 0..8 {
+            let sum: f32 = vals[r].iter().sum();
+            assert!((sums[r] - sum).abs() <= 1e-4 * (1.0 + sum.abs()), "register {r}");
+            assert_eq!(
+                maxes[r],
+                vals[r].iter().copied().fold(f32::MIN, f32::max),
+                "register {r}"
+            );
         }
     }
 

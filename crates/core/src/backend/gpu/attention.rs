@@ -380,7 +380,14 @@ mod tests {
                         &Device::Cpu,
                     )
                     .unwrap();
-                    let want = crate::backend::cpu::attention::attend_tensor(&q, &host, &seqs, g).unwrap();
+                    let want = crate::backend::cpu::attention::attend_tensor(
+                        crate::backend::Isa::best(),
+                        &q,
+                        &host,
+                        &seqs,
+                        g,
+                    )
+                    .unwrap();
                     let got = paged_attention(&q, &device, &seqs, g).unwrap();
                     let diff = max_diff(&want, &got);
                     assert!(diff < 1e-5, "{g:?} {dtype:?} step {step}: {diff}");

@@ -61,7 +61,6 @@ pub(crate) fn forward(x: &Tensor, routing: &Routing, experts: &StackedMlp) -> Re
             GateUp::Separate(StackedMatrix::Quantized(g), StackedMatrix::Quantized(u)),
             StackedMatrix::Quantized(d),
         ) => indexed_quantized(x, routing, [g, u, d]),
-        _ if x.device().is_cpu() => super::super::cpu::experts::forward(x, routing, experts),
         _ => Err(Error::Backend(format!(
             "expert weights in a CPU-only form reached the GPU backend on {:?}",
             x.device()
@@ -189,7 +188,7 @@ fn indexed_quantized(
 mod tests {
     use super::*;
     use crate::backend::test_util::{max_abs, max_diff, random};
-    use crate::backend::{StackedMatrix, StackedMlp};
+    use crate::backend::{Backend, StackedMatrix, StackedMlp};
     use candle_core::quantized::QMatMul;
 
     /// Both dense paths (one expert at a time, the padded batch) agree with the CPU
@@ -198,7 +197,11 @@ mod tests {
     fn grouped_experts_match_the_cpu_kernel() {
         let (experts, hidden, width, t) = (8, 32, 16, 6);
         let stacked = |shape: &[usize], seed, dtype| {
-            StackedMatrix::new(QMatMul::Tensor(random(shape, seed).to_dtype(dtype).unwrap())).unwrap()
+            StackedMatrix::new(
+                QMatMul::Tensor(random(shape, seed).to_dtype(dtype).unwrap()),
+                Backend::Gpu,
+            )
+            .unwrap()
         };
         let x = random(&[t, hidden], 9);
         // Two experts active (the one-by-one path), then most (the padded batch).
@@ -240,6 +243,7 @@ mod tests {
                 stacked(&[experts, width, hidden], 1, dtype),
                 stacked(&[experts, width, hidden], 2, dtype),
                 stacked(&[experts, hidden, width], 3, dtype),
+                Backend::Gpu,
             )
             .unwrap();
             let separate = StackedMlp {
@@ -251,7 +255,9 @@ mod tests {
             };
             assert!(matches!(mlp.gate_up, GateUp::Fused(_)));
             for routing in [&few, &many] {
-                let want = crate::backend::cpu::experts::forward(&x, routing, &mlp).unwrap();
+                let want =
+                    crate::backend::cpu::experts::forward(crate::backend::Isa::best(), &x, routing, &mlp)
+                        .unwrap();
                 for m in [&mlp, &separate] {
                     let got = forward(&x, routing, m).unwrap();
                     let (diff, scale) = (max_diff(&want, &got), max_abs(&want));
@@ -270,6 +276,7 @@ mod tests {
             stacked(&[experts, width, hidden], 1, DType::F32),
             stacked(&[experts, width, hidden], 2, DType::F32),
             stacked(&[experts, hidden, width], 3, DType::F32),
+            Backend::Gpu,
         )
         .unwrap();
         assert!(forward(&x, &bad, &mlp).is_err());

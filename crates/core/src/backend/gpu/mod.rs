@@ -6,7 +6,7 @@
 //! tensor per layer on the device ([`KvBuffer::Device`](super::KvBuffer::Device)).
 //!
 //! Nothing here is device-specific, which is what lets CI check it on the CPU against
-//! the reference fixtures ([`super::use_gpu_kernels_on_cpu`]). Fused CUDA kernels of our
+//! the reference fixtures (a model loaded with [`Backend::Gpu`](super::Backend::Gpu) on the CPU device). Fused CUDA kernels of our
 //! own (paged attention reading the blocks in place, a grouped expert GEMM over sorted
 //! tokens) would replace the gathers in [`attention`] and the padded batch in
 //! [`experts`]; these are the reference they must match.
@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 
 /// `x W^T` (`[.., in]` -> `[.., out]`): candle's matmul (cuBLAS on a GPU), or its
 /// quantized matmul for GGUF weights kept quantized. A CPU-only form (weights packed for
-/// the CPU's integer kernel) runs the CPU kernel, on the CPU only.
+/// the CPU's integer kernel) is an error: a model loaded for this backend has none.
 pub(crate) fn matmul(w: &Matrix, x: &Tensor) -> Result<Tensor> {
     match w {
         Matrix::Candle(QMatMul::QTensor(q)) if x.dtype() != DType::F32 => {
@@ -31,7 +31,6 @@ pub(crate) fn matmul(w: &Matrix, x: &Tensor) -> Result<Tensor> {
             Ok(y.to_dtype(x.dtype())?)
         }
         Matrix::Candle(m) => Ok(m.forward(x)?),
-        _ if x.device().is_cpu() => super::cpu::matmul(w, x),
         _ => Err(Error::Backend(format!(
             "a weight in a CPU-only form reached the GPU backend on {:?}",
             x.device()
@@ -144,11 +143,12 @@ mod tests {
         let w = random(&[48], 5);
         for dtype in [DType::F32, DType::BF16] {
             let x = x.to_dtype(dtype).unwrap();
-            let want = crate::backend::cpu::norm::rms_norm(&x, &w, 1e-6).unwrap();
+            let want =
+                crate::backend::cpu::norm::rms_norm(crate::backend::Isa::best(), &x, &w, 1e-6).unwrap();
             let got = rms_norm(&x, &w, 1e-6).unwrap();
             assert_eq!(got.dtype(), dtype);
             assert!(max_diff(&want, &got) < 1e-5, "{dtype:?}");
-            let want = crate::backend::cpu::rows::swiglu(&x, 24).unwrap();
+            let want = crate::backend::cpu::rows::swiglu(crate::backend::Isa::best(), &x, 24).unwrap();
             let got = swiglu(&x, 24).unwrap();
             assert!(max_diff(&want, &got) < 1e-5, "{dtype:?}");
             let want = crate::backend::cpu::split_columns(&x, &[16, 8, 24]).unwrap();
