@@ -6,6 +6,11 @@
 # Nothing of llama.cpp is committed: it lives in bench/llama.cpp (git-ignored).
 #
 #   bench/build-llamacpp.sh            # prints the bin directory at the end
+#   LLAMA_CPU=avx2 bench/build-llamacpp.sh
+#
+# LLAMA_CPU=avx2 builds it for AVX2 + FMA + F16C only (no AVX-512, whatever this CPU has),
+# in its own build directory: the comparison for moeserve's AVX2 kernels
+# (MOESERVE_CPU=avx2) on a host that has AVX-512.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 dest="$here/llama.cpp"
@@ -29,9 +34,22 @@ flags=""
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
   flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
-cmake -S "$dest/src" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+build="$dest/build"
+cpu=(-DGGML_NATIVE=ON)
+case "${LLAMA_CPU:-native}" in
+  native) ;;
+  avx2)
+    build="$dest/build-avx2"
+    cpu=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+      -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
+      -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    flags=""
+    ;;
+  *) echo "LLAMA_CPU: native or avx2" >&2; exit 1 ;;
+esac
+cmake -S "$dest/src" -B "$build" -DCMAKE_BUILD_TYPE=Release "${cpu[@]}" \
   -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
-cmake --build "$dest/build" --config Release -j "$(nproc)" \
+cmake --build "$build" --config Release -j "$(nproc)" \
   --target llama-bench llama-batched-bench llama-server llama-tokenize llama-quantize
-echo "$dest/build/bin"
+echo "$build/bin"

@@ -9,6 +9,11 @@
 #
 #   bench/compare-llamacpp.sh [model.gguf] [threads]
 #   LEVELS=1,16,64 SAMPLING=greedy,default,chat CHAT_LEVEL=16 MAX_TOKENS=128 bench/compare-llamacpp.sh
+#   MOESERVE_CPU=avx2 LLAMA_CPU=avx2 bench/compare-llamacpp.sh   # both on AVX2 only
+#
+# MOESERVE_CPU forces moeserve's kernel set (avx512, avx2, neon, portable) and LLAMA_CPU
+# builds llama.cpp for the same (bench/build-llamacpp.sh), so each set is compared on one
+# host against llama.cpp built for the same instructions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${1:-$(scripts/fetch-default-model.sh)}"
@@ -21,6 +26,7 @@ bin="$(bench/build-llamacpp.sh | tail -n1)"
 cargo build --release -q -p moeserve -p moeserve-bench
 ms=target/release/moeserve
 mb=target/release/moeserve-bench
+echo "== CPU: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1); moeserve: $($ms kernels | tail -n1); llama.cpp: ${LLAMA_CPU:-native} ($bin)"
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The same malloc settings for both: moeserve asks glibc for transparent huge pages
 # (it re-executes itself with this unless GLIBC_TUNABLES is set); llama.cpp's buffers

@@ -175,7 +175,8 @@ fn run_kernel_bench(args: KernelBenchArgs) -> anyhow::Result<()> {
     };
     let layout = model.kv_layout();
     println!(
-        "model {name} ({dtype:?}), {} threads, prompt {} tokens, decode {} tokens, mean of {} repetitions; {:?} KV cache {} bytes/token, {} tokens per GiB",
+        "model {name} ({dtype:?}), kernels {}, {} threads, prompt {} tokens, decode {} tokens, mean of {} repetitions; {:?} KV cache {} bytes/token, {} tokens per GiB",
+        model.backend().describe(),
         rayon_threads(),
         args.prompt_len,
         args.decode_tokens,

@@ -265,13 +265,15 @@ pub fn random_model(cfg: &moeserve_core::config::ModelConfig) -> Result<Box<dyn 
     random_model_on(cfg, candle_core::DType::F32, &candle_core::Device::Cpu)
 }
 
-/// A model of `cfg`'s shape with random weights in `dtype` on `device`.
+/// A model of `cfg`'s shape with random weights in `dtype` on `device`, for the device's
+/// default backend (on the CPU, the kernel set `MOESERVE_CPU` names or the best).
 pub fn random_model_on(
     cfg: &moeserve_core::config::ModelConfig,
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<Box<dyn CausalLm>> {
-    let store = moeserve_core::weights::WeightStore::random(0.02, dtype, device);
+    let store = moeserve_core::weights::WeightStore::random(0.02, dtype, device)
+        .with_backend(moeserve_core::backend::Backend::for_device(device)?);
     moeserve_core::models::build_model(cfg, &store)
 }
 

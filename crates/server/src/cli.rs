@@ -26,6 +26,13 @@ enum Command {
     Serve(Box<crate::settings::SettingsArgs>),
     /// Generate a continuation of one prompt and print prefill and decode speed.
     Generate(GenerateArgs),
+    /// Print the CPU kernel sets this machine runs (best first) and the one a model would
+    /// load with (MOESERVE_CPU forces one: avx512, avx2, neon, portable).
+    Kernels {
+        /// Only the names of the sets this CPU runs, one per line (for scripts).
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -88,6 +95,7 @@ pub fn run() -> ExitCode {
             init_logging(false);
             run_generate(args)
         }
+        Command::Kernels { list } => run_kernels(list),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +104,32 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_kernels(list: bool) -> anyhow::Result<()> {
+    use moeserve_core::backend::Isa;
+    let mut out = std::io::stdout().lock();
+    if list {
+        for isa in Isa::available() {
+            writeln!(out, "{isa}")?;
+        }
+        return Ok(());
+    }
+    let sets: Vec<String> = Isa::available().iter().map(|i| i.describe()).collect();
+    writeln!(out, "this CPU runs: {}", sets.join(", "))?;
+    let forced = std::env::var(moeserve_core::backend::cpu::isa::CPU_ENV).ok();
+    let selected = Isa::selected().map_err(anyhow::Error::msg)?;
+    writeln!(
+        out,
+        "selected: {}{}",
+        selected.describe(),
+        match forced {
+            Some(v) if !v.trim().is_empty() =>
+                format!(" ({}={v})", moeserve_core::backend::cpu::isa::CPU_ENV),
+            _ => String::new(),
+        }
+    )?;
+    Ok(())
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {

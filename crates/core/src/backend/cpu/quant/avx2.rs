@@ -16,8 +16,9 @@ use std::ops::Range;
 
 use super::activations::Activations;
 use super::{
-    check_tile, for_format, BlockFormat, Byte16Fact, Byte32F16, Byte32F16Min, Byte32FactMin, Nib32F16Min,
-    Nib32FactMin, PackedQuantMatrix, ScaleCursor, Scales, Storage, Target, GROUP, PREFETCH_AHEAD,
+    check_tile, for_format, BlockFormat, Byte16Fact, Byte16FactMin, Byte32F16, Byte32F16Min, Byte32FactMin,
+    Nib32F16Min, Nib32FactMin, PackedQuantMatrix, ScaleCursor, Scales, Storage, Target, GROUP,
+    PREFETCH_AHEAD,
 };
 
 /// Tokens whose accumulators live in registers at once (of 16).

@@ -53,7 +53,7 @@ mod portable;
 #[cfg(test)]
 mod tests;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
 use super::isa::{Isa, QuantKernel};
@@ -179,7 +179,8 @@ block_formats! {
     Byte32F16: false, 32, false, false;     // Q5_0, Q8_0
     Byte32F16Min: false, 32, false, true;   // Q5_1
     Byte32FactMin: false, 32, true, true;   // Q5_K
-    Byte16Fact: false, 16, true, false;     // Q6_K
+    Byte16Fact: false, 16, true, false;     // Q6_K, Q3_K
+    Byte16FactMin: false, 16, true, true;   // Q2_K
 }
 
 /// Calls `$run::<F>(args)` for the block format `F` of matrix `$m`.
@@ -194,6 +195,7 @@ macro_rules! for_format {
             (Storage::Bytes, 32, false, true) => $run::<Byte32F16Min>($($arg),*),
             (Storage::Bytes, 32, true, true) => $run::<Byte32FactMin>($($arg),*),
             (Storage::Bytes, 16, true, false) => $run::<Byte16Fact>($($arg),*),
+            (Storage::Bytes, 16, true, true) => $run::<Byte16FactMin>($($arg),*),
             other => unreachable!("no packed block format {other:?}"),
         }
     }};
@@ -269,6 +271,19 @@ fn check_tile<F: BlockFormat>(m: &PackedQuantMatrix, g: usize, a: &Activations, 
     );
 }
 
+/// Whether candle's own quantized matmul runs on this CPU (see
+/// [`PackedQuantMatrix::from_qtensor`]).
+pub fn candle_quantized_runs() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        true
+    }
+}
+
 /// The largest tile of tokens a kernel keeps in registers.
 fn token_tile(kernel: QuantKernel) -> usize {
     match kernel {
@@ -305,7 +320,16 @@ fn group_kernel(kernel: QuantKernel) -> GroupKernel {
 impl PackedQuantMatrix {
     /// The packed matrix for `q` when its format has a kernel here. A stacked
     /// `[experts, out, in]` tensor becomes one matrix of `experts * out` rows.
+    ///
+    /// Q2_K and Q3_K are left to candle's quantized matmul (8-bit activations, but 2.6 and
+    /// 3.4 bits per weight in memory, where this form takes 8), except where candle's
+    /// kernels cannot run: its aarch64 code uses `sdot` whatever the CPU, so on an aarch64
+    /// CPU without dotprod (Cortex-A72: Raspberry Pi 4, Graviton 1) they are unpacked to a
+    /// byte per weight here.
     pub fn from_qtensor(q: &QTensor, isa: Isa) -> Result<Option<Self>> {
+        if matches!(q.dtype(), GgmlDType::Q2K | GgmlDType::Q3K) && candle_quantized_runs() {
+            return Ok(None);
+        }
         Self::pack(q, isa.quant_kernel())
     }
 

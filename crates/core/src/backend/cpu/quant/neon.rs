@@ -19,6 +19,10 @@
 //! with the others bit for bit. `sdot`, `smmla` and the f16 widening are written with
 //! `asm!`: their intrinsics are not stable in Rust yet.
 
+// The kernels walk several arrays of registers (accumulators, weights, activations) by
+// the same index; an iterator over one of them would hide that they line up.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
@@ -27,8 +31,9 @@ use crate::backend::cpu::simd::prefetch;
 
 use super::activations::{Activations, QMAX};
 use super::{
-    check_tile, for_format, BlockFormat, Byte16Fact, Byte32F16, Byte32F16Min, Byte32FactMin, Nib32F16Min,
-    Nib32FactMin, PackedQuantMatrix, ScaleCursor, Scales, Storage, Target, GROUP, PREFETCH_AHEAD,
+    check_tile, for_format, BlockFormat, Byte16Fact, Byte16FactMin, Byte32F16, Byte32F16Min, Byte32FactMin,
+    Nib32F16Min, Nib32FactMin, PackedQuantMatrix, ScaleCursor, Scales, Storage, Target, GROUP,
+    PREFETCH_AHEAD,
 };
 
 /// `acc + a b^T` for 2x8 signed byte matrices `a` and `b` (rows of 8 bytes): `[a0.b0,
@@ -345,7 +350,7 @@ unsafe fn tile_i8mm<const T: usize, F: BlockFormat>(
         let d = unsafe { load_scales::<F>(input.scales, b) };
         let mv = input.mins.map(|s| unsafe { load_scales::<F>(s, b) });
         for t in 0..T {
-            let totals: [int32x4_t; 4] = std::array::from_fn(|i| unsafe {
+            let totals: [int32x4_t; 4] = std::array::from_fn(|i| {
                 let (a, c) = (
                     vreinterpretq_s64_s32(sums[t][2 * i]),
                     vreinterpretq_s64_s32(sums[t][2 * i + 1]),
@@ -422,7 +427,7 @@ unsafe fn tile_dot<const T: usize, F: BlockFormat>(
         let d = unsafe { load_scales::<F>(input.scales, b) };
         let mv = input.mins.map(|s| unsafe { load_scales::<F>(s, b) });
         for t in 0..T {
-            let totals: [int32x4_t; 4] = std::array::from_fn(|i| unsafe {
+            let totals: [int32x4_t; 4] = std::array::from_fn(|i| {
                 let h = vpaddq_s32(high[t][2 * i], high[t][2 * i + 1]);
                 let l = vpaddq_s32(low[t][2 * i], low[t][2 * i + 1]);
                 vmlaq_n_s32(l, h, 256)
@@ -472,14 +477,14 @@ unsafe fn tile_base<const T: usize, F: BlockFormat>(
                 std::array::from_fn(|t| if F::NIBBLES { values(t, k + 2) } else { x[t] });
             for p in 0..8 {
                 let (lo, hi) = unsafe { weights::<F>(w, k, p) };
-                let (lo0, lo1) = unsafe { (vmovl_s8(vget_low_s8(lo)), vmovl_high_s8(lo)) };
+                let (lo0, lo1) = (vmovl_s8(vget_low_s8(lo)), vmovl_high_s8(lo));
                 for t in 0..T {
                     let s = &mut sums[t];
                     s[2 * p] = unsafe { mlal(s[2 * p], lo0, x[t]) };
                     s[2 * p + 1] = unsafe { mlal(s[2 * p + 1], lo1, x[t]) };
                 }
                 if F::NIBBLES {
-                    let (hi0, hi1) = unsafe { (vmovl_s8(vget_low_s8(hi)), vmovl_high_s8(hi)) };
+                    let (hi0, hi1) = (vmovl_s8(vget_low_s8(hi)), vmovl_high_s8(hi));
                     for t in 0..T {
                         let s = &mut sums[t];
                         s[2 * p] = unsafe { mlal(s[2 * p], hi0, x_high[t]) };
@@ -492,7 +497,7 @@ unsafe fn tile_base<const T: usize, F: BlockFormat>(
         let mv = input.mins.map(|s| unsafe { load_scales::<F>(s, b) });
         for t in 0..T {
             let s = &sums[t];
-            let totals: [int32x4_t; 4] = std::array::from_fn(|i| unsafe {
+            let totals: [int32x4_t; 4] = std::array::from_fn(|i| {
                 vpaddq_s32(
                     vpaddq_s32(s[4 * i], s[4 * i + 1]),
                     vpaddq_s32(s[4 * i + 2], s[4 * i + 3]),

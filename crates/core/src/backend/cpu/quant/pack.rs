@@ -127,6 +127,10 @@ pub(super) fn source(dtype: GgmlDType) -> Option<Source> {
         Q5K => s(256, 176, Storage::Bytes, 32, true),
         Q6K => s(256, 210, Storage::Bytes, 16, false),
         Q8_0 => s(32, 34, Storage::Bytes, 32, false),
+        // 2 and 3 bits per weight become a byte each (see `PackedQuantMatrix::from_qtensor`
+        // for when).
+        Q2K => s(256, 84, Storage::Bytes, 16, true),
+        Q3K => s(256, 110, Storage::Bytes, 16, false),
         _ => return None,
     })
 }
@@ -241,6 +245,50 @@ pub(super) fn decode_row(src: &Source, row: &[u8], cols: usize) -> DecodedRow {
                 for s in 0..16 {
                     d[s] = scale * sc[s] as i8 as f32;
                     f.d_sub.push(sc[s] as i8);
+                }
+            }
+            GgmlDType::Q2K => {
+                let (sc, qs, scale, dmin) = (&b[0..16], &b[16..80], f16_at(b, 80), f16_at(b, 82));
+                let f = out.factors.as_mut().expect("k-quant");
+                f.d_outer.push(scale);
+                f.m_outer.push(-dmin);
+                for (s, &packed) in sc.iter().enumerate() {
+                    let (scale_s, min_s) = (packed & 0x0F, packed >> 4);
+                    (d[s], m[s]) = (scale * scale_s as f32, -dmin * min_s as f32);
+                    f.d_sub.push(scale_s as i8);
+                    f.m_sub.push(min_s as i8);
+                    // Sub-block s: 128-weight half s / 8, bit pair (s % 8) / 2, bytes
+                    // 16 (s % 2) .. of that half's 32.
+                    let (half, shift, first) = (s / 8, 2 * ((s % 8) / 2), 16 * (s % 2));
+                    for l in 0..16 {
+                        q[16 * s + l] = ((qs[32 * half + first + l] >> shift) & 3) as i8;
+                    }
+                }
+            }
+            GgmlDType::Q3K => {
+                let (hmask, qs, packed, scale) = (&b[0..32], &b[32..96], &b[96..108], f16_at(b, 108));
+                let f = out.factors.as_mut().expect("k-quant");
+                f.d_outer.push(scale);
+                for s in 0..16 {
+                    // ggml's packing of 16 six-bit scales: low 4 bits from bytes 0-7, high
+                    // 2 bits from bytes 8-11; stored with an offset of 32.
+                    let low = if s < 8 {
+                        packed[s] & 0x0F
+                    } else {
+                        packed[s - 8] >> 4
+                    };
+                    let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
+                    let sc = ((low | (high << 4)) as i8) - 32;
+                    d[s] = scale * sc as f32;
+                    f.d_sub.push(sc);
+                    let (half, pair, first) = (s / 8, (s % 8) / 2, 16 * (s % 2));
+                    for l in 0..16 {
+                        let low = (qs[32 * half + first + l] >> (2 * pair)) & 3;
+                        let bit = 4 * half + pair;
+                        let high = (hmask[first + l] >> bit) & 1;
+                        // The high bit set means the value as it is, clear means 4 less.
+                        q[16 * s + l] = low as i8 - if high == 1 { 0 } else { 4 };
+                    }
                 }
             }
             other => unreachable!("no decoder for {other:?}"),
