@@ -369,7 +369,7 @@ pub(super) fn weight_position(
 }
 
 /// Weight `j` of row `r` of a packed block of 16 rows ([`pack_group_block`] backwards).
-#[inline(always)]
+#[cfg(test)]
 pub(super) fn weight_at(
     layout: Layout,
     storage: Storage,
