@@ -53,7 +53,12 @@ fn format_named(name: &str) -> Option<GgmlDType> {
     use GgmlDType::*;
     [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K]
         .into_iter()
-        .find(|d| format!("{d:?}").eq_ignore_ascii_case(name) || format!("{d:?}").replace('_', "").eq_ignore_ascii_case(&name.replace('_', "")))
+        .find(|d| {
+            format!("{d:?}").eq_ignore_ascii_case(name)
+                || format!("{d:?}")
+                    .replace('_', "")
+                    .eq_ignore_ascii_case(&name.replace('_', ""))
+        })
 }
 
 fn table(

@@ -5,11 +5,13 @@
 //! each 32-byte chunk holds a pair of weights of 16 rows, and its first 16 bytes are that
 //! pair of rows 0-7, its last 16 of rows 8-15. One half widens (`vpmovzxbw` or
 //! `vpmovsxbw`) into a 256-bit register of 8 rows x 2 weights, which one `vpmaddwd` with
-//! a broadcast pair of activations turns into 8 per-row sums. A pass takes one half of a
-//! row group through all its blocks, so that a tile of 4 tokens keeps its accumulators
-//! (two integer and one float register per token) in the 16 registers with the weights
-//! and constants. Same integer sums, and the scales applied in the same order, as the
-//! AVX-512 kernels: the results are theirs bit for bit.
+//! a broadcast pair of activations turns into 8 per-row sums. With three or more tokens a
+//! pass takes one half of a row group through all its blocks, so that a tile of 4 tokens
+//! keeps its accumulators (two integer and one float register per token) in the 16
+//! registers with the weights and constants; with one or two, a pass takes both halves, so
+//! each pair of activations is broadcast once for the 16 rows. Same integer sums, and the
+//! scales applied in the same order, as the AVX-512 kernels: the results are theirs bit
+//! for bit.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -98,44 +100,55 @@ macro_rules! group_kernel {
             ts: Range<usize>,
             out: Target,
         ) {
-            let valid = GROUP.min(m.rows - g * GROUP);
-            for half in 0..valid.div_ceil(8) {
-                let mut t = ts.start;
-                while t < ts.end {
-                    let n = TOKEN_TILE.min(ts.end - t);
-                    // SAFETY: forwarded from the caller.
-                    unsafe {
+            let halves = GROUP.min(m.rows - g * GROUP).div_ceil(8);
+            // SAFETY (every tile): forwarded from the caller.
+            unsafe {
+                // One token (batch-1 decode, most experts of a MoE layer): both halves in
+                // one pass, so that each pair of activations is broadcast once for the 16
+                // rows and the block loop runs once (a third faster than two passes here;
+                // with two tokens, half passes measured faster).
+                if halves == 2 && ts.len() == 1 {
+                    $tile::<1, 2, 1, F>(m, g, 0, a, ts.start, out);
+                    return;
+                }
+                for half in 0..halves {
+                    let mut t = ts.start;
+                    while t < ts.end {
+                        let n = TOKEN_TILE.min(ts.end - t);
                         match n {
-                            4 => $tile::<4, F>(m, g, half, a, t, out),
-                            3 => $tile::<3, F>(m, g, half, a, t, out),
-                            2 => $tile::<2, F>(m, g, half, a, t, out),
-                            _ => $tile::<1, F>(m, g, half, a, t, out),
+                            4 => $tile::<4, 1, 2, F>(m, g, half, a, t, out),
+                            3 => $tile::<3, 1, 2, F>(m, g, half, a, t, out),
+                            2 => $tile::<2, 1, 2, F>(m, g, half, a, t, out),
+                            _ => $tile::<1, 1, 2, F>(m, g, half, a, t, out),
                         }
+                        t += n;
                     }
-                    t += n;
                 }
             }
         }
 
-        /// `T` tokens from `t0` against rows `8 half..8 half + 8` of row group `g`.
+        /// `T` tokens from `t0` against `H` halves of row group `g` from half `h0`
+        /// (rows `8 h0..8 (h0 + H)`), with `A` integer accumulators per token and half
+        /// (two, so that with few tokens the dot products are not one serial chain; one
+        /// when two halves already give two chains).
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn $tile<const T: usize, F: BlockFormat>(
+        unsafe fn $tile<const T: usize, const H: usize, const A: usize, F: BlockFormat>(
             m: &PackedQuantMatrix,
             g: usize,
-            half: usize,
+            h0: usize,
             a: &Activations,
             t0: usize,
             out: Target,
         ) {
             let blocks = m.blocks();
             check_tile::<F>(m, g, a, t0, T);
-            // SAFETY (all pointer arithmetic and loads below): by the check, group `g`'s
+            assert!(h0 + H <= 2 && (A == 1 || A == 2));
+            // SAFETY (all pointer arithmetic and loads below): by the checks, group `g`'s
             // `blocks` blocks of weights, scales and minimums are in bounds, and each
             // token `t0 + t` has `cols = blocks * BLOCK` activations and `blocks` scales
-            // and sums; `half` is 0 or 1, so its 16 bytes of each 32-byte chunk are the
-            // chunk's.
-            let w0 = unsafe { m.weights.as_ptr().add(g * blocks * F::BYTES + 16 * half) };
+            // and sums; a half's 16 bytes of each 32-byte chunk are the chunk's.
+            let w0 = unsafe { m.weights.as_ptr().add(g * blocks * F::BYTES) };
             let scales = unsafe { ScaleCursor::at::<F>(&m.scales, g, blocks) };
             let mins = m
                 .mins
@@ -151,13 +164,13 @@ macro_rules! group_kernel {
                     xsum[t] = a.sum.as_ptr().add((t0 + t) * blocks);
                 }
             }
-            let mut acc = [_mm256_setzero_ps(); T];
+            let mut acc = [[_mm256_setzero_ps(); H]; T];
             let low_nibbles = _mm256_set1_epi16(0x0F);
             for b in 0..blocks {
                 let w = unsafe { w0.add(b * F::BYTES) };
                 // Software prefetch a fixed distance ahead, as the AVX-512 kernels do;
                 // the first half's pass brings in the lines the second reads.
-                if half == 0 {
+                if h0 == 0 {
                     for line in 0..F::BYTES / 64 {
                         _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_AHEAD + 64 * line) as *const i8);
                     }
@@ -167,64 +180,89 @@ macro_rules! group_kernel {
                         _mm_prefetch::<_MM_HINT_T0>(mins.block_start::<F>(ahead) as *const i8);
                     }
                 }
-                // Two accumulators per token, so that with few tokens the dot products
-                // are not one serial chain of latencies.
-                let mut sums = [[_mm256_setzero_si256(); 2]; T];
+                let mut sums = [[[_mm256_setzero_si256(); A]; H]; T];
                 if F::NIBBLES {
                     for c in 0..8 {
-                        let raw =
-                            unsafe { _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(c * 32) as *const __m128i)) };
-                        let lo = _mm256_and_si256(raw, low_nibbles);
-                        let hi = _mm256_srli_epi16::<4>(raw);
+                        let mut lo = [_mm256_setzero_si256(); H];
+                        let mut hi = [_mm256_setzero_si256(); H];
+                        for h in 0..H {
+                            let p = unsafe { w.add(c * 32 + 16 * (h0 + h)) };
+                            let raw = unsafe { _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i)) };
+                            lo[h] = _mm256_and_si256(raw, low_nibbles);
+                            hi[h] = _mm256_srli_epi16::<4>(raw);
+                        }
                         for t in 0..T {
                             let x = unsafe { xq[t].add(b * F::BLOCK) };
-                            sums[t][0] = unsafe { $dot(sums[t][0], lo, x.add(2 * c)) };
-                            sums[t][1] = unsafe { $dot(sums[t][1], hi, x.add(2 * c + 16)) };
+                            for h in 0..H {
+                                let s = &mut sums[t][h];
+                                s[0] = unsafe { $dot(s[0], lo[h], x.add(2 * c)) };
+                                s[A - 1] = unsafe { $dot(s[A - 1], hi[h], x.add(2 * c + 16)) };
+                            }
                         }
                     }
                 } else {
-                    // Chunks two at a time, one per accumulator (blocks are 16 or 32
-                    // wide, so the chunk count is even).
+                    // Chunks two at a time (blocks are 16 or 32 wide, so the chunk count
+                    // is even).
                     for c in (0..F::BLOCK / 2).step_by(2) {
-                        let (w0, w1) = unsafe {
-                            (
-                                _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(c * 32) as *const __m128i)),
-                                _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(c * 32 + 32) as *const __m128i)),
-                            )
-                        };
+                        let mut w_even = [_mm256_setzero_si256(); H];
+                        let mut w_odd = [_mm256_setzero_si256(); H];
+                        for h in 0..H {
+                            let p = unsafe { w.add(c * 32 + 16 * (h0 + h)) };
+                            unsafe {
+                                w_even[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i));
+                                w_odd[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(32) as *const __m128i));
+                            }
+                        }
                         for t in 0..T {
                             let x = unsafe { xq[t].add(b * F::BLOCK) };
-                            sums[t][0] = unsafe { $dot(sums[t][0], w0, x.add(2 * c)) };
-                            sums[t][1] = unsafe { $dot(sums[t][1], w1, x.add(2 * c + 2)) };
+                            for h in 0..H {
+                                let s = &mut sums[t][h];
+                                s[0] = unsafe { $dot(s[0], w_even[h], x.add(2 * c)) };
+                                s[A - 1] = unsafe { $dot(s[A - 1], w_odd[h], x.add(2 * c + 2)) };
+                            }
                         }
                     }
                 }
-                let d = unsafe { load_scales::<F>(scales, b, half) };
-                for t in 0..T {
-                    let total = _mm256_add_epi32(sums[t][0], sums[t][1]);
-                    let xscale = _mm256_set1_ps(unsafe { *xs[t].add(b) });
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, xscale), acc[t]);
-                }
-                if let Some(mins) = mins {
-                    let mv = unsafe { load_scales::<F>(mins, b, half) };
+                for h in 0..H {
+                    let d = unsafe { load_scales::<F>(scales, b, h0 + h) };
                     for t in 0..T {
-                        let xsum = _mm256_set1_ps(unsafe { *xsum[t].add(b) });
-                        acc[t] = _mm256_fmadd_ps(mv, xsum, acc[t]);
+                        let s = &sums[t][h];
+                        let total = if A == 2 {
+                            _mm256_add_epi32(s[0], s[A - 1])
+                        } else {
+                            s[0]
+                        };
+                        let xscale = _mm256_set1_ps(unsafe { *xs[t].add(b) });
+                        acc[t][h] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(total),
+                            _mm256_mul_ps(d, xscale),
+                            acc[t][h],
+                        );
+                    }
+                    if let Some(mins) = mins {
+                        let mv = unsafe { load_scales::<F>(mins, b, h0 + h) };
+                        for t in 0..T {
+                            let xsum = _mm256_set1_ps(unsafe { *xsum[t].add(b) });
+                            acc[t][h] = _mm256_fmadd_ps(mv, xsum, acc[t][h]);
+                        }
                     }
                 }
             }
-            let valid = (GROUP.min(m.rows - g * GROUP) - 8 * half).min(8);
-            for t in 0..T {
-                // SAFETY: token `t0 + t` and row group `g` of the output, `valid` columns
-                // from `8 half`.
-                unsafe {
-                    let at = out.at(t0 + t, g).add(8 * half);
-                    if valid == 8 {
-                        _mm256_storeu_ps(at, acc[t]);
-                    } else {
-                        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), lanes);
-                        _mm256_maskstore_ps(at, mask, acc[t]);
+            let rows = GROUP.min(m.rows - g * GROUP);
+            for h in 0..H {
+                let valid = rows.saturating_sub(8 * (h0 + h)).min(8);
+                for t in 0..T {
+                    // SAFETY: token `t0 + t` and row group `g` of the output, `valid`
+                    // columns from `8 (h0 + h)`.
+                    unsafe {
+                        let at = out.at(t0 + t, g).add(8 * (h0 + h));
+                        if valid == 8 {
+                            _mm256_storeu_ps(at, acc[t][h]);
+                        } else if valid > 0 {
+                            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), lanes);
+                            _mm256_maskstore_ps(at, mask, acc[t][h]);
+                        }
                     }
                 }
             }
