@@ -19,12 +19,23 @@ cargo build --release -q -p moeserve-bench --bench packed_matmul --target aarch6
 bin="$(ls -t target/aarch64-unknown-linux-gnu/release/deps/packed_matmul-* | grep -v '\.d$' | head -n1)"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-# Address ranges of the matmul kernels and of the quantizer, from the symbol table.
+# The test binary is position independent: qemu loads it at a base address, read from
+# its page log on a tiny run.
+MOESERVE_CPU=neon qemu-aarch64-static -cpu max -L /usr/aarch64-linux-gnu -d page -D "$out/page" \
+  "$bin" --rows 16 --cols 64 --tokens 1 --formats Q4_0 --reps 1 >/dev/null
+# One instruction per translation block, unchained: every instruction executed is logged.
+one_insn=-one-insn-per-tb
+qemu-aarch64-static --help | grep -q -- -one-insn-per-tb || one_insn=-singlestep   # qemu before 8.1
+base="$(grep -m1 -oE '^[0-9a-f]{16}-' "$out/page" | tr -d -)"
+# Address ranges of the matmul kernels (every function of quant::neon that the compiler
+# kept out of line: the entry points, tiles and helpers) and of the quantizer.
 ranges() {
-  aarch64-linux-gnu-nm -C -S --defined-only "$bin" | grep -E "$1" |
-    awk '{printf "%s0x%s+0x%s", (n++ ? "," : ""), $1, $2}'
+  aarch64-linux-gnu-nm -C -S --defined-only "$bin" | grep -E "$1" | grep -Ev "${2:-^$}" |
+    python3 -c 'import sys
+base = int(sys.argv[1], 16)
+print(",".join(f"{base + int(a, 16):#x}+{int(n, 16):#x}" for a, n, *_ in map(str.split, sys.stdin)))' "$base"
 }
-kernels="$(ranges 'quant::neon::(group|run|tile)_')"
+kernels="$(ranges 'quant::neon::' 'quant::neon::quantize')"
 quantizer="$(ranges 'quant::neon::quantize')"
 [ -n "$kernels" ] || { echo "no NEON kernel symbols in $bin" >&2; exit 1; }
 echo "| emulated CPU | kernel | format | tokens | MACs | kernel instructions | per 16x32 block and token | MACs per instruction | weights read per instruction | quantizer instructions |"
@@ -34,10 +45,11 @@ for cpu in max cortex-a76 cortex-a72; do
   for format in Q4_0 Q8_0 Q4K Q6K; do
     for t in 1 8; do
       count() {
-        qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu -one-insn-per-tb -d exec,nochain \
+        rm -f "$out/log"
+        MOESERVE_CPU=neon RAYON_NUM_THREADS=1 qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "$one_insn" -d exec,nochain \
           -dfilter "$1" -D "$out/log" "$bin" --rows "$rows" --cols "$cols" --tokens "$t" \
           --formats "$format" --reps 1 >/dev/null 2>&1 || true
-        grep -c '^Trace' "$out/log" || true
+        if [ -f "$out/log" ]; then grep -c '^Trace' "$out/log" || true; else echo 0; fi
       }
       n="$(count "$kernels")"
       q="$(count "$quantizer")"
