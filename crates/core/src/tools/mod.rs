@@ -194,8 +194,27 @@ pub enum CallMode {
     Auto,
 }
 
-/// The grammar of tool calls in the model's format: one (or with `parallel`, one or
-/// more) calls, each naming one of `functions` with arguments valid against its schema.
+/// The most calls one answer may make. A turn's calls end where the model stops
+/// writing them; a small model may instead write the same call again and again until its
+/// token limit, so the grammar ends the turn after this many (and a forced answer, with
+/// `tool_choice` required, after as many calls as there are functions: one function
+/// forced is one call).
+pub const MAX_PARALLEL_CALLS: usize = 8;
+
+/// Up to `most - 1` more of `item` (which starts with its separator), as nested optional
+/// groups: `(item (item ..)?)?`.
+fn more_calls(item: &str, most: usize) -> String {
+    (1..most).fold(String::new(), |inner, _| {
+        if inner.is_empty() {
+            format!("({item})?")
+        } else {
+            format!("({item} {inner})?")
+        }
+    })
+}
+
+/// The grammar of tool calls in the model's format: one (or with `parallel`, up to
+/// [`MAX_PARALLEL_CALLS`], and in a forced answer up to one per function) calls, each naming one of `functions` with arguments valid against its schema.
 /// With [`CallMode::Auto`] the answer may instead be free text, and a call is
 /// constrained from its opening marker on: a special token is only allowed where the
 /// grammar names it, so free text can never open a call by accident; a marker that is
@@ -234,6 +253,10 @@ pub fn call_grammar(
         format!("one: {}\n", alternatives.join("\n    | "))
     };
     let m = |t: &str| marker(codec, t);
+    let most = match mode {
+        CallMode::Required => functions.len().clamp(1, MAX_PARALLEL_CALLS),
+        CallMode::Auto => MAX_PARALLEL_CALLS,
+    };
     // Each format as its opening marker and what follows it (the rule `rest`).
     let (open, rest) = match format {
         ToolFormat::Hermes | ToolFormat::Generic => {
@@ -244,7 +267,10 @@ pub fn call_grammar(
                 ""
             };
             let more = if parallel {
-                format!(" (\"\\n\" {} body)*", m("<tool_call>"))
+                format!(
+                    " {}",
+                    more_calls(&format!("\"\\n\" {} body", m("<tool_call>")), most)
+                )
             } else {
                 String::new()
             };
@@ -255,11 +281,19 @@ pub fn call_grammar(
             ("<tool_call>", rules)
         }
         ToolFormat::Llama3Json => {
-            let more = if parallel { " (\"; \" one)*" } else { "" };
+            let more = if parallel {
+                format!(" {}", more_calls("\"; \" one", most))
+            } else {
+                String::new()
+            };
             ("<|python_tag|>", format!("rest: one{more}\n{one_call}"))
         }
         ToolFormat::Mistral => {
-            let more = if parallel { " (\", \" one)*" } else { "" };
+            let more = if parallel {
+                format!(" {}", more_calls("\", \" one", most))
+            } else {
+                String::new()
+            };
             ("[TOOL_CALLS]", format!("rest: \"[\" one{more} \"]\"\n{one_call}"))
         }
         ToolFormat::DeepSeekV3 => {
@@ -277,7 +311,11 @@ pub fn call_grammar(
                     )
                 })
                 .collect();
-            let repeat = if parallel { "+" } else { "" };
+            let repeat = if parallel {
+                format!(" {}", more_calls("call", most))
+            } else {
+                String::new()
+            };
             let rules = format!(
                 "rest: call{repeat} {}\ncall: {}\n",
                 m("<｜tool▁calls▁end｜>"),

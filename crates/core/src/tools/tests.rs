@@ -368,6 +368,47 @@ fn required_call_grammars_accept_exactly_valid_calls() {
     }
 }
 
+/// With parallel calls, a forced answer (required) takes one call per offered function
+/// at most and an open one (auto) `MAX_PARALLEL_CALLS`, then ends the turn: a model that
+/// writes the same call again and again (a small one given a forced call does) stops
+/// there instead of at its token limit.
+#[test]
+fn parallel_call_grammars_end_after_the_most_calls() {
+    let functions = weather_functions();
+    for (format, markers, good, _) in call_cases() {
+        let separator = match format {
+            ToolFormat::Hermes | ToolFormat::Generic => "\n",
+            ToolFormat::Llama3Json => "; ",
+            _ => continue,
+        };
+        let codec = codec_with(&markers, "");
+        let vocab = codec.tokenizer().get_vocab_size(true);
+        let compiler = GrammarCompiler::new(&codec, vocab).unwrap();
+        let calls = |n: usize| vec![good.as_str(); n].join(separator);
+        let mut modes = vec![(CallMode::Required, functions.len())];
+        // Free text cannot hold a call only where the marker is a special token.
+        if format == ToolFormat::Hermes {
+            modes.push((CallMode::Auto, MAX_PARALLEL_CALLS));
+        }
+        for (mode, most) in modes {
+            let spec = call_grammar(&codec, format, &functions, true, mode);
+            for n in 1..=most {
+                assert_eq!(
+                    walk(&codec, &compiler, &spec, &calls(n)),
+                    Ok(true),
+                    "{format:?} {mode:?}: {n} calls"
+                );
+            }
+            let (_, parsed) = parse(format, &calls(most));
+            assert_eq!(parsed.len(), most, "{format:?}");
+            assert!(
+                walk(&codec, &compiler, &spec, &calls(most + 1)).is_err(),
+                "{format:?} {mode:?} took a call past {most}"
+            );
+        }
+    }
+}
+
 /// Parameters that refer to their own `$defs` (as pydantic writes them) compile in every
 /// format, and a call using them is accepted.
 #[test]
