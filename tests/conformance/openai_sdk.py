@@ -410,7 +410,7 @@ def responses_continue_retrieve_delete():
 def responses_errors():
     seen = []
     for args, error, param in [
-        (dict(tools=[{"type": "web_search"}]), openai.BadRequestError, "tools[0].type"),
+        (dict(tools=[{"type": "telepathy"}]), openai.BadRequestError, "tools[0].type"),
         (dict(background=True), openai.BadRequestError, "background"),
         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]), openai.BadRequestError, "input[0].content[0].type"),
         (dict(model="no-such-model"), openai.NotFoundError, "model"),

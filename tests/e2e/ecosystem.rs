@@ -242,18 +242,13 @@ async fn responses_api_over_http() {
     // What is not supported is a 400 naming the field.
     for (extra, param) in [
         (json!({"background": true}), "background"),
-        (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
-        (
-            json!({"tools": [{"type": "file_search", "vector_store_ids": []}]}),
-            "tools[0].type",
-        ),
+        (json!({"tools": [{"type": "telepathy"}]}), "tools[0].type"),
         (
             json!({"input": [{"type": "item_reference", "id": "x"}]}),
             "input[0].type",
         ),
         (json!({"input": null}), "input"),
         (json!({"text": {"format": {"type": "yaml"}}}), "text.format.type"),
-        (json!({"max_output_tokens": 100000}), "max_tokens"),
     ] {
         let mut b = json!({"model": MODEL, "input": "x"});
         for (k, v) in extra.as_object().unwrap() {
@@ -573,7 +568,7 @@ async fn anthropic_messages_over_http() {
             "invalid_request_error",
         ),
         (
-            json!({"model": MODEL, "max_tokens": 100000, "messages": [{"role": "user", "content": "x"}]}),
+            json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "wizard", "content": "x"}]}),
             400,
             "invalid_request_error",
         ),
@@ -705,4 +700,93 @@ async fn gateway_metrics_follow_the_load() {
     s.wait_metric("moeserve_kv_cache_usage_perc", 0.0).await;
     s.wait_metric("moeserve_num_requests_running", 0.0).await;
     assert_eq!(s.metric("moeserve_num_requests_waiting").await, 0.0);
+}
+
+/// What agents send that a chat client would not: their model's maximum output (Claude
+/// Code 32000) is cut to what the context leaves on the Messages and Responses APIs
+/// (chat still refuses it); a system message after the user's turn; hosted tools, left
+/// out; and a forced call to one function ends the turn after that call.
+/// `--max-output-tokens` caps every API. The KV pool here is small, so "what the
+/// context leaves" is what the pool holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_requests() {
+    let s = Server::start(&["--kv-cache-memory", "2MiB", "--block-size", "16"]).await;
+    let pool = s.metric("moeserve_kv_cache_blocks_total").await as u64 * 16;
+    let context = s.get("/v1/models").await["data"][0]["max_model_len"]
+        .as_u64()
+        .unwrap();
+    assert!(pool < 32000 && context < 100000);
+    let (st, m) = s
+        .post(
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 32000, "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "system", "content": "Answer in French."}],
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{m}");
+    assert!(
+        m["stop_reason"] == "max_tokens" || m["stop_reason"] == "end_turn",
+        "{m}"
+    );
+    let used = m["usage"]["input_tokens"].as_u64().unwrap()
+        + m["usage"]["cache_read_input_tokens"].as_u64().unwrap()
+        + m["usage"]["output_tokens"].as_u64().unwrap();
+    assert!(
+        used <= pool.min(context),
+        "{used} tokens in a pool of {pool}: {m}"
+    );
+    let (st, r) = s
+        .post(
+            "/v1/responses",
+            json!({"model": MODEL, "input": "Hi", "max_output_tokens": 100000,
+                "tools": [{"type": "web_search"}], "store": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let (st, c) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "max_tokens": 100000, "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(
+        (st, c["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{c}"
+    );
+
+    // A forced call to one function: one call, then the turn ends.
+    let tool = json!({"type": "function", "name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": false}});
+    let (st, r) = s
+        .post(
+            "/v1/responses",
+            json!({"model": MODEL, "input": "Weather in Paris?", "tools": [tool],
+                "tool_choice": "required", "max_output_tokens": 200, "store": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["status"], "completed", "{r}");
+    let calls: Vec<&Value> = r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "function_call")
+        .collect();
+    assert_eq!(calls.len(), 1, "{r}");
+
+    let capped = Server::start(&["--max-output-tokens", "3"]).await;
+    let v = capped
+        .chat(json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}]}))
+        .await;
+    assert_eq!(
+        (
+            v["usage"]["completion_tokens"].as_u64(),
+            v["choices"][0]["finish_reason"].as_str()
+        ),
+        (Some(3), Some("length")),
+        "{v}"
+    );
 }

@@ -34,6 +34,7 @@ pub struct Settings {
     pub max_num_batched_tokens: usize,
     pub max_waiting_requests: usize,
     pub max_n: usize,
+    pub max_output_tokens: usize,
     pub speculative_method: String,
     pub num_speculative_tokens: usize,
     pub ngram_prompt_lookup_min: usize,
@@ -116,6 +117,9 @@ pub struct SettingsArgs {
     /// Most choices (n) per request.
     #[arg(long, env = "MOESERVE_MAX_N")]
     pub max_n: Option<usize>,
+    /// Most tokens one request may generate, whatever it asks (0: up to the context).
+    #[arg(long, env = "MOESERVE_MAX_OUTPUT_TOKENS")]
+    pub max_output_tokens: Option<usize>,
     /// Speculative decoding: ngram, mtp (models with MTP weights) or none.
     #[arg(long, env = "MOESERVE_SPECULATIVE_METHOD")]
     pub speculative_method: Option<String>,
@@ -170,6 +174,15 @@ pub struct SettingsArgs {
 }
 
 impl Settings {
+    /// A request's output limit under `max_output_tokens`: cut to it, and set to it when
+    /// the request names none (llama-server's `--n-predict` does the same).
+    pub fn cap_output(&self, max_tokens: Option<usize>) -> Option<usize> {
+        match self.max_output_tokens {
+            0 => max_tokens,
+            cap => Some(max_tokens.map_or(cap, |t| t.min(cap))),
+        }
+    }
+
     /// Built-in defaults, overridden by the config file, then by flags and environment.
     pub fn resolve(args: &SettingsArgs) -> anyhow::Result<Self> {
         let mut table: toml::Table = toml::from_str(DEFAULTS).expect("built-in defaults parse");
@@ -212,6 +225,7 @@ impl Settings {
             max_num_batched_tokens,
             max_waiting_requests,
             max_n,
+            max_output_tokens,
             speculative_method,
             num_speculative_tokens,
             ngram_prompt_lookup_min,

@@ -29,7 +29,8 @@ pub enum MessageContent {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct InputMessage {
-    /// `user` or `assistant`.
+    /// `user` or `assistant`; also `system`, as Claude Code sends it between turns (kept
+    /// at its place where the chat template allows, else joined to the system prompt).
     pub role: String,
     pub content: MessageContent,
 }
@@ -37,8 +38,8 @@ pub struct InputMessage {
 /// A tool the model may call: `name`, `description` and the JSON schema of its input.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct Tool {
-    /// `custom` or absent; Anthropic's server tools (web search, code execution, ..)
-    /// are refused.
+    /// `custom` or absent; Anthropic's server tools (web search, code execution, ..) and
+    /// built-in client tools (bash, text editor) are left out of the prompt.
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub name: String,
@@ -46,6 +47,9 @@ pub struct Tool {
     /// Required for client tools.
     #[schema(value_type = Option<Object>)]
     pub input_schema: Option<Value>,
+    /// A deferred tool (`true`) is found by the client's tool search, not shown to the
+    /// model up front: it is left out of the prompt.
+    pub defer_loading: Option<bool>,
 }
 
 /// `POST /v1/messages`
@@ -92,6 +96,25 @@ pub struct CountTokensRequest {
     pub thinking: Option<Value>,
 }
 
+/// A tool result's content blocks as text: text blocks as they are, anything else
+/// (images, documents, tool references) as a short note of what was left out, since the
+/// served models read only text and an agent's tool may return an image at any turn.
+fn text_of_result_blocks(blocks: &[Value]) -> String {
+    blocks
+        .iter()
+        .map(|b| {
+            match (
+                b.get("type").and_then(Value::as_str),
+                b.get("text").and_then(Value::as_str),
+            ) {
+                (Some("text"), Some(t)) => t.to_string(),
+                (kind, _) => format!("[{} omitted]", kind.unwrap_or("block")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn text_of_blocks(blocks: &[Value], param: &str) -> Result<String, ApiError> {
     let mut text = String::new();
     for (j, b) in blocks.iter().enumerate() {
@@ -131,10 +154,18 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
     }
     for (i, m) in messages.iter().enumerate() {
         let param = format!("messages[{i}]");
+        if m.role == "system" {
+            let text = match &m.content {
+                MessageContent::Text(t) => t.clone(),
+                MessageContent::Blocks(b) => text_of_blocks(b, &format!("{param}.content"))?,
+            };
+            out.push(json!({"role": "system", "content": text}));
+            continue;
+        }
         if m.role != "user" && m.role != "assistant" {
             return Err(ApiError::invalid_param(
                 &format!("{param}.role"),
-                format!("unknown role {:?} (user or assistant)", m.role),
+                format!("unknown role {:?} (user, assistant or system)", m.role),
             ));
         }
         let blocks = match &m.content {
@@ -169,7 +200,7 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
                     let mut content = match b.get("content") {
                         None | Some(Value::Null) => String::new(),
                         Some(Value::String(s)) => s.clone(),
-                        Some(Value::Array(parts)) => text_of_blocks(parts, &format!("{at}.content"))?,
+                        Some(Value::Array(parts)) => text_of_result_blocks(parts),
                         Some(_) => {
                             return Err(ApiError::invalid_param(
                                 &format!("{at}.content"),
@@ -206,6 +237,12 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
             out.push(json!({"role": "user", "content": text}));
         }
     }
+    if messages.iter().all(|m| m.role == "system") {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages need a user turn; system messages alone are no conversation",
+        ));
+    }
     Ok(out)
 }
 
@@ -216,11 +253,14 @@ fn chat_tools(tools: Option<&[Tool]>, choice: Option<&Value>) -> Result<(Value, 
     };
     let mut out = Vec::new();
     for (i, t) in tools.iter().enumerate() {
-        if let Some(kind) = t.kind.as_deref().filter(|k| *k != "custom") {
-            return Err(ApiError::invalid_param(
-                &format!("tools[{i}].type"),
-                format!("server tools ({kind}) are not supported; define client tools with name, description and input_schema"),
-            ));
+        if t.defer_loading == Some(true) {
+            continue;
+        }
+        // Anthropic's server tools (web search, code execution, ..) and its schema-less
+        // built-in client tools (bash, text editor, computer) cannot be offered to the
+        // served model: they are left out, not refused.
+        if t.kind.as_deref().is_some_and(|k| k != "custom") {
+            continue;
         }
         let Some(schema) = &t.input_schema else {
             return Err(ApiError::invalid_param(
@@ -230,6 +270,9 @@ fn chat_tools(tools: Option<&[Tool]>, choice: Option<&Value>) -> Result<(Value, 
         };
         out.push(json!({"type": "function", "function": {
             "name": t.name, "description": t.description, "parameters": schema}}));
+    }
+    if out.is_empty() {
+        return Ok((Value::Null, Value::Null, Value::Null));
     }
     let (choice, parallel) = match choice {
         None | Some(Value::Null) => (Value::Null, Value::Null),
@@ -307,7 +350,7 @@ impl MessagesRequest {
         }
         let (tools, tool_choice, parallel) = chat_tools(self.tools.as_deref(), self.tool_choice.as_ref())?;
         let budget = thinking_budget(self.thinking.as_ref())?.filter(|_| reasons);
-        to_chat(json!({
+        let mut chat = to_chat(json!({
             "model": self.model,
             "messages": chat_messages(self.system.as_ref(), &self.messages)?,
             "max_tokens": self.max_tokens,
@@ -319,7 +362,9 @@ impl MessagesRequest {
             "tool_choice": tool_choice,
             "parallel_tool_calls": parallel,
             "max_reasoning_tokens": budget,
-        }))
+        }))?;
+        chat.clamp_max_tokens = true;
+        Ok(chat)
     }
 }
 
@@ -552,11 +597,12 @@ mod tests {
             )),
             Some("messages[0].content[0].type".into())
         );
-        assert_eq!(
-            param(base(
-                json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]})
-            )),
-            Some("tools[0].type".into())
+        let hosted = req(base(
+            json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+        ));
+        assert!(
+            hosted.to_chat(true).unwrap().tools.is_none(),
+            "server tools are left out"
         );
         assert_eq!(
             param(base(
@@ -593,5 +639,67 @@ mod tests {
             (u.input_tokens, u.cache_read_input_tokens, u.output_tokens),
             (2, 8, 3)
         );
+    }
+
+    /// Claude Code 2.1.337's first request (`claude -p`, recorded through
+    /// tests/agents/recording_proxy.py): system blocks with `cache_control`, a `system`
+    /// message after the user's turn, a deferred tool, adaptive thinking with `display`,
+    /// `context_management`, `output_config`, `metadata.user_id` and `max_tokens: 32000`.
+    #[test]
+    fn claude_code_first_request() {
+        let recorded: Value = serde_json::from_str(include_str!(
+            "../../../../tests/fixtures/agents/claude-code-first-request.json"
+        ))
+        .unwrap();
+        let body = &recorded["body"];
+        let chat = req(body.clone()).to_chat(false).unwrap();
+        assert!(chat.clamp_max_tokens, "32000 is cut to what the context leaves");
+        let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(
+            roles,
+            ["system", "user", "system"],
+            "the system message stays where it was"
+        );
+        let offered: Vec<String> = chat
+            .tools
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| t.function.as_ref().unwrap().name.clone().unwrap())
+            .collect();
+        let sent = body["tools"].as_array().unwrap();
+        let deferred: Vec<&str> = sent
+            .iter()
+            .filter(|t| t["defer_loading"] == true)
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert!(!deferred.is_empty());
+        assert_eq!(offered.len(), sent.len() - deferred.len());
+        assert!(offered.iter().all(|o| !deferred.contains(&o.as_str())));
+        assert!(offered.iter().any(|o| o == "Bash"));
+    }
+
+    /// A tool result may be blocks other than text (an image a tool returned): they are
+    /// noted as left out, not refused.
+    #[test]
+    fn tool_results_with_images_are_read() {
+        let chat = req(json!({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "Look"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "text", "text": "a screenshot"}, {"type": "image", "source": {"type": "base64", "data": ""}}]},
+                {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "opaque"},
+                {"type": "thinking", "thinking": "hm", "signature": "s"}, {"type": "text", "text": "A cat."}]},
+        ]}))
+        .to_chat(false)
+        .unwrap();
+        let tool = chat.messages.iter().find(|m| m.role == "tool").unwrap();
+        match &tool.content {
+            Some(crate::api::requests::MessageContent::Text(t)) => {
+                assert_eq!(t, "a screenshot\n[image omitted]")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -27,8 +27,10 @@ pub struct ResponsesRequest {
     /// Extensions as on chat: vLLM's `top_k`, and a `seed`.
     pub top_k: Option<i32>,
     pub seed: Option<i64>,
-    /// Function tools (`{"type": "function", "name", "description", "parameters"}`);
-    /// built-in tools (web search, file search, ..) are refused.
+    /// Function tools (`{"type": "function", "name", "description", "parameters"}`),
+    /// also grouped in a `namespace` (offered by their own names; a call to one says its
+    /// namespace). Hosted tools moeserve cannot run ([`HOSTED_TOOLS`]: web search, file
+    /// search, ..) and, for now, `custom` tools are left out of the prompt, not refused.
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
     /// `none`, `auto`, `required` or `{"type": "function", "name": ..}`.
@@ -57,6 +59,56 @@ pub struct ResponsesRequest {
     #[schema(value_type = Option<Object>)]
     pub prompt: Option<Value>,
     pub max_tool_calls: Option<usize>,
+}
+
+/// Tool types OpenAI runs on its side (or, for `local_shell` and `custom`, that
+/// moeserve does not offer yet): accepted and left out of the prompt, since agents send
+/// them in every request whatever the model (Codex sends `web_search`).
+pub const HOSTED_TOOLS: &[&str] = &[
+    "web_search",
+    "web_search_preview",
+    "web_search_preview_2025_03_11",
+    "file_search",
+    "computer_use",
+    "computer_use_preview",
+    "code_interpreter",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "shell",
+    "apply_patch",
+    "tool_search",
+    "custom",
+];
+
+/// A function tool's definition in chat terms.
+fn chat_function(t: &Value) -> Value {
+    json!({"type": "function", "function": {
+        "name": t.get("name"), "description": t.get("description"),
+        "parameters": t.get("parameters"), "strict": t.get("strict")}})
+}
+
+/// A tool output's content: a string, or parts of which the text ones are read (an
+/// image a tool returns is noted as left out: the served models read text).
+fn output_text(output: Option<&Value>) -> String {
+    match output {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (_, Some(t)) => t.to_string(),
+                    (kind, None) => format!("[{} omitted]", kind.unwrap_or("part")),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
 }
 
 fn refuse(param: &str, what: &str) -> ApiError {
@@ -124,7 +176,7 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                 let text = item_text(item.get("content"), &format!("{at}.content"))?;
                 out.push(json!({"role": role, "content": text}));
             }
-            Some("function_call") => {
+            Some(kind @ ("function_call" | "custom_tool_call")) => {
                 let (Some(call_id), Some(name)) = (
                     item.get("call_id").and_then(Value::as_str),
                     item.get("name").and_then(Value::as_str),
@@ -134,7 +186,14 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                         "a function_call item needs call_id and name",
                     ));
                 };
-                let arguments = item.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                // A custom tool's free-form input, as the arguments of a function taking it.
+                let custom;
+                let arguments = if kind == "custom_tool_call" {
+                    custom = json!({"input": item.get("input").and_then(Value::as_str).unwrap_or("")}).to_string();
+                    custom.as_str()
+                } else {
+                    item.get("arguments").and_then(Value::as_str).unwrap_or("{}")
+                };
                 let call = json!({"id": call_id, "type": "function",
                     "function": {"name": name, "arguments": arguments}});
                 match out.last_mut() {
@@ -145,26 +204,31 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                     _ => out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]})),
                 }
             }
-            Some("function_call_output") => {
+            Some("function_call_output" | "custom_tool_call_output") => {
                 let Some(call_id) = item.get("call_id").and_then(Value::as_str) else {
                     return Err(ApiError::invalid_param(
                         &format!("{at}.call_id"),
                         "a function_call_output item needs the call_id it answers",
                     ));
                 };
-                let output = match item.get("output") {
-                    Some(Value::String(s)) => s.clone(),
-                    o => item_text(o, &format!("{at}.output"))?,
-                };
+                let output = output_text(item.get("output"));
                 out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
             }
-            // Earlier turns' thoughts are not shown to the model again.
-            Some("reasoning") => {}
+            // Earlier turns' thoughts are not shown to the model again (their
+            // `encrypted_content` is not ours to read); hosted tools' calls and results
+            // never came from moeserve and mean nothing to the model.
+            Some(
+                "reasoning" | "web_search_call" | "file_search_call" | "computer_call"
+                | "computer_call_output" | "code_interpreter_call" | "image_generation_call"
+                | "mcp_call" | "mcp_list_tools" | "mcp_approval_request" | "mcp_approval_response"
+                | "local_shell_call" | "local_shell_call_output" | "tool_search_call"
+                | "tool_search_output",
+            ) => {}
             other => {
                 return Err(ApiError::invalid_param(
                     &format!("{at}.type"),
                     format!(
-                    "input items of type {} are not supported (message, function_call, function_call_output)",
+                    "input items of type {} are not supported (message, function_call, function_call_output, custom_tool_call, custom_tool_call_output, reasoning)",
                     other.unwrap_or("(none)")
                 ),
                 ))
@@ -203,21 +267,68 @@ impl ResponsesRequest {
         let mut out = Vec::new();
         for (i, t) in tools.iter().enumerate() {
             match t.get("type").and_then(Value::as_str) {
-                Some("function") => out.push(json!({"type": "function", "function": {
-                    "name": t.get("name"), "description": t.get("description"),
-                    "parameters": t.get("parameters"), "strict": t.get("strict")}})),
+                Some("function") => out.push(chat_function(t)),
+                Some("namespace") => {
+                    let Some(Value::Array(inner)) = t.get("tools") else {
+                        return Err(ApiError::invalid_param(
+                            &format!("tools[{i}].tools"),
+                            "a namespace needs its list of tools",
+                        ));
+                    };
+                    for (j, f) in inner.iter().enumerate() {
+                        match f.get("type").and_then(Value::as_str) {
+                            Some("function") => out.push(chat_function(f)),
+                            Some(kind) if HOSTED_TOOLS.contains(&kind) => {}
+                            other => {
+                                return Err(ApiError::invalid_param(
+                                    &format!("tools[{i}].tools[{j}].type"),
+                                    format!("unknown tool type {}", other.unwrap_or("(none)")),
+                                ))
+                            }
+                        }
+                    }
+                }
+                Some(kind) if HOSTED_TOOLS.contains(&kind) => {}
                 other => {
                     return Err(ApiError::invalid_param(
                         &format!("tools[{i}].type"),
                         format!(
-                            "built-in tools ({}) are not supported; only function tools",
-                            other.unwrap_or("no type")
+                            "unknown tool type {} (function, namespace, or a hosted tool, which is left out)",
+                            other.unwrap_or("(none)")
                         ),
                     ))
                 }
             }
         }
+        if out.is_empty() {
+            return Ok(Value::Null);
+        }
         Ok(Value::Array(out))
+    }
+
+    /// The namespace of each function offered inside one, by function name (a function
+    /// also defined at the top level is taken as that one).
+    pub fn function_namespaces(&self) -> std::collections::HashMap<String, String> {
+        let mut out = std::collections::HashMap::new();
+        let tools = self.tools.as_deref().unwrap_or(&[]);
+        for t in tools.iter().filter(|t| t["type"] == "namespace") {
+            let (Some(ns), Some(Value::Array(inner))) =
+                (t.get("name").and_then(Value::as_str), t.get("tools"))
+            else {
+                continue;
+            };
+            for f in inner {
+                if let Some(name) = f.get("name").and_then(Value::as_str) {
+                    out.entry(name.to_string()).or_insert_with(|| ns.to_string());
+                }
+            }
+        }
+        for t in tools.iter().filter(|t| t["type"] == "function") {
+            if let Some(name) = t.get("name").and_then(Value::as_str) {
+                out.remove(name);
+            }
+        }
+        out
     }
 
     fn chat_tool_choice(&self) -> Result<Value, ApiError> {
@@ -230,6 +341,14 @@ impl ResponsesRequest {
                     c.get("name").and_then(Value::as_str),
                 ) {
                     (Some("function"), Some(name)) => json!({"type": "function", "function": {"name": name}}),
+                    // The subset is not enforced: its mode is.
+                    (Some("allowed_tools"), _) => match c.get("mode").and_then(Value::as_str) {
+                        Some("required") => json!("required"),
+                        _ => json!("auto"),
+                    },
+                    // A hosted or custom tool forced: it is not offered, so the model
+                    // answers as it chooses.
+                    (Some(kind), _) if HOSTED_TOOLS.contains(&kind) => json!("auto"),
                     _ => return Err(ApiError::invalid_param(
                         "tool_choice",
                         "tool_choice must be none, auto, required or {\"type\": \"function\", \"name\": ..}",
@@ -286,7 +405,10 @@ impl ResponsesRequest {
             "parallel_tool_calls": self.parallel_tool_calls,
             "response_format": self.response_format()?,
         });
-        serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+        let mut chat: ChatCompletionRequest = serde_json::from_value(v)
+            .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))?;
+        chat.clamp_max_tokens = true;
+        Ok(chat)
     }
 }
 
@@ -361,6 +483,9 @@ pub enum OutputItem {
         id: String,
         call_id: String,
         name: String,
+        /// The namespace of a function offered inside one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
         arguments: String,
         status: ItemStatus,
     },
@@ -716,7 +841,11 @@ mod tests {
         let cases = [
             (json!({"background": true}), "background"),
             (json!({"conversation": "conv_1"}), "conversation"),
-            (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
+            (json!({"tools": [{"type": "telepathy"}]}), "tools[0].type"),
+            (
+                json!({"tools": [{"type": "namespace", "name": "n", "tools": [{"type": "telepathy"}]}]}),
+                "tools[0].tools[0].type",
+            ),
             (
                 json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
                 "input[0].content[0].type",
@@ -739,5 +868,108 @@ mod tests {
                 .extend(extra.as_object().unwrap().clone());
             assert_eq!(param(v.clone()), Some(want.to_string()), "{v}");
         }
+    }
+
+    /// Codex CLI 0.171.0's first request (`codex exec`, recorded through
+    /// tests/agents/recording_proxy.py): function tools, a `namespace` of them, the hosted
+    /// `web_search`, `reasoning`, `include`, `store: false`, `prompt_cache_key` and
+    /// `client_metadata`. It becomes a chat request offering every function (the
+    /// namespace's by their own names) and not web search; calls to the namespace's
+    /// functions say their namespace.
+    #[test]
+    fn codex_first_request() {
+        let recorded: Value = serde_json::from_str(include_str!(
+            "../../../../tests/fixtures/agents/codex-exec-first-request.json"
+        ))
+        .unwrap();
+        let r = req(recorded["body"].clone());
+        r.check().unwrap();
+        let messages = input_messages(r.input.as_ref().unwrap()).unwrap();
+        assert_eq!(messages[0]["role"], "developer");
+        let chat = r.to_chat(&messages).unwrap();
+        assert!(chat.clamp_max_tokens);
+        let offered: Vec<String> = chat
+            .tools
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| t.function.as_ref().unwrap().name.clone().unwrap())
+            .collect();
+        for name in [
+            "exec_command",
+            "write_stdin",
+            "spawn_agent",
+            "wait_agent",
+            "update_goal",
+        ] {
+            assert!(
+                offered.iter().any(|o| o == name),
+                "{name} not offered: {offered:?}"
+            );
+        }
+        let sent = recorded["body"]["tools"].as_array().unwrap();
+        let functions = sent.iter().filter(|t| t["type"] == "function").count()
+            + sent
+                .iter()
+                .filter(|t| t["type"] == "namespace")
+                .map(|t| t["tools"].as_array().unwrap().len())
+                .sum::<usize>();
+        assert_eq!(
+            offered.len(),
+            functions,
+            "web_search is left out, every function offered"
+        );
+        let namespaces = r.function_namespaces();
+        assert_eq!(
+            namespaces.get("spawn_agent").map(String::as_str),
+            Some("multi_agent_v1")
+        );
+        assert_eq!(namespaces.get("exec_command"), None);
+    }
+
+    /// What later turns of an agent bring back: reasoning with `encrypted_content`, a
+    /// function call with its namespace, an output as parts (an image among them), a
+    /// custom tool's call and output, a hosted tool's call; all are read, none refused.
+    #[test]
+    fn later_turn_items_are_read() {
+        let r = req(json!({"model": "m", "input": [
+            {"role": "user", "content": "List the files."},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+            {"type": "function_call", "call_id": "c1", "name": "spawn_agent", "namespace": "multi_agent_v1", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": [
+                {"type": "input_text", "text": "spawned"}, {"type": "input_image", "image_url": "data:,"}]},
+            {"type": "custom_tool_call", "call_id": "c2", "name": "apply_patch", "input": "*** Begin Patch"},
+            {"type": "custom_tool_call_output", "call_id": "c2", "output": "done"},
+            {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+        ]}));
+        let m = input_messages(r.input.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            Value::Array(m),
+            json!([
+                {"role": "user", "content": "List the files."},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "spawn_agent", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "spawned\n[input_image omitted]"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c2", "type": "function", "function": {"name": "apply_patch", "arguments": "{\"input\":\"*** Begin Patch\"}"}}]},
+                {"role": "tool", "tool_call_id": "c2", "content": "done"},
+            ])
+        );
+    }
+
+    #[test]
+    fn a_forced_hosted_tool_leaves_the_choice_to_the_model() {
+        let r = req(json!({"model": "m", "input": "hi",
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}, {"type": "web_search"}],
+            "tool_choice": {"type": "web_search"}}));
+        let chat = r
+            .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
+            .unwrap();
+        assert_eq!(chat.tool_choice, Some(json!("auto")));
+        let r = req(json!({"model": "m", "input": "hi", "tools": [{"type": "web_search"}]}));
+        let chat = r
+            .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
+            .unwrap();
+        assert!(chat.tools.is_none(), "only hosted tools: nothing offered");
     }
 }

@@ -170,6 +170,12 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// Extension (vLLM's): a JSON schema, regex, choice or grammar for the output.
     pub structured_outputs: Option<StructuredOutputs>,
+    /// Not a wire field: the Messages and Responses APIs set it. Agents send their
+    /// model's maximum output whatever the context (Claude Code 32000), so there a
+    /// `max_tokens` past what the context leaves is cut to it (the answer then ends
+    /// `length` / `max_tokens`) instead of refused as on chat.
+    #[serde(skip)]
+    pub clamp_max_tokens: bool,
 }
 }
 // `user` and other unknown fields are accepted and ignored.

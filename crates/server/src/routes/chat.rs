@@ -309,6 +309,7 @@ pub async fn prepare_chat<'a>(
 ) -> Result<PreparedChat<'a>, ApiError> {
     let m = state.engine_for(&req.model)?;
     let mut params = req.to_params(state.settings.max_n)?;
+    params.max_tokens = state.settings.cap_output(params.max_tokens);
     let mut messages = req.template_messages()?;
     let tools = tool_plan(
         req.tools.as_deref(),
@@ -333,14 +334,28 @@ pub async fn prepare_chat<'a>(
         .template
         .as_ref()
         .ok_or_else(|| ApiError::invalid("this model has no chat template; use /v1/completions", None))?;
-    let prompt_text = template
-        .render(
-            &messages,
+    let render = |messages: &Value| {
+        template.render(
+            messages,
             true,
             template_tools.as_ref(),
             template_tools.as_ref().and(req.tool_choice.as_ref()),
         )
-        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    };
+    let prompt_text = match render(&messages) {
+        Ok(text) => text,
+        // Templates that allow a system turn only first (Qwen's, Gemma's raise) get the
+        // later system messages (Claude Code sends one after the user's turn) joined to
+        // the first, in order; those that allow it keep them where they were.
+        Err(e) => match merge_later_system_messages(&messages) {
+            Some(merged) => {
+                tracing::debug!("system messages joined into the first: {e}");
+                render(&merged)
+            }
+            None => Err(e),
+        }
+        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?,
+    };
     let codec: Arc<TextCodec> = m.engine.codec().clone();
     // Reasoning models: a splitter per choice, and the optional thinking budget.
     let opened = m.reasoning.as_ref().is_some_and(|t| t.opened_in(&prompt_text));
@@ -399,6 +414,14 @@ pub async fn prepare_chat<'a>(
         params.skip_special_tokens = false;
     }
     let prompt = encode(codec.clone(), prompt_text).await?;
+    if req.clamp_max_tokens {
+        let l = m.engine.limits();
+        let room = l.context_length.min(l.pool_tokens).saturating_sub(prompt.len());
+        // A prompt that fills the context is still refused, by the engine.
+        if room > 0 {
+            params.max_tokens = params.max_tokens.map(|t| t.min(room));
+        }
+    }
     let mut fold = Fold::new(vec![prompt.len()], params.n, splitter);
     if offered.is_some() && !answer_has_format {
         fold = fold.with_tool_calls(format);
@@ -409,4 +432,56 @@ pub async fn prepare_chat<'a>(
         params,
         fold,
     })
+}
+
+/// `messages` with every system message after the first message joined to a leading
+/// system message (made if there is none), in order; `None` when there is nothing to
+/// join.
+fn merge_later_system_messages(messages: &Value) -> Option<Value> {
+    let list = messages.as_array()?;
+    let is_system = |m: &Value| m.get("role").and_then(Value::as_str) == Some("system");
+    if !list.iter().skip(1).any(is_system) {
+        return None;
+    }
+    let text = |m: &Value| m.get("content").and_then(Value::as_str).unwrap_or("").to_string();
+    let system: Vec<String> = list.iter().filter(|m| is_system(m)).map(text).collect();
+    let mut out = vec![serde_json::json!({"role": "system", "content": system.join("\n\n")})];
+    out.extend(list.iter().filter(|m| !is_system(m)).cloned());
+    Some(Value::Array(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::merge_later_system_messages;
+
+    #[test]
+    fn later_system_messages_join_the_first() {
+        let m = json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "system", "content": "It is Monday."},
+            {"role": "assistant", "content": "Hello"},
+        ]);
+        assert_eq!(
+            merge_later_system_messages(&m),
+            Some(json!([
+                {"role": "system", "content": "Be brief.\n\nIt is Monday."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ]))
+        );
+        let no_leading = json!([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Now."}]);
+        assert_eq!(
+            merge_later_system_messages(&no_leading),
+            Some(json!([{"role": "system", "content": "Now."}, {"role": "user", "content": "Hi"}]))
+        );
+        assert_eq!(
+            merge_later_system_messages(
+                &json!([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+            ),
+            None
+        );
+    }
 }

@@ -32,7 +32,7 @@ pub async fn list(State(state): State<SharedState>) -> Result<Json<ModelList>, A
     }))
 }
 
-#[utoipa::path(get, path = "/v1/models/{id}", tag = "models",
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "models", operation_id = "retrieve_model",
     params(("id" = String, Path, description = "The model id (it may contain `/`).")),
     responses(
         (status = 200, description = "The model.", body = ModelCard),

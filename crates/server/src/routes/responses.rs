@@ -3,6 +3,8 @@
 //! `previous_response_id`) become a chat request; the answer's blocks ([`Blocks`])
 //! become output items, streamed as the API's events or returned whole.
 
+use std::collections::HashMap;
+
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -28,22 +30,29 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// An output item's ids: its own, and a call's `call_id`.
+/// An output item's ids: its own, and a call's `call_id` (and the namespace of the
+/// function it calls, when offered in one).
 struct ItemIds {
     id: String,
     call_id: String,
+    namespace: Option<String>,
 }
 
 impl ItemIds {
-    fn new(kind: &BlockKind) -> Self {
+    fn new(kind: &BlockKind, namespaces: &HashMap<String, String>) -> Self {
         let prefix = match kind {
             BlockKind::Reasoning => "rs",
             BlockKind::Text => "msg",
             BlockKind::Call { .. } => "fc",
         };
+        let namespace = match kind {
+            BlockKind::Call { name } => namespaces.get(name).cloned(),
+            _ => None,
+        };
         ItemIds {
             id: new_id(prefix),
             call_id: new_id("call"),
+            namespace,
         }
     }
 }
@@ -70,6 +79,7 @@ fn output_item(b: &Block, ids: &ItemIds, status: ItemStatus) -> OutputItem {
             id: ids.id.clone(),
             call_id: ids.call_id.clone(),
             name: name.clone(),
+            namespace: ids.namespace.clone(),
             arguments: b.text.clone(),
             status,
         },
@@ -97,12 +107,14 @@ fn opening_item(b: &Block, ids: &ItemIds) -> OutputItem {
             id,
             call_id,
             name,
+            namespace,
             status,
             ..
         } => OutputItem::FunctionCall {
             id,
             call_id,
             name,
+            namespace,
             arguments: String::new(),
             status,
         },
@@ -232,6 +244,7 @@ pub async fn create(
         ..
     } = prepare_chat(&state, &chat).await?.submit(&state, "input")?;
     let mut resp = ResponseObject::start(new_id("resp"), model, &req);
+    let namespaces = req.function_namespaces();
     let mut timing = Timing::new("/v1/responses");
     let mut blocks = Blocks::default();
 
@@ -241,7 +254,11 @@ pub async fn create(
         })
         .await?;
         blocks.finish();
-        let ids: Vec<ItemIds> = blocks.blocks.iter().map(|b| ItemIds::new(&b.kind)).collect();
+        let ids: Vec<ItemIds> = blocks
+            .blocks
+            .iter()
+            .map(|b| ItemIds::new(&b.kind, &namespaces))
+            .collect();
         finish(&mut resp, &blocks, &ids, &fold);
         if resp.store {
             state
@@ -285,7 +302,7 @@ pub async fn create(
                 match e {
                     BlockEvent::Start(i) => {
                         let b = &blocks.blocks[i];
-                        ids.push(ItemIds::new(&b.kind));
+                        ids.push(ItemIds::new(&b.kind, &namespaces));
                         yield named(Ev::OutputItemAdded { sequence_number: next(), output_index: i, item: opening_item(b, &ids[i]) });
                         if b.kind == BlockKind::Text {
                             yield named(Ev::ContentPartAdded { sequence_number: next(), item_id: ids[i].id.clone(), output_index: i, content_index: 0, part: OutputText::new(String::new()) });
@@ -349,7 +366,7 @@ pub async fn create(
     Ok(sse_named_response(stream, keepalive))
 }
 
-#[utoipa::path(get, path = "/v1/responses/{id}", tag = "responses",
+#[utoipa::path(get, path = "/v1/responses/{id}", tag = "responses", operation_id = "retrieve_response",
     params(("id" = String, Path, description = "The response's id.")),
     security(("api_key" = [])), responses(
         (status = 200, description = "The stored response.", body = ResponseObject),
@@ -363,7 +380,7 @@ pub async fn retrieve(
     Ok(Json(stored.response))
 }
 
-#[utoipa::path(delete, path = "/v1/responses/{id}", tag = "responses",
+#[utoipa::path(delete, path = "/v1/responses/{id}", tag = "responses", operation_id = "delete_response",
     params(("id" = String, Path, description = "The response's id.")),
     security(("api_key" = [])), responses(
         (status = 200, description = "Deleted.", body = DeletedResponse),
