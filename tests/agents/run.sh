@@ -8,12 +8,17 @@
 #
 #   tests/agents/run.sh [path/to/moeserve]
 #
-# The clients' system prompts and tools are 10-20k tokens, past the default model's 8k
-# context: the server runs a copy of its GGUF with the context length raised to 32k (a
-# 135M model's answers past 8k are noise; the protocol is what is checked). Output is
-# capped at 256 tokens a request (--max-output-tokens), since such a model rarely ends
-# on its own; Claude Code is told the same cap (CLAUDE_CODE_MAX_OUTPUT_TOKENS), as a
-# stopped-at-the-limit answer otherwise makes it retry with a larger one.
+# Both CLIs fail a turn whose answer stops at its token limit (Codex: "Incomplete
+# response returned"; Claude Code: "exceeded the N output token maximum"), so the model
+# must end its answers. The CLIs get a one-line system prompt (Codex's
+# model_instructions_file, Claude Code's --system-prompt) in place of their own 10-20k
+# tokens, past which the 135M default model writes noise that does not end; their tool
+# lists, and everything else they send, go as they are (the context of a copy of the
+# default GGUF is raised to 32k, as the tools alone are 5-8k tokens). Answers are capped
+# at 384 tokens (--max-output-tokens) and sampled at the clients' default temperature;
+# a run that fails only because the model did not end in time is tried again (up to 6
+# times: a 135M model's answers are not judged, the protocol is), any other failure
+# fails at once.
 #
 # Needs node and npm (the CLIs are pinned by tests/agents/package-lock.json) and python3
 # (a venv in target/agents-venv gets openai-agents and gguf from PyPI).
@@ -41,7 +46,8 @@ name="$(basename "$model" .gguf)"
 port_of() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 up="$(port_of)"
 proxy="$(port_of)"
-"$bin" serve --model "$model" --host 127.0.0.1 --port "$up" --max-output-tokens 256 2>"$work/server.log" &
+"$bin" serve --model "$model" --host 127.0.0.1 --port "$up" --max-output-tokens 384 \
+  2>"$work/server.log" &
 server=$!
 python3 tests/agents/recording_proxy.py --listen "$proxy" --upstream "http://127.0.0.1:$up" --out "$work/requests.jsonl" &
 recorder=$!
@@ -55,8 +61,11 @@ repo="$PWD/$work/repo"
 mkdir -p "$repo" "$work/codex-home" "$work/home"
 printf 'def add(a, b):\n    return a + b\n' > "$repo/calc.py"
 git -C "$repo" init -q
+instructions="You are a coding assistant in a terminal. Answer briefly."
+echo "$instructions" > "$work/instructions.md"
 cat > "$work/codex-home/config.toml" <<TOML
 model = "$name"
+model_instructions_file = "$PWD/$work/instructions.md"
 model_provider = "moeserve"
 
 [model_providers.moeserve]
@@ -64,18 +73,35 @@ name = "moeserve"
 base_url = "$url/v1"
 wire_api = "responses"
 TOML
-(cd "$repo" && CODEX_HOME="$PWD/../codex-home" OPENAI_API_KEY=none timeout 600 \
-  ../../../tests/agents/node_modules/.bin/codex exec --skip-git-repo-check "What does calc.py do?" \
-  </dev/null >"../codex.out" 2>&1) || { tail -n 20 "$work/codex.out"; echo "codex exec failed"; exit 1; }
-tail -n 3 "$work/codex.out"
+# Runs a CLI (its output in $work/$1.out) until it exits 0; a failure other than an
+# answer cut at its token limit ends the run.
+attempt() {
+  local name="$1"
+  shift
+  for try in 1 2 3 4 5 6; do
+    if (cd "$repo" && "$@" </dev/null >"$PWD/../$name.out" 2>&1); then
+      tail -n 3 "$work/$name.out"
+      return 0
+    fi
+    if ! grep -qE "Incomplete response returned, reason: max_output_tokens|exceeded the [0-9]+ output token maximum" "$work/$name.out"; then
+      tail -n 20 "$work/$name.out"
+      echo "$name failed"
+      exit 1
+    fi
+    echo "$name: the model's answer ran to its limit (try $try); again"
+  done
+  tail -n 20 "$work/$name.out"
+  echo "$name: no answer ended within its limit in 6 tries"
+  exit 1
+}
+attempt codex env CODEX_HOME="$PWD/$work/codex-home" OPENAI_API_KEY=none timeout 600 \
+  "$PWD/tests/agents/node_modules/.bin/codex" exec --skip-git-repo-check "What does calc.py do?"
 
 echo "-- Claude Code: claude -p"
-(cd "$repo" && HOME="$PWD/../home" ANTHROPIC_BASE_URL="$url" ANTHROPIC_API_KEY=none \
-  ANTHROPIC_MODEL="$name" ANTHROPIC_SMALL_FAST_MODEL="$name" CLAUDE_CODE_MAX_OUTPUT_TOKENS=256 \
+attempt claude env HOME="$PWD/$work/home" ANTHROPIC_BASE_URL="$url" ANTHROPIC_API_KEY=none \
+  ANTHROPIC_MODEL="$name" ANTHROPIC_SMALL_FAST_MODEL="$name" CLAUDE_CODE_MAX_OUTPUT_TOKENS=384 \
   DISABLE_TELEMETRY=1 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 timeout 600 \
-  ../../../tests/agents/node_modules/.bin/claude -p "What does calc.py do?" \
-  </dev/null >"../claude.out" 2>&1) || { tail -n 20 "$work/claude.out"; echo "claude -p failed"; exit 1; }
-tail -n 3 "$work/claude.out"
+  "$PWD/tests/agents/node_modules/.bin/claude" -p --system-prompt "$instructions" "What does calc.py do?"
 
 echo "-- OpenAI Agents SDK: a forced function tool over Responses and Chat"
 MOESERVE_URL="$url" MOESERVE_MODEL="$name" timeout 600 "$venv/bin/python" tests/agents/agents_sdk.py

@@ -777,10 +777,14 @@ async fn agent_requests() {
         .collect();
     assert_eq!(calls.len(), 1, "{r}");
 
-    let capped = Server::start(&["--max-output-tokens", "3"]).await;
-    let v = capped
-        .chat(json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}]}))
-        .await;
+    let capped = Server::start(&["--max-output-tokens", "3", "--default-temperature", "0"]).await;
+    let story = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}]});
+    let v = capped.chat(story.clone()).await;
+    let again = capped.chat(story).await;
+    assert_eq!(
+        v["choices"][0]["message"]["content"], again["choices"][0]["message"]["content"],
+        "no temperature sent: greedy under --default-temperature 0"
+    );
     assert_eq!(
         (
             v["usage"]["completion_tokens"].as_u64(),
@@ -789,4 +793,54 @@ async fn agent_requests() {
         (Some(3), Some("length")),
         "{v}"
     );
+}
+
+/// `POST /v1/responses/compact` (Codex calls it when its context fills): the user's
+/// messages come back as they were, then a `compaction` item with the model's summary
+/// of the rest, and that output continues the conversation as the next input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn responses_compact() {
+    let s = Server::start(&["--max-output-tokens", "16"]).await;
+    let doc: Value = s.get("/openapi.json").await;
+    let input = json!([
+        {"role": "user", "content": "List the files."},
+        {"type": "function_call", "call_id": "c1", "name": "ls", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "a.txt b.txt"},
+        {"role": "assistant", "content": "Two files: a.txt and b.txt."},
+        {"role": "user", "content": "Now read a.txt."},
+    ]);
+    let (st, c) = s
+        .post("/v1/responses/compact", json!({"model": MODEL, "input": input}))
+        .await;
+    assert_eq!(st, 200, "{c}");
+    assert_valid(&schema(&doc, "CompactResponse"), "CompactResponse", &c);
+    assert_eq!(c["object"], "response.compaction");
+    let out = c["output"].as_array().unwrap();
+    let users: Vec<&str> = out
+        .iter()
+        .filter(|i| i["role"] == "user")
+        .map(|i| i["content"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["List the files.", "Now read a.txt."]);
+    let last = out.last().unwrap();
+    assert_eq!(last["type"], "compaction", "{c}");
+    assert!(last["encrypted_content"]
+        .as_str()
+        .unwrap()
+        .starts_with("moeserve-compaction-v1:"));
+    assert!(c["usage"]["output_tokens"].as_u64().unwrap() <= 16, "{c}");
+
+    let mut next = out.clone();
+    next.push(json!({"role": "user", "content": "Go on."}));
+    let (st, r) = s
+        .post(
+            "/v1/responses",
+            json!({"model": MODEL, "input": next, "max_output_tokens": 4}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let (st, e) = s
+        .post("/v1/responses/compact", json!({"model": MODEL, "input": []}))
+        .await;
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("input")), "{e}");
 }

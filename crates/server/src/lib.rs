@@ -47,6 +47,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
         .route("/v1/responses", post(routes::responses::create))
+        .route("/v1/responses/compact", post(routes::responses::compact))
         .route(
             "/v1/responses/{id}",
             get(routes::responses::retrieve).delete(routes::responses::delete),

@@ -35,6 +35,7 @@ pub struct Settings {
     pub max_waiting_requests: usize,
     pub max_n: usize,
     pub max_output_tokens: usize,
+    pub default_temperature: f32,
     pub speculative_method: String,
     pub num_speculative_tokens: usize,
     pub ngram_prompt_lookup_min: usize,
@@ -120,6 +121,9 @@ pub struct SettingsArgs {
     /// Most tokens one request may generate, whatever it asks (0: up to the context).
     #[arg(long, env = "MOESERVE_MAX_OUTPUT_TOKENS")]
     pub max_output_tokens: Option<usize>,
+    /// Temperature for requests that name none (1, OpenAI's default; 0 is greedy).
+    #[arg(long, env = "MOESERVE_DEFAULT_TEMPERATURE")]
+    pub default_temperature: Option<f32>,
     /// Speculative decoding: ngram, mtp (models with MTP weights) or none.
     #[arg(long, env = "MOESERVE_SPECULATIVE_METHOD")]
     pub speculative_method: Option<String>,
@@ -226,6 +230,7 @@ impl Settings {
             max_waiting_requests,
             max_n,
             max_output_tokens,
+            default_temperature,
             speculative_method,
             num_speculative_tokens,
             ngram_prompt_lookup_min,
@@ -272,6 +277,12 @@ impl Settings {
             if v == 0 {
                 return Err(format!("{name} must be at least 1, got 0"));
             }
+        }
+        if !(0.0..=2.0).contains(&self.default_temperature) {
+            return Err(format!(
+                "default_temperature must be from 0 to 2, got {}",
+                self.default_temperature
+            ));
         }
         if self.max_header_bytes < 8192 {
             return Err(format!(

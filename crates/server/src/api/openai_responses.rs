@@ -81,6 +81,44 @@ pub const HOSTED_TOOLS: &[&str] = &[
     "custom",
 ];
 
+/// How a `compaction` item's `encrypted_content` starts when moeserve wrote it: the
+/// summary follows as plain text (nothing here is secret from the client that sent the
+/// conversation; the name is OpenAI's).
+pub const COMPACTION_PREFIX: &str = "moeserve-compaction-v1:";
+
+/// What the model reads before a summary when the compacted conversation comes back.
+pub const COMPACTION_INTRO: &str = "Summary of the conversation so far:\n";
+
+/// What the model is asked to write when a conversation is compacted.
+pub const COMPACTION_PROMPT: &str = "Summarize the conversation above for yourself, to continue it \
+    later without it: the task, what has been done and found (files, commands, results), \
+    decisions made, and what remains to do. Write only the summary.";
+
+/// `POST /v1/responses/compact`: a conversation (`input`, after the stored one of
+/// `previous_response_id`) to shorten into the items that replace it.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompactRequest {
+    pub model: String,
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<Value>,
+    pub instructions: Option<String>,
+    pub previous_response_id: Option<String>,
+}
+
+/// The compacted conversation: the user's messages as they were, then one `compaction`
+/// item holding the model's summary of the rest (send `output` back as the start of the
+/// next `input`).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompactResponse {
+    pub id: String,
+    /// `response.compaction`
+    pub object: String,
+    pub created_at: u64,
+    #[schema(value_type = Vec<Object>)]
+    pub output: Vec<Value>,
+    pub usage: ResponseUsage,
+}
+
 /// A function tool's definition in chat terms.
 fn chat_function(t: &Value) -> Value {
     json!({"type": "function", "function": {
@@ -213,6 +251,17 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                 };
                 let output = output_text(item.get("output"));
                 out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+            }
+            // A summary moeserve wrote (`POST /v1/responses/compact`) stands for the
+            // conversation before it; another server's opaque blob is left out.
+            Some("compaction") => {
+                if let Some(summary) = item
+                    .get("encrypted_content")
+                    .and_then(Value::as_str)
+                    .and_then(|c| c.strip_prefix(COMPACTION_PREFIX))
+                {
+                    out.push(json!({"role": "system", "content": format!("{COMPACTION_INTRO}{summary}")}));
+                }
             }
             // Earlier turns' thoughts are not shown to the model again (their
             // `encrypted_content` is not ours to read); hosted tools' calls and results
@@ -971,5 +1020,22 @@ mod tests {
             .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
             .unwrap();
         assert!(chat.tools.is_none(), "only hosted tools: nothing offered");
+    }
+
+    /// A compaction moeserve wrote stands for the conversation before it, as a system
+    /// message with its summary; another server's opaque one is left out.
+    #[test]
+    fn compaction_items_become_the_summary() {
+        let ours =
+            json!({"type": "compaction", "encrypted_content": format!("{COMPACTION_PREFIX}Read a.txt.")});
+        let theirs = json!({"type": "compaction", "encrypted_content": "gAAAAB..."});
+        let m = input_messages(&json!([ours, theirs, {"role": "user", "content": "Go on."}])).unwrap();
+        assert_eq!(
+            Value::Array(m),
+            json!([
+                {"role": "system", "content": format!("{COMPACTION_INTRO}Read a.txt.")},
+                {"role": "user", "content": "Go on."},
+            ])
+        );
     }
 }

@@ -131,6 +131,9 @@ pub async fn completions(
     let m = state.engine_for(&req.model)?;
     let mut params = req.to_params(state.settings.max_n)?;
     params.max_tokens = state.settings.cap_output(params.max_tokens);
+    if req.temperature.is_none() {
+        params.temperature = state.settings.default_temperature;
+    }
     let spec = constraint_spec(None, req.structured_outputs.as_ref())?;
     params.constraint = compile_constraint(&state, spec).await?;
     let codec: Arc<TextCodec> = m.engine.codec().clone();

@@ -15,10 +15,12 @@ use serde_json::{json, Value};
 use super::chat::{prepare_chat, ChatRun};
 use super::{run_to_end, sse_named_response, to_json, GenerationErrors, Timing};
 use crate::api::openai_responses::{
-    input_messages, DeletedResponse, IncompleteDetails, InputTokensDetails, ItemStatus, OutputItem,
-    OutputText, OutputTokensDetails, ReasoningText, ResponseError, ResponseObject, ResponseStatus,
-    ResponseStreamEvent, ResponseStreamEvent as Ev, ResponseUsage, ResponsesRequest,
+    input_messages, CompactRequest, CompactResponse, DeletedResponse, IncompleteDetails, InputTokensDetails,
+    ItemStatus, OutputItem, OutputText, OutputTokensDetails, ReasoningText, ResponseError, ResponseObject,
+    ResponseStatus, ResponseStreamEvent, ResponseStreamEvent as Ev, ResponseUsage, ResponsesRequest,
 };
+use crate::api::openai_responses::{COMPACTION_PREFIX, COMPACTION_PROMPT};
+use crate::api::requests::ChatCompletionRequest;
 use crate::api::responses::ErrorResponse;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -364,6 +366,91 @@ pub async fn create(
         });
     };
     Ok(sse_named_response(stream, keepalive))
+}
+
+/// The longest summary a compaction writes.
+const COMPACTION_MAX_TOKENS: usize = 2048;
+
+#[utoipa::path(post, path = "/v1/responses/compact", tag = "responses", operation_id = "compact_response",
+    request_body = CompactRequest, security(("api_key" = [])), responses(
+        (status = 200, description = "The compacted conversation: the user's messages, then a `compaction` item with the model's summary of the rest; send `output` back as the start of the next `input`.", body = CompactResponse),
+        GenerationErrors))]
+pub async fn compact(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<CompactRequest>,
+) -> Result<Json<CompactResponse>, ApiError> {
+    let history = match &req.previous_response_id {
+        Some(id) => {
+            state
+                .responses
+                .get(id)
+                .ok_or_else(|| not_found(id, Some("previous_response_id")))?
+                .conversation
+        }
+        None => Conversation::default(),
+    };
+    let mut conversation = history.messages();
+    if let Some(input) = req.input.as_ref().filter(|i| !i.is_null()) {
+        conversation.extend(input_messages(input)?);
+    }
+    if conversation.is_empty() {
+        return Err(ApiError::invalid_param(
+            "input",
+            "there is no conversation to compact",
+        ));
+    }
+    // The user's own words are kept as they were (as OpenAI's compaction does); the
+    // rest (answers, calls, their results) is what the summary stands for.
+    let mut output: Vec<Value> = conversation
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": m["content"]}]}))
+        .collect();
+    let mut messages = Vec::with_capacity(conversation.len() + 2);
+    if let Some(i) = &req.instructions {
+        messages.push(json!({"role": "system", "content": i}));
+    }
+    messages.extend(conversation);
+    messages.push(json!({"role": "user", "content": COMPACTION_PROMPT}));
+    let mut chat: ChatCompletionRequest = serde_json::from_value(json!({
+        "model": req.model, "messages": messages, "max_tokens": COMPACTION_MAX_TOKENS,
+    }))
+    .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))?;
+    chat.clamp_max_tokens = true;
+    let ChatRun { mut fold, events, .. } = prepare_chat(&state, &chat).await?.submit(&state, "input")?;
+    let mut timing = Timing::new("/v1/responses/compact");
+    let mut blocks = Blocks::default();
+    run_to_end(&state, events, &mut fold, &mut timing, |u| {
+        blocks.push(u);
+    })
+    .await?;
+    blocks.finish();
+    let summary: String = blocks
+        .blocks
+        .iter()
+        .filter(|b| b.kind == BlockKind::Text)
+        .map(|b| b.text.as_str())
+        .collect();
+    output.push(json!({"type": "compaction", "id": new_id("cmp"),
+        "encrypted_content": format!("{COMPACTION_PREFIX}{}", summary.trim())}));
+    let u = fold.usage();
+    Ok(Json(CompactResponse {
+        id: new_id("resp"),
+        object: "response.compaction".into(),
+        created_at: crate::api::unix_now(),
+        output,
+        usage: ResponseUsage {
+            input_tokens: u.prompt_tokens,
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+            output_tokens: u.completion_tokens,
+            output_tokens_details: OutputTokensDetails {
+                reasoning_tokens: fold.choices()[0].reasoning_tokens,
+            },
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        },
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/responses/{id}", tag = "responses", operation_id = "retrieve_response",
