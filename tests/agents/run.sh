@@ -16,9 +16,10 @@
 # lists, and everything else they send, go as they are (the context of a copy of the
 # default GGUF is raised to 32k, as the tools alone are 5-8k tokens). Answers are capped
 # at 384 tokens (--max-output-tokens) and sampled at the clients' default temperature;
-# a run that fails only because the model did not end in time is tried again (up to 6
+# a run that fails only because the model did not end in time is tried again (up to 8
 # times: a 135M model's answers are not judged, the protocol is), any other failure
-# fails at once.
+# fails at once. Claude Code gets two built-in tools (--tools "Bash,Read"): its full set
+# is 8k tokens, past the model's trained context by itself.
 #
 # Needs node and npm (the CLIs are pinned by tests/agents/package-lock.json) and python3
 # (a venv in target/agents-venv gets openai-agents and gguf from PyPI).
@@ -78,7 +79,7 @@ TOML
 attempt() {
   local name="$1"
   shift
-  for try in 1 2 3 4 5 6; do
+  for try in 1 2 3 4 5 6 7 8; do
     if (cd "$repo" && "$@" </dev/null >"$PWD/../$name.out" 2>&1); then
       tail -n 3 "$work/$name.out"
       return 0
@@ -91,7 +92,7 @@ attempt() {
     echo "$name: the model's answer ran to its limit (try $try); again"
   done
   tail -n 20 "$work/$name.out"
-  echo "$name: no answer ended within its limit in 6 tries"
+  echo "$name: no answer ended within its limit in 8 tries"
   exit 1
 }
 attempt codex env CODEX_HOME="$PWD/$work/codex-home" OPENAI_API_KEY=none timeout 600 \
@@ -101,7 +102,8 @@ echo "-- Claude Code: claude -p"
 attempt claude env HOME="$PWD/$work/home" ANTHROPIC_BASE_URL="$url" ANTHROPIC_API_KEY=none \
   ANTHROPIC_MODEL="$name" ANTHROPIC_SMALL_FAST_MODEL="$name" CLAUDE_CODE_MAX_OUTPUT_TOKENS=384 \
   DISABLE_TELEMETRY=1 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 timeout 600 \
-  "$PWD/tests/agents/node_modules/.bin/claude" -p --system-prompt "$instructions" "What does calc.py do?"
+  "$PWD/tests/agents/node_modules/.bin/claude" -p --tools "Bash,Read" --system-prompt "$instructions" \
+  "What does calc.py do?"
 
 echo "-- OpenAI Agents SDK: a forced function tool over Responses and Chat"
 MOESERVE_URL="$url" MOESERVE_MODEL="$name" timeout 600 "$venv/bin/python" tests/agents/agents_sdk.py

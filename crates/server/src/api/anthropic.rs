@@ -660,13 +660,7 @@ mod tests {
             ["system", "user", "system"],
             "the system message stays where it was"
         );
-        let offered: Vec<String> = chat
-            .tools
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|t| t.function.as_ref().unwrap().name.clone().unwrap())
-            .collect();
+        let offered = chat.function_names();
         let sent = body["tools"].as_array().unwrap();
         let deferred: Vec<&str> = sent
             .iter()

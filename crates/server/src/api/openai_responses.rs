@@ -937,13 +937,7 @@ mod tests {
         assert_eq!(messages[0]["role"], "developer");
         let chat = r.to_chat(&messages).unwrap();
         assert!(chat.clamp_max_tokens);
-        let offered: Vec<String> = chat
-            .tools
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|t| t.function.as_ref().unwrap().name.clone().unwrap())
-            .collect();
+        let offered = chat.function_names();
         for name in [
             "exec_command",
             "write_stdin",

@@ -183,6 +183,16 @@ pub struct ChatCompletionRequest {
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 impl ChatCompletionRequest {
+    /// The names of the functions offered (for the conversions' tests).
+    #[cfg(test)]
+    pub fn function_names(&self) -> Vec<String> {
+        self.tools
+            .iter()
+            .flatten()
+            .filter_map(|t| t.function.as_ref()?.name.clone())
+            .collect()
+    }
+
     /// The messages as the chat template sees them: `{role, content}` with content as
     /// one string (text parts joined).
     pub fn template_messages(&self) -> Result<Value, ApiError> {

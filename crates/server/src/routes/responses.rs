@@ -162,8 +162,13 @@ fn finish(resp: &mut ResponseObject, blocks: &Blocks, ids: &[ItemIds], fold: &Fo
     } else {
         resp.status = ResponseStatus::Completed;
     }
+    resp.usage = Some(usage(fold));
+}
+
+/// The token counts of an answer, in the Responses API's terms.
+fn usage(fold: &Fold) -> ResponseUsage {
     let u = fold.usage();
-    resp.usage = Some(ResponseUsage {
+    ResponseUsage {
         input_tokens: u.prompt_tokens,
         input_tokens_details: InputTokensDetails {
             cached_tokens: u.cached_tokens,
@@ -173,7 +178,19 @@ fn finish(resp: &mut ResponseObject, blocks: &Blocks, ids: &[ItemIds], fold: &Fo
             reasoning_tokens: fold.choices()[0].reasoning_tokens,
         },
         total_tokens: u.prompt_tokens + u.completion_tokens,
-    });
+    }
+}
+
+/// The stored conversation `previous_response_id` continues (none: an empty one).
+fn stored_conversation(state: &SharedState, previous: Option<&str>) -> Result<Conversation, ApiError> {
+    match previous {
+        Some(id) => Ok(state
+            .responses
+            .get(id)
+            .ok_or_else(|| not_found(id, Some("previous_response_id")))?
+            .conversation),
+        None => Ok(Conversation::default()),
+    }
 }
 
 /// This turn's messages (`input`) with the response's answer added, as a continuation
@@ -225,16 +242,7 @@ pub async fn create(
     ApiJson(req): ApiJson<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
     req.check()?;
-    let history = match &req.previous_response_id {
-        Some(id) => {
-            state
-                .responses
-                .get(id)
-                .ok_or_else(|| not_found(id, Some("previous_response_id")))?
-                .conversation
-        }
-        None => Conversation::default(),
-    };
+    let history = stored_conversation(&state, req.previous_response_id.as_deref())?;
     let input = input_messages(req.input.as_ref().expect("checked"))?;
     let mut conversation = history.messages();
     conversation.extend(input.iter().cloned());
@@ -379,16 +387,7 @@ pub async fn compact(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CompactRequest>,
 ) -> Result<Json<CompactResponse>, ApiError> {
-    let history = match &req.previous_response_id {
-        Some(id) => {
-            state
-                .responses
-                .get(id)
-                .ok_or_else(|| not_found(id, Some("previous_response_id")))?
-                .conversation
-        }
-        None => Conversation::default(),
-    };
+    let history = stored_conversation(&state, req.previous_response_id.as_deref())?;
     let mut conversation = history.messages();
     if let Some(input) = req.input.as_ref().filter(|i| !i.is_null()) {
         conversation.extend(input_messages(input)?);
@@ -433,23 +432,12 @@ pub async fn compact(
         .collect();
     output.push(json!({"type": "compaction", "id": new_id("cmp"),
         "encrypted_content": format!("{COMPACTION_PREFIX}{}", summary.trim())}));
-    let u = fold.usage();
     Ok(Json(CompactResponse {
         id: new_id("resp"),
         object: "response.compaction".into(),
         created_at: crate::api::unix_now(),
         output,
-        usage: ResponseUsage {
-            input_tokens: u.prompt_tokens,
-            input_tokens_details: InputTokensDetails {
-                cached_tokens: u.cached_tokens,
-            },
-            output_tokens: u.completion_tokens,
-            output_tokens_details: OutputTokensDetails {
-                reasoning_tokens: fold.choices()[0].reasoning_tokens,
-            },
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-        },
+        usage: usage(&fold),
     }))
 }
 
