@@ -178,12 +178,20 @@ pub struct SettingsArgs {
 }
 
 impl Settings {
-    /// A request's output limit under `max_output_tokens`: cut to it, and set to it when
-    /// the request names none (llama-server's `--n-predict` does the same).
-    pub fn cap_output(&self, max_tokens: Option<usize>) -> Option<usize> {
-        match self.max_output_tokens {
-            0 => max_tokens,
-            cap => Some(max_tokens.map_or(cap, |t| t.min(cap))),
+    /// What the server's settings make of a request's sampling: its output limit cut
+    /// to `max_output_tokens` (and set to it when the request names none, as
+    /// llama-server's `--n-predict` does), and `default_temperature` when it sent none.
+    pub fn apply_request_defaults(
+        &self,
+        params: &mut moeserve_core::engine::SamplingParams,
+        temperature_sent: bool,
+    ) {
+        if self.max_output_tokens > 0 {
+            let cap = self.max_output_tokens;
+            params.max_tokens = Some(params.max_tokens.map_or(cap, |t| t.min(cap)));
+        }
+        if !temperature_sent {
+            params.temperature = self.default_temperature;
         }
     }
 

@@ -309,10 +309,9 @@ pub async fn prepare_chat<'a>(
 ) -> Result<PreparedChat<'a>, ApiError> {
     let m = state.engine_for(&req.model)?;
     let mut params = req.to_params(state.settings.max_n)?;
-    params.max_tokens = state.settings.cap_output(params.max_tokens);
-    if req.temperature.is_none() {
-        params.temperature = state.settings.default_temperature;
-    }
+    state
+        .settings
+        .apply_request_defaults(&mut params, req.temperature.is_some());
     let mut messages = req.template_messages()?;
     let tools = tool_plan(
         req.tools.as_deref(),

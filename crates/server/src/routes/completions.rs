@@ -130,10 +130,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let m = state.engine_for(&req.model)?;
     let mut params = req.to_params(state.settings.max_n)?;
-    params.max_tokens = state.settings.cap_output(params.max_tokens);
-    if req.temperature.is_none() {
-        params.temperature = state.settings.default_temperature;
-    }
+    state
+        .settings
+        .apply_request_defaults(&mut params, req.temperature.is_some());
     let spec = constraint_spec(None, req.structured_outputs.as_ref())?;
     params.constraint = compile_constraint(&state, spec).await?;
     let codec: Arc<TextCodec> = m.engine.codec().clone();
