@@ -844,3 +844,116 @@ async fn responses_compact() {
         .await;
     assert_eq!((st, e["error"]["param"].as_str()), (400, Some("input")), "{e}");
 }
+
+/// Custom (free-form) tools, as Codex offers `apply_patch` and `exec`: the input follows
+/// the tool's grammar (Lark or regex) and comes back as a `custom_tool_call` item on
+/// Responses (streamed as `response.custom_tool_call_input.*`, equal to the whole
+/// response) and as a `custom` tool call on chat; the call and its output are read back
+/// in the next turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_tools() {
+    let s = Server::start(&["--default-temperature", "0"]).await;
+    let lark = "start: \"*** Begin Patch\\n\" \"*** Delete File: \" NAME LF \"*** End Patch\"\nNAME: /[a-z]{1,8}\\.txt/\n%import common.LF";
+    let tools = json!([
+        {"type": "custom", "name": "apply_patch", "description": "Edits files.",
+            "format": {"type": "grammar", "syntax": "lark", "definition": lark}},
+        {"type": "function", "name": "ls", "parameters": {"type": "object", "properties": {}}},
+    ]);
+    let body = json!({"model": MODEL, "input": "Delete notes.txt", "tools": tools,
+        "tool_choice": {"type": "custom", "name": "apply_patch"}, "max_output_tokens": 120, "store": false});
+    let (st, r) = s.post("/v1/responses", body.clone()).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["status"], "completed", "{r}");
+    let calls: Vec<&Value> = r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "custom_tool_call")
+        .collect();
+    assert_eq!(calls.len(), 1, "{r}");
+    let input = calls[0]["input"].as_str().unwrap();
+    let name = input
+        .strip_prefix("*** Begin Patch\n*** Delete File: ")
+        .and_then(|rest| rest.strip_suffix("\n*** End Patch"))
+        .unwrap_or_else(|| panic!("not a sentence of the grammar: {input:?}"));
+    let stem = name.strip_suffix(".txt").unwrap();
+    assert!(
+        (1..=8).contains(&stem.len()) && stem.bytes().all(|b| b.is_ascii_lowercase()),
+        "{input:?}"
+    );
+    assert_eq!(calls[0]["name"], "apply_patch");
+    assert!(calls[0]["call_id"].as_str().unwrap().starts_with("call_"));
+
+    // Streamed: the input's pieces add up to it, and the items are the same.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events: Vec<Value> = s
+        .stream_named("/v1/responses", streamed)
+        .await
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.custom_tool_call_input.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.custom_tool_call_input.done")
+        .unwrap();
+    assert_eq!((deltas.as_str(), done["input"].as_str()), (input, Some(input)));
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.completed");
+    let strip = |items: &Value| -> Vec<Value> {
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| json!({"type": i["type"], "name": i["name"], "input": i["input"]}))
+            .collect()
+    };
+    assert_eq!(strip(&last["response"]["output"]), strip(&r["output"]));
+
+    // The next turn brings the call and its output back.
+    let (st, next) = s
+        .post(
+            "/v1/responses",
+            json!({"model": MODEL, "tools": tools, "max_output_tokens": 8, "store": false, "input": [
+                {"role": "user", "content": "Delete notes.txt"},
+                {"type": "custom_tool_call", "call_id": "call_1", "name": "apply_patch", "input": input},
+                {"type": "custom_tool_call_output", "call_id": "call_1", "output": "Done!"}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{next}");
+
+    // Chat's custom tools: a regex, forced.
+    let chat_tool = json!({"type": "custom", "custom": {"name": "rate", "format": {"type": "grammar",
+        "grammar": {"syntax": "regex", "definition": "(good|bad), [1-5] stars"}}}});
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Rate Paris."}],
+        "tools": [chat_tool], "tool_choice": "required", "max_tokens": 200});
+    let v = s.chat(chat.clone()).await;
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(
+        (call["type"].as_str(), call["custom"]["name"].as_str()),
+        (Some("custom"), Some("rate")),
+        "{v}"
+    );
+    let input = call["custom"]["input"].as_str().unwrap();
+    let (word, rest) = input
+        .split_once(", ")
+        .unwrap_or_else(|| panic!("{input:?} in {v}"));
+    assert!(
+        ["good", "bad"].contains(&word) && rest.len() == 7 && rest.ends_with(" stars"),
+        "{input:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let mut streamed = chat;
+    streamed["stream"] = json!(true);
+    let chunks = s.stream("/v1/chat/completions", streamed).await;
+    let pieces: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["custom"]["input"].as_str())
+        .collect();
+    assert_eq!(pieces, input);
+}

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use crate::api::conversation::Message;
 
 use crate::api::openai_responses::ResponseObject;
 
@@ -28,13 +28,13 @@ pub struct Conversation(Option<Arc<Turn>>);
 
 #[derive(Debug)]
 pub struct Turn {
-    messages: Vec<Value>,
+    messages: Vec<Message>,
     before: Conversation,
 }
 
 impl Conversation {
     /// This conversation followed by `messages`.
-    pub fn then(&self, messages: Vec<Value>) -> Conversation {
+    pub fn then(&self, messages: Vec<Message>) -> Conversation {
         Conversation(Some(Arc::new(Turn {
             messages,
             before: self.clone(),
@@ -42,7 +42,7 @@ impl Conversation {
     }
 
     /// Every message, first to last.
-    pub fn messages(&self) -> Vec<Value> {
+    pub fn messages(&self) -> Vec<Message> {
         let mut turns = vec![];
         let mut at = &self.0;
         while let Some(turn) = at {
@@ -168,7 +168,7 @@ mod tests {
     /// Turns are shared down a chain and read back in order; a long chain drops.
     #[test]
     fn conversations_share_their_turns() {
-        let msg = |s: &str| serde_json::json!({"role": "user", "content": s});
+        let msg = |s: &str| Message::new(crate::api::conversation::Role::User, s);
         let a = Conversation::default().then(vec![msg("1"), msg("2")]);
         let b = a.then(vec![msg("3")]);
         let c = a.then(vec![msg("x")]);

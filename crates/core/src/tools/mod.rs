@@ -8,10 +8,12 @@
 //! instructions to answer `<tool_call>{"name": .., "arguments": {..}}</tool_call>`, and
 //! the same is parsed back, so tools work on every model.
 
+pub mod custom;
 pub mod parser;
 
 use serde_json::{json, Value};
 
+pub use custom::{CustomInput, FreeForm};
 pub use parser::{collect, ToolCall, ToolCallParser, ToolEvent};
 
 use crate::grammar::ConstraintSpec;
@@ -86,14 +88,25 @@ pub struct FunctionSpec {
     pub description: Option<String>,
     /// A JSON schema of the arguments object.
     pub parameters: Value,
+    /// A custom (free-form) tool: its arguments are `{"input": <text>}`, the text
+    /// following the tool's grammar.
+    pub custom: Option<CustomInput>,
 }
 
 impl FunctionSpec {
     /// `{"name", "description", "parameters"}`, as OpenAI's `function` object.
     pub fn definition(&self) -> Value {
         let mut d = json!({"name": self.name, "parameters": self.parameters});
-        if let Some(desc) = &self.description {
-            d["description"] = desc.clone().into();
+        let description = match (&self.description, &self.custom) {
+            (d, Some(c)) => Some(format!(
+                "{}{}",
+                d.as_deref().map(|d| format!("{d}\n\n")).unwrap_or_default(),
+                c.form.describe()
+            )),
+            (d, None) => d.clone(),
+        };
+        if let Some(desc) = description {
+            d["description"] = desc.into();
         }
         d
     }
@@ -230,12 +243,16 @@ pub fn call_grammar(
     // Each function's schema stays the root of its own `%json`, so its `$ref`s to
     // `#/$defs/..` resolve; the call object around it is literal text in the compact
     // layout the options give.
+    // A custom tool's `input` is a JSON string whose escaped text follows its grammar.
     let arguments_json = |f: &FunctionSpec| {
+        if let Some(c) = &f.custom {
+            return format!("\"{{\\\"input\\\": \\\"\" {} \"\\\"}}\"", c.quoted_grammar);
+        }
         let mut schema = f.parameters.clone();
         if let Value::Object(o) = &mut schema {
             o.insert("x-guidance".into(), options.clone());
         }
-        schema
+        format!("%json {schema}")
     };
     let lit = |t: &str| serde_json::to_string(t).expect("a string serialises");
     let one_call = {
@@ -247,7 +264,7 @@ pub fn call_grammar(
                     serde_json::to_string(&f.name).unwrap(),
                     format.arguments_key()
                 );
-                format!("{} %json {} \"}}\"", lit(&head), arguments_json(f))
+                format!("{} {} \"}}\"", lit(&head), arguments_json(f))
             })
             .collect();
         format!("one: {}\n", alternatives.join("\n    | "))
@@ -302,7 +319,7 @@ pub fn call_grammar(
                 .map(|f| {
                     let schema = arguments_json(f);
                     format!(
-                        "{} \"function\" {} {} \"\\n```json\\n\" %json {} \"\\n```\" {}",
+                        "{} \"function\" {} {} \"\\n```json\\n\" {} \"\\n```\" {}",
                         m("<｜tool▁call▁begin｜>"),
                         m("<｜tool▁sep｜>"),
                         serde_json::to_string(&f.name).unwrap(),

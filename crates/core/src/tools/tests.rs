@@ -275,11 +275,13 @@ fn weather_functions() -> [FunctionSpec; 2] {
             description: Some("Weather now".into()),
             parameters: json!({"type": "object", "properties": {"city": {"type": "string"},
                 "unit": {"enum": ["c", "f"]}}, "required": ["city"], "additionalProperties": false}),
+            custom: None,
         },
         FunctionSpec {
             name: "now".into(),
             description: None,
             parameters: json!({"type": "object", "properties": {}}),
+            custom: None,
         },
     ]
 }
@@ -420,6 +422,7 @@ fn parameters_with_defs_compile_in_every_format() {
             "required": ["p"], "additionalProperties": false,
             "$defs": {"Person": {"type": "object", "properties": {"age": {"type": "integer"}},
                 "required": ["age"], "additionalProperties": false}}}),
+        custom: None,
     }];
     for (format, markers, _, _) in call_cases() {
         let codec = codec_with(&markers, "");
@@ -479,6 +482,7 @@ fn generic_conversations_carry_calls_and_results_as_text() {
         name: "add".into(),
         description: Some("Adds".into()),
         parameters: json!({"type": "object", "properties": {"a": {"type": "number"}}}),
+        custom: None,
     }];
     let mut messages = vec![
         json!({"role": "user", "content": "1+2?"}),
@@ -507,4 +511,179 @@ fn generic_conversations_carry_calls_and_results_as_text() {
         messages[0]["tool_calls"][0]["function"]["arguments"],
         json!({"a": 1})
     );
+}
+
+/// A custom tool's grammar as Codex CLI sent it (its recorded requests, committed as
+/// fixtures): `apply_patch` (Lark, by `codex exec -m gpt-5.5`) and code mode's `exec`.
+fn codex_custom_grammar(fixture: &str, name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/agents")
+        .join(fixture);
+    let recorded: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fn find(tools: &serde_json::Value, name: &str) -> Option<String> {
+        tools.as_array()?.iter().find_map(|t| {
+            if t["type"] == "namespace" {
+                return find(&t["tools"], name);
+            }
+            (t["type"] == "custom" && t["name"] == name)
+                .then(|| t["format"]["definition"].as_str().unwrap().to_string())
+        })
+    }
+    let body = &recorded["body"];
+    find(&body["tools"], name)
+        .or_else(|| {
+            body["input"]
+                .as_array()?
+                .iter()
+                .find_map(|i| find(&i["tools"], name))
+        })
+        .unwrap_or_else(|| panic!("{name} not in {fixture}"))
+}
+
+/// One call of `name` with `input` in `format`, as the model writes it.
+fn custom_call(format: ToolFormat, name: &str, input: &str) -> String {
+    let args = format!("{{\"input\": {}}}", serde_json::to_string(input).unwrap());
+    let ds = [
+        "<｜tool▁calls▁begin｜>",
+        "<｜tool▁calls▁end｜>",
+        "<｜tool▁call▁begin｜>",
+        "<｜tool▁call▁end｜>",
+        "<｜tool▁sep｜>",
+    ];
+    match format {
+        ToolFormat::Hermes => {
+            format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {args}}}\n</tool_call>")
+        }
+        ToolFormat::Generic => {
+            format!("<tool_call>{{\"name\": \"{name}\", \"arguments\": {args}}}</tool_call>")
+        }
+        ToolFormat::Llama3Json => format!("{{\"name\": \"{name}\", \"parameters\": {args}}}"),
+        ToolFormat::Mistral => format!("[TOOL_CALLS][{{\"name\": \"{name}\", \"arguments\": {args}}}]"),
+        ToolFormat::DeepSeekV3 => format!(
+            "{}{}function{}{name}\n```json\n{args}\n```{}{}",
+            ds[0], ds[2], ds[4], ds[3], ds[1]
+        ),
+    }
+}
+
+fn custom_function(name: &str, form: FreeForm) -> FunctionSpec {
+    FunctionSpec {
+        name: name.into(),
+        description: Some("A custom tool.".into()),
+        parameters: CustomInput::parameters(),
+        custom: Some(CustomInput::new(form).unwrap()),
+    }
+}
+
+/// A custom tool's input is constrained by its grammar inside the JSON string of its
+/// call, in every format: Codex's `apply_patch` grammar accepts a patch (quotes,
+/// backslashes and newlines escaped as JSON writes them) and refuses one without its
+/// end; what it accepts parses back into the patch.
+#[test]
+fn custom_tool_inputs_follow_their_grammar_in_every_format() {
+    let grammar = codex_custom_grammar("codex-exec-apply-patch-request.json", "apply_patch");
+    let functions = [
+        custom_function("apply_patch", FreeForm::Lark(grammar)),
+        weather_functions()[0].clone(),
+    ];
+    let patch = "*** Begin Patch\n*** Add File: hello.txt\n+say \"hi\" \\ bye\n*** Update File: a.py\n@@ def f():\n-    return 1\n+    return 2\n*** End Patch\n";
+    let no_end = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n";
+    for (format, markers, _, _) in call_cases() {
+        let codec = codec_with(&markers, "");
+        let compiler = GrammarCompiler::new(&codec, codec.tokenizer().get_vocab_size(true)).unwrap();
+        let spec = call_grammar(&codec, format, &functions, false, CallMode::Required);
+        let good = custom_call(format, "apply_patch", patch);
+        assert_eq!(
+            walk(&codec, &compiler, &spec, &good),
+            Ok(true),
+            "{format:?}: {good}"
+        );
+        let (_, calls) = parse(format, &good);
+        let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert_eq!(args, json!({"input": patch}), "{format:?}");
+        let bad = custom_call(format, "apply_patch", no_end);
+        assert!(
+            !matches!(walk(&codec, &compiler, &spec, &bad), Ok(true)),
+            "{format:?} accepted a patch without its end"
+        );
+        // The raw patch (not escaped) is not a JSON string: refused.
+        let raw = good.replace("\\n", "\n");
+        assert!(
+            !matches!(walk(&codec, &compiler, &spec, &raw), Ok(true)),
+            "{format:?}"
+        );
+    }
+}
+
+/// Code mode's `exec` (a pragma line or any source, `[\s\S]+`), a regex tool and a
+/// free-text one, in the generic format, with auto calls.
+#[test]
+fn custom_tool_grammars_of_every_form() {
+    let exec = codex_custom_grammar("codex-exec-code-mode-request.json", "exec");
+    let functions = [
+        custom_function("exec", FreeForm::Lark(exec)),
+        custom_function(
+            "version",
+            FreeForm::Regex(r#"v[0-9]+\.[0-9]+ "(beta|rc)"/x"#.into()),
+        ),
+        custom_function("note", FreeForm::Text),
+    ];
+    let codec = codec_with(&[], "");
+    let compiler = GrammarCompiler::new(&codec, codec.tokenizer().get_vocab_size(true)).unwrap();
+    let spec = call_grammar(&codec, ToolFormat::Generic, &functions, true, CallMode::Auto);
+    let walk = |text: &str| walk(&codec, &compiler, &spec, text);
+    let js = "// @exec: {\"timeout\": 5}\nconst r = await tools.exec_command({cmd: \"ls\\n\"});\ntext(r);";
+    for (name, input) in [
+        ("exec", js),
+        ("version", "v1.2 \"rc\"/x"),
+        ("note", "any\ttext \u{1}"),
+    ] {
+        let call = custom_call(ToolFormat::Generic, name, input);
+        assert_eq!(walk(&format!("Sure.{call}")), Ok(true), "{call}");
+        let (_, calls) = parse(ToolFormat::Generic, &call);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&calls[0].arguments).unwrap(),
+            json!({"input": input})
+        );
+    }
+    let wrong = custom_call(ToolFormat::Generic, "version", "v1 \"rc\"/x");
+    assert!(!matches!(walk(&wrong), Ok(true)));
+}
+
+/// What a custom grammar cannot be escaped with is refused, naming why; common imports,
+/// ranges and case-insensitive strings are escaped.
+#[test]
+fn custom_grammars_that_cannot_be_quoted_are_refused() {
+    for (grammar, why) in [
+        ("start: <|im_end|>", "special tokens"),
+        ("start: %json {\"type\": \"integer\"}", "%json"),
+        ("start: @sub", "grammar references"),
+        ("%import python.NAME\nstart: NAME", "only imports from common"),
+        ("start: /[/", "does not parse"),
+    ] {
+        let e = CustomInput::new(FreeForm::Lark(grammar.into())).unwrap_err();
+        assert!(e.contains(why), "{grammar}: {e}");
+    }
+    // Ranges, case-insensitive strings and common imports (both spellings) escaped.
+    let grammar =
+        "start: \"a\"..\"c\" \"Hi\"i LF WS? \"q\\\"\" // a comment\n%import common.LF\n%import common (WS)";
+    let q = custom::json_quoted_lark(grammar).unwrap();
+    assert!(!q.contains("%import") && !q.contains("comment"), "{q}");
+    let functions = [custom_function("f", FreeForm::Lark(grammar.into()))];
+    let codec = codec_with(&[], "");
+    let compiler = GrammarCompiler::new(&codec, codec.tokenizer().get_vocab_size(true)).unwrap();
+    let spec = call_grammar(&codec, ToolFormat::Generic, &functions, false, CallMode::Required);
+    for (input, ok) in [
+        ("bhI\n \tq\"", true),
+        ("bHi\nq\"", true),
+        ("dHi\nq\"", false),
+        ("bHiq\"", false),
+    ] {
+        let call = custom_call(ToolFormat::Generic, "f", input);
+        assert_eq!(
+            matches!(walk(&codec, &compiler, &spec, &call), Ok(true)),
+            ok,
+            "{input:?} in {q}"
+        );
+    }
 }

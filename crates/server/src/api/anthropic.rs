@@ -1,12 +1,15 @@
 //! Anthropic's Messages API (`POST /v1/messages`): its request and response types, and
-//! the request's translation into a chat request (the engine sees one kind of
-//! conversation; the answer comes back as Anthropic's content blocks).
+//! the request's conversion into the [`Conversation`] every API shares (the answer comes
+//! back as Anthropic's content blocks).
 
+use moeserve_core::engine::SamplingParams;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use crate::api::requests::{null_as_default, ChatCompletionRequest};
+use crate::api::conversation::{Call, Conversation, Message as Turn, Role, MESSAGES_FIELDS};
+use crate::api::requests::null_as_default;
+use crate::api::tools::{Functions, ToolChoice, ToolPlan};
 use crate::error::ApiError;
 
 /// `system`: a string or text blocks.
@@ -137,16 +140,14 @@ fn text_of_blocks(blocks: &[Value], param: &str) -> Result<String, ApiError> {
     Ok(text)
 }
 
-/// The conversation as chat messages: `system` first; a user turn's tool results as
-/// tool messages (they answer the previous turn's calls), then its text; an assistant
-/// turn's text and its `tool_use` blocks as calls.
-fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Result<Vec<Value>, ApiError> {
+/// The conversation's messages: `system` first; a user turn's tool results as tool
+/// messages (they answer the previous turn's calls), then its text; an assistant turn's
+/// text and its `tool_use` blocks as calls.
+fn messages_of(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Result<Vec<Turn>, ApiError> {
     let mut out = Vec::new();
     match system {
-        Some(SystemPrompt::Text(t)) => out.push(json!({"role": "system", "content": t})),
-        Some(SystemPrompt::Blocks(b)) => {
-            out.push(json!({"role": "system", "content": text_of_blocks(b, "system")?}))
-        }
+        Some(SystemPrompt::Text(t)) => out.push(Turn::new(Role::System, t.clone())),
+        Some(SystemPrompt::Blocks(b)) => out.push(Turn::new(Role::System, text_of_blocks(b, "system")?)),
         None => {}
     }
     if messages.is_empty() {
@@ -154,35 +155,37 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
     }
     for (i, m) in messages.iter().enumerate() {
         let param = format!("messages[{i}]");
-        if m.role == "system" {
-            let text = match &m.content {
-                MessageContent::Text(t) => t.clone(),
-                MessageContent::Blocks(b) => text_of_blocks(b, &format!("{param}.content"))?,
-            };
-            out.push(json!({"role": "system", "content": text}));
-            continue;
-        }
-        if m.role != "user" && m.role != "assistant" {
-            return Err(ApiError::invalid_param(
-                &format!("{param}.role"),
-                format!("unknown role {:?} (user, assistant or system)", m.role),
-            ));
-        }
+        let role = match m.role.as_str() {
+            "system" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid_param(
+                    &format!("{param}.role"),
+                    format!("unknown role {other:?} (user, assistant or system)"),
+                ))
+            }
+        };
         let blocks = match &m.content {
             MessageContent::Text(t) => {
-                out.push(json!({"role": m.role, "content": t}));
+                out.push(Turn::new(role, t.clone()));
+                continue;
+            }
+            MessageContent::Blocks(b) if role == Role::System => {
+                out.push(Turn::new(role, text_of_blocks(b, &format!("{param}.content"))?));
                 continue;
             }
             MessageContent::Blocks(b) => b,
         };
         let mut text = String::new();
         let mut calls = Vec::new();
+        let mut results = Vec::new();
         for (j, b) in blocks.iter().enumerate() {
             let at = format!("{param}.content[{j}]");
             let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
             match kind {
                 "text" => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
-                "tool_use" if m.role == "assistant" => {
+                "tool_use" if role == Role::Assistant => {
                     let (Some(id), Some(name)) = (
                         b.get("id").and_then(Value::as_str),
                         b.get("name").and_then(Value::as_str),
@@ -190,10 +193,13 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
                         return Err(ApiError::invalid_param(&at, "a tool_use block needs an id and a name"));
                     };
                     let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
-                    calls.push(json!({"id": id, "type": "function",
-                        "function": {"name": name, "arguments": input.to_string()}}));
+                    calls.push(Call {
+                        id: id.to_string(),
+                        name: name.to_string(),
+                        arguments: input.to_string(),
+                    });
                 }
-                "tool_result" if m.role == "user" => {
+                "tool_result" if role == Role::User => {
                     let Some(id) = b.get("tool_use_id").and_then(Value::as_str) else {
                         return Err(ApiError::invalid_param(&at, "a tool_result block needs tool_use_id"));
                     };
@@ -211,7 +217,7 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
                     if b.get("is_error").and_then(Value::as_bool) == Some(true) {
                         content = format!("Error: {content}");
                     }
-                    out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+                    results.push(Turn::tool_result(id, content));
                 }
                 // Earlier turns' thoughts are not shown to the model again, as chat
                 // templates drop them.
@@ -227,14 +233,16 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
                 }
             }
         }
-        if m.role == "assistant" {
-            let mut msg = json!({"role": "assistant", "content": text});
-            if !calls.is_empty() {
-                msg["tool_calls"] = Value::Array(calls);
-            }
+        if role == Role::Assistant {
+            let mut msg = Turn::new(Role::Assistant, text);
+            msg.calls = calls;
             out.push(msg);
-        } else if !text.is_empty() || !blocks.iter().any(|b| b["type"] == "tool_result") {
-            out.push(json!({"role": "user", "content": text}));
+        } else {
+            let only_results = !results.is_empty() && text.is_empty();
+            out.extend(results);
+            if !only_results {
+                out.push(Turn::new(Role::User, text));
+            }
         }
     }
     if messages.iter().all(|m| m.role == "system") {
@@ -246,20 +254,15 @@ fn chat_messages(system: Option<&SystemPrompt>, messages: &[InputMessage]) -> Re
     Ok(out)
 }
 
-/// `tools` and `tool_choice` in chat terms.
-fn chat_tools(tools: Option<&[Tool]>, choice: Option<&Value>) -> Result<(Value, Value, Value), ApiError> {
-    let Some(tools) = tools.filter(|t| !t.is_empty()) else {
-        return Ok((Value::Null, Value::Null, Value::Null));
-    };
-    let mut out = Vec::new();
-    for (i, t) in tools.iter().enumerate() {
-        if t.defer_loading == Some(true) {
-            continue;
-        }
-        // Anthropic's server tools (web search, code execution, ..) and its schema-less
-        // built-in client tools (bash, text editor, computer) cannot be offered to the
-        // served model: they are left out, not refused.
-        if t.kind.as_deref().is_some_and(|k| k != "custom") {
+/// `tools` and `tool_choice`, resolved (`None`: no tool offered).
+fn tool_plan(tools: Option<&[Tool]>, choice: Option<&Value>) -> Result<Option<ToolPlan>, ApiError> {
+    let mut functions = Functions::default();
+    for (i, t) in tools.unwrap_or(&[]).iter().enumerate() {
+        // A deferred tool is found by the client's tool search; Anthropic's server tools
+        // (web search, code execution, ..) and its schema-less built-in client tools
+        // (bash, text editor, computer) cannot be offered to the served model: all are
+        // left out, not refused.
+        if t.defer_loading == Some(true) || t.kind.as_deref().is_some_and(|k| k != "custom") {
             continue;
         }
         let Some(schema) = &t.input_schema else {
@@ -268,25 +271,30 @@ fn chat_tools(tools: Option<&[Tool]>, choice: Option<&Value>) -> Result<(Value, 
                 "a tool needs input_schema",
             ));
         };
-        out.push(json!({"type": "function", "function": {
-            "name": t.name, "description": t.description, "parameters": schema}}));
+        functions.function(
+            Some(&t.name),
+            t.description.as_deref(),
+            Some(schema),
+            &format!("tools[{i}].name"),
+            &format!("tools[{i}].input_schema"),
+        )?;
     }
-    if out.is_empty() {
-        return Ok((Value::Null, Value::Null, Value::Null));
+    if functions.list.is_empty() {
+        return Ok(None);
     }
-    let (choice, parallel) = match choice {
-        None | Some(Value::Null) => (Value::Null, Value::Null),
+    let (choice, parallel) = match choice.filter(|c| !c.is_null()) {
+        None => (ToolChoice::Auto, None),
         Some(c) => {
             let parallel = match c.get("disable_parallel_tool_use").and_then(Value::as_bool) {
-                Some(true) => json!(false),
-                _ => Value::Null,
+                Some(true) => Some(false),
+                _ => None,
             };
             let choice = match c.get("type").and_then(Value::as_str) {
-                Some("auto") => json!("auto"),
-                Some("any") => json!("required"),
-                Some("none") => json!("none"),
+                Some("auto") => ToolChoice::Auto,
+                Some("any") => ToolChoice::Required,
+                Some("none") => ToolChoice::None,
                 Some("tool") => match c.get("name").and_then(Value::as_str) {
-                    Some(name) => json!({"type": "function", "function": {"name": name}}),
+                    Some(name) => ToolChoice::Named(name.to_string()),
                     None => {
                         return Err(ApiError::invalid_param(
                             "tool_choice.name",
@@ -304,7 +312,7 @@ fn chat_tools(tools: Option<&[Tool]>, choice: Option<&Value>) -> Result<(Value, 
             (choice, parallel)
         }
     };
-    Ok((Value::Array(out), choice, parallel))
+    ToolPlan::new(functions.list, choice, parallel, "tool_choice.name").map(Some)
 }
 
 /// The thought's budget (`thinking.budget_tokens` when enabled).
@@ -328,14 +336,33 @@ fn thinking_budget(thinking: Option<&Value>) -> Result<Option<usize>, ApiError> 
     }
 }
 
-fn to_chat(v: Value) -> Result<ChatCompletionRequest, ApiError> {
-    serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+/// A conversation with Messages' field names and limits.
+fn conversation(
+    model: &str,
+    messages: Vec<Turn>,
+    tools: Option<ToolPlan>,
+    params: SamplingParams,
+    temperature_set: bool,
+    budget: Option<usize>,
+) -> Conversation {
+    Conversation {
+        model: model.to_string(),
+        messages,
+        tools,
+        params,
+        temperature_set,
+        format: None,
+        max_reasoning_tokens: budget,
+        reasoning_field: "thinking.budget_tokens",
+        clamp_max_tokens: true,
+        fields: &MESSAGES_FIELDS,
+    }
 }
 
 impl MessagesRequest {
-    /// The chat request this one is: `reasons` says whether the served model thinks (a
-    /// thinking budget applies only then).
-    pub fn to_chat(&self, reasons: bool) -> Result<ChatCompletionRequest, ApiError> {
+    /// The conversation this request is: `reasons` says whether the served model thinks
+    /// (a thinking budget applies only then).
+    pub fn to_conversation(&self, reasons: bool) -> Result<Conversation, ApiError> {
         if self.mcp_servers.as_ref().is_some_and(|m| !m.is_null()) {
             return Err(ApiError::invalid_param(
                 "mcp_servers",
@@ -348,37 +375,40 @@ impl MessagesRequest {
                 "max_tokens must be at least 1",
             ));
         }
-        let (tools, tool_choice, parallel) = chat_tools(self.tools.as_deref(), self.tool_choice.as_ref())?;
+        let tools = tool_plan(self.tools.as_deref(), self.tool_choice.as_ref())?;
         let budget = thinking_budget(self.thinking.as_ref())?.filter(|_| reasons);
-        let mut chat = to_chat(json!({
-            "model": self.model,
-            "messages": chat_messages(self.system.as_ref(), &self.messages)?,
-            "max_tokens": self.max_tokens,
-            "stop": self.stop_sequences,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "tools": tools,
-            "tool_choice": tool_choice,
-            "parallel_tool_calls": parallel,
-            "max_reasoning_tokens": budget,
-        }))?;
-        chat.clamp_max_tokens = true;
-        Ok(chat)
+        let d = SamplingParams::default();
+        let params = SamplingParams {
+            max_tokens: Some(self.max_tokens),
+            stop: self.stop_sequences.clone().unwrap_or_default(),
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            ..d
+        };
+        Ok(conversation(
+            &self.model,
+            messages_of(self.system.as_ref(), &self.messages)?,
+            tools,
+            params,
+            self.temperature.is_some(),
+            budget,
+        ))
     }
 }
 
 impl CountTokensRequest {
-    pub fn to_chat(&self) -> Result<ChatCompletionRequest, ApiError> {
-        let (tools, tool_choice, parallel) = chat_tools(self.tools.as_deref(), self.tool_choice.as_ref())?;
+    pub fn to_conversation(&self) -> Result<Conversation, ApiError> {
+        let tools = tool_plan(self.tools.as_deref(), self.tool_choice.as_ref())?;
         thinking_budget(self.thinking.as_ref())?;
-        to_chat(json!({
-            "model": self.model,
-            "messages": chat_messages(self.system.as_ref(), &self.messages)?,
-            "tools": tools,
-            "tool_choice": tool_choice,
-            "parallel_tool_calls": parallel,
-        }))
+        Ok(conversation(
+            &self.model,
+            messages_of(self.system.as_ref(), &self.messages)?,
+            tools,
+            SamplingParams::default(),
+            false,
+            None,
+        ))
     }
 }
 
@@ -559,8 +589,8 @@ mod tests {
             "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
             "stop_sequences": ["END"],
         }));
-        let chat = r.to_chat(false).unwrap();
-        let msgs = serde_json::to_value(chat.template_messages().unwrap()).unwrap();
+        let conv = r.to_conversation(false).unwrap();
+        let msgs = Value::Array(conv.template_messages());
         assert_eq!(
             msgs,
             json!([
@@ -572,14 +602,16 @@ mod tests {
                 {"role": "user", "content": "Thanks"},
             ])
         );
-        assert_eq!(chat.tool_choice, Some(json!("required")));
-        assert_eq!(chat.parallel_tool_calls, Some(false));
-        assert_eq!(chat.max_tokens, Some(9));
+        let tools = conv.tools.as_ref().unwrap();
+        assert_eq!(tools.choice, ToolChoice::Required);
+        assert!(!tools.parallel);
+        assert_eq!(conv.params.max_tokens, Some(9));
+        assert_eq!(conv.params.stop, ["END"]);
     }
 
     #[test]
     fn what_is_refused_names_its_field() {
-        let param = |v: Value| match req(v).to_chat(true) {
+        let param = |v: Value| match req(v).to_conversation(true) {
             Err(ApiError::InvalidRequest { param, .. }) => param,
             other => panic!("{other:?}"),
         };
@@ -601,7 +633,7 @@ mod tests {
             json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
         ));
         assert!(
-            hosted.to_chat(true).unwrap().tools.is_none(),
+            hosted.to_conversation(true).unwrap().tools.is_none(),
             "server tools are left out"
         );
         assert_eq!(
@@ -620,12 +652,12 @@ mod tests {
             param(base(json!({"thinking": {"type": "enabled"}}))),
             Some("thinking.budget_tokens".into())
         );
-        // The budget reaches the chat request only for a model that thinks.
+        // The budget reaches the conversation only for a model that thinks.
         let r = req(base(
             json!({"thinking": {"type": "enabled", "budget_tokens": 64}}),
         ));
-        assert_eq!(r.to_chat(true).unwrap().max_reasoning_tokens, Some(64));
-        assert_eq!(r.to_chat(false).unwrap().max_reasoning_tokens, None);
+        assert_eq!(r.to_conversation(true).unwrap().max_reasoning_tokens, Some(64));
+        assert_eq!(r.to_conversation(false).unwrap().max_reasoning_tokens, None);
     }
 
     #[test]
@@ -652,7 +684,7 @@ mod tests {
         ))
         .unwrap();
         let body = &recorded["body"];
-        let chat = req(body.clone()).to_chat(false).unwrap();
+        let chat = req(body.clone()).to_conversation(false).unwrap();
         assert!(chat.clamp_max_tokens, "32000 is cut to what the context leaves");
         let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(
@@ -686,14 +718,9 @@ mod tests {
             {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "opaque"},
                 {"type": "thinking", "thinking": "hm", "signature": "s"}, {"type": "text", "text": "A cat."}]},
         ]}))
-        .to_chat(false)
+        .to_conversation(false)
         .unwrap();
-        let tool = chat.messages.iter().find(|m| m.role == "tool").unwrap();
-        match &tool.content {
-            Some(crate::api::requests::MessageContent::Text(t)) => {
-                assert_eq!(t, "a screenshot\n[image omitted]")
-            }
-            other => panic!("{other:?}"),
-        }
+        let tool = chat.messages.iter().find(|m| m.role == Role::Tool).unwrap();
+        assert_eq!(tool.content, "a screenshot\n[image omitted]");
     }
 }

@@ -2,6 +2,7 @@
 //! server sends ([`responses`]); both are described in the OpenAPI document.
 
 pub mod anthropic;
+pub mod conversation;
 pub mod openai_responses;
 pub mod requests;
 pub mod responses;

@@ -2,11 +2,18 @@
 //! stream's events, and the request's translation into a chat request (input items
 //! become chat messages; the answer's blocks become output items).
 
+use std::collections::HashMap;
+
+use moeserve_core::engine::SamplingParams;
+use moeserve_core::grammar::ConstraintSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use crate::api::requests::{null_as_default, ChatCompletionRequest};
+use crate::api::conversation::{custom_arguments, Call, Conversation, Message, Role, RESPONSES_FIELDS};
+use crate::api::requests::null_as_default;
+use crate::api::structured::schema_spec;
+use crate::api::tools::{Functions, ToolChoice, ToolPlan};
 use crate::error::ApiError;
 
 /// `POST /v1/responses`
@@ -28,9 +35,11 @@ pub struct ResponsesRequest {
     pub top_k: Option<i32>,
     pub seed: Option<i64>,
     /// Function tools (`{"type": "function", "name", "description", "parameters"}`),
-    /// also grouped in a `namespace` (offered by their own names; a call to one says its
-    /// namespace). Hosted tools moeserve cannot run ([`HOSTED_TOOLS`]: web search, file
-    /// search, ..) and, for now, `custom` tools are left out of the prompt, not refused.
+    /// custom tools (`{"type": "custom", "name", "description", "format"}`: free-form
+    /// input, constrained by a Lark or regex grammar), also grouped in a `namespace`
+    /// (offered by their own names; a call to one says its namespace). Hosted tools
+    /// moeserve cannot run ([`HOSTED_TOOLS`]: web search, file search, ..) are left out
+    /// of the prompt, not refused.
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
     /// `none`, `auto`, `required` or `{"type": "function", "name": ..}`.
@@ -61,9 +70,10 @@ pub struct ResponsesRequest {
     pub max_tool_calls: Option<usize>,
 }
 
-/// Tool types OpenAI runs on its side (or, for `local_shell` and `custom`, that
-/// moeserve does not offer yet): accepted and left out of the prompt, since agents send
-/// them in every request whatever the model (Codex sends `web_search`).
+/// Tool types OpenAI runs on its side (and `local_shell`, `shell`, `apply_patch`,
+/// `tool_search`: built-in tools whose calls are items of their own, not offered):
+/// accepted and left out of the prompt, since agents send them in every request whatever
+/// the model (Codex sends `web_search`).
 pub const HOSTED_TOOLS: &[&str] = &[
     "web_search",
     "web_search_preview",
@@ -78,7 +88,6 @@ pub const HOSTED_TOOLS: &[&str] = &[
     "shell",
     "apply_patch",
     "tool_search",
-    "custom",
 ];
 
 /// How a `compaction` item's `encrypted_content` starts when moeserve wrote it: the
@@ -117,13 +126,6 @@ pub struct CompactResponse {
     #[schema(value_type = Vec<Object>)]
     pub output: Vec<Value>,
     pub usage: ResponseUsage,
-}
-
-/// A function tool's definition in chat terms.
-fn chat_function(t: &Value) -> Value {
-    json!({"type": "function", "function": {
-        "name": t.get("name"), "description": t.get("description"),
-        "parameters": t.get("parameters"), "strict": t.get("strict")}})
 }
 
 /// A tool output's content: a string, or parts of which the text ones are read (an
@@ -185,11 +187,24 @@ fn item_text(content: Option<&Value>, param: &str) -> Result<String, ApiError> {
     }
 }
 
-/// The input as chat messages. Consecutive `function_call` items join the assistant
-/// message before them, as one turn's calls.
-pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
+/// The input items, read: the messages, and the tools `additional_tools` items offer
+/// (Codex's code mode sends its tools that way), with where each list was.
+#[derive(Debug, Default)]
+pub struct Input {
+    pub messages: Vec<Message>,
+    pub tools: Vec<(String, Vec<Value>)>,
+}
+
+/// The input as the conversation's messages. Consecutive `function_call` and
+/// `custom_tool_call` items join the assistant message before them, as one turn's calls.
+pub fn read_input(input: &Value) -> Result<Input, ApiError> {
     let items = match input {
-        Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
+        Value::String(s) => {
+            return Ok(Input {
+                messages: vec![Message::new(Role::User, s.clone())],
+                tools: vec![],
+            })
+        }
         Value::Array(items) => items,
         _ => {
             return Err(ApiError::invalid_param(
@@ -198,21 +213,26 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
             ))
         }
     };
-    let mut out: Vec<Value> = Vec::new();
+    let mut out = Input::default();
+    let messages = &mut out.messages;
     for (i, item) in items.iter().enumerate() {
         let at = format!("input[{i}]");
         let kind = item.get("type").and_then(Value::as_str);
         match kind {
             Some("message") | None if item.get("role").is_some() => {
-                let role = item["role"].as_str().unwrap_or("");
-                if !["user", "assistant", "system", "developer"].contains(&role) {
-                    return Err(ApiError::invalid_param(
-                        &format!("{at}.role"),
-                        format!("unknown role {role:?} (user, assistant, system or developer)"),
-                    ));
-                }
+                let role = match item["role"].as_str().unwrap_or("") {
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    "system" | "developer" => Role::System,
+                    other => {
+                        return Err(ApiError::invalid_param(
+                            &format!("{at}.role"),
+                            format!("unknown role {other:?} (user, assistant, system or developer)"),
+                        ))
+                    }
+                };
                 let text = item_text(item.get("content"), &format!("{at}.content"))?;
-                out.push(json!({"role": role, "content": text}));
+                messages.push(Message::new(role, text));
             }
             Some(kind @ ("function_call" | "custom_tool_call")) => {
                 let (Some(call_id), Some(name)) = (
@@ -221,36 +241,32 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                 ) else {
                     return Err(ApiError::invalid_param(
                         &at,
-                        "a function_call item needs call_id and name",
+                        format!("a {kind} item needs call_id and name"),
                     ));
                 };
-                // A custom tool's free-form input, as the arguments of a function taking it.
-                let custom;
+                // A custom tool's free-form input, as the arguments the model wrote.
                 let arguments = if kind == "custom_tool_call" {
-                    custom = json!({"input": item.get("input").and_then(Value::as_str).unwrap_or("")}).to_string();
-                    custom.as_str()
+                    custom_arguments(item.get("input").and_then(Value::as_str).unwrap_or(""))
                 } else {
-                    item.get("arguments").and_then(Value::as_str).unwrap_or("{}")
+                    item.get("arguments").and_then(Value::as_str).unwrap_or("{}").to_string()
                 };
-                let call = json!({"id": call_id, "type": "function",
-                    "function": {"name": name, "arguments": arguments}});
-                match out.last_mut() {
-                    Some(m) if m["role"] == "assistant" => match m.get_mut("tool_calls") {
-                        Some(Value::Array(calls)) => calls.push(call),
-                        _ => m["tool_calls"] = json!([call]),
+                Message::push_call(
+                    messages,
+                    Call {
+                        id: call_id.to_string(),
+                        name: name.to_string(),
+                        arguments,
                     },
-                    _ => out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]})),
-                }
+                );
             }
-            Some("function_call_output" | "custom_tool_call_output") => {
+            Some(kind @ ("function_call_output" | "custom_tool_call_output")) => {
                 let Some(call_id) = item.get("call_id").and_then(Value::as_str) else {
                     return Err(ApiError::invalid_param(
                         &format!("{at}.call_id"),
-                        "a function_call_output item needs the call_id it answers",
+                        format!("a {kind} item needs the call_id it answers"),
                     ));
                 };
-                let output = output_text(item.get("output"));
-                out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+                messages.push(Message::tool_result(call_id, output_text(item.get("output"))));
             }
             // A summary moeserve wrote (`POST /v1/responses/compact`) stands for the
             // conversation before it; another server's opaque blob is left out.
@@ -260,8 +276,18 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                     .and_then(Value::as_str)
                     .and_then(|c| c.strip_prefix(COMPACTION_PREFIX))
                 {
-                    out.push(json!({"role": "system", "content": format!("{COMPACTION_INTRO}{summary}")}));
+                    messages.push(Message::new(Role::System, format!("{COMPACTION_INTRO}{summary}")));
                 }
+            }
+            // Tools offered from here on (Codex's code mode): offered with the request's.
+            Some("additional_tools") => {
+                let Some(Value::Array(tools)) = item.get("tools") else {
+                    return Err(ApiError::invalid_param(
+                        &format!("{at}.tools"),
+                        "an additional_tools item needs its list of tools",
+                    ));
+                };
+                out.tools.push((format!("{at}.tools"), tools.clone()));
             }
             // Earlier turns' thoughts are not shown to the model again (their
             // `encrypted_content` is not ours to read); hosted tools' calls and results
@@ -277,17 +303,80 @@ pub fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                 return Err(ApiError::invalid_param(
                     &format!("{at}.type"),
                     format!(
-                    "input items of type {} are not supported (message, function_call, function_call_output, custom_tool_call, custom_tool_call_output, reasoning)",
+                    "input items of type {} are not supported (message, function_call, function_call_output, custom_tool_call, custom_tool_call_output, reasoning, compaction, additional_tools)",
                     other.unwrap_or("(none)")
                 ),
                 ))
             }
         }
     }
-    if out.is_empty() {
+    if out.messages.is_empty() {
         return Err(ApiError::invalid_param("input", "input must not be empty"));
     }
     Ok(out)
+}
+
+/// Adds the tools of one list (`at` is where it is) to `functions`: function and custom
+/// tools, also inside a `namespace` (offered by their own names); hosted tools are left
+/// out.
+fn read_tools(list: &[Value], at: &str, functions: &mut Functions) -> Result<(), ApiError> {
+    for (i, t) in list.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let name = t.get("name").and_then(Value::as_str);
+        let description = t.get("description").and_then(Value::as_str);
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") => functions.function(
+                name,
+                description,
+                t.get("parameters"),
+                &format!("{at}.name"),
+                &format!("{at}.parameters"),
+            )?,
+            Some("custom") => functions.custom(name, description, t.get("format"), &at)?,
+            Some("namespace") => {
+                let Some(Value::Array(inner)) = t.get("tools") else {
+                    return Err(ApiError::invalid_param(
+                        &format!("{at}.tools"),
+                        "a namespace needs its list of tools",
+                    ));
+                };
+                read_tools(inner, &format!("{at}.tools"), functions)?;
+            }
+            Some(kind) if HOSTED_TOOLS.contains(&kind) => {}
+            other => {
+                return Err(ApiError::invalid_param(
+                    &format!("{at}.type"),
+                    format!(
+                    "unknown tool type {} (function, custom, namespace, or a hosted tool, which is left out)",
+                    other.unwrap_or("(none)")
+                ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The namespace of each function offered inside one, by name.
+fn namespaces_of(list: &[Value], namespace: Option<&str>, out: &mut HashMap<String, String>) {
+    for t in list {
+        match (
+            t.get("type").and_then(Value::as_str),
+            t.get("name").and_then(Value::as_str),
+        ) {
+            (Some("namespace"), Some(ns)) => {
+                if let Some(Value::Array(inner)) = t.get("tools") {
+                    namespaces_of(inner, Some(ns), out);
+                }
+            }
+            (Some(_), Some(name)) => {
+                if let Some(ns) = namespace {
+                    out.insert(name.to_string(), ns.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl ResponsesRequest {
@@ -308,96 +397,46 @@ impl ResponsesRequest {
         Ok(())
     }
 
-    /// `tools` in chat terms.
-    fn chat_tools(&self) -> Result<Value, ApiError> {
-        let Some(tools) = &self.tools else {
-            return Ok(Value::Null);
-        };
-        let mut out = Vec::new();
-        for (i, t) in tools.iter().enumerate() {
-            match t.get("type").and_then(Value::as_str) {
-                Some("function") => out.push(chat_function(t)),
-                Some("namespace") => {
-                    let Some(Value::Array(inner)) = t.get("tools") else {
-                        return Err(ApiError::invalid_param(
-                            &format!("tools[{i}].tools"),
-                            "a namespace needs its list of tools",
-                        ));
-                    };
-                    for (j, f) in inner.iter().enumerate() {
-                        match f.get("type").and_then(Value::as_str) {
-                            Some("function") => out.push(chat_function(f)),
-                            Some(kind) if HOSTED_TOOLS.contains(&kind) => {}
-                            other => {
-                                return Err(ApiError::invalid_param(
-                                    &format!("tools[{i}].tools[{j}].type"),
-                                    format!("unknown tool type {}", other.unwrap_or("(none)")),
-                                ))
-                            }
-                        }
-                    }
-                }
-                Some(kind) if HOSTED_TOOLS.contains(&kind) => {}
-                other => {
-                    return Err(ApiError::invalid_param(
-                        &format!("tools[{i}].type"),
-                        format!(
-                            "unknown tool type {} (function, namespace, or a hosted tool, which is left out)",
-                            other.unwrap_or("(none)")
-                        ),
-                    ))
-                }
-            }
-        }
-        if out.is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(Value::Array(out))
-    }
-
-    /// The namespace of each function offered inside one, by function name (a function
-    /// also defined at the top level is taken as that one).
-    pub fn function_namespaces(&self) -> std::collections::HashMap<String, String> {
-        let mut out = std::collections::HashMap::new();
-        let tools = self.tools.as_deref().unwrap_or(&[]);
-        for t in tools.iter().filter(|t| t["type"] == "namespace") {
-            let (Some(ns), Some(Value::Array(inner))) =
-                (t.get("name").and_then(Value::as_str), t.get("tools"))
-            else {
-                continue;
-            };
-            for f in inner {
-                if let Some(name) = f.get("name").and_then(Value::as_str) {
-                    out.entry(name.to_string()).or_insert_with(|| ns.to_string());
-                }
-            }
-        }
-        for t in tools.iter().filter(|t| t["type"] == "function") {
-            if let Some(name) = t.get("name").and_then(Value::as_str) {
-                out.remove(name);
-            }
+    /// The namespace of each function offered inside one (in `tools` or in `input`'s
+    /// additional tools), by function name: its calls say it.
+    pub fn function_namespaces(&self, input: &Input) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        namespaces_of(self.tools.as_deref().unwrap_or(&[]), None, &mut out);
+        for (_, list) in &input.tools {
+            namespaces_of(list, None, &mut out);
         }
         out
     }
 
-    fn chat_tool_choice(&self) -> Result<Value, ApiError> {
+    /// `tool_choice` over `functions`.
+    fn tool_choice(&self) -> Result<ToolChoice, ApiError> {
         Ok(match &self.tool_choice {
-            None | Some(Value::Null) => Value::Null,
-            Some(Value::String(s)) => Value::String(s.clone()),
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::invalid_param(
+                        "tool_choice",
+                        format!("unknown tool_choice {other:?} (none, auto or required)"),
+                    ))
+                }
+            },
             Some(c) => {
                 match (
                     c.get("type").and_then(Value::as_str),
                     c.get("name").and_then(Value::as_str),
                 ) {
-                    (Some("function"), Some(name)) => json!({"type": "function", "function": {"name": name}}),
+                    (Some("function" | "custom"), Some(name)) => ToolChoice::Named(name.to_string()),
                     // The subset is not enforced: its mode is.
                     (Some("allowed_tools"), _) => match c.get("mode").and_then(Value::as_str) {
-                        Some("required") => json!("required"),
-                        _ => json!("auto"),
+                        Some("required") => ToolChoice::Required,
+                        _ => ToolChoice::Auto,
                     },
-                    // A hosted or custom tool forced: it is not offered, so the model
-                    // answers as it chooses.
-                    (Some(kind), _) if HOSTED_TOOLS.contains(&kind) => json!("auto"),
+                    // A hosted tool forced: it is not offered, so the model answers as it
+                    // chooses.
+                    (Some(kind), _) if HOSTED_TOOLS.contains(&kind) => ToolChoice::Auto,
                     _ => return Err(ApiError::invalid_param(
                         "tool_choice",
                         "tool_choice must be none, auto, required or {\"type\": \"function\", \"name\": ..}",
@@ -407,57 +446,81 @@ impl ResponsesRequest {
         })
     }
 
-    /// `text.format` as chat's `response_format`.
-    fn response_format(&self) -> Result<Value, ApiError> {
+    /// `text.format` as the answer's format.
+    fn format(&self) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
         let Some(format) = self
             .text
             .as_ref()
             .and_then(|t| t.get("format"))
             .filter(|f| !f.is_null())
         else {
-            return Ok(Value::Null);
+            return Ok(None);
         };
-        Ok(match format.get("type").and_then(Value::as_str) {
-            Some("text") => Value::Null,
-            Some("json_object") => json!({"type": "json_object"}),
-            Some("json_schema") => json!({"type": "json_schema", "json_schema": {
-                "name": format.get("name"), "description": format.get("description"),
-                "schema": format.get("schema"), "strict": format.get("strict")}}),
-            _ => {
-                return Err(ApiError::invalid_param(
-                    "text.format.type",
-                    "text.format.type must be text, json_object or json_schema",
-                ))
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some((ConstraintSpec::JsonObject, "text.format"))),
+            Some("json_schema") => {
+                let field = "text.format.schema";
+                let schema = format
+                    .get("schema")
+                    .cloned()
+                    .ok_or_else(|| ApiError::invalid_param(field, "json_schema needs a schema"))?;
+                Ok(Some((schema_spec(schema, field)?, field)))
             }
-        })
+            _ => Err(ApiError::invalid_param(
+                "text.format.type",
+                "text.format.type must be text, json_object or json_schema",
+            )),
+        }
     }
 
-    /// The chat request for `conversation` (the earlier turns and this input, as chat
-    /// messages), with `instructions` as its system message.
-    pub fn to_chat(&self, conversation: &[Value]) -> Result<ChatCompletionRequest, ApiError> {
-        let mut messages = Vec::with_capacity(conversation.len() + 1);
+    /// The conversation for `history` (the stored turns `previous_response_id`
+    /// continues) and this `input`, with `instructions` as its system message.
+    pub fn to_conversation(&self, history: Vec<Message>, input: Input) -> Result<Conversation, ApiError> {
+        let mut messages = Vec::with_capacity(history.len() + input.messages.len() + 1);
         if let Some(i) = &self.instructions {
-            messages.push(json!({"role": "system", "content": i}));
+            messages.push(Message::new(Role::System, i.clone()));
         }
-        messages.extend_from_slice(conversation);
-        let tools = self.chat_tools()?;
-        let v = json!({
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.max_output_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "tool_choice": if tools.is_null() { Value::Null } else { self.chat_tool_choice()? },
-            "tools": tools,
-            "parallel_tool_calls": self.parallel_tool_calls,
-            "response_format": self.response_format()?,
-        });
-        let mut chat: ChatCompletionRequest = serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))?;
-        chat.clamp_max_tokens = true;
-        Ok(chat)
+        messages.extend(history);
+        messages.extend(input.messages);
+        let mut functions = Functions::default();
+        read_tools(self.tools.as_deref().unwrap_or(&[]), "tools", &mut functions)?;
+        for (at, list) in &input.tools {
+            read_tools(list, at, &mut functions)?;
+        }
+        let choice = self.tool_choice()?;
+        // Only hosted tools (or none): nothing is offered, and a choice means nothing.
+        let tools = if functions.list.is_empty() {
+            None
+        } else {
+            Some(ToolPlan::new(
+                functions.list,
+                choice,
+                self.parallel_tool_calls,
+                "tool_choice",
+            )?)
+        };
+        let d = SamplingParams::default();
+        let params = SamplingParams {
+            max_tokens: self.max_output_tokens,
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            seed: self.seed.map(|s| s as u64),
+            ..d
+        };
+        Ok(Conversation {
+            model: self.model.clone(),
+            messages,
+            tools,
+            params,
+            temperature_set: self.temperature.is_some(),
+            format: self.format()?,
+            max_reasoning_tokens: None,
+            reasoning_field: "reasoning",
+            clamp_max_tokens: true,
+            fields: &RESPONSES_FIELDS,
+        })
     }
 }
 
@@ -536,6 +599,16 @@ pub enum OutputItem {
         #[serde(skip_serializing_if = "Option::is_none")]
         namespace: Option<String>,
         arguments: String,
+        status: ItemStatus,
+    },
+    /// A custom tool's call: its free-form input.
+    CustomToolCall {
+        id: String,
+        call_id: String,
+        name: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        input: String,
         status: ItemStatus,
     },
 }
@@ -751,6 +824,20 @@ pub enum ResponseStreamEvent {
         name: String,
         arguments: String,
     },
+    #[serde(rename = "response.custom_tool_call_input.delta")]
+    CustomToolCallInputDelta {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        delta: String,
+    },
+    #[serde(rename = "response.custom_tool_call_input.done")]
+    CustomToolCallInputDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: usize,
+        input: String,
+    },
     #[serde(rename = "response.completed")]
     Completed {
         sequence_number: u64,
@@ -784,6 +871,8 @@ impl ResponseStreamEvent {
             Self::ReasoningTextDone { .. } => "response.reasoning_text.done",
             Self::FunctionCallArgumentsDelta { .. } => "response.function_call_arguments.delta",
             Self::FunctionCallArgumentsDone { .. } => "response.function_call_arguments.done",
+            Self::CustomToolCallInputDelta { .. } => "response.custom_tool_call_input.delta",
+            Self::CustomToolCallInputDone { .. } => "response.custom_tool_call_input.done",
             Self::Completed { .. } => "response.completed",
             Self::Incomplete { .. } => "response.incomplete",
             Self::Failed { .. } => "response.failed",
@@ -808,8 +897,23 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    /// Items become the chat conversation: a message with parts, an assistant message
-    /// and the calls after it as one turn, their outputs as tool messages.
+    /// The input's messages as the template takes them.
+    fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
+        Ok(read_input(input)?
+            .messages
+            .iter()
+            .map(Message::template_value)
+            .collect())
+    }
+
+    /// The request's conversation (no stored history).
+    fn conversation(r: &ResponsesRequest) -> Result<Conversation, ApiError> {
+        r.check()?;
+        r.to_conversation(vec![], read_input(r.input.as_ref().unwrap())?)
+    }
+
+    /// Items become the conversation: a message with parts, an assistant message and the
+    /// calls after it as one turn, their outputs as tool messages.
     #[test]
     fn input_items_become_chat_messages() {
         let input = json!([
@@ -838,50 +942,31 @@ mod tests {
         );
     }
 
-    /// Tools, tool_choice and text.format in chat terms; instructions lead.
+    /// Tools, tool_choice and text.format in the conversation; instructions lead.
     #[test]
-    fn the_chat_request() {
+    fn the_conversation() {
         let r = req(
             json!({"model": "m", "input": "x", "instructions": "Be brief.", "max_output_tokens": 7,
             "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
             "tool_choice": {"type": "function", "name": "f"},
             "text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"}}}}),
         );
-        let chat = r
-            .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
-            .unwrap();
-        assert_eq!(chat.messages.len(), 2);
-        assert_eq!(chat.messages[0].role, "system");
-        assert_eq!(chat.max_tokens, Some(7));
-        assert_eq!(
-            chat.tool_choice,
-            Some(json!({"type": "function", "function": {"name": "f"}}))
-        );
-        assert_eq!(
-            chat.tools.as_ref().unwrap()[0]
-                .function
-                .as_ref()
-                .unwrap()
-                .name
-                .as_deref(),
-            Some("f")
-        );
-        let f = chat.response_format.unwrap();
-        assert_eq!(
-            (f.kind.as_str(), f.json_schema.unwrap().name),
-            ("json_schema", Some("p".into()))
-        );
+        let conv = conversation(&r).unwrap();
+        assert_eq!(conv.messages.len(), 2);
+        assert_eq!(conv.messages[0].role, Role::System);
+        assert_eq!(conv.params.max_tokens, Some(7));
+        assert_eq!(conv.tools.as_ref().unwrap().choice, ToolChoice::Named("f".into()));
+        assert_eq!(conv.function_names(), ["f"]);
+        let (spec, field) = conv.format.unwrap();
+        assert_eq!(field, "text.format.schema");
+        assert!(matches!(spec, ConstraintSpec::JsonSchema(_)));
     }
 
     #[test]
     fn what_is_refused_names_its_field() {
         let param = |v: Value| {
             let r = req(v);
-            let e = r
-                .check()
-                .and_then(|_| input_messages(r.input.as_ref().unwrap()))
-                .and_then(|m| r.to_chat(&m))
-                .unwrap_err();
+            let e = conversation(&r).unwrap_err();
             match e {
                 ApiError::InvalidRequest { param, .. } => param,
                 other => panic!("{other:?}"),
@@ -933,9 +1018,12 @@ mod tests {
         .unwrap();
         let r = req(recorded["body"].clone());
         r.check().unwrap();
-        let messages = input_messages(r.input.as_ref().unwrap()).unwrap();
-        assert_eq!(messages[0]["role"], "developer");
-        let chat = r.to_chat(&messages).unwrap();
+        let chat = conversation(&r).unwrap();
+        assert_eq!(
+            chat.messages[0].role,
+            Role::System,
+            "developer messages are instructions"
+        );
         assert!(chat.clamp_max_tokens);
         let offered = chat.function_names();
         for name in [
@@ -962,7 +1050,7 @@ mod tests {
             functions,
             "web_search is left out, every function offered"
         );
-        let namespaces = r.function_namespaces();
+        let namespaces = r.function_namespaces(&read_input(r.input.as_ref().unwrap()).unwrap());
         assert_eq!(
             namespaces.get("spawn_agent").map(String::as_str),
             Some("multi_agent_v1")
@@ -1005,14 +1093,10 @@ mod tests {
         let r = req(json!({"model": "m", "input": "hi",
             "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}, {"type": "web_search"}],
             "tool_choice": {"type": "web_search"}}));
-        let chat = r
-            .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
-            .unwrap();
-        assert_eq!(chat.tool_choice, Some(json!("auto")));
+        let chat = conversation(&r).unwrap();
+        assert_eq!(chat.tools.unwrap().choice, ToolChoice::Auto);
         let r = req(json!({"model": "m", "input": "hi", "tools": [{"type": "web_search"}]}));
-        let chat = r
-            .to_chat(&input_messages(r.input.as_ref().unwrap()).unwrap())
-            .unwrap();
+        let chat = conversation(&r).unwrap();
         assert!(chat.tools.is_none(), "only hosted tools: nothing offered");
     }
 
@@ -1030,6 +1114,84 @@ mod tests {
                 {"role": "system", "content": format!("{COMPACTION_INTRO}Read a.txt.")},
                 {"role": "user", "content": "Go on."},
             ])
+        );
+    }
+
+    /// Codex CLI's custom tools, recorded: `apply_patch` (a Lark grammar, with
+    /// `-m gpt-5.5`) is offered as a custom tool; code mode (`-m gpt-6.2-sol`) sends its
+    /// tools in an `additional_tools` input item, a namespace holding the custom `exec`
+    /// and functions: all offered, calls naming their namespace.
+    #[test]
+    fn codex_custom_tools_are_offered() {
+        let load = |name: &str| -> Value {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/agents")
+                .join(name);
+            serde_json::from_str::<Value>(&std::fs::read_to_string(path).unwrap()).unwrap()["body"].clone()
+        };
+        let r = req(load("codex-exec-apply-patch-request.json"));
+        let conv = conversation(&r).unwrap();
+        let patch = conv
+            .tools
+            .as_ref()
+            .unwrap()
+            .functions
+            .iter()
+            .find(|f| f.name == "apply_patch")
+            .unwrap();
+        assert!(matches!(
+            patch.custom.as_ref().map(|c| &c.form),
+            Some(moeserve_core::tools::FreeForm::Lark(g)) if g.contains("begin_patch")
+        ));
+        assert!(conv.custom_names().contains("apply_patch"));
+        assert!(conv.function_names().contains(&"exec_command".to_string()));
+
+        let r = req(load("codex-exec-code-mode-request.json"));
+        let input = read_input(r.input.as_ref().unwrap()).unwrap();
+        assert_eq!(input.tools.len(), 1);
+        let namespaces = r.function_namespaces(&input);
+        assert_eq!(namespaces.get("exec").map(String::as_str), Some("functions"));
+        assert_eq!(
+            namespaces.get("spawn_agent").map(String::as_str),
+            Some("collaboration")
+        );
+        let conv = r.to_conversation(vec![], input).unwrap();
+        assert_eq!(conv.custom_names().into_iter().collect::<Vec<_>>(), ["exec"]);
+        assert!(conv.function_names().contains(&"sleep".to_string()));
+        assert_eq!(conv.messages[0].role, Role::System);
+    }
+
+    /// A custom tool's format is checked where it is: an unknown syntax, a grammar that
+    /// cannot be escaped, a missing definition.
+    #[test]
+    fn custom_tool_formats_are_checked() {
+        let param = |format: Value| {
+            let r = req(json!({"model": "m", "input": "hi", "tools": [
+                {"type": "function", "name": "f"}, {"type": "custom", "name": "c", "format": format}]}));
+            match conversation(&r) {
+                Err(ApiError::InvalidRequest { param, .. }) => param,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            param(json!({"type": "grammar", "syntax": "ebnf", "definition": "x"})).as_deref(),
+            Some("tools[1].format.syntax")
+        );
+        assert_eq!(
+            param(json!({"type": "grammar", "syntax": "lark", "definition": "start: <|end|>"})).as_deref(),
+            Some("tools[1].format")
+        );
+        assert_eq!(
+            param(json!({"type": "grammar", "syntax": "regex"})).as_deref(),
+            Some("tools[1].format.definition")
+        );
+        let r = req(
+            json!({"model": "m", "input": "hi", "tool_choice": {"type": "custom", "name": "c"},
+            "tools": [{"type": "custom", "name": "c", "format": {"type": "text"}}]}),
+        );
+        assert_eq!(
+            conversation(&r).unwrap().tools.unwrap().choice,
+            ToolChoice::Named("c".into())
         );
     }
 }

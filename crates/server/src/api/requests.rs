@@ -8,8 +8,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::api::structured::{ResponseFormat, StructuredOutputs};
-use crate::api::tools::ToolDef;
+use crate::api::conversation::{custom_arguments, Call, Conversation, Message, Role, CHAT_FIELDS};
+use crate::api::structured::{constraint_spec, ResponseFormat, StructuredOutputs};
+use crate::api::tools::{tool_plan, ToolDef};
 use crate::error::ApiError;
 
 /// OpenAI treats `null` as "not set": a field with a default takes it for `null` too
@@ -170,17 +171,53 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// Extension (vLLM's): a JSON schema, regex, choice or grammar for the output.
     pub structured_outputs: Option<StructuredOutputs>,
-    /// Not a wire field: the Messages and Responses APIs set it. Agents send their
-    /// model's maximum output whatever the context (Claude Code 32000), so there a
-    /// `max_tokens` past what the context leaves is cut to it (the answer then ends
-    /// `length` / `max_tokens`) instead of refused as on chat.
-    #[serde(skip)]
-    pub clamp_max_tokens: bool,
 }
 }
 // `user` and other unknown fields are accepted and ignored.
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// An assistant message's `tool_calls` (function calls, and custom tools' calls, whose
+/// input becomes the arguments `{"input": ..}` the model writes).
+fn chat_calls(calls: &Value, at: &str) -> Result<Vec<Call>, ApiError> {
+    let Some(list) = calls.as_array() else {
+        return Err(ApiError::invalid_param(at, "tool_calls must be a list"));
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (j, c) in list.iter().enumerate() {
+        let id = c
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let (name, arguments) = if let Some(custom) = c.get("custom") {
+            (
+                custom.get("name").and_then(Value::as_str),
+                custom_arguments(custom.get("input").and_then(Value::as_str).unwrap_or("")),
+            )
+        } else {
+            let f = c.get("function");
+            let arguments = match f.and_then(|f| f.get("arguments")) {
+                Some(Value::String(s)) => s.clone(),
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(other) => other.to_string(),
+            };
+            (f.and_then(|f| f.get("name")).and_then(Value::as_str), arguments)
+        };
+        let Some(name) = name else {
+            return Err(ApiError::invalid_param(
+                &format!("{at}[{j}].function.name"),
+                "a tool call needs the name of the function it calls",
+            ));
+        };
+        out.push(Call {
+            id,
+            name: name.to_string(),
+            arguments,
+        });
+    }
+    Ok(out)
+}
 
 impl ChatCompletionRequest {
     /// The names of the functions offered (for the conversions' tests).
@@ -193,22 +230,28 @@ impl ChatCompletionRequest {
             .collect()
     }
 
-    /// The messages as the chat template sees them: `{role, content}` with content as
-    /// one string (text parts joined).
-    pub fn template_messages(&self) -> Result<Value, ApiError> {
+    /// The conversation's messages, typed: content as one string (text parts joined).
+    fn messages(&self) -> Result<Vec<Message>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid_param("messages", "messages must not be empty"));
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(ApiError::invalid_param(
-                    &format!("messages[{i}].role"),
-                    format!("unknown role {:?} (expected one of {})", m.role, ROLES.join(", ")),
-                ));
-            }
+            // Templates know system, user, assistant and tool.
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                "tool" => Role::Tool,
+                other => {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].role"),
+                        format!("unknown role {other:?} (expected one of {})", ROLES.join(", ")),
+                    ))
+                }
+            };
             let content = match &m.content {
-                None if m.role == "assistant" => String::new(),
+                None if role == Role::Assistant => String::new(),
                 None => {
                     return Err(ApiError::invalid_param(
                         &format!("messages[{i}].content"),
@@ -238,30 +281,45 @@ impl ChatCompletionRequest {
                     text
                 }
             };
-            // Templates know system, user, assistant and tool.
-            let role = if m.role == "developer" {
-                "system"
-            } else {
-                m.role.as_str()
-            };
-            let mut msg = serde_json::json!({"role": role, "content": content});
-            if let Some(n) = &m.name {
-                msg["name"] = n.clone().into();
-            }
-            if let Some(tc) = &m.tool_calls {
-                msg["tool_calls"] = tc.clone();
-            }
-            if let Some(id) = &m.tool_call_id {
-                msg["tool_call_id"] = id.clone().into();
-            } else if m.role == "tool" {
+            if role == Role::Tool && m.tool_call_id.is_none() {
                 return Err(ApiError::invalid_param(
                     &format!("messages[{i}].tool_call_id"),
                     "a tool message needs the tool_call_id it answers",
                 ));
             }
-            out.push(msg);
+            let calls = match m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+                Some(c) => chat_calls(c, &format!("messages[{i}].tool_calls"))?,
+                None => Vec::new(),
+            };
+            out.push(Message {
+                role,
+                content,
+                name: m.name.clone(),
+                calls,
+                call_id: m.tool_call_id.clone(),
+            });
         }
-        Ok(Value::Array(out))
+        Ok(out)
+    }
+
+    /// The request as the conversation every API is converted into.
+    pub fn to_conversation(&self, max_n: usize) -> Result<Conversation, ApiError> {
+        Ok(Conversation {
+            model: self.model.clone(),
+            messages: self.messages()?,
+            tools: tool_plan(
+                self.tools.as_deref(),
+                self.tool_choice.as_ref(),
+                self.parallel_tool_calls,
+            )?,
+            params: self.to_params(max_n)?,
+            temperature_set: self.temperature.is_some(),
+            format: constraint_spec(self.response_format.as_ref(), self.structured_outputs.as_ref())?,
+            max_reasoning_tokens: self.max_reasoning_tokens,
+            reasoning_field: "max_reasoning_tokens",
+            clamp_max_tokens: false,
+            fields: &CHAT_FIELDS,
+        })
     }
 
     pub fn to_params(&self, max_n: usize) -> Result<SamplingParams, ApiError> {

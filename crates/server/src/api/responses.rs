@@ -222,20 +222,41 @@ pub struct ChatDelta {
     pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
-/// A tool call of a complete answer.
+/// A tool call of a complete answer: a function's (`function`) or a custom tool's
+/// (`custom`).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ToolCallOut {
     /// `call_` and 24 hex digits.
     pub id: String,
     #[serde(rename = "type")]
     pub kind: ToolType,
-    pub function: FunctionCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom: Option<CustomCall>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ToolType {
     Function,
+    Custom,
+}
+
+/// A custom tool's call: its free-form input.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CustomCall {
+    pub name: String,
+    pub input: String,
+}
+
+/// A piece of a streamed custom tool call.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CustomCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -253,7 +274,10 @@ pub struct ToolCallDelta {
     pub id: Option<String>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<ToolType>,
-    pub function: FunctionCallDelta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCallDelta>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom: Option<CustomCallDelta>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -128,7 +128,7 @@ fn from_structured_outputs(
 }
 
 /// A schema given as an object, a boolean, or a string holding either.
-fn schema_spec(schema: Value, param: &str) -> Result<ConstraintSpec, ApiError> {
+pub fn schema_spec(schema: Value, param: &str) -> Result<ConstraintSpec, ApiError> {
     let schema = match schema {
         Value::String(s) => serde_json::from_str(&s)
             .map_err(|e| ApiError::invalid_param(param, format!("the schema is not valid JSON: {e}")))?,

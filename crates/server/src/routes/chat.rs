@@ -1,29 +1,32 @@
-//! `POST /v1/chat/completions`
+//! `POST /v1/chat/completions`, and what the Responses and Messages APIs share with it:
+//! a [`Conversation`] rendered into a prompt and submitted ([`prepare_chat`]).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
-use moeserve_core::engine::{FinishReason as EngineFinish, GenerateRequest, SamplingParams, TokenLogprob};
+use moeserve_core::engine::{
+    EngineFailure, FinishReason as EngineFinish, GenerateRequest, SamplingParams, TokenLogprob,
+};
 use moeserve_core::reasoning::ReasoningSplitter;
 use moeserve_core::sampling::Reasoning;
-use moeserve_core::tools::{call_grammar, prepare_messages, CallMode, ToolEvent};
+use moeserve_core::tools::{call_grammar, prepare_messages, CallMode, ToolCall, ToolEvent};
 use moeserve_core::TextCodec;
 use serde_json::Value;
 
 use super::{
-    compile_constraint, encode, include_usage, run_to_end, sse_response, to_json, token_text,
-    GenerationErrors, ResponseMeta, Timing,
+    compile_constraint, data_event, done_event, encode, include_usage, respond, token_text, Encoder,
+    GenerationErrors, ResponseMeta,
 };
+use crate::api::conversation::{custom_input, Conversation, Fields, InputDecoder};
 use crate::api::requests::ChatCompletionRequest;
 use crate::api::responses::{
     tool_call_id, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatDelta, ChatLogprobs, ChatTokenLogprob, FinishReason, FunctionCall, FunctionCallDelta, Role,
-    ToolCallDelta, ToolCallOut, ToolType, TopLogprob, UsageSlot,
+    ChatDelta, ChatLogprobs, ChatTokenLogprob, CustomCall, CustomCallDelta, FinishReason, FunctionCall,
+    FunctionCallDelta, Role, ToolCallDelta, ToolCallOut, ToolType, TopLogprob, UsageSlot,
 };
-use crate::api::structured::constraint_spec;
-use crate::api::tools::tool_plan;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::generation::{merge, Choice, Events, Fold, Update};
@@ -56,70 +59,6 @@ fn logprobs(codec: &TextCodec, lps: &[TokenLogprob]) -> ChatLogprobs {
     }
 }
 
-/// The chunk of one choice of a streamed chat completion.
-fn chunk(
-    meta: &ResponseMeta,
-    index: usize,
-    delta: ChatDelta,
-    logprobs: Option<ChatLogprobs>,
-    finish_reason: Option<FinishReason>,
-) -> serde_json::Value {
-    let choice = ChatChunkChoice {
-        index,
-        delta,
-        logprobs,
-        finish_reason,
-    };
-    to_json(&ChatCompletionChunk::new(
-        &meta.meta,
-        vec![choice],
-        meta.no_usage(),
-    ))
-}
-
-/// The chunk for a delta or a finish, if it says anything.
-fn update_chunk(
-    meta: &ResponseMeta,
-    u: &Update,
-    codec: &TextCodec,
-    want_logprobs: bool,
-    fold: &Fold,
-) -> Option<serde_json::Value> {
-    match u {
-        Update::Delta {
-            index,
-            content,
-            reasoning,
-            logprobs: lps,
-            calls,
-            ..
-        } => {
-            let lp = want_logprobs
-                .then(|| logprobs(codec, lps))
-                .filter(|l| !l.content.is_empty());
-            let delta = ChatDelta {
-                role: None,
-                content: (!content.is_empty()).then(|| content.clone()),
-                reasoning_content: (!reasoning.is_empty()).then(|| reasoning.clone()),
-                tool_calls: (!calls.is_empty()).then(|| tool_call_deltas(calls)),
-            };
-            (delta.content.is_some()
-                || delta.reasoning_content.is_some()
-                || delta.tool_calls.is_some()
-                || lp.is_some())
-            .then(|| chunk(meta, *index, delta, lp, None))
-        }
-        Update::Finished { index, reason } => Some(chunk(
-            meta,
-            *index,
-            ChatDelta::default(),
-            None,
-            Some(finish_reason(*reason, &fold.choices()[*index])),
-        )),
-        Update::PromptLogprobs { .. } | Update::Failed(_) => None,
-    }
-}
-
 /// `tool_calls` when the answer called tools and ended by itself.
 fn finish_reason(reason: EngineFinish, c: &Choice) -> FinishReason {
     match reason {
@@ -128,67 +67,209 @@ fn finish_reason(reason: EngineFinish, c: &Choice) -> FinishReason {
     }
 }
 
-/// The streamed pieces of tool calls: a call's first piece carries a new id, its type
-/// and name; the pieces of one call in one update are joined.
-fn tool_call_deltas(events: &[ToolEvent]) -> Vec<ToolCallDelta> {
-    let mut out: Vec<ToolCallDelta> = Vec::new();
-    for e in events {
-        match e {
-            ToolEvent::CallStart { index, name } => out.push(ToolCallDelta {
-                index: *index,
-                id: Some(tool_call_id()),
-                kind: Some(ToolType::Function),
-                function: FunctionCallDelta {
-                    name: Some(name.clone()),
-                    arguments: Some(String::new()),
-                },
-            }),
-            ToolEvent::Arguments { index, text } => match out.last_mut() {
-                Some(d) if d.index == *index => {
-                    d.function
-                        .arguments
-                        .get_or_insert_with(String::new)
-                        .push_str(text);
-                }
-                _ => out.push(ToolCallDelta {
-                    index: *index,
-                    id: None,
-                    kind: None,
-                    function: FunctionCallDelta {
-                        name: None,
-                        arguments: Some(text.clone()),
-                    },
-                }),
-            },
-            ToolEvent::Content(_) => {}
-        }
-    }
-    out
+/// A chat completion's answer: chunks of `choices` (their content, thought, calls and
+/// logprobs), then `[DONE]`; or the whole completion.
+struct ChatEncoder {
+    meta: ResponseMeta,
+    codec: Arc<TextCodec>,
+    n: usize,
+    want_logprobs: bool,
+    /// The functions offered as custom tools (their calls' input streams as text).
+    custom: HashSet<String>,
+    /// Each choice's open custom calls' decoders, by call index.
+    inputs: Vec<HashMap<usize, InputDecoder>>,
 }
 
-#[utoipa::path(post, path = "/v1/chat/completions", tag = "generation", request_body = ChatCompletionRequest,
-    security(("api_key" = [])), responses(
-        (status = 200, description = "The completion; with `stream: true`, Server-Sent Events whose `data` are chat completion chunks, then `[DONE]`.",
-            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
-        GenerationErrors))]
-pub async fn chat_completions(
-    State(state): State<SharedState>,
-    ApiJson(req): ApiJson<ChatCompletionRequest>,
-) -> Result<Response, ApiError> {
-    let chat = prepare_chat(&state, &req).await?;
-    let (n, want_logprobs) = (chat.params.n, chat.params.logprobs.is_some());
-    let ChatRun {
-        model,
-        codec,
-        mut fold,
-        events,
-        ..
-    } = chat.submit(&state, "messages")?;
-    let meta = ResponseMeta::new("chatcmpl", &model, include_usage(&req.stream_options));
-    let mut timing = Timing::new("/v1/chat/completions");
+impl ChatEncoder {
+    /// The chunk of one choice.
+    fn chunk(
+        &self,
+        index: usize,
+        delta: ChatDelta,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> Event {
+        let choice = ChatChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason,
+        };
+        data_event(&ChatCompletionChunk::new(
+            &self.meta.meta,
+            vec![choice],
+            self.meta.no_usage(),
+        ))
+    }
 
-    if !req.stream {
-        run_to_end(&state, events, &mut fold, &mut timing, |_| {}).await?;
+    /// The streamed pieces of tool calls: a call's first piece carries a new id, its
+    /// type and name; the pieces of one call in one update are joined. A custom tool's
+    /// call streams its input's text, not the arguments around it.
+    fn tool_call_deltas(&mut self, choice: usize, events: &[ToolEvent]) -> Vec<ToolCallDelta> {
+        let mut out: Vec<ToolCallDelta> = Vec::new();
+        for e in events {
+            match e {
+                ToolEvent::CallStart { index, name } => {
+                    let custom = self.custom.contains(name);
+                    if custom {
+                        self.inputs[choice].insert(*index, InputDecoder::default());
+                    }
+                    out.push(ToolCallDelta {
+                        index: *index,
+                        id: Some(tool_call_id()),
+                        kind: Some(if custom {
+                            ToolType::Custom
+                        } else {
+                            ToolType::Function
+                        }),
+                        function: (!custom).then(|| FunctionCallDelta {
+                            name: Some(name.clone()),
+                            arguments: Some(String::new()),
+                        }),
+                        custom: custom.then(|| CustomCallDelta {
+                            name: Some(name.clone()),
+                            input: Some(String::new()),
+                        }),
+                    });
+                }
+                ToolEvent::Arguments { index, text } => {
+                    let (text, custom) = match self.inputs[choice].get_mut(index) {
+                        Some(d) => (d.push(text), true),
+                        None => (text.clone(), false),
+                    };
+                    // The arguments around a custom call's input are not streamed.
+                    if custom && text.is_empty() {
+                        continue;
+                    }
+                    match out.last_mut() {
+                        Some(d) if d.index == *index => {
+                            let piece = match (&mut d.function, &mut d.custom) {
+                                (Some(f), _) => f.arguments.get_or_insert_with(String::new),
+                                (_, Some(c)) => c.input.get_or_insert_with(String::new),
+                                _ => continue,
+                            };
+                            piece.push_str(&text);
+                        }
+                        _ => out.push(ToolCallDelta {
+                            index: *index,
+                            id: None,
+                            kind: None,
+                            function: (!custom).then(|| FunctionCallDelta {
+                                name: None,
+                                arguments: Some(text.clone()),
+                            }),
+                            custom: custom.then_some(CustomCallDelta {
+                                name: None,
+                                input: Some(text),
+                            }),
+                        }),
+                    }
+                }
+                ToolEvent::Content(_) => {}
+            }
+        }
+        out
+    }
+
+    /// A call of a complete answer.
+    fn tool_call(&self, call: &ToolCall) -> ToolCallOut {
+        if self.custom.contains(&call.name) {
+            ToolCallOut {
+                id: tool_call_id(),
+                kind: ToolType::Custom,
+                function: None,
+                custom: Some(CustomCall {
+                    name: call.name.clone(),
+                    input: custom_input(&call.arguments),
+                }),
+            }
+        } else {
+            ToolCallOut {
+                id: tool_call_id(),
+                kind: ToolType::Function,
+                function: Some(FunctionCall {
+                    name: call.name.clone(),
+                    arguments: call.arguments.clone(),
+                }),
+                custom: None,
+            }
+        }
+    }
+}
+
+impl Encoder for ChatEncoder {
+    fn start(&mut self) -> Vec<Event> {
+        (0..self.n)
+            .map(|i| {
+                let delta = ChatDelta {
+                    role: Some(Role::Assistant),
+                    content: Some(String::new()),
+                    ..ChatDelta::default()
+                };
+                self.chunk(i, delta, None, None)
+            })
+            .collect()
+    }
+
+    fn update(&mut self, u: &Update, fold: &Fold) -> Vec<Event> {
+        match u {
+            Update::Delta {
+                index,
+                content,
+                reasoning,
+                logprobs: lps,
+                calls,
+                ..
+            } => {
+                let lp = self
+                    .want_logprobs
+                    .then(|| logprobs(&self.codec, lps))
+                    .filter(|l| !l.content.is_empty());
+                let tool_calls = (!calls.is_empty()).then(|| self.tool_call_deltas(*index, calls));
+                let delta = ChatDelta {
+                    role: None,
+                    content: (!content.is_empty()).then(|| content.clone()),
+                    reasoning_content: (!reasoning.is_empty()).then(|| reasoning.clone()),
+                    tool_calls,
+                };
+                if delta.content.is_some()
+                    || delta.reasoning_content.is_some()
+                    || delta.tool_calls.is_some()
+                    || lp.is_some()
+                {
+                    vec![self.chunk(*index, delta, lp, None)]
+                } else {
+                    vec![]
+                }
+            }
+            Update::Finished { index, reason } => vec![self.chunk(
+                *index,
+                ChatDelta::default(),
+                None,
+                Some(finish_reason(*reason, &fold.choices()[*index])),
+            )],
+            Update::PromptLogprobs { .. } | Update::Failed(_) => vec![],
+        }
+    }
+
+    fn finish(&mut self, fold: &Fold) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.meta.include_usage {
+            out.push(data_event(&ChatCompletionChunk::new(
+                &self.meta.meta,
+                vec![],
+                UsageSlot::Present(fold.usage().into()),
+            )));
+        }
+        out.push(done_event());
+        out
+    }
+
+    fn fail(&mut self, e: EngineFailure, _: &Fold) -> Vec<Event> {
+        vec![data_event(&ApiError::from(e).body()), done_event()]
+    }
+
+    fn body(self, fold: &Fold) -> Response {
         let reasons = fold.reasons();
         let choices = fold
             .choices()
@@ -200,76 +281,62 @@ pub async fn chat_completions(
                     role: Role::Assistant,
                     // Only calls: no content (whitespace around them is not an answer).
                     content: (c.calls.is_empty() || !c.content.trim().is_empty()).then(|| c.content.clone()),
-                    tool_calls: (!c.calls.is_empty()).then(|| {
-                        c.calls
-                            .iter()
-                            .map(|call| ToolCallOut {
-                                id: tool_call_id(),
-                                kind: ToolType::Function,
-                                function: FunctionCall {
-                                    name: call.name.clone(),
-                                    arguments: call.arguments.clone(),
-                                },
-                            })
-                            .collect()
-                    }),
+                    tool_calls: (!c.calls.is_empty())
+                        .then(|| c.calls.iter().map(|call| self.tool_call(call)).collect()),
                     reasoning_content: reasons.then(|| c.reasoning.clone()),
                 },
-                logprobs: want_logprobs.then(|| logprobs(&codec, &c.logprobs)),
+                logprobs: self.want_logprobs.then(|| logprobs(&self.codec, &c.logprobs)),
                 finish_reason: c.finish.map(|r| finish_reason(r, c)),
             })
             .collect();
-        let body = ChatCompletion::new(&meta.meta, choices, fold.usage().into());
-        return Ok(axum::Json(body).into_response());
+        axum::Json(ChatCompletion::new(&self.meta.meta, choices, fold.usage().into())).into_response()
     }
-
-    let keepalive = state.settings.sse_keepalive_secs;
-    let stream = async_stream::stream! {
-        let mut events = events;
-        for i in 0..n {
-            let delta = ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
-            yield chunk(&meta, i, delta, None, None);
-        }
-        let mut failed = false;
-        'events: while let Some(event) = events.next().await {
-            for u in fold.apply(event) {
-                timing.observe(&state, &u);
-                if let Update::Failed(e) = u {
-                    yield ApiError::from(e).body();
-                    failed = true;
-                    break 'events;
-                }
-                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
-                    yield c;
-                }
-            }
-        }
-        if !failed {
-            for u in fold.close() {
-                if let Some(c) = update_chunk(&meta, &u, &codec, want_logprobs, &fold) {
-                    yield c;
-                }
-            }
-        }
-        timing.done(&state);
-        if meta.include_usage {
-            yield to_json(&ChatCompletionChunk::new(&meta.meta, vec![], UsageSlot::Present(fold.usage().into())));
-        }
-    };
-    Ok(sse_response(stream, keepalive))
 }
 
-/// A chat request made ready for the engine: the rendered prompt's tokens, the sampling
-/// parameters (constraint included) and the fold its events go into. The Responses and
-/// Messages APIs translate their requests into chat requests and share this.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "generation", request_body = ChatCompletionRequest,
+    security(("api_key" = [])), responses(
+        (status = 200, description = "The completion; with `stream: true`, Server-Sent Events whose `data` are chat completion chunks, then `[DONE]`.",
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        GenerationErrors))]
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let conv = req.to_conversation(state.settings.max_n)?;
+    let chat = prepare_chat(&state, &conv).await?;
+    let (n, want_logprobs) = (chat.params.n, chat.params.logprobs.is_some());
+    let run = chat.submit(&state)?;
+    let encoder = ChatEncoder {
+        meta: ResponseMeta::new("chatcmpl", &run.model, include_usage(&req.stream_options)),
+        codec: run.codec,
+        n,
+        want_logprobs,
+        custom: conv.custom_names(),
+        inputs: (0..n).map(|_| HashMap::new()).collect(),
+    };
+    respond(
+        &state,
+        run.events,
+        run.fold,
+        req.stream,
+        "/v1/chat/completions",
+        encoder,
+    )
+    .await
+}
+
+/// A request made ready for the engine: the rendered prompt's tokens, the sampling
+/// parameters (constraint included) and the fold its events go into. Every generation
+/// API but completions goes through this, from its [`Conversation`].
 pub struct PreparedChat<'a> {
     pub model: &'a LoadedEngine,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub fold: Fold,
+    fields: &'static Fields,
 }
 
-/// A submitted chat request.
+/// A submitted request.
 pub struct ChatRun {
     pub model: String,
     pub codec: Arc<TextCodec>,
@@ -279,9 +346,8 @@ pub struct ChatRun {
 }
 
 impl PreparedChat<'_> {
-    /// Hands the request to the engine; `prompt_param` names the field a prompt error
-    /// points at.
-    pub fn submit(self, state: &SharedState, prompt_param: &str) -> Result<ChatRun, ApiError> {
+    /// Hands the request to the engine.
+    pub fn submit(self, state: &SharedState) -> Result<ChatRun, ApiError> {
         let prompt_tokens = self.prompt.len();
         let handle = self
             .model
@@ -290,7 +356,13 @@ impl PreparedChat<'_> {
                 prompt: self.prompt,
                 params: self.params,
             })
-            .map_err(|e| ApiError::from_submit(e, prompt_param, state.retry_after_secs()))?;
+            .map_err(|e| {
+                self.fields.rename(ApiError::from_submit(
+                    e,
+                    self.fields.messages,
+                    state.retry_after_secs(),
+                ))
+            })?;
         Ok(ChatRun {
             model: self.model.id.clone(),
             codec: self.model.engine.codec().clone(),
@@ -301,49 +373,44 @@ impl PreparedChat<'_> {
     }
 }
 
-/// Checks a chat request, renders its prompt with the chat template (tools included),
-/// and compiles its constraint.
+/// Renders a conversation's prompt with the chat template (tools included), and compiles
+/// its constraint; errors name the client's fields.
 pub async fn prepare_chat<'a>(
     state: &'a SharedState,
-    req: &ChatCompletionRequest,
+    conv: &Conversation,
 ) -> Result<PreparedChat<'a>, ApiError> {
-    let m = state.engine_for(&req.model)?;
-    let mut params = req.to_params(state.settings.max_n)?;
+    prepare(state, conv).await.map_err(|e| conv.fields.rename(e))
+}
+
+async fn prepare<'a>(state: &'a SharedState, conv: &Conversation) -> Result<PreparedChat<'a>, ApiError> {
+    let fields = conv.fields;
+    let m = state.engine_for(&conv.model)?;
+    let mut params = conv.params.clone();
     state
         .settings
-        .apply_request_defaults(&mut params, req.temperature.is_some());
-    let mut messages = req.template_messages()?;
-    let tools = tool_plan(
-        req.tools.as_deref(),
-        req.tool_choice.as_ref(),
-        req.parallel_tool_calls,
-    )?;
-    let offered = tools.as_ref().filter(|t| t.offers_tools());
+        .apply_request_defaults(&mut params, conv.temperature_set);
+    let mut messages = conv.template_messages();
+    let tools = conv.tools.as_ref();
+    let offered = tools.filter(|t| t.offers_tools());
     let format = m.tool_format;
     // The conversation in the template's terms (calls' arguments as mappings; for the
     // generic format, calls and results as text and the tools in the system prompt).
-    if let Value::Array(list) = &mut messages {
-        let functions = offered.map_or(&[][..], |t| &t.functions[..]);
-        prepare_messages(format, list, functions);
-    }
+    let functions = offered.map_or(&[][..], |t| &t.functions[..]);
+    prepare_messages(format, &mut messages, functions);
+    let messages = Value::Array(messages);
     let template_tools: Option<Value> = offered.filter(|_| format.template_renders_tools()).map(|t| {
         t.functions
             .iter()
             .map(|f| serde_json::json!({"type": "function", "function": f.definition()}))
             .collect()
     });
+    let template_choice = template_tools.as_ref().and(conv.template_tool_choice());
     let template = m
         .template
         .as_ref()
         .ok_or_else(|| ApiError::invalid("this model has no chat template; use /v1/completions", None))?;
-    let render = |messages: &Value| {
-        template.render(
-            messages,
-            true,
-            template_tools.as_ref(),
-            template_tools.as_ref().and(req.tool_choice.as_ref()),
-        )
-    };
+    let render =
+        |messages: &Value| template.render(messages, true, template_tools.as_ref(), template_choice.as_ref());
     let prompt_text = match render(&messages) {
         Ok(text) => text,
         // Templates that allow a system turn only first (Qwen's, Gemma's raise) get the
@@ -356,7 +423,7 @@ pub async fn prepare_chat<'a>(
             }
             None => Err(e),
         }
-        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?,
+        .map_err(|e| ApiError::invalid_param(fields.messages, e.to_string()))?,
     };
     let codec: Arc<TextCodec> = m.engine.codec().clone();
     // Reasoning models: a splitter per choice, and the optional thinking budget.
@@ -365,32 +432,32 @@ pub async fn prepare_chat<'a>(
         .reasoning
         .as_ref()
         .map(|t| ReasoningSplitter::new(t.clone(), opened));
-    if req.max_reasoning_tokens.is_some() && m.reasoning.is_none() {
+    if conv.max_reasoning_tokens.is_some() && m.reasoning.is_none() {
         return Err(ApiError::invalid_param(
-            "max_reasoning_tokens",
+            conv.reasoning_field,
             "this model does not produce reasoning output",
         ));
     }
     params.reasoning = m.reasoning.as_ref().map(|t| Reasoning {
-        max_tokens: req.max_reasoning_tokens,
+        max_tokens: conv.max_reasoning_tokens,
         start_token: t.start_token,
         end_token: t.end_token,
         starts_open: opened,
     });
-    let mut spec = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref())?;
+    let mut spec = conv.format.clone();
     // Calls are constrained to well-formed calls of the offered functions in the model's
     // format: the whole answer when a call is required, from the opening marker on when
     // the model decides (unless the answer has a format of its own: then it is read as
     // that, not for calls).
     let answer_has_format = spec.is_some();
     let mut auto_calls = false;
-    if let Some((functions, mode)) = tools.as_ref().and_then(|t| t.call_constraint()) {
-        let parallel = tools.as_ref().is_some_and(|t| t.parallel);
+    if let Some((functions, mode)) = tools.and_then(|t| t.call_constraint()) {
+        let parallel = tools.is_some_and(|t| t.parallel);
         match (&spec, mode) {
-            (Some(_), CallMode::Required) => {
+            (Some((_, field)), CallMode::Required) => {
                 return Err(ApiError::invalid_param(
-                    "tool_choice",
-                    "a required tool call cannot be combined with response_format or structured_outputs",
+                    fields.tool_choice,
+                    format!("a required tool call cannot be combined with {field}"),
                 ))
             }
             (Some(_), CallMode::Auto) => {}
@@ -416,7 +483,7 @@ pub async fn prepare_chat<'a>(
         params.skip_special_tokens = false;
     }
     let prompt = encode(codec.clone(), prompt_text).await?;
-    if req.clamp_max_tokens {
+    if conv.clamp_max_tokens {
         let l = m.engine.limits();
         let room = l.context_length.min(l.pool_tokens).saturating_sub(prompt.len());
         // A prompt that fills the context is still refused, by the engine.
@@ -433,6 +500,7 @@ pub async fn prepare_chat<'a>(
         prompt,
         params,
         fold,
+        fields,
     })
 }
 

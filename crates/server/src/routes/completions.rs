@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
-use moeserve_core::engine::{GenerateRequest, TokenLogprob};
+use moeserve_core::engine::{EngineFailure, GenerateRequest, TokenLogprob};
 use moeserve_core::TextCodec;
 
 use super::{
-    compile_constraint, encode, include_usage, run_to_end, sse_response, to_json, token_text,
-    GenerationErrors, ResponseMeta, Timing,
+    compile_constraint, data_event, done_event, encode, include_usage, respond, token_text, Encoder,
+    GenerationErrors, ResponseMeta,
 };
 use crate::api::requests::{CompletionRequest, Prompt};
 use crate::api::responses::{
@@ -102,21 +102,131 @@ fn prompt_entries<'a>(
     prompt.iter().zip(lps).map(|(&t, l)| (t, l.as_ref())).collect()
 }
 
-/// The chunk of one choice of a streamed completion.
-fn chunk(
-    meta: &ResponseMeta,
-    index: usize,
-    text: String,
-    logprobs: Option<CompletionLogprobs>,
-    finish_reason: Option<FinishReason>,
-) -> serde_json::Value {
-    let choice = CompletionChoice {
-        index,
-        text,
-        logprobs,
-        finish_reason,
-    };
-    to_json(&CompletionChunk::new(&meta.meta, vec![choice], meta.no_usage()))
+/// A completion's answer: one choice per prompt and `n`, each with the prompt before it
+/// when echoed.
+struct CompletionEncoder {
+    meta: ResponseMeta,
+    codec: Arc<TextCodec>,
+    prompts: Vec<Vec<u32>>,
+    /// The echoed prompts' texts (empty without `echo`).
+    prompt_texts: Vec<String>,
+    n: usize,
+    echo: bool,
+    want_logprobs: bool,
+    /// Each choice's text offsets across the stream's chunks.
+    offsets: Vec<TextOffsets>,
+}
+
+impl CompletionEncoder {
+    /// The chunk of one choice of a streamed completion.
+    fn chunk(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> Event {
+        let choice = CompletionChoice {
+            index,
+            text,
+            logprobs,
+            finish_reason,
+        };
+        data_event(&CompletionChunk::new(
+            &self.meta.meta,
+            vec![choice],
+            self.meta.no_usage(),
+        ))
+    }
+}
+
+impl Encoder for CompletionEncoder {
+    fn start(&mut self) -> Vec<Event> {
+        if !self.echo || self.want_logprobs {
+            return vec![];
+        }
+        (0..self.offsets.len())
+            .map(|i| self.chunk(i, self.prompt_texts[i / self.n].clone(), None, None))
+            .collect()
+    }
+
+    fn update(&mut self, u: &Update, fold: &Fold) -> Vec<Event> {
+        let n = self.n;
+        match u {
+            Update::PromptLogprobs { prompt } => (0..n)
+                .map(|j| {
+                    let entries = prompt_entries(
+                        &self.prompts[*prompt],
+                        fold.prompt_logprobs(*prompt).unwrap_or(&[]),
+                    );
+                    let lp = logprobs(&self.codec, &entries, &mut self.offsets[prompt * n + j]);
+                    self.chunk(prompt * n + j, self.prompt_texts[*prompt].clone(), Some(lp), None)
+                })
+                .collect(),
+            Update::Delta {
+                index,
+                content,
+                logprobs: lps,
+                ..
+            } => {
+                if content.is_empty() && lps.is_empty() {
+                    return vec![];
+                }
+                let lp = self.want_logprobs.then(|| {
+                    let entries: Vec<_> = lps.iter().map(|l| (l.token, Some(l))).collect();
+                    logprobs(&self.codec, &entries, &mut self.offsets[*index])
+                });
+                vec![self.chunk(*index, content.clone(), lp, None)]
+            }
+            Update::Finished { index, reason } => {
+                vec![self.chunk(*index, String::new(), None, Some((*reason).into()))]
+            }
+            Update::Failed(_) => vec![],
+        }
+    }
+
+    fn finish(&mut self, fold: &Fold) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.meta.include_usage {
+            out.push(data_event(&CompletionChunk::new(
+                &self.meta.meta,
+                vec![],
+                UsageSlot::Present(fold.usage().into()),
+            )));
+        }
+        out.push(done_event());
+        out
+    }
+
+    fn fail(&mut self, e: EngineFailure, _: &Fold) -> Vec<Event> {
+        vec![data_event(&ApiError::from(e).body()), done_event()]
+    }
+
+    fn body(self, fold: &Fold) -> Response {
+        let choices = fold
+            .choices()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let r = i / self.n;
+                let logprobs = self.want_logprobs.then(|| {
+                    let mut entries = Vec::new();
+                    if self.echo {
+                        entries = prompt_entries(&self.prompts[r], fold.prompt_logprobs(r).unwrap_or(&[]));
+                    }
+                    entries.extend(c.logprobs.iter().map(|l| (l.token, Some(l))));
+                    logprobs(&self.codec, &entries, &mut TextOffsets::default())
+                });
+                CompletionChoice {
+                    index: i,
+                    text: format!("{}{}", self.prompt_texts[r], c.content),
+                    logprobs,
+                    finish_reason: c.finish.map(Into::into),
+                }
+            })
+            .collect();
+        axum::Json(Completion::new(&self.meta.meta, choices, fold.usage().into())).into_response()
+    }
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "generation", request_body = CompletionRequest,
@@ -144,8 +254,6 @@ pub async fn completions(
         });
     }
     let n = params.n;
-    let want_logprobs = params.logprobs.is_some();
-    let echo = req.echo;
     // Submit all or none: a refused prompt drops (aborts) the ones already queued.
     let handles = prompts
         .iter()
@@ -158,8 +266,8 @@ pub async fn completions(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::from_submit(e, "prompt", state.retry_after_secs()))?;
     let events = merge(handles, state.settings.request_deadline());
-    let mut fold = Fold::new(prompts.iter().map(Vec::len).collect(), n, None);
-    let prompt_texts: Vec<String> = if echo {
+    let fold = Fold::new(prompts.iter().map(Vec::len).collect(), n, None);
+    let prompt_texts: Vec<String> = if req.echo {
         prompts
             .iter()
             .map(|p| codec.decode(p, false).unwrap_or_default())
@@ -167,94 +275,17 @@ pub async fn completions(
     } else {
         vec![String::new(); prompts.len()]
     };
-    let meta = ResponseMeta::new("cmpl", &m.id, include_usage(&req.stream_options));
-    let mut timing = Timing::new("/v1/completions");
-
-    if !req.stream {
-        run_to_end(&state, events, &mut fold, &mut timing, |_| {}).await?;
-        let choices = fold
-            .choices()
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let r = i / n;
-                let logprobs = want_logprobs.then(|| {
-                    let mut entries = Vec::new();
-                    if echo {
-                        entries = prompt_entries(&prompts[r], fold.prompt_logprobs(r).unwrap_or(&[]));
-                    }
-                    entries.extend(c.logprobs.iter().map(|l| (l.token, Some(l))));
-                    logprobs(&codec, &entries, &mut TextOffsets::default())
-                });
-                CompletionChoice {
-                    index: i,
-                    text: format!("{}{}", prompt_texts[r], c.content),
-                    logprobs,
-                    finish_reason: c.finish.map(Into::into),
-                }
-            })
-            .collect();
-        let body = Completion::new(&meta.meta, choices, fold.usage().into());
-        return Ok(axum::Json(body).into_response());
-    }
-
-    let keepalive = state.settings.sse_keepalive_secs;
-    let total = prompts.len() * n;
-    let stream = async_stream::stream! {
-        let mut events = events;
-        let mut offsets = vec![TextOffsets::default(); total];
-        if echo && !want_logprobs {
-            for i in 0..total {
-                yield chunk(&meta, i, prompt_texts[i / n].clone(), None, None);
-            }
-        }
-        let mut failed = false;
-        'events: while let Some(event) = events.next().await {
-            let updates = fold.apply(event);
-            for u in updates {
-                timing.observe(&state, &u);
-                match u {
-                    Update::PromptLogprobs { prompt } => {
-                        let entries = prompt_entries(&prompts[prompt], fold.prompt_logprobs(prompt).unwrap_or(&[]));
-                        for j in 0..n {
-                            let lp = logprobs(&codec, &entries, &mut offsets[prompt * n + j]);
-                            yield chunk(&meta, prompt * n + j, prompt_texts[prompt].clone(), Some(lp), None);
-                        }
-                    }
-                    Update::Delta { index, content, logprobs: lps, .. } => {
-                        if content.is_empty() && lps.is_empty() {
-                            continue;
-                        }
-                        let lp = want_logprobs.then(|| {
-                            let entries: Vec<_> = lps.iter().map(|l| (l.token, Some(l))).collect();
-                            logprobs(&codec, &entries, &mut offsets[index])
-                        });
-                        yield chunk(&meta, index, content, lp, None);
-                    }
-                    Update::Finished { index, reason } => {
-                        yield chunk(&meta, index, String::new(), None, Some(reason.into()));
-                    }
-                    Update::Failed(e) => {
-                        yield ApiError::from(e).body();
-                        failed = true;
-                        break 'events;
-                    }
-                }
-            }
-        }
-        if !failed {
-            for u in fold.close() {
-                if let Update::Finished { index, reason } = u {
-                    yield chunk(&meta, index, String::new(), None, Some(reason.into()));
-                }
-            }
-        }
-        timing.done(&state);
-        if meta.include_usage {
-            yield to_json(&CompletionChunk::new(&meta.meta, vec![], UsageSlot::Present(fold.usage().into())));
-        }
+    let encoder = CompletionEncoder {
+        meta: ResponseMeta::new("cmpl", &m.id, include_usage(&req.stream_options)),
+        codec,
+        offsets: vec![TextOffsets::default(); prompts.len() * n],
+        prompts,
+        prompt_texts,
+        n,
+        echo: req.echo,
+        want_logprobs: params.logprobs.is_some(),
     };
-    Ok(sse_response(stream, keepalive))
+    respond(&state, events, fold, req.stream, "/v1/completions", encoder).await
 }
 
 #[cfg(test)]

@@ -1,24 +1,26 @@
 //! `POST /v1/messages` and `POST /v1/messages/count_tokens`: Anthropic's Messages API
-//! over the chat path (the request is translated into a chat request; the answer's
-//! blocks come from [`Blocks`]). Errors on these routes are in Anthropic's shape
+//! over the shared conversation path (the request becomes a [`Conversation`]; the
+//! answer's blocks come from [`Blocks`]). Errors on these routes are in Anthropic's shape
 //! (`middleware::anthropic_errors`).
+//!
+//! [`Conversation`]: crate::api::conversation::Conversation
 
 use axum::extract::State;
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
-use moeserve_core::engine::FinishReason;
+use moeserve_core::engine::{EngineFailure, FinishReason};
 use serde_json::{json, Value};
 
-use super::chat::{prepare_chat, ChatRun};
-use super::{run_to_end, sse_named_response, to_json, Timing};
+use super::chat::prepare_chat;
+use super::{named_event, respond, Encoder};
 use crate::api::anthropic::{
     AnthropicError, AssistantRole, BlockDelta, ContentBlock, CountTokensRequest, Message, MessageDeltaBody,
     MessageType, MessageUsage, MessagesRequest, StopReason, StreamEvent, TokenCount,
 };
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::generation::{Block, BlockEvent, BlockKind, Blocks, Choice};
+use crate::generation::{Block, BlockEvent, BlockKind, Blocks, Choice, Fold, Update};
 use crate::state::SharedState;
 
 fn tool_use_id() -> String {
@@ -66,6 +68,111 @@ fn stop_reason(c: &Choice) -> StopReason {
     }
 }
 
+/// A message: content blocks from the answer's blocks, streamed as Anthropic's events.
+struct MessagesEncoder {
+    id: String,
+    model: String,
+    prompt_tokens: usize,
+    blocks: Blocks,
+    /// Tool calls' ids, by block.
+    ids: Vec<String>,
+}
+
+impl MessagesEncoder {
+    fn message(&self, content: Vec<ContentBlock>, c: Option<&Choice>, usage: MessageUsage) -> Message {
+        Message {
+            id: self.id.clone(),
+            kind: MessageType::Message,
+            role: AssistantRole::Assistant,
+            model: self.model.clone(),
+            content,
+            stop_reason: c.map(stop_reason),
+            stop_sequence: c.and_then(|c| c.stop_sequence.clone()),
+            usage,
+        }
+    }
+
+    fn events(&mut self, block_events: Vec<BlockEvent>) -> Vec<Event> {
+        block_events
+            .into_iter()
+            .map(|e| {
+                let e = match e {
+                    BlockEvent::Start(i) => {
+                        self.ids.push(tool_use_id());
+                        StreamEvent::ContentBlockStart {
+                            index: i,
+                            content_block: opening_block(&self.blocks.blocks[i], &self.ids[i]),
+                        }
+                    }
+                    BlockEvent::Delta(i, text) => StreamEvent::ContentBlockDelta {
+                        index: i,
+                        delta: match self.blocks.blocks[i].kind {
+                            BlockKind::Reasoning => BlockDelta::ThinkingDelta { thinking: text },
+                            BlockKind::Text => BlockDelta::TextDelta { text },
+                            BlockKind::Call { .. } => BlockDelta::InputJsonDelta { partial_json: text },
+                        },
+                    },
+                    BlockEvent::Stop(i) => StreamEvent::ContentBlockStop { index: i },
+                };
+                named_event(e.name(), &e)
+            })
+            .collect()
+    }
+}
+
+impl Encoder for MessagesEncoder {
+    fn start(&mut self) -> Vec<Event> {
+        let usage = MessageUsage {
+            input_tokens: self.prompt_tokens,
+            ..MessageUsage::default()
+        };
+        let e = StreamEvent::MessageStart {
+            message: self.message(vec![], None, usage),
+        };
+        vec![named_event(e.name(), &e)]
+    }
+
+    fn update(&mut self, u: &Update, _: &Fold) -> Vec<Event> {
+        let block_events = self.blocks.push(u);
+        self.events(block_events)
+    }
+
+    fn finish(&mut self, fold: &Fold) -> Vec<Event> {
+        let block_events = self.blocks.finish();
+        let mut out = self.events(block_events);
+        let c = &fold.choices()[0];
+        for e in [
+            StreamEvent::MessageDelta {
+                delta: MessageDeltaBody {
+                    stop_reason: Some(stop_reason(c)),
+                    stop_sequence: c.stop_sequence.clone(),
+                },
+                usage: fold.usage().into(),
+            },
+            StreamEvent::MessageStop,
+        ] {
+            out.push(named_event(e.name(), &e));
+        }
+        out
+    }
+
+    fn fail(&mut self, e: EngineFailure, _: &Fold) -> Vec<Event> {
+        vec![named_event("error", &ApiError::from(e).anthropic_body())]
+    }
+
+    fn body(mut self, fold: &Fold) -> Response {
+        self.blocks.finish();
+        let content = self
+            .blocks
+            .blocks
+            .iter()
+            .zip(&self.ids)
+            .map(|(b, id)| content_block(b, id))
+            .collect();
+        Json(self.message(content, Some(&fold.choices()[0]), fold.usage().into())).into_response()
+    }
+}
+
 #[utoipa::path(post, path = "/v1/messages", tag = "anthropic", request_body = MessagesRequest,
     security(("api_key" = [])), responses(
         (status = 200, description = "The answer; with `stream: true`, Server-Sent Events named by their `type`: `message_start`, `content_block_start`, `content_block_delta`, `content_block_stop`, `message_delta`, `message_stop` (`error` if the request fails).",
@@ -77,100 +184,16 @@ pub async fn messages(
     ApiJson(req): ApiJson<MessagesRequest>,
 ) -> Result<Response, ApiError> {
     let reasons = state.engine()?.reasoning.is_some();
-    let chat = req.to_chat(reasons)?;
-    let ChatRun {
-        model,
-        mut fold,
-        events,
-        prompt_tokens,
-        ..
-    } = prepare_chat(&state, &chat).await?.submit(&state, "messages")?;
-    let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
-    let mut timing = Timing::new("/v1/messages");
-    let mut blocks = Blocks::default();
-    let message = move |content: Vec<ContentBlock>, c: Option<&Choice>, usage: MessageUsage| Message {
-        id: id.clone(),
-        kind: MessageType::Message,
-        role: AssistantRole::Assistant,
-        model: model.clone(),
-        content,
-        stop_reason: c.map(stop_reason),
-        stop_sequence: c.and_then(|c| c.stop_sequence.clone()),
-        usage,
+    let conv = req.to_conversation(reasons)?;
+    let run = prepare_chat(&state, &conv).await?.submit(&state)?;
+    let encoder = MessagesEncoder {
+        id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+        model: run.model,
+        prompt_tokens: run.prompt_tokens,
+        blocks: Blocks::default(),
+        ids: Vec::new(),
     };
-
-    if !req.stream {
-        run_to_end(&state, events, &mut fold, &mut timing, |u| {
-            blocks.push(u);
-        })
-        .await?;
-        blocks.finish();
-        let content = blocks
-            .blocks
-            .iter()
-            .map(|b| content_block(b, &tool_use_id()))
-            .collect();
-        let c = &fold.choices()[0];
-        return Ok(Json(message(content, Some(c), fold.usage().into())).into_response());
-    }
-
-    let keepalive = state.settings.sse_keepalive_secs;
-    let stream = async_stream::stream! {
-        let mut events = events;
-        let start = MessageUsage { input_tokens: prompt_tokens, ..MessageUsage::default() };
-        let ev = |e: StreamEvent| (e.name(), to_json(&e));
-        yield ev(StreamEvent::MessageStart { message: message(vec![], None, start) });
-        let mut ids: Vec<String> = Vec::new();
-        let mut block_events = |updates: &[crate::generation::Update], blocks: &mut Blocks, end: bool| {
-            let mut out: Vec<BlockEvent> = updates.iter().flat_map(|u| blocks.push(u)).collect();
-            if end {
-                out.extend(blocks.finish());
-            }
-            out.into_iter()
-                .map(|e| match e {
-                    BlockEvent::Start(i) => {
-                        ids.push(tool_use_id());
-                        StreamEvent::ContentBlockStart { index: i, content_block: opening_block(&blocks.blocks[i], &ids[i]) }
-                    }
-                    BlockEvent::Delta(i, text) => StreamEvent::ContentBlockDelta {
-                        index: i,
-                        delta: match blocks.blocks[i].kind {
-                            BlockKind::Reasoning => BlockDelta::ThinkingDelta { thinking: text },
-                            BlockKind::Text => BlockDelta::TextDelta { text },
-                            BlockKind::Call { .. } => BlockDelta::InputJsonDelta { partial_json: text },
-                        },
-                    },
-                    BlockEvent::Stop(i) => StreamEvent::ContentBlockStop { index: i },
-                })
-                .collect::<Vec<_>>()
-        };
-        while let Some(event) = events.next().await {
-            let updates = fold.apply(event);
-            for u in &updates {
-                timing.observe(&state, u);
-                if let crate::generation::Update::Failed(e) = u {
-                    yield ("error", ApiError::from(e.clone()).anthropic_body());
-                    timing.done(&state);
-                    return;
-                }
-            }
-            for e in block_events(&updates, &mut blocks, false) {
-                yield ev(e);
-            }
-        }
-        let closing = fold.close();
-        for e in block_events(&closing, &mut blocks, true) {
-            yield ev(e);
-        }
-        timing.done(&state);
-        let c = &fold.choices()[0];
-        yield ev(StreamEvent::MessageDelta {
-            delta: MessageDeltaBody { stop_reason: Some(stop_reason(c)), stop_sequence: c.stop_sequence.clone() },
-            usage: fold.usage().into(),
-        });
-        yield ev(StreamEvent::MessageStop);
-    };
-    Ok(sse_named_response(stream, keepalive))
+    respond(&state, run.events, run.fold, req.stream, "/v1/messages", encoder).await
 }
 
 #[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "anthropic", request_body = CountTokensRequest,
@@ -182,8 +205,8 @@ pub async fn count_tokens(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CountTokensRequest>,
 ) -> Result<Json<TokenCount>, ApiError> {
-    let chat = req.to_chat()?;
-    let prepared = prepare_chat(&state, &chat).await?;
+    let conv = req.to_conversation()?;
+    let prepared = prepare_chat(&state, &conv).await?;
     Ok(Json(TokenCount {
         input_tokens: prepared.prompt.len(),
     }))

@@ -13,13 +13,15 @@ pub mod web;
 
 use std::time::{Duration, Instant};
 
-use futures::stream::{self, Stream, StreamExt};
+use axum::response::sse::Event;
+use futures::stream::{Stream, StreamExt};
+use moeserve_core::engine::EngineFailure;
 use moeserve_core::TextCodec;
 
 use crate::api::responses::{ErrorResponse, Meta, UsageSlot};
 use crate::error::ApiError;
 use crate::generation::{Events, Fold, Update};
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 
 /// The errors a generation route answers with, as the OpenAPI document lists them.
 #[derive(utoipa::IntoResponses)]
@@ -129,30 +131,112 @@ impl Timing {
     }
 }
 
-/// Runs a request to its end (the non-streamed responses): every event into `fold`,
-/// then the choices still open closed; `each` sees every update. An engine failure is
-/// the request's error.
-pub async fn run_to_end(
-    state: &AppState,
-    mut events: Events,
-    fold: &mut Fold,
-    timing: &mut Timing,
-    mut each: impl FnMut(&Update),
-) -> Result<(), ApiError> {
-    while let Some(event) = events.next().await {
-        for u in fold.apply(event) {
-            timing.observe(state, &u);
-            if let Update::Failed(e) = u {
-                return Err(e.into());
+/// What one API makes of a request's [`Update`]s: its stream's events and its
+/// non-streamed body. [`respond`] drives every generation API's request through the same
+/// loop (the fold, the deadline, the metrics, failure), so they behave alike; an encoder
+/// only says how its API spells the answer. `update` sees every update in both modes (a
+/// non-streamed answer drops the events), so an encoder that builds state as it goes
+/// (blocks, ids) builds the same for both.
+pub trait Encoder: Send + 'static {
+    /// The events that open a stream.
+    fn start(&mut self) -> Vec<Event>;
+    /// The events of one update.
+    fn update(&mut self, u: &Update, fold: &Fold) -> Vec<Event>;
+    /// The events that end a stream whose answer ended (after the updates that closed
+    /// it).
+    fn finish(&mut self, fold: &Fold) -> Vec<Event>;
+    /// The events that end a stream the engine failed.
+    fn fail(&mut self, e: EngineFailure, fold: &Fold) -> Vec<Event>;
+    /// The non-streamed answer.
+    fn body(self, fold: &Fold) -> axum::response::Response;
+}
+
+/// Runs a submitted request to its end: streamed as `encoder`'s events (an SSE response,
+/// keep-alive comments while nothing is sent), or its body once the answer is whole. A
+/// failure before a stream starts, or of a non-streamed request, is the request's error.
+pub async fn respond<E: Encoder>(
+    state: &SharedState,
+    events: Events,
+    mut fold: Fold,
+    stream: bool,
+    endpoint: &'static str,
+    mut encoder: E,
+) -> Result<axum::response::Response, ApiError> {
+    let mut timing = Timing::new(endpoint);
+    let mut events = events;
+    if !stream {
+        while let Some(event) = events.next().await {
+            for u in fold.apply(event) {
+                timing.observe(state, &u);
+                if let Update::Failed(e) = u {
+                    return Err(e.into());
+                }
+                encoder.update(&u, &fold);
             }
-            each(&u);
         }
+        for u in fold.close() {
+            encoder.update(&u, &fold);
+        }
+        timing.done(state);
+        return Ok(encoder.body(&fold));
     }
-    for u in fold.close() {
-        each(&u);
-    }
-    timing.done(state);
-    Ok(())
+    let state = state.clone();
+    let keepalive = state.settings.sse_keepalive_secs;
+    let stream = async_stream::stream! {
+        for e in encoder.start() {
+            yield e;
+        }
+        let mut failed = None;
+        // The stream ends with its last event (polling it again would panic: the
+        // deadline's merged stream is an `unfold`).
+        'events: while let Some(event) = events.next().await {
+            for u in fold.apply(event) {
+                timing.observe(&state, &u);
+                if let Update::Failed(e) = u {
+                    failed = Some(e);
+                    break 'events;
+                }
+                for e in encoder.update(&u, &fold) {
+                    yield e;
+                }
+            }
+        }
+        match failed {
+            Some(e) => {
+                timing.done(&state);
+                for e in encoder.fail(e, &fold) {
+                    yield e;
+                }
+            }
+            None => {
+                for u in fold.close() {
+                    for e in encoder.update(&u, &fold) {
+                        yield e;
+                    }
+                }
+                timing.done(&state);
+                for e in encoder.finish(&fold) {
+                    yield e;
+                }
+            }
+        }
+    };
+    Ok(sse(stream, keepalive))
+}
+
+/// An SSE event carrying `data` as JSON.
+pub fn data_event<T: serde::Serialize>(data: &T) -> Event {
+    Event::default().data(serde_json::to_string(data).expect("response types serialize"))
+}
+
+/// A named SSE event (`event: <name>`), as the Responses and Messages APIs stream.
+pub fn named_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
+    data_event(data).event(name)
+}
+
+/// The `[DONE]` that ends OpenAI's chat and completions streams.
+pub fn done_event() -> Event {
+    Event::default().data("[DONE]")
 }
 
 /// The text of one token, for logprobs (partial characters come out as U+FFFD).
@@ -168,35 +252,9 @@ pub async fn encode(codec: std::sync::Arc<TextCodec>, text: String) -> Result<Ve
         .map_err(|e| ApiError::invalid(format!("cannot tokenize the prompt: {e}"), None))
 }
 
-/// An SSE response from a stream of JSON chunks, ending with `[DONE]` (OpenAI's chat
-/// and completions streams), with keep-alive comments while nothing is sent.
-pub fn sse_response<S>(chunks: S, keepalive_secs: u64) -> axum::response::Response
-where
-    S: Stream<Item = serde_json::Value> + Send + 'static,
-{
-    use axum::response::sse::Event;
-    let events = chunks
-        .map(|c| Event::default().data(c.to_string()))
-        .chain(stream::once(async { Event::default().data("[DONE]") }));
-    sse(events, keepalive_secs)
-}
-
-/// An SSE response of named events (`event: <name>`, `data: <json>`), as the Responses
-/// and Messages APIs stream: no `[DONE]`, their last event says the end.
-pub fn sse_named_response<S>(events: S, keepalive_secs: u64) -> axum::response::Response
-where
-    S: Stream<Item = (&'static str, serde_json::Value)> + Send + 'static,
-{
-    use axum::response::sse::Event;
-    sse(
-        events.map(|(name, data)| Event::default().event(name).data(data.to_string())),
-        keepalive_secs,
-    )
-}
-
 fn sse<S>(events: S, keepalive_secs: u64) -> axum::response::Response
 where
-    S: Stream<Item = axum::response::sse::Event> + Send + 'static,
+    S: Stream<Item = Event> + Send + 'static,
 {
     use axum::response::sse::{KeepAlive, Sse};
     use axum::response::IntoResponse;
@@ -207,11 +265,6 @@ where
                 .text("keep-alive"),
         )
         .into_response()
-}
-
-/// A chunk as the JSON value an SSE event carries.
-pub fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).expect("response types serialize")
 }
 
 /// `stream_options.include_usage`

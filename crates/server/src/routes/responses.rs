@@ -1,26 +1,30 @@
-//! `POST /v1/responses`, `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`: OpenAI's
-//! Responses API over the chat path. The input items (after the stored conversation of
-//! `previous_response_id`) become a chat request; the answer's blocks ([`Blocks`])
-//! become output items, streamed as the API's events or returned whole.
+//! `POST /v1/responses`, `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`,
+//! `POST /v1/responses/compact`: OpenAI's Responses API. The input items (after the
+//! stored conversation of `previous_response_id`) become a [`ApiConversation`]; the
+//! answer's blocks ([`Blocks`]) become output items, streamed as the API's events or
+//! returned whole ([`ResponsesEncoder`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use axum::extract::{Path, State};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
-use moeserve_core::engine::FinishReason;
+use moeserve_core::engine::{EngineFailure, FinishReason, SamplingParams};
 use serde_json::{json, Value};
 
-use super::chat::{prepare_chat, ChatRun};
-use super::{run_to_end, sse_named_response, to_json, GenerationErrors, Timing};
+use super::chat::prepare_chat;
+use super::{named_event, respond, Encoder, GenerationErrors};
+use crate::api::conversation::{
+    custom_arguments, custom_input, Call, Conversation as ApiConversation, InputDecoder, Message, Role,
+    RESPONSES_FIELDS,
+};
 use crate::api::openai_responses::{
-    input_messages, CompactRequest, CompactResponse, DeletedResponse, IncompleteDetails, InputTokensDetails,
+    read_input, CompactRequest, CompactResponse, DeletedResponse, IncompleteDetails, InputTokensDetails,
     ItemStatus, OutputItem, OutputText, OutputTokensDetails, ReasoningText, ResponseError, ResponseObject,
     ResponseStatus, ResponseStreamEvent, ResponseStreamEvent as Ev, ResponseUsage, ResponsesRequest,
 };
 use crate::api::openai_responses::{COMPACTION_PREFIX, COMPACTION_PROMPT};
-use crate::api::requests::ChatCompletionRequest;
 use crate::api::responses::ErrorResponse;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -40,27 +44,8 @@ struct ItemIds {
     namespace: Option<String>,
 }
 
-impl ItemIds {
-    fn new(kind: &BlockKind, namespaces: &HashMap<String, String>) -> Self {
-        let prefix = match kind {
-            BlockKind::Reasoning => "rs",
-            BlockKind::Text => "msg",
-            BlockKind::Call { .. } => "fc",
-        };
-        let namespace = match kind {
-            BlockKind::Call { name } => namespaces.get(name).cloned(),
-            _ => None,
-        };
-        ItemIds {
-            id: new_id(prefix),
-            call_id: new_id("call"),
-            namespace,
-        }
-    }
-}
-
 /// Block `b` as an output item.
-fn output_item(b: &Block, ids: &ItemIds, status: ItemStatus) -> OutputItem {
+fn output_item(b: &Block, ids: &ItemIds, status: ItemStatus, custom: bool) -> OutputItem {
     match &b.kind {
         BlockKind::Reasoning => OutputItem::Reasoning {
             id: ids.id.clone(),
@@ -77,6 +62,14 @@ fn output_item(b: &Block, ids: &ItemIds, status: ItemStatus) -> OutputItem {
             role: "assistant".into(),
             content: vec![OutputText::new(b.text.clone())],
         },
+        BlockKind::Call { name } if custom => OutputItem::CustomToolCall {
+            id: ids.id.clone(),
+            call_id: ids.call_id.clone(),
+            name: name.clone(),
+            namespace: ids.namespace.clone(),
+            input: custom_input(&b.text),
+            status,
+        },
         BlockKind::Call { name } => OutputItem::FunctionCall {
             id: ids.id.clone(),
             call_id: ids.call_id.clone(),
@@ -89,8 +82,12 @@ fn output_item(b: &Block, ids: &ItemIds, status: ItemStatus) -> OutputItem {
 }
 
 /// An item as it opens in a stream: no content yet.
-fn opening_item(b: &Block, ids: &ItemIds) -> OutputItem {
-    match output_item(b, ids, ItemStatus::InProgress) {
+fn opening_item(b: &Block, ids: &ItemIds, custom: bool) -> OutputItem {
+    let empty = Block {
+        kind: b.kind.clone(),
+        text: String::new(),
+    };
+    match output_item(&empty, ids, ItemStatus::InProgress, custom) {
         OutputItem::Reasoning {
             id, summary, status, ..
         } => OutputItem::Reasoning {
@@ -105,64 +102,13 @@ fn opening_item(b: &Block, ids: &ItemIds) -> OutputItem {
             role,
             content: vec![],
         },
-        OutputItem::FunctionCall {
-            id,
-            call_id,
-            name,
-            namespace,
-            status,
-            ..
-        } => OutputItem::FunctionCall {
-            id,
-            call_id,
-            name,
-            namespace,
-            arguments: String::new(),
-            status,
-        },
+        item => item,
     }
 }
 
 /// Whether the answer was cut off (by `max_output_tokens`, the context or the deadline).
 fn cut_off(fold: &Fold) -> bool {
     fold.choices()[0].finish != Some(FinishReason::Stop)
-}
-
-/// The status of item `i` of `n` at its end: the last one of a cut-off answer is
-/// incomplete.
-fn item_status(i: usize, n: usize, fold: &Fold, ended: bool) -> ItemStatus {
-    if ended && i + 1 == n && cut_off(fold) {
-        ItemStatus::Incomplete
-    } else {
-        ItemStatus::Completed
-    }
-}
-
-/// The response at its end: output, text, status and usage.
-fn finish(resp: &mut ResponseObject, blocks: &Blocks, ids: &[ItemIds], fold: &Fold) {
-    let n = blocks.blocks.len();
-    resp.output = blocks
-        .blocks
-        .iter()
-        .zip(ids)
-        .enumerate()
-        .map(|(i, (b, ids))| output_item(b, ids, item_status(i, n, fold, true)))
-        .collect();
-    resp.output_text = blocks
-        .blocks
-        .iter()
-        .filter(|b| b.kind == BlockKind::Text)
-        .map(|b| b.text.as_str())
-        .collect();
-    if cut_off(fold) {
-        resp.status = ResponseStatus::Incomplete;
-        resp.incomplete_details = Some(IncompleteDetails {
-            reason: "max_output_tokens".into(),
-        });
-    } else {
-        resp.status = ResponseStatus::Completed;
-    }
-    resp.usage = Some(usage(fold));
 }
 
 /// The token counts of an answer, in the Responses API's terms.
@@ -193,30 +139,6 @@ fn stored_conversation(state: &SharedState, previous: Option<&str>) -> Result<Co
     }
 }
 
-/// This turn's messages (`input`) with the response's answer added, as a continuation
-/// sees it: its text and calls as one assistant message (the thought left out).
-fn with_answer(mut conversation: Vec<Value>, resp: &ResponseObject) -> Vec<Value> {
-    let mut calls = Vec::new();
-    for item in &resp.output {
-        if let OutputItem::FunctionCall {
-            call_id,
-            name,
-            arguments,
-            ..
-        } = item
-        {
-            calls.push(json!({"id": call_id, "type": "function",
-                "function": {"name": name, "arguments": arguments}}));
-        }
-    }
-    let mut msg = json!({"role": "assistant", "content": resp.output_text});
-    if !calls.is_empty() {
-        msg["tool_calls"] = Value::Array(calls);
-    }
-    conversation.push(msg);
-    conversation
-}
-
 fn not_found(id: &str, param: Option<&str>) -> ApiError {
     ApiError::NotFound {
         message: match param {
@@ -232,9 +154,312 @@ fn not_found(id: &str, param: Option<&str>) -> ApiError {
     }
 }
 
+/// A response: output items from the answer's blocks, streamed as the API's events
+/// (numbered by `sequence_number`), stored at the end unless `store` is false.
+struct ResponsesEncoder {
+    state: SharedState,
+    resp: ResponseObject,
+    /// The stored turns before this one, and this turn's input (stored with the answer).
+    history: Conversation,
+    input: Vec<Message>,
+    namespaces: HashMap<String, String>,
+    custom: HashSet<String>,
+    blocks: Blocks,
+    ids: Vec<ItemIds>,
+    /// Custom calls' input decoders, by output index.
+    inputs: HashMap<usize, InputDecoder>,
+    seq: u64,
+}
+
+impl ResponsesEncoder {
+    fn event(&mut self, e: impl FnOnce(u64) -> Ev) -> Event {
+        let e = e(self.seq);
+        self.seq += 1;
+        named_event(e.name(), &e)
+    }
+
+    fn is_custom(&self, b: &Block) -> bool {
+        matches!(&b.kind, BlockKind::Call { name } if self.custom.contains(name))
+    }
+
+    /// The status of item `i` at its end: the last one of a cut-off answer is
+    /// incomplete.
+    fn status(&self, i: usize, fold: &Fold, ended: bool) -> ItemStatus {
+        if ended && i + 1 == self.blocks.blocks.len() && cut_off(fold) {
+            ItemStatus::Incomplete
+        } else {
+            ItemStatus::Completed
+        }
+    }
+
+    /// The stream's events for `block_events`; `ended`: the answer is over.
+    fn events(&mut self, block_events: Vec<BlockEvent>, fold: &Fold, ended: bool) -> Vec<Event> {
+        let mut out = Vec::new();
+        for e in block_events {
+            match e {
+                BlockEvent::Start(i) => {
+                    let b = self.blocks.blocks[i].clone();
+                    let custom = self.is_custom(&b);
+                    let prefix = match b.kind {
+                        BlockKind::Reasoning => "rs",
+                        BlockKind::Text => "msg",
+                        BlockKind::Call { .. } if custom => "ctc",
+                        BlockKind::Call { .. } => "fc",
+                    };
+                    let namespace = match &b.kind {
+                        BlockKind::Call { name } => self.namespaces.get(name).cloned(),
+                        _ => None,
+                    };
+                    self.ids.push(ItemIds {
+                        id: new_id(prefix),
+                        call_id: new_id("call"),
+                        namespace,
+                    });
+                    if custom {
+                        self.inputs.insert(i, InputDecoder::default());
+                    }
+                    let item = opening_item(&b, &self.ids[i], custom);
+                    out.push(self.event(|n| Ev::OutputItemAdded {
+                        sequence_number: n,
+                        output_index: i,
+                        item,
+                    }));
+                    if b.kind == BlockKind::Text {
+                        let item_id = self.ids[i].id.clone();
+                        out.push(self.event(|n| Ev::ContentPartAdded {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            content_index: 0,
+                            part: OutputText::new(String::new()),
+                        }));
+                    }
+                }
+                BlockEvent::Delta(i, delta) => {
+                    let item_id = self.ids[i].id.clone();
+                    let kind = self.blocks.blocks[i].kind.clone();
+                    let event: Box<dyn FnOnce(u64) -> Ev> = match (kind, self.inputs.get_mut(&i)) {
+                        (BlockKind::Text, _) => Box::new(move |n| Ev::OutputTextDelta {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            content_index: 0,
+                            delta,
+                            logprobs: vec![],
+                        }),
+                        (BlockKind::Reasoning, _) => Box::new(move |n| Ev::ReasoningTextDelta {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            content_index: 0,
+                            delta,
+                        }),
+                        (BlockKind::Call { .. }, Some(decoder)) => {
+                            let delta = decoder.push(&delta);
+                            if delta.is_empty() {
+                                continue;
+                            }
+                            Box::new(move |n| Ev::CustomToolCallInputDelta {
+                                sequence_number: n,
+                                item_id,
+                                output_index: i,
+                                delta,
+                            })
+                        }
+                        (BlockKind::Call { .. }, None) => Box::new(move |n| Ev::FunctionCallArgumentsDelta {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            delta,
+                        }),
+                    };
+                    out.push(self.event(event));
+                }
+                BlockEvent::Stop(i) => {
+                    let b = self.blocks.blocks[i].clone();
+                    let custom = self.is_custom(&b);
+                    let item_id = self.ids[i].id.clone();
+                    match &b.kind {
+                        BlockKind::Text => {
+                            let text = b.text.clone();
+                            let id = item_id.clone();
+                            out.push(self.event(|n| Ev::OutputTextDone {
+                                sequence_number: n,
+                                item_id: id,
+                                output_index: i,
+                                content_index: 0,
+                                text,
+                                logprobs: vec![],
+                            }));
+                            out.push(self.event(|n| Ev::ContentPartDone {
+                                sequence_number: n,
+                                item_id,
+                                output_index: i,
+                                content_index: 0,
+                                part: OutputText::new(b.text.clone()),
+                            }));
+                        }
+                        BlockKind::Reasoning => out.push(self.event(|n| Ev::ReasoningTextDone {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            content_index: 0,
+                            text: b.text.clone(),
+                        })),
+                        BlockKind::Call { .. } if custom => {
+                            out.push(self.event(|n| Ev::CustomToolCallInputDone {
+                                sequence_number: n,
+                                item_id,
+                                output_index: i,
+                                input: custom_input(&b.text),
+                            }))
+                        }
+                        BlockKind::Call { name } => out.push(self.event(|n| Ev::FunctionCallArgumentsDone {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            name: name.clone(),
+                            arguments: b.text.clone(),
+                        })),
+                    }
+                    let item = output_item(&b, &self.ids[i], self.status(i, fold, ended), custom);
+                    out.push(self.event(|n| Ev::OutputItemDone {
+                        sequence_number: n,
+                        output_index: i,
+                        item,
+                    }));
+                }
+            }
+        }
+        out
+    }
+
+    /// The response at its end: output, text, status and usage; stored for a
+    /// continuation unless `store` is false.
+    fn finish_response(&mut self, fold: &Fold) {
+        let n = self.blocks.blocks.len();
+        let blocks = self.blocks.blocks.clone();
+        self.resp.output = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| output_item(b, &self.ids[i], self.status(i, fold, true), self.is_custom(b)))
+            .collect();
+        debug_assert_eq!(self.resp.output.len(), n);
+        self.resp.output_text = blocks
+            .iter()
+            .filter(|b| b.kind == BlockKind::Text)
+            .map(|b| b.text.as_str())
+            .collect();
+        if cut_off(fold) {
+            self.resp.status = ResponseStatus::Incomplete;
+            self.resp.incomplete_details = Some(IncompleteDetails {
+                reason: "max_output_tokens".into(),
+            });
+        } else {
+            self.resp.status = ResponseStatus::Completed;
+        }
+        self.resp.usage = Some(usage(fold));
+        if self.resp.store {
+            let turn = with_answer(std::mem::take(&mut self.input), &self.resp);
+            self.state
+                .responses
+                .put(self.resp.clone(), self.history.then(turn));
+        }
+    }
+}
+
+/// This turn's messages with the response's answer added, as a continuation sees it: its
+/// text and calls as one assistant message (the thought left out).
+fn with_answer(mut turn: Vec<Message>, resp: &ResponseObject) -> Vec<Message> {
+    let mut answer = Message::new(Role::Assistant, resp.output_text.clone());
+    for item in &resp.output {
+        match item {
+            OutputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } => answer.calls.push(Call {
+                id: call_id.clone(),
+                name: name.clone(),
+                arguments: arguments.clone(),
+            }),
+            OutputItem::CustomToolCall {
+                call_id, name, input, ..
+            } => answer.calls.push(Call {
+                id: call_id.clone(),
+                name: name.clone(),
+                arguments: custom_arguments(input),
+            }),
+            _ => {}
+        }
+    }
+    turn.push(answer);
+    turn
+}
+
+impl Encoder for ResponsesEncoder {
+    fn start(&mut self) -> Vec<Event> {
+        let (a, b) = (self.resp.clone(), self.resp.clone());
+        vec![
+            self.event(|n| Ev::Created {
+                sequence_number: n,
+                response: a,
+            }),
+            self.event(|n| Ev::InProgress {
+                sequence_number: n,
+                response: b,
+            }),
+        ]
+    }
+
+    fn update(&mut self, u: &Update, fold: &Fold) -> Vec<Event> {
+        let block_events = self.blocks.push(u);
+        self.events(block_events, fold, false)
+    }
+
+    fn finish(&mut self, fold: &Fold) -> Vec<Event> {
+        let block_events = self.blocks.finish();
+        let mut out = self.events(block_events, fold, true);
+        self.finish_response(fold);
+        let response = self.resp.clone();
+        out.push(match self.resp.status {
+            ResponseStatus::Incomplete => self.event(|n| Ev::Incomplete {
+                sequence_number: n,
+                response,
+            }),
+            _ => self.event(|n| Ev::Completed {
+                sequence_number: n,
+                response,
+            }),
+        });
+        out
+    }
+
+    fn fail(&mut self, e: EngineFailure, _: &Fold) -> Vec<Event> {
+        let parts = ApiError::from(e).response();
+        self.resp.status = ResponseStatus::Failed;
+        self.resp.error = Some(ResponseError {
+            code: parts.error.code.unwrap_or_else(|| "server_error".into()),
+            message: parts.error.message,
+        });
+        let response = self.resp.clone();
+        vec![self.event(|n| Ev::Failed {
+            sequence_number: n,
+            response,
+        })]
+    }
+
+    fn body(mut self, fold: &Fold) -> Response {
+        self.blocks.finish();
+        self.finish_response(fold);
+        Json(self.resp).into_response()
+    }
+}
+
 #[utoipa::path(post, path = "/v1/responses", tag = "responses", request_body = ResponsesRequest,
     security(("api_key" = [])), responses(
-        (status = 200, description = "The response; with `stream: true`, Server-Sent Events named by their `type` (`response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`, .. `.done`, `response.function_call_arguments.delta` / `.done`, `response.output_item.done`, then `response.completed`, `response.incomplete` or `response.failed`), numbered by `sequence_number`.",
+        (status = 200, description = "The response; with `stream: true`, Server-Sent Events named by their `type` (`response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`, .. `.done`, `response.function_call_arguments.delta` / `.done`, `response.custom_tool_call_input.delta` / `.done`, `response.output_item.done`, then `response.completed`, `response.incomplete` or `response.failed`), numbered by `sequence_number`.",
             content((ResponseObject = "application/json"), (ResponseStreamEvent = "text/event-stream"))),
         GenerationErrors))]
 pub async fn create(
@@ -243,141 +468,75 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     req.check()?;
     let history = stored_conversation(&state, req.previous_response_id.as_deref())?;
-    let input = input_messages(req.input.as_ref().expect("checked"))?;
-    let mut conversation = history.messages();
-    conversation.extend(input.iter().cloned());
-    let chat = req.to_chat(&conversation)?;
-    let ChatRun {
-        model,
-        mut fold,
-        events,
-        ..
-    } = prepare_chat(&state, &chat).await?.submit(&state, "input")?;
-    let mut resp = ResponseObject::start(new_id("resp"), model, &req);
-    let namespaces = req.function_namespaces();
-    let mut timing = Timing::new("/v1/responses");
-    let mut blocks = Blocks::default();
-
-    if !req.stream {
-        run_to_end(&state, events, &mut fold, &mut timing, |u| {
-            blocks.push(u);
-        })
-        .await?;
-        blocks.finish();
-        let ids: Vec<ItemIds> = blocks
-            .blocks
-            .iter()
-            .map(|b| ItemIds::new(&b.kind, &namespaces))
-            .collect();
-        finish(&mut resp, &blocks, &ids, &fold);
-        if resp.store {
-            state
-                .responses
-                .put(resp.clone(), history.then(with_answer(input, &resp)));
-        }
-        return Ok(Json(resp).into_response());
-    }
-
-    let keepalive = state.settings.sse_keepalive_secs;
-    let stream = async_stream::stream! {
-        let mut events = events;
-        let mut seq = 0u64;
-        let mut next = move || { seq += 1; seq - 1 };
-        let named = |e: Ev| (e.name(), to_json(&e));
-        yield named(Ev::Created { sequence_number: next(), response: resp.clone() });
-        yield named(Ev::InProgress { sequence_number: next(), response: resp.clone() });
-        let mut ids: Vec<ItemIds> = Vec::new();
-        let mut failed = None;
-        let mut ended = false;
-        loop {
-            let updates: Vec<Update> = match events.next().await {
-                Some(event) => fold.apply(event),
-                None => { ended = true; fold.close() }
-            };
-            let mut block_events = Vec::new();
-            for u in &updates {
-                timing.observe(&state, u);
-                if let Update::Failed(e) = u {
-                    failed = Some(e.clone());
-                }
-                block_events.extend(blocks.push(u));
-            }
-            if failed.is_some() {
-                break;
-            }
-            if ended {
-                block_events.extend(blocks.finish());
-            }
-            for e in block_events {
-                match e {
-                    BlockEvent::Start(i) => {
-                        let b = &blocks.blocks[i];
-                        ids.push(ItemIds::new(&b.kind, &namespaces));
-                        yield named(Ev::OutputItemAdded { sequence_number: next(), output_index: i, item: opening_item(b, &ids[i]) });
-                        if b.kind == BlockKind::Text {
-                            yield named(Ev::ContentPartAdded { sequence_number: next(), item_id: ids[i].id.clone(), output_index: i, content_index: 0, part: OutputText::new(String::new()) });
-                        }
-                    }
-                    BlockEvent::Delta(i, delta) => {
-                        let item_id = ids[i].id.clone();
-                        yield named(match blocks.blocks[i].kind {
-                            BlockKind::Text => Ev::OutputTextDelta { sequence_number: next(), item_id, output_index: i, content_index: 0, delta, logprobs: vec![] },
-                            BlockKind::Reasoning => Ev::ReasoningTextDelta { sequence_number: next(), item_id, output_index: i, content_index: 0, delta },
-                            BlockKind::Call { .. } => Ev::FunctionCallArgumentsDelta { sequence_number: next(), item_id, output_index: i, delta },
-                        });
-                    }
-                    BlockEvent::Stop(i) => {
-                        let b = &blocks.blocks[i];
-                        let item_id = ids[i].id.clone();
-                        match &b.kind {
-                            BlockKind::Text => {
-                                yield named(Ev::OutputTextDone { sequence_number: next(), item_id: item_id.clone(), output_index: i, content_index: 0, text: b.text.clone(), logprobs: vec![] });
-                                yield named(Ev::ContentPartDone { sequence_number: next(), item_id, output_index: i, content_index: 0, part: OutputText::new(b.text.clone()) });
-                            }
-                            BlockKind::Reasoning => {
-                                yield named(Ev::ReasoningTextDone { sequence_number: next(), item_id, output_index: i, content_index: 0, text: b.text.clone() });
-                            }
-                            BlockKind::Call { name } => {
-                                yield named(Ev::FunctionCallArgumentsDone { sequence_number: next(), item_id, output_index: i, name: name.clone(), arguments: b.text.clone() });
-                            }
-                        }
-                        let status = item_status(i, blocks.blocks.len(), &fold, ended);
-                        yield named(Ev::OutputItemDone { sequence_number: next(), output_index: i, item: output_item(b, &ids[i], status) });
-                    }
-                }
-            }
-            if ended {
-                // The events are over: polling them again would panic (the deadline's
-                // merged stream is an `unfold`).
-                break;
-            }
-        }
-        timing.done(&state);
-        if let Some(e) = failed {
-            let parts = ApiError::from(e).response();
-            resp.status = ResponseStatus::Failed;
-            resp.error = Some(ResponseError {
-                code: parts.error.code.unwrap_or_else(|| "server_error".into()),
-                message: parts.error.message,
-            });
-            yield named(Ev::Failed { sequence_number: next(), response: resp });
-            return;
-        }
-        finish(&mut resp, &blocks, &ids, &fold);
-        if resp.store {
-            state.responses.put(resp.clone(), history.then(with_answer(input, &resp)));
-        }
-        let sequence_number = next();
-        yield named(match resp.status {
-            ResponseStatus::Incomplete => Ev::Incomplete { sequence_number, response: resp },
-            _ => Ev::Completed { sequence_number, response: resp },
-        });
+    let input = read_input(req.input.as_ref().expect("checked"))?;
+    let namespaces = req.function_namespaces(&input);
+    let turn = input.messages.clone();
+    let conv = req.to_conversation(history.messages(), input)?;
+    let run = prepare_chat(&state, &conv).await?.submit(&state)?;
+    let encoder = ResponsesEncoder {
+        state: state.clone(),
+        resp: ResponseObject::start(new_id("resp"), run.model, &req),
+        history,
+        input: turn,
+        namespaces,
+        custom: conv.custom_names(),
+        blocks: Blocks::default(),
+        ids: Vec::new(),
+        inputs: HashMap::new(),
+        seq: 0,
     };
-    Ok(sse_named_response(stream, keepalive))
+    respond(&state, run.events, run.fold, req.stream, "/v1/responses", encoder).await
 }
 
 /// The longest summary a compaction writes.
 const COMPACTION_MAX_TOKENS: usize = 2048;
+
+/// A compaction's answer: the user's messages, then the summary the model wrote.
+struct CompactEncoder {
+    output: Vec<Value>,
+    blocks: Blocks,
+}
+
+impl Encoder for CompactEncoder {
+    // Compaction is not streamed.
+    fn start(&mut self) -> Vec<Event> {
+        vec![]
+    }
+
+    fn update(&mut self, u: &Update, _: &Fold) -> Vec<Event> {
+        self.blocks.push(u);
+        vec![]
+    }
+
+    fn finish(&mut self, _: &Fold) -> Vec<Event> {
+        vec![]
+    }
+
+    fn fail(&mut self, _: EngineFailure, _: &Fold) -> Vec<Event> {
+        vec![]
+    }
+
+    fn body(mut self, fold: &Fold) -> Response {
+        self.blocks.finish();
+        let summary: String = self
+            .blocks
+            .blocks
+            .iter()
+            .filter(|b| b.kind == BlockKind::Text)
+            .map(|b| b.text.as_str())
+            .collect();
+        self.output.push(json!({"type": "compaction", "id": new_id("cmp"),
+            "encrypted_content": format!("{COMPACTION_PREFIX}{}", summary.trim())}));
+        Json(CompactResponse {
+            id: new_id("resp"),
+            object: "response.compaction".into(),
+            created_at: crate::api::unix_now(),
+            output: self.output,
+            usage: usage(fold),
+        })
+        .into_response()
+    }
+}
 
 #[utoipa::path(post, path = "/v1/responses/compact", tag = "responses", operation_id = "compact_response",
     request_body = CompactRequest, security(("api_key" = [])), responses(
@@ -386,11 +545,11 @@ const COMPACTION_MAX_TOKENS: usize = 2048;
 pub async fn compact(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CompactRequest>,
-) -> Result<Json<CompactResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let history = stored_conversation(&state, req.previous_response_id.as_deref())?;
     let mut conversation = history.messages();
     if let Some(input) = req.input.as_ref().filter(|i| !i.is_null()) {
-        conversation.extend(input_messages(input)?);
+        conversation.extend(read_input(input)?.messages);
     }
     if conversation.is_empty() {
         return Err(ApiError::invalid_param(
@@ -400,45 +559,46 @@ pub async fn compact(
     }
     // The user's own words are kept as they were (as OpenAI's compaction does); the
     // rest (answers, calls, their results) is what the summary stands for.
-    let mut output: Vec<Value> = conversation
+    let output: Vec<Value> = conversation
         .iter()
-        .filter(|m| m["role"] == "user")
-        .map(|m| json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": m["content"]}]}))
+        .filter(|m| m.role == Role::User)
+        .map(|m| json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": m.content}]}))
         .collect();
     let mut messages = Vec::with_capacity(conversation.len() + 2);
     if let Some(i) = &req.instructions {
-        messages.push(json!({"role": "system", "content": i}));
+        messages.push(Message::new(Role::System, i.clone()));
     }
     messages.extend(conversation);
-    messages.push(json!({"role": "user", "content": COMPACTION_PROMPT}));
-    let mut chat: ChatCompletionRequest = serde_json::from_value(json!({
-        "model": req.model, "messages": messages, "max_tokens": COMPACTION_MAX_TOKENS,
-    }))
-    .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))?;
-    chat.clamp_max_tokens = true;
-    let ChatRun { mut fold, events, .. } = prepare_chat(&state, &chat).await?.submit(&state, "input")?;
-    let mut timing = Timing::new("/v1/responses/compact");
-    let mut blocks = Blocks::default();
-    run_to_end(&state, events, &mut fold, &mut timing, |u| {
-        blocks.push(u);
-    })
-    .await?;
-    blocks.finish();
-    let summary: String = blocks
-        .blocks
-        .iter()
-        .filter(|b| b.kind == BlockKind::Text)
-        .map(|b| b.text.as_str())
-        .collect();
-    output.push(json!({"type": "compaction", "id": new_id("cmp"),
-        "encrypted_content": format!("{COMPACTION_PREFIX}{}", summary.trim())}));
-    Ok(Json(CompactResponse {
-        id: new_id("resp"),
-        object: "response.compaction".into(),
-        created_at: crate::api::unix_now(),
+    messages.push(Message::new(Role::User, COMPACTION_PROMPT));
+    let conv = ApiConversation {
+        model: req.model.clone(),
+        messages,
+        tools: None,
+        params: SamplingParams {
+            max_tokens: Some(COMPACTION_MAX_TOKENS),
+            ..SamplingParams::default()
+        },
+        temperature_set: false,
+        format: None,
+        max_reasoning_tokens: None,
+        reasoning_field: "reasoning",
+        clamp_max_tokens: true,
+        fields: &RESPONSES_FIELDS,
+    };
+    let run = prepare_chat(&state, &conv).await?.submit(&state)?;
+    let encoder = CompactEncoder {
         output,
-        usage: usage(&fold),
-    }))
+        blocks: Blocks::default(),
+    };
+    respond(
+        &state,
+        run.events,
+        run.fold,
+        false,
+        "/v1/responses/compact",
+        encoder,
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/responses/{id}", tag = "responses", operation_id = "retrieve_response",

@@ -45,7 +45,8 @@ pub async fn tokenize(
             let chat: ChatCompletionRequest =
                 serde_json::from_value(json!({"model": m.id, "messages": messages}))
                     .map_err(|e| ApiError::invalid_param("messages", format!("invalid messages: {e}")))?;
-            prepare_chat(&state, &chat).await?.prompt
+            let conv = chat.to_conversation(state.settings.max_n)?;
+            prepare_chat(&state, &conv).await?.prompt
         }
         _ => {
             return Err(ApiError::invalid(
