@@ -10,8 +10,9 @@
 #
 # Both CLIs fail a turn whose answer stops at its token limit (Codex: "Incomplete
 # response returned"; Claude Code: "exceeded the N output token maximum"), so the model
-# must end its answers. The CLIs get a one-line system prompt (Codex's
-# model_instructions_file, Claude Code's --system-prompt) in place of their own 10-20k
+# must end its answers. The CLIs get a one-line system prompt (Codex's catalog entry for
+# the model, which also gives it the free-form apply_patch, a custom tool with a Lark
+# grammar; Claude Code's --system-prompt) in place of their own 10-20k
 # tokens, past which the 135M default model writes noise that does not end; their tool
 # lists, and everything else they send, go as they are (the context of a copy of the
 # default GGUF is raised to 32k, as the tools alone are 5-8k tokens). Answers are capped
@@ -63,10 +64,18 @@ mkdir -p "$repo" "$work/codex-home" "$work/home"
 printf 'def add(a, b):\n    return a + b\n' > "$repo/calc.py"
 git -C "$repo" init -q
 instructions="You are a coding assistant in a terminal. Answer briefly."
-echo "$instructions" > "$work/instructions.md"
+# What Codex knows of the model (its catalog entry): the context, the one-line
+# instructions, and the free-form apply_patch tool (a custom tool with a Lark grammar).
+cat > "$work/codex-models.json" <<JSON
+{"models": [{"slug": "$name", "display_name": "$name", "context_window": 32768,
+  "base_instructions": "$instructions", "apply_patch_tool_type": "freeform",
+  "shell_type": "shell_command", "supported_reasoning_levels": [], "support_verbosity": false,
+  "truncation_policy": {"mode": "tokens", "limit": 10000}, "experimental_supported_tools": [],
+  "visibility": "list", "supported_in_api": true, "priority": 1}]}
+JSON
 cat > "$work/codex-home/config.toml" <<TOML
 model = "$name"
-model_instructions_file = "$PWD/$work/instructions.md"
+model_catalog_json = "$PWD/$work/codex-models.json"
 model_provider = "moeserve"
 
 [model_providers.moeserve]
@@ -118,6 +127,13 @@ for r in api:
     print(r["status"], r["method"], r["path"], (r.get("body") or {}).get("tool_choice", "") if isinstance(r.get("body"), dict) else "")
 paths = {r["path"].split("?")[0] for r in api}
 assert {"/v1/responses", "/v1/messages", "/v1/chat/completions"} <= paths, paths
+def tool_types(tools):
+    for t in tools or []:
+        yield t.get("type")
+        if t.get("type") == "namespace":
+            yield from tool_types(t.get("tools"))
+codex = [r for r in api if r["path"] == "/v1/responses" and isinstance(r.get("body"), dict)]
+assert any("custom" in set(tool_types(r["body"].get("tools"))) for r in codex), "Codex offered no custom tool"
 assert not bad, "\n".join(f'{r["status"]} {r["method"]} {r["path"]}: {r.get("error", "")}' for r in bad)
 print(f"{len(api)} API requests, all 2xx")
 PY

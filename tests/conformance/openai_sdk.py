@@ -13,6 +13,7 @@ Prints one line per check and a summary.
 """
 
 import json
+import re
 import os
 from typing import Literal, Optional
 
@@ -407,6 +408,35 @@ def responses_continue_retrieve_delete():
     return f"{r2.usage.input_tokens} input tokens with the earlier turn, {alone.usage.input_tokens} without"
 
 
+PATCH_GRAMMAR = 'start: "*** Begin Patch\\n" "*** Delete File: " NAME LF "*** End Patch"\nNAME: /[a-z]{1,8}\\.txt/\n%import common.LF'
+
+
+def responses_custom_tool():
+    tools = [{"type": "custom", "name": "apply_patch", "description": "Edits files.",
+              "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_GRAMMAR}}]
+    args = dict(model=model, input="Delete notes.txt", tools=tools, tool_choice={"type": "custom", "name": "apply_patch"},
+                max_output_tokens=120, temperature=0, store=False)
+    r = client.responses.create(**args)
+    calls = [o for o in r.output if o.type == "custom_tool_call"]
+    assert len(calls) == 1 and r.status == "completed", r.output
+    assert re.fullmatch(r"\*\*\* Begin Patch\n\*\*\* Delete File: [a-z]{1,8}\.txt\n\*\*\* End Patch", calls[0].input), calls[0].input
+    pieces, done = "", None
+    with client.responses.stream(**args) as stream:
+        for event in stream:
+            if event.type == "response.custom_tool_call_input.delta":
+                pieces += event.delta
+            elif event.type == "response.custom_tool_call_input.done":
+                done = event.input
+    assert pieces == done == calls[0].input, (pieces, done, calls[0].input)
+    # Chat's custom tools: a regex.
+    c = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Rate Paris."}], tool_choice="required",
+                                       tools=[{"type": "custom", "custom": {"name": "rate", "format": {"type": "grammar", "grammar": {
+                                           "syntax": "regex", "definition": "(good|bad), [1-5] stars"}}}}], max_tokens=40, temperature=0)
+    call = c.choices[0].message.tool_calls[0]
+    assert call.type == "custom" and re.fullmatch("(good|bad), [1-5] stars", call.custom.input), call
+    return f"{calls[0].input!r}; chat: {call.custom.input!r}"
+
+
 def responses_errors():
     seen = []
     for args, error, param in [
@@ -442,5 +472,6 @@ check("responses.create, responses.stream", responses_create)
 check("responses: function tools, streamed, result by previous_response_id", responses_tools)
 check("responses: text.format json_schema, responses.parse", responses_json_schema)
 check("responses: previous_response_id, retrieve, delete, store=false", responses_continue_retrieve_delete)
+check("responses and chat: custom tools (Lark, regex), streamed", responses_custom_tool)
 check("responses: errors", responses_errors)
 finish()

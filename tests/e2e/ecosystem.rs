@@ -249,6 +249,9 @@ async fn responses_api_over_http() {
         ),
         (json!({"input": null}), "input"),
         (json!({"text": {"format": {"type": "yaml"}}}), "text.format.type"),
+        // Checked by the engine, named as the Responses API calls it.
+        (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"top_p": 0}), "top_p"),
     ] {
         let mut b = json!({"model": MODEL, "input": "x"});
         for (k, v) in extra.as_object().unwrap() {
