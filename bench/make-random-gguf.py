@@ -6,11 +6,17 @@ benchmarks of shapes whose matrices do not fit in cache, where a toy model's wou
     python3 bench/make-random-gguf.py --shape qwen3-30b-a3b --out models/qwen3-30b-a3b-Q4_K_M.gguf
     python3 bench/make-random-gguf.py --shape medium-moe --layers 4 --out /tmp/small.gguf
 
-Shapes (qwen3moe architecture, llama.cpp's keys):
+Shapes (llama.cpp's keys):
 - medium-moe: hidden 1024, 24 layers, 32 experts top-4 of width 512, 16 heads of 64 (the
   repository's medium random MoE, bench/medium-moe-config.json): 0.8 GB.
 - qwen3-30b-a3b: hidden 2048, 48 layers, 128 experts top-8 of width 768, 32 heads of 128
   (4 KV heads): 18 GB (the vocabulary is the tokenizer's, not Qwen's 151,936).
+- deepseek-v2-lite (deepseek2): hidden 2048, 27 layers (the first dense, width 10944), 64
+  experts top-6 of width 1408 plus 2 shared, 16 heads of latent attention (a 512-wide
+  latent, 128 + 64 rope dims per query and key, 128 per value), no query compression
+  (`q_lora_rank` 0), YaRN x40 from 4096: about 9 GB. Rows of 1408 and 10944 are not whole
+  256-blocks, so their down projections take the Q5_0 / Q8_0 fallbacks; so do the
+  per-head 128-wide `attn_k_b`.
 
 Tensor types follow llama.cpp's Q4_K_M rules for these shapes: Q4_K by default, Q6_K for
 the output matrix and, on the layers `use_more_bits` picks (the first and last eighth and
@@ -40,6 +46,13 @@ SHAPES = {
     "qwen3-30b-a3b": dict(
         hidden=2048, layers=48, experts=128, top_k=8, expert_width=768, heads=32, kv_heads=4,
         head_dim=128, context=40960, rope_theta=1e6, eps=1e-6, dense_width=6144,
+    ),
+    # deepseek2 architecture: multi-head latent attention without query compression
+    # (q_lora_rank 0, as llama.cpp writes V2-Lite), one leading dense layer, shared experts.
+    "deepseek-v2-lite": dict(
+        arch="deepseek2", hidden=2048, layers=27, experts=64, top_k=6, expert_width=1408, heads=16,
+        shared_experts=2, kv_lora=512, qk_nope=128, qk_rope=64, v_head=128, dense_layers=1,
+        context=32768, rope_theta=1e4, eps=1e-6, dense_width=10944,
     ),
 }
 
@@ -112,8 +125,52 @@ def quantized(kind, shape, rng):
     return data.reshape(*shape[:-1], cols // block_elems * block_bytes)
 
 
+def plan_deepseek2(s, layers):
+    """(name, numpy shape, kind) of every tensor of the deepseek2 layout (kv_b split into
+    per-head k_b and v_b, as current llama.cpp writes it)."""
+    h, nh, e, w = s["hidden"], s["heads"], s["experts"], s["expert_width"]
+    lora, nope, rope, v = s["kv_lora"], s["qk_nope"], s["qk_rope"], s["v_head"]
+    vocab = s["vocab"]
+    out = [("token_embd.weight", (vocab, h), T.Q4_K)]
+    for i in range(layers):
+        more = use_more_bits(i, layers)
+        b = f"blk.{i}"
+        out += [
+            (f"{b}.attn_norm.weight", (h,), T.F32),
+            (f"{b}.attn_q.weight", (nh * (nope + rope), h), T.Q4_K),
+            (f"{b}.attn_kv_a_mqa.weight", (lora + rope, h), T.Q4_K),
+            (f"{b}.attn_kv_a_norm.weight", (lora,), T.F32),
+            (f"{b}.attn_k_b.weight", (nh, lora, nope), T.Q4_K),
+            (f"{b}.attn_v_b.weight", (nh, v, lora), T.Q6_K if more else T.Q4_K),
+            (f"{b}.attn_output.weight", (h, nh * v), T.Q4_K),
+            (f"{b}.ffn_norm.weight", (h,), T.F32),
+        ]
+        if i < s["dense_layers"]:
+            dw = s["dense_width"]
+            out += [
+                (f"{b}.ffn_gate.weight", (dw, h), T.Q4_K),
+                (f"{b}.ffn_up.weight", (dw, h), T.Q4_K),
+                (f"{b}.ffn_down.weight", (h, dw), T.Q6_K if more else T.Q4_K),
+            ]
+            continue
+        sw = w * s["shared_experts"]
+        out += [
+            (f"{b}.ffn_gate_inp.weight", (e, h), T.F32),
+            (f"{b}.ffn_gate_exps.weight", (e, w, h), T.Q4_K),
+            (f"{b}.ffn_up_exps.weight", (e, w, h), T.Q4_K),
+            (f"{b}.ffn_down_exps.weight", (e, h, w), T.Q6_K if more else T.Q4_K),
+            (f"{b}.ffn_gate_shexp.weight", (sw, h), T.Q4_K),
+            (f"{b}.ffn_up_shexp.weight", (sw, h), T.Q4_K),
+            (f"{b}.ffn_down_shexp.weight", (h, sw), T.Q6_K if more else T.Q4_K),
+        ]
+    out += [("output_norm.weight", (h,), T.F32), ("output.weight", (vocab, h), T.Q6_K)]
+    return [(name, shape, fallback(kind, shape[-1]) if kind != T.F32 else kind) for name, shape, kind in out]
+
+
 def plan(s, layers):
     """(name, numpy shape, kind) of every tensor, in llama.cpp's order and types."""
+    if s.get("arch") == "deepseek2":
+        return plan_deepseek2(s, layers)
     h, hd, nh, nkv, e, w = s["hidden"], s["head_dim"], s["heads"], s["kv_heads"], s["experts"], s["expert_width"]
     vocab = s["vocab"]
     out = [("token_embd.weight", (vocab, h), T.Q4_K)]
@@ -156,7 +213,7 @@ def main():
     reader = gguf.GGUFReader(tok_path)
     s["vocab"] = len(reader.fields["tokenizer.ggml.tokens"].data)
 
-    arch = "qwen3moe"
+    arch = s.get("arch", "qwen3moe")
     tmp = args.out + ".partial"
     writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(f"random {args.shape}" + (f" ({layers} layers)" if args.layers else ""))
@@ -167,14 +224,35 @@ def main():
     writer.add_embedding_length(s["hidden"])
     writer.add_feed_forward_length(s["dense_width"])
     writer.add_head_count(s["heads"])
-    writer.add_head_count_kv(s["kv_heads"])
-    writer.add_key_length(s["head_dim"])
-    writer.add_value_length(s["head_dim"])
     writer.add_rope_freq_base(s["rope_theta"])
     writer.add_layer_norm_rms_eps(s["eps"])
     writer.add_expert_count(s["experts"])
     writer.add_expert_used_count(s["top_k"])
     writer.add_expert_feed_forward_length(s["expert_width"])
+    if arch == "deepseek2":
+        # llama.cpp's MLA keys: the cache holds one head of latent + rope dims; the
+        # `_mla` lengths are the model's own per-head query/key and value widths.
+        lora, rope = s["kv_lora"], s["qk_rope"]
+        writer.add_head_count_kv(1)
+        writer.add_key_length(lora + rope)
+        writer.add_value_length(lora)
+        writer.add_uint32(f"{arch}.attention.key_length_mla", s["qk_nope"] + rope)
+        writer.add_uint32(f"{arch}.attention.value_length_mla", s["v_head"])
+        writer.add_uint32(f"{arch}.attention.kv_lora_rank", lora)
+        writer.add_uint32(f"{arch}.attention.q_lora_rank", 0)
+        writer.add_rope_dimension_count(rope)
+        writer.add_uint32(f"{arch}.leading_dense_block_count", s["dense_layers"])
+        writer.add_uint32(f"{arch}.expert_shared_count", s["shared_experts"])
+        writer.add_float32(f"{arch}.expert_weights_scale", 1.0)
+        writer.add_uint32(f"{arch}.expert_gating_func", 1)  # softmax
+        writer.add_string(f"{arch}.rope.scaling.type", "yarn")
+        writer.add_float32(f"{arch}.rope.scaling.factor", 40.0)
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", 4096)
+        writer.add_float32(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0707)
+    else:
+        writer.add_head_count_kv(s["kv_heads"])
+        writer.add_key_length(s["head_dim"])
+        writer.add_value_length(s["head_dim"])
     # The tokenizer's keys as they are in its file.
     for name, field in reader.fields.items():
         if not name.startswith("tokenizer."):

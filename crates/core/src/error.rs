@@ -48,6 +48,11 @@ pub enum Error {
     #[error("KV cache: {0}")]
     KvCache(String),
 
+    /// The model (and what the caller reserves beside it) does not fit in the memory
+    /// this process may use: refused before loading, with the numbers.
+    #[error("{0}")]
+    OutOfMemory(String),
+
     /// A kernel the backend of a tensor's device does not have.
     #[error("backend: {0}")]
     Backend(String),

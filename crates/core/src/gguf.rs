@@ -98,6 +98,27 @@ impl GgufFile {
     }
 }
 
+impl GgufFile {
+    /// Drops `bytes` (a slice of the mapping whose contents were copied) from this
+    /// process's resident memory. Every tensor is read once into storage of its own
+    /// (repacked for the kernels, or candle's copy); without this its mapped pages would
+    /// stay resident beside that copy, so loading would end holding the file twice (an
+    /// 18 GB model in 36 GB). The pages stay in the page cache, which the kernel may
+    /// reclaim, and are read again if touched.
+    fn release(&self, bytes: &[u8]) {
+        let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        #[cfg(unix)]
+        // SAFETY: a read-only shared mapping of a file: a dropped page reads back the
+        // file's bytes; nothing holds a reference to these bytes past this call.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+        };
+        #[cfg(not(unix))]
+        let _ = offset;
+    }
+}
+
 fn tensor_bytes(dtype: GgmlDType, elems: usize) -> usize {
     elems / dtype.block_size() * dtype.type_size()
 }
@@ -185,6 +206,15 @@ impl GgufCheckpoint {
         total
     }
 
+    /// The bytes of all tensors.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| f.content.tensor_infos.values())
+            .map(|t| tensor_bytes(t.ggml_dtype, t.shape.elem_count()) as u64)
+            .sum()
+    }
+
     /// Does any tensor use a quantized (not F32/F16/BF16) type?
     pub fn is_quantized(&self) -> bool {
         self.files.iter().any(|f| {
@@ -232,6 +262,9 @@ impl GgufCheckpoint {
             dims.remove(0);
         }
         let storage = QStorage::from_data(Cow::Borrowed(raw), device, dtype)?;
+        // The storage holds its own copy (on the CPU `from_data` copies; on a GPU it is
+        // in device memory).
+        file.release(raw);
         Ok((QTensor::new(storage, dims)?, file.path.display().to_string()))
     }
 }
@@ -518,7 +551,9 @@ fn apply_deepseek_fields(hf: &mut HfConfig, md: &HashMap<String, Value>, expert_
     hf.num_key_value_heads = num("attention.head_count");
     hf.head_dim = None;
     hf.partial_rotary_factor = None;
-    hf.q_lora_rank = num("attention.q_lora_rank");
+    // llama.cpp writes (and reads) 0 for a model without query compression
+    // (DeepSeek-V2-Lite's `q_lora_rank: null`).
+    hf.q_lora_rank = num("attention.q_lora_rank").filter(|&r| r > 0);
     hf.kv_lora_rank = num("attention.kv_lora_rank");
     hf.qk_rope_head_dim = Some(rope);
     hf.qk_nope_head_dim = Some(qk - rope);

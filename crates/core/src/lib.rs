@@ -95,6 +95,9 @@ pub struct LoadOptions {
     pub backend: Option<backend::Backend>,
     /// Where download and loading progress goes (default: throttled log lines).
     pub progress: progress::Reporter,
+    /// Memory the caller will allocate beside the weights (the KV pool): a model whose
+    /// weights and this do not fit in the memory left is refused before it is read.
+    pub reserve_bytes: usize,
 }
 
 impl LoadOptions {
@@ -129,6 +132,7 @@ impl Default for LoadOptions {
             kv_cache_dtype: None,
             backend: None,
             progress: progress::Reporter::default(),
+            reserve_bytes: 0,
         }
     }
 }
@@ -196,8 +200,31 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     })
 }
 
+/// Refuses weights of `weight_bytes` (held once in memory, repacked) that, with the
+/// caller's reserve, do not fit in the memory this process may use; on the CPU only (a
+/// GPU holds them in its own memory).
+fn check_memory(weight_bytes: u64, opts: &LoadOptions) -> Result<()> {
+    let Some(available) = process::available_memory().filter(|_| opts.device.is_cpu()) else {
+        return Ok(());
+    };
+    let needed = weight_bytes + opts.reserve_bytes as u64;
+    if needed > available {
+        let gb = |b: u64| b as f64 / 1e9;
+        return Err(Error::OutOfMemory(format!(
+            "the model needs {:.1} GB ({:.1} GB of weights and a {:.1} GB KV pool) but {:.1} GB of memory is available: \
+             use a smaller model or quantization, a smaller --kv-cache-memory, or a machine (or container limit) with more memory",
+            gb(needed),
+            gb(weight_bytes),
+            gb(opts.reserve_bytes as u64),
+            gb(available)
+        )));
+    }
+    Ok(())
+}
+
 fn load_gguf(path: &std::path::Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let ckpt = gguf::GgufCheckpoint::open(path)?;
+    check_memory(ckpt.tensor_bytes(), opts)?;
     let mut cfg = gguf::model_config(&ckpt)?;
     cfg.kv_cache_dtype = opts
         .kv_cache_dtype

@@ -50,3 +50,37 @@ pub fn reexec_with_huge_pages() {
             .exec();
     }
 }
+
+/// Bytes this process may still allocate: the kernel's `MemAvailable` (free memory and
+/// the page cache it can reclaim), or in a container whose cgroup (v2) sets a lower
+/// limit, that limit less the cgroup's usage. `None` where neither can be read (not
+/// Linux).
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
+        * 1024;
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    // `memory.max` is "max" (no limit) or bytes; its usage counts the page cache, which
+    // the cgroup reclaims first, so take its inactive file pages back off.
+    let cgroup = read("memory.max")
+        .zip(read("memory.current"))
+        .map(|(max, current)| {
+            let inactive = std::fs::read_to_string("/sys/fs/cgroup/memory.stat")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("inactive_file "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            max.saturating_sub(current.saturating_sub(inactive))
+        });
+    Some(cgroup.map_or(available, |c| c.min(available)))
+}

@@ -131,6 +131,68 @@ fn sharded_gguf_loads_from_the_first_shard() {
     assert_eq!(prefill_logits(&sharded, ids), prefill_logits(&whole, ids));
 }
 
+/// A copy of fixture `name` with metadata `key` set to `value`.
+fn with_metadata(name: &str, key: &str, value: Value, out: &Path) {
+    let src = fixture(name);
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let mut metadata = content.metadata.clone();
+    metadata.insert(key.to_string(), value);
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(out).unwrap(), &metadata, &tensors).unwrap();
+}
+
+/// llama.cpp writes `q_lora_rank = 0` for a DeepSeek model without query compression
+/// (V2-Lite's shape, as the deepseek_v2 fixture): read as none, not as a rank whose
+/// tensors are missing.
+#[test]
+fn deepseek_q_lora_rank_zero_means_no_query_compression() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zero = tmp.path().join("deepseek_v2-q0.gguf");
+    with_metadata(
+        "deepseek_v2-f16.gguf",
+        "deepseek2.attention.q_lora_rank",
+        Value::U32(0),
+        &zero,
+    );
+    let q = load(&zero);
+    let s = load(&fixture("deepseek_v2"));
+    let ids = &prompts("deepseek_v2")[0].1;
+    assert_eq!(greedy(&q, ids), greedy(&s, ids));
+}
+
+/// A model bigger than the memory left (here: a KV reserve past any machine's memory)
+/// is refused before loading, with the numbers.
+#[test]
+fn a_model_past_the_memory_left_is_refused_before_loading() {
+    if moeserve_core::process::available_memory().is_none() {
+        return;
+    }
+    let opts = LoadOptions {
+        reserve_bytes: usize::MAX / 4,
+        ..LoadOptions::default()
+    };
+    let err = match moeserve_core::load(fixture("olmoe-f16.gguf").to_str().unwrap(), &opts) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("GB of memory is available") && err.contains("KV pool"),
+        "{err}"
+    );
+}
+
 fn write_gguf(path: &Path, arch: &str) {
     let md = [("general.architecture", Value::String(arch.into()))];
     let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();

@@ -133,13 +133,14 @@ fn run_kernels(list: bool) -> anyhow::Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
     let opts = LoadOptions {
         device: moeserve_core::device_from_setting(&args.device).map_err(anyhow::Error::msg)?,
         dtype: args.dtype,
+        reserve_bytes: budget,
         ..LoadOptions::default()
     };
     let loaded = moeserve_core::load(&args.model, &opts)?;
-    let budget = moeserve_core::parse_memory_size(&args.kv_cache_memory).map_err(anyhow::Error::msg)?;
     let mut kv = KvStorage::with_memory_budget_on(
         loaded.model.kv_layout(),
         args.block_size,

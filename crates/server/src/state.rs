@@ -95,7 +95,10 @@ pub(crate) fn load(
     backend: moeserve_core::backend::Backend,
     progress: moeserve_core::progress::Reporter,
 ) -> anyhow::Result<LoadedEngine> {
+    let kv_cache_memory =
+        moeserve_core::parse_memory_size(&settings.kv_cache_memory).map_err(anyhow::Error::msg)?;
     let opts = LoadOptions {
+        reserve_bytes: kv_cache_memory,
         device: moeserve_core::device_from_setting(&settings.device).map_err(anyhow::Error::msg)?,
         dtype: moeserve_core::parse_dtype_setting(&settings.dtype).map_err(anyhow::Error::msg)?,
         kv_cache_dtype: moeserve_core::parse_kv_dtype_setting(&settings.kv_cache_dtype)
@@ -120,8 +123,7 @@ pub(crate) fn load(
     };
     let config = EngineConfig {
         block_size: settings.block_size,
-        kv_cache_memory: moeserve_core::parse_memory_size(&settings.kv_cache_memory)
-            .map_err(anyhow::Error::msg)?,
+        kv_cache_memory,
         max_num_seqs: settings.max_num_seqs,
         max_num_batched_tokens: settings.max_num_batched_tokens,
         max_waiting_requests: settings.max_waiting_requests,

@@ -102,6 +102,24 @@ fn escaped_chars() -> ClassUnicode {
     ])
 }
 
+/// `class` split into the characters JSON writes as they are (none: `None`) and the
+/// escapes of those it escapes.
+fn split_class(class: &ClassUnicode) -> (Option<ClassUnicode>, Vec<String>) {
+    let mut plain = class.clone();
+    plain.difference(&escaped_chars());
+    let mut special = class.clone();
+    special.intersect(&escaped_chars());
+    let mut escapes = Vec::new();
+    for r in special.iter() {
+        for c in r.start()..=r.end() {
+            let mut e = String::new();
+            escape_char(c, &mut e);
+            escapes.push(e);
+        }
+    }
+    (plain.iter().next().is_some().then_some(plain), escapes)
+}
+
 /// The regular expression `pattern` (with a literal's `flags`: `i`, `s`, ..) parsed.
 fn parse_regex(pattern: &str, flags: &str) -> Result<Hir, String> {
     if flags.contains('l') {
@@ -149,12 +167,9 @@ impl Quoter {
             return name.clone();
         }
         let name = format!("_q_class{}", self.classes.len());
-        let mut plain = class.clone();
-        plain.difference(&escaped_chars());
-        let mut special = class.clone();
-        special.intersect(&escaped_chars());
+        let (plain, escapes) = split_class(class);
         let mut alternatives = Vec::new();
-        if plain.iter().next().is_some() {
+        if let Some(plain) = plain {
             let one = Hir::class(Class::Unicode(plain));
             alternatives.push(regex_literal(&if run {
                 Hir::repetition(regex_syntax::hir::Repetition {
@@ -167,13 +182,7 @@ impl Quoter {
                 one
             }));
         }
-        for r in special.iter() {
-            for c in r.start()..=r.end() {
-                let mut e = String::new();
-                escape_char(c, &mut e);
-                alternatives.push(string_literal(&e));
-            }
-        }
+        alternatives.extend(escapes.iter().map(|e| string_literal(e)));
         if alternatives.is_empty() {
             // An empty class matches nothing.
             alternatives.push("/[^\\s\\S]/".into());
@@ -259,22 +268,14 @@ fn quote_hir(h: &Hir) -> Result<Hir, String> {
             Hir::literal(escape_str(text).into_bytes())
         }
         HirKind::Class(Class::Unicode(class)) => {
-            let mut plain = class.clone();
-            plain.difference(&escaped_chars());
-            let mut special = class.clone();
-            special.intersect(&escaped_chars());
-            let mut alternatives = Vec::new();
-            if plain.iter().next().is_some() {
-                alternatives.push(Hir::class(Class::Unicode(plain)));
-            }
-            for r in special.iter() {
-                for c in r.start()..=r.end() {
-                    let mut e = String::new();
-                    escape_char(c, &mut e);
-                    alternatives.push(Hir::literal(e.into_bytes()));
-                }
-            }
-            Hir::alternation(alternatives)
+            let (plain, escapes) = split_class(class);
+            let plain = plain.map(|p| Hir::class(Class::Unicode(p)));
+            Hir::alternation(
+                plain
+                    .into_iter()
+                    .chain(escapes.into_iter().map(|e| Hir::literal(e.into_bytes())))
+                    .collect(),
+            )
         }
         HirKind::Class(Class::Bytes(_)) => {
             return Err("byte classes (a regular expression without Unicode) are not supported".into())

@@ -408,21 +408,11 @@ impl ResponsesRequest {
         out
     }
 
-    /// `tool_choice` over `functions`.
+    /// `tool_choice`, resolved.
     fn tool_choice(&self) -> Result<ToolChoice, ApiError> {
         Ok(match &self.tool_choice {
             None | Some(Value::Null) => ToolChoice::Auto,
-            Some(Value::String(s)) => match s.as_str() {
-                "none" => ToolChoice::None,
-                "auto" => ToolChoice::Auto,
-                "required" => ToolChoice::Required,
-                other => {
-                    return Err(ApiError::invalid_param(
-                        "tool_choice",
-                        format!("unknown tool_choice {other:?} (none, auto or required)"),
-                    ))
-                }
-            },
+            Some(Value::String(s)) => ToolChoice::from_mode(s, "tool_choice")?,
             Some(c) => {
                 match (
                     c.get("type").and_then(Value::as_str),

@@ -56,6 +56,21 @@ pub enum ToolChoice {
     Named(String),
 }
 
+impl ToolChoice {
+    /// A choice given as a string (`none`, `auto`, `required`); `field` names it in errors.
+    pub fn from_mode(mode: &str, field: &str) -> Result<Self, ApiError> {
+        match mode {
+            "none" => Ok(ToolChoice::None),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(ApiError::invalid_param(
+                field,
+                format!("unknown {field} {other:?} (none, auto, required or a tool)"),
+            )),
+        }
+    }
+}
+
 /// The request's tools, resolved.
 #[derive(Debug, Clone)]
 pub struct ToolPlan {
@@ -308,16 +323,7 @@ pub fn tool_plan(
     let bad_choice = |m: String| ApiError::invalid_param("tool_choice", m);
     let choice = match tool_choice {
         None | Some(Value::Null) => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            other => {
-                return Err(bad_choice(format!(
-                    "unknown tool_choice {other:?} (none, auto, required or a function)"
-                )))
-            }
-        },
+        Some(Value::String(s)) => ToolChoice::from_mode(s, "tool_choice")?,
         Some(v @ Value::Object(_)) => {
             let name = v
                 .pointer("/function/name")

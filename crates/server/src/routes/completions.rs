@@ -11,8 +11,8 @@ use moeserve_core::engine::{EngineFailure, GenerateRequest, TokenLogprob};
 use moeserve_core::TextCodec;
 
 use super::{
-    compile_constraint, data_event, done_event, encode, include_usage, respond, token_text, Encoder,
-    GenerationErrors, ResponseMeta,
+    compile_constraint, data_event, encode, include_usage, openai_stream_end, openai_stream_failure, respond,
+    token_text, Encoder, GenerationErrors, ResponseMeta,
 };
 use crate::api::requests::{CompletionRequest, Prompt};
 use crate::api::responses::{
@@ -186,20 +186,15 @@ impl Encoder for CompletionEncoder {
     }
 
     fn finish(&mut self, fold: &Fold) -> Vec<Event> {
-        let mut out = Vec::new();
-        if self.meta.include_usage {
-            out.push(data_event(&CompletionChunk::new(
-                &self.meta.meta,
-                vec![],
-                UsageSlot::Present(fold.usage().into()),
-            )));
-        }
-        out.push(done_event());
-        out
+        openai_stream_end(
+            self.meta.include_usage.then(|| {
+                CompletionChunk::new(&self.meta.meta, vec![], UsageSlot::Present(fold.usage().into()))
+            }),
+        )
     }
 
     fn fail(&mut self, e: EngineFailure, _: &Fold) -> Vec<Event> {
-        vec![data_event(&ApiError::from(e).body()), done_event()]
+        openai_stream_failure(e)
     }
 
     fn body(self, fold: &Fold) -> Response {

@@ -234,9 +234,20 @@ pub fn named_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
     data_event(data).event(name)
 }
 
-/// The `[DONE]` that ends OpenAI's chat and completions streams.
-pub fn done_event() -> Event {
-    Event::default().data("[DONE]")
+/// The end of an OpenAI chat or completions stream: the usage chunk when the client
+/// asked for it, then `[DONE]`.
+pub fn openai_stream_end<T: serde::Serialize>(usage_chunk: Option<T>) -> Vec<Event> {
+    let mut out: Vec<Event> = usage_chunk.iter().map(data_event).collect();
+    out.push(Event::default().data("[DONE]"));
+    out
+}
+
+/// A failed OpenAI chat or completions stream: the error as a chunk, then `[DONE]`.
+pub fn openai_stream_failure(e: EngineFailure) -> Vec<Event> {
+    vec![
+        data_event(&ApiError::from(e).body()),
+        Event::default().data("[DONE]"),
+    ]
 }
 
 /// The text of one token, for logprobs (partial characters come out as U+FFFD).
