@@ -1,11 +1,13 @@
-//! A request body, parsed and validated as the chat and completions routes do: any
-//! bytes give a request or an error, never a panic.
+//! A request body, parsed and converted as the chat, completions, Responses and Messages
+//! routes do (custom tools' grammars rewritten, input items read): any bytes give a
+//! conversation or an error, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use moeserve::api::anthropic::MessagesRequest;
+use moeserve::api::openai_responses::{read_input, ResponsesRequest};
 use moeserve::api::requests::{ChatCompletionRequest, CompletionRequest};
 use moeserve::api::structured::constraint_spec;
-use moeserve::api::tools::tool_plan;
 
 fn parse<T: serde::de::DeserializeOwned>(data: &[u8]) -> Option<T> {
     let de = &mut serde_json::Deserializer::from_slice(data);
@@ -14,14 +16,18 @@ fn parse<T: serde::de::DeserializeOwned>(data: &[u8]) -> Option<T> {
 
 fuzz_target!(|data: &[u8]| {
     if let Some(req) = parse::<ChatCompletionRequest>(data) {
-        let _ = req.template_messages();
-        let _ = req.to_params(16);
-        let _ = constraint_spec(req.response_format.as_ref(), req.structured_outputs.as_ref());
-        let _ = tool_plan(
-            req.tools.as_deref(),
-            req.tool_choice.as_ref(),
-            req.parallel_tool_calls,
-        );
+        if let Ok(conv) = req.to_conversation(16) {
+            let _ = conv.template_messages();
+        }
+    }
+    if let Some(req) = parse::<ResponsesRequest>(data) {
+        if let Some(input) = req.input.as_ref().and_then(|i| read_input(i).ok()) {
+            let _ = req.function_namespaces(&input);
+            let _ = req.to_conversation(vec![], input);
+        }
+    }
+    if let Some(req) = parse::<MessagesRequest>(data) {
+        let _ = req.to_conversation(true);
     }
     if let Some(req) = parse::<CompletionRequest>(data) {
         let _ = req.to_params(16);

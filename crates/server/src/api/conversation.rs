@@ -285,17 +285,21 @@ impl InputDecoder {
                         break;
                     }
                     // A surrogate pair is two escapes: wait for the second.
-                    let escape = &self.pending[..len];
                     let pair = len == 6
-                        && u16::from_str_radix(&escape[2..], 16).is_ok_and(|u| (0xD800..0xDC00).contains(&u));
-                    let len = if pair {
-                        if self.pending.len() < 12 {
-                            break;
-                        }
-                        12
-                    } else {
-                        len
-                    };
+                        && self
+                            .pending
+                            .get(2..6)
+                            .and_then(|h| u16::from_str_radix(h, 16).ok())
+                            .is_some_and(|u| (0xD800..0xDC00).contains(&u));
+                    let mut len = if pair { 12 } else { len };
+                    if self.pending.len() < len {
+                        break;
+                    }
+                    // Not an escape JSON has (text the grammar did not hold to): as it is,
+                    // to a character boundary.
+                    while !self.pending.is_char_boundary(len) {
+                        len += 1;
+                    }
                     match serde_json::from_str::<String>(&format!("\"{}\"", &self.pending[..len])) {
                         Ok(s) => out.push_str(&s),
                         Err(_) => out.push_str(&self.pending[..len]),
@@ -335,6 +339,26 @@ mod tests {
         }
         assert_eq!(custom_input(&arguments), input);
         assert_eq!(custom_input(&custom_arguments(input)), input);
+    }
+
+    /// Arguments that are not the JSON the grammar makes (an unconstrained answer) are
+    /// decoded as far as they go, never a panic.
+    #[test]
+    fn malformed_inputs_do_not_panic() {
+        for text in [
+            "{\"input\": \"\\é\\u12é4\\ud800x\"}",
+            "{\"input\": \"a\\",
+            "no colon",
+            "{\"input\": \"\\ud83d\\u00e9é",
+        ] {
+            for size in 1..4 {
+                let mut d = InputDecoder::default();
+                let chars: Vec<char> = text.chars().collect();
+                for c in chars.chunks(size) {
+                    d.push(&c.iter().collect::<String>());
+                }
+            }
+        }
     }
 
     #[test]
