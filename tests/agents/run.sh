@@ -19,7 +19,7 @@
 # at 384 tokens (--max-output-tokens) and, since neither CLI sends a temperature,
 # sampled at 0.5 (--default-temperature): at 1.0 the 135M model rarely ends an answer in
 # time (Codex: 0 of 4 runs, against 4 of 4 at 0.5); a run that fails only because the
-# model did not end in time is tried again (up to 8
+# model did not end in time is tried again (up to 16
 # times: a 135M model's answers are not judged, the protocol is), any other failure
 # fails at once. Claude Code gets two built-in tools (--tools "Bash,Read"): its full set
 # is 8k tokens, past the model's trained context by itself.
@@ -90,7 +90,7 @@ TOML
 attempt() {
   local name="$1"
   shift
-  for try in 1 2 3 4 5 6 7 8; do
+  for try in $(seq 1 16); do
     if (cd "$repo" && "$@" </dev/null >"$PWD/../$name.out" 2>&1); then
       tail -n 3 "$work/$name.out"
       return 0
@@ -103,7 +103,7 @@ attempt() {
     echo "$name: the model's answer ran to its limit (try $try); again"
   done
   tail -n 20 "$work/$name.out"
-  echo "$name: no answer ended within its limit in 8 tries"
+  echo "$name: no answer ended within its limit in 16 tries"
   exit 1
 }
 attempt codex env CODEX_HOME="$PWD/$work/codex-home" OPENAI_API_KEY=none timeout 600 \
