@@ -772,12 +772,7 @@ async fn agent_requests() {
         .await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["status"], "completed", "{r}");
-    let calls: Vec<&Value> = r["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["type"] == "function_call")
-        .collect();
+    let calls = output_items(&r, "function_call");
     assert_eq!(calls.len(), 1, "{r}");
 
     let capped = Server::start(&["--max-output-tokens", "3", "--default-temperature", "0"]).await;
@@ -848,6 +843,16 @@ async fn responses_compact() {
     assert_eq!((st, e["error"]["param"].as_str()), (400, Some("input")), "{e}");
 }
 
+/// A response's output items of type `kind`.
+fn output_items<'a>(r: &'a Value, kind: &str) -> Vec<&'a Value> {
+    r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == kind)
+        .collect()
+}
+
 /// Custom (free-form) tools, as Codex offers `apply_patch` and `exec`: the input follows
 /// the tool's grammar (Lark or regex) and comes back as a `custom_tool_call` item on
 /// Responses (streamed as `response.custom_tool_call_input.*`, equal to the whole
@@ -867,12 +872,7 @@ async fn custom_tools() {
     let (st, r) = s.post("/v1/responses", body.clone()).await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["status"], "completed", "{r}");
-    let calls: Vec<&Value> = r["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["type"] == "custom_tool_call")
-        .collect();
+    let calls = output_items(&r, "custom_tool_call");
     assert_eq!(calls.len(), 1, "{r}");
     let input = calls[0]["input"].as_str().unwrap();
     let name = input

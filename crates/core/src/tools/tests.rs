@@ -286,15 +286,18 @@ fn weather_functions() -> [FunctionSpec; 2] {
     ]
 }
 
+/// DeepSeek-V3's tool-call tokens: calls begin, calls end, call begin, call end, separator.
+const DEEPSEEK_MARKERS: [&str; 5] = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+];
+
 /// Per format: its markers, a valid required call, and an invalid one.
 fn call_cases() -> Vec<(ToolFormat, Vec<&'static str>, String, String)> {
-    let ds = [
-        "<｜tool▁calls▁begin｜>",
-        "<｜tool▁calls▁end｜>",
-        "<｜tool▁call▁begin｜>",
-        "<｜tool▁call▁end｜>",
-        "<｜tool▁sep｜>",
-    ];
+    let ds = DEEPSEEK_MARKERS;
     let cases: Vec<(ToolFormat, Vec<&'static str>, String, String)> = vec![
         (
             ToolFormat::Hermes,
@@ -543,13 +546,7 @@ fn codex_custom_grammar(fixture: &str, name: &str) -> String {
 /// One call of `name` with `input` in `format`, as the model writes it.
 fn custom_call(format: ToolFormat, name: &str, input: &str) -> String {
     let args = format!("{{\"input\": {}}}", serde_json::to_string(input).unwrap());
-    let ds = [
-        "<｜tool▁calls▁begin｜>",
-        "<｜tool▁calls▁end｜>",
-        "<｜tool▁call▁begin｜>",
-        "<｜tool▁call▁end｜>",
-        "<｜tool▁sep｜>",
-    ];
+    let ds = DEEPSEEK_MARKERS;
     match format {
         ToolFormat::Hermes => {
             format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {args}}}\n</tool_call>")

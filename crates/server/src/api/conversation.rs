@@ -117,28 +117,24 @@ pub struct Fields {
     pub messages: &'static str,
     pub max_tokens: &'static str,
     pub stop: &'static str,
-    pub tool_choice: &'static str,
 }
 
 pub const CHAT_FIELDS: Fields = Fields {
     messages: "messages",
     max_tokens: "max_tokens",
     stop: "stop",
-    tool_choice: "tool_choice",
 };
 
 pub const RESPONSES_FIELDS: Fields = Fields {
     messages: "input",
     max_tokens: "max_output_tokens",
     stop: "stop",
-    tool_choice: "tool_choice",
 };
 
 pub const MESSAGES_FIELDS: Fields = Fields {
     messages: "messages",
     max_tokens: "max_tokens",
     stop: "stop_sequences",
-    tool_choice: "tool_choice",
 };
 
 impl Fields {
@@ -153,7 +149,6 @@ impl Fields {
                 let param = match p.as_str() {
                     "max_tokens" => self.max_tokens.to_string(),
                     "stop" => self.stop.to_string(),
-                    "messages" => self.messages.to_string(),
                     _ => p,
                 };
                 ApiError::InvalidRequest {

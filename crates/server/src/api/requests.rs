@@ -220,16 +220,6 @@ fn chat_calls(calls: &Value, at: &str) -> Result<Vec<Call>, ApiError> {
 }
 
 impl ChatCompletionRequest {
-    /// The names of the functions offered (for the conversions' tests).
-    #[cfg(test)]
-    pub fn function_names(&self) -> Vec<String> {
-        self.tools
-            .iter()
-            .flatten()
-            .filter_map(|t| t.function.as_ref()?.name.clone())
-            .collect()
-    }
-
     /// The conversation's messages, typed: content as one string (text parts joined).
     fn messages(&self) -> Result<Vec<Message>, ApiError> {
         if self.messages.is_empty() {

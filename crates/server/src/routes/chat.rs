@@ -449,7 +449,7 @@ async fn prepare<'a>(state: &'a SharedState, conv: &Conversation) -> Result<Prep
         match (&spec, mode) {
             (Some((_, field)), CallMode::Required) => {
                 return Err(ApiError::invalid_param(
-                    fields.tool_choice,
+                    "tool_choice",
                     format!("a required tool call cannot be combined with {field}"),
                 ))
             }

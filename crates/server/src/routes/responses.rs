@@ -238,42 +238,40 @@ impl ResponsesEncoder {
                 BlockEvent::Delta(i, delta) => {
                     let item_id = self.ids[i].id.clone();
                     let kind = self.blocks.blocks[i].kind.clone();
-                    let event: Box<dyn FnOnce(u64) -> Ev> = match (kind, self.inputs.get_mut(&i)) {
-                        (BlockKind::Text, _) => Box::new(move |n| Ev::OutputTextDelta {
+                    // A custom call streams its input's text, not the arguments around it.
+                    let custom = self.inputs.get_mut(&i).map(|decoder| decoder.push(&delta));
+                    if custom.as_ref().is_some_and(String::is_empty) {
+                        continue;
+                    }
+                    out.push(self.event(|n| match (kind, custom) {
+                        (BlockKind::Text, _) => Ev::OutputTextDelta {
                             sequence_number: n,
                             item_id,
                             output_index: i,
                             content_index: 0,
                             delta,
                             logprobs: vec![],
-                        }),
-                        (BlockKind::Reasoning, _) => Box::new(move |n| Ev::ReasoningTextDelta {
+                        },
+                        (BlockKind::Reasoning, _) => Ev::ReasoningTextDelta {
                             sequence_number: n,
                             item_id,
                             output_index: i,
                             content_index: 0,
                             delta,
-                        }),
-                        (BlockKind::Call { .. }, Some(decoder)) => {
-                            let delta = decoder.push(&delta);
-                            if delta.is_empty() {
-                                continue;
-                            }
-                            Box::new(move |n| Ev::CustomToolCallInputDelta {
-                                sequence_number: n,
-                                item_id,
-                                output_index: i,
-                                delta,
-                            })
-                        }
-                        (BlockKind::Call { .. }, None) => Box::new(move |n| Ev::FunctionCallArgumentsDelta {
+                        },
+                        (BlockKind::Call { .. }, Some(delta)) => Ev::CustomToolCallInputDelta {
                             sequence_number: n,
                             item_id,
                             output_index: i,
                             delta,
-                        }),
-                    };
-                    out.push(self.event(event));
+                        },
+                        (BlockKind::Call { .. }, None) => Ev::FunctionCallArgumentsDelta {
+                            sequence_number: n,
+                            item_id,
+                            output_index: i,
+                            delta,
+                        },
+                    }));
                 }
                 BlockEvent::Stop(i) => {
                     let b = self.blocks.blocks[i].clone();
@@ -337,14 +335,12 @@ impl ResponsesEncoder {
     /// The response at its end: output, text, status and usage; stored for a
     /// continuation unless `store` is false.
     fn finish_response(&mut self, fold: &Fold) {
-        let n = self.blocks.blocks.len();
         let blocks = self.blocks.blocks.clone();
         self.resp.output = blocks
             .iter()
             .enumerate()
             .map(|(i, b)| output_item(b, &self.ids[i], self.status(i, fold, true), self.is_custom(b)))
             .collect();
-        debug_assert_eq!(self.resp.output.len(), n);
         self.resp.output_text = blocks
             .iter()
             .filter(|b| b.kind == BlockKind::Text)
